@@ -1,0 +1,151 @@
+"""Finding the state_dict inside a checkpoint container.
+
+A checkpoint is a bare state_dict, or a container such as `{'epoch': 5, 'model_state_dict': ...,
+'optimizer_state_dict': ...}`. These functions work on any object graph whose tensors are torch
+tensors or engine TensorMeta leaves; they never import torch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from .errors import ContainerError
+from .tensors import is_tensor
+
+STATE_DICT_NAMES = (
+    "state_dict",
+    "model_state_dict",
+    "model",
+    "module",
+    "net",
+    "network",
+    "weights",
+    "params",
+)
+
+KeyPath = tuple[Any, ...]
+
+
+def is_tensor_mapping(obj: Any) -> bool:
+    """A non-empty mapping with string keys whose values are all tensors."""
+    return (
+        isinstance(obj, Mapping)
+        and len(obj) > 0
+        and all(isinstance(k, str) and is_tensor(v) for k, v in obj.items())
+    )
+
+
+def format_key_path(path: KeyPath) -> str:
+    return ".".join(str(p) for p in path)
+
+
+def _tensor_mappings(obj: Any, path: KeyPath, out: list[KeyPath], depth: int = 0) -> None:
+    if depth > 50:
+        return
+    if isinstance(obj, Mapping):
+        if is_tensor_mapping(obj):
+            out.append(path)
+            return
+        for k, v in obj.items():
+            _tensor_mappings(v, path + (k,), out, depth + 1)
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            _tensor_mappings(v, path + (i,), out, depth + 1)
+
+
+def resolve_key_path(obj: Any, dotted: str) -> KeyPath:
+    """Follow a dotted `--key` path; a key that itself contains dots is matched whole first."""
+    parts = dotted.split(".")
+    path: list[Any] = []
+    node = obj
+    i = 0
+    while i < len(parts):
+        step = None
+        for j in range(len(parts), i, -1):
+            candidate = ".".join(parts[i:j])
+            if isinstance(node, Mapping) and candidate in node:
+                step, i = candidate, j
+                break
+            if isinstance(node, (list, tuple)) and j == i + 1 and candidate.isdigit():
+                if int(candidate) < len(node):
+                    step, i = int(candidate), j
+                break
+        if step is None:
+            where = format_key_path(path) or "the top level"
+            options = [str(k) for k in node] if isinstance(node, Mapping) else []
+            hint = f" (keys there: {', '.join(sorted(options)[:10])})" if options else ""
+            raise ContainerError(f"--key {dotted!r}: no entry {parts[i]!r} at {where}{hint}")
+        path.append(step)
+        node = node[step]
+    return tuple(path)
+
+
+def get_path(obj: Any, path: KeyPath) -> Any:
+    for p in path:
+        obj = obj[p]
+    return obj
+
+
+def find_state_dict(obj: Any, key: str | None = None) -> tuple[KeyPath | None, Mapping[str, Any]]:
+    """Locate the state_dict in `obj`: returns (path to it or None for the top level, the mapping).
+
+    Rules: `key` (a dotted path) if given; else the top level if all its values are tensors; else
+    the first of STATE_DICT_NAMES whose value is a mapping of tensors; else the single nested
+    mapping of tensors. Ambiguity or nothing found raises ContainerError listing the candidates.
+    """
+    if key is not None:
+        path = resolve_key_path(obj, key)
+        found = get_path(obj, path)
+        if not (isinstance(found, Mapping) and (len(found) == 0 or is_tensor_mapping(found))):
+            raise ContainerError(f"--key {key!r} does not name a mapping of tensors")
+        return (path or None), found
+    if isinstance(obj, Mapping) and (len(obj) == 0 or is_tensor_mapping(obj)):
+        return None, obj
+    if isinstance(obj, Mapping):
+        for name in STATE_DICT_NAMES:
+            if name in obj and is_tensor_mapping(obj[name]):
+                return (name,), obj[name]
+    candidates: list[KeyPath] = []
+    _tensor_mappings(obj, (), candidates)
+    if len(candidates) == 1:
+        return candidates[0], get_path(obj, candidates[0])
+    if not candidates:
+        raise ContainerError(
+            f"no state_dict found: no mapping of tensors in a {type(obj).__name__}"
+            + (f" with entries {', '.join(map(str, list(obj)[:10]))}" if isinstance(obj, Mapping) else "")
+        )
+    names = ", ".join(format_key_path(c) for c in candidates[:10])
+    raise ContainerError(f"ambiguous container: several mappings of tensors ({names}); pick one with --key")
+
+
+def replace_at(obj: Any, path: KeyPath | None, value: Any) -> Any:
+    """A copy of the container with the entry at `path` replaced (the other entries shared)."""
+    if not path:
+        return value
+    head, rest = path[0], path[1:]
+    new_child = replace_at(obj[head], rest, value)
+    if isinstance(obj, Mapping):
+        copy = obj.__class__(obj)
+        if hasattr(obj, "__dict__"):
+            copy.__dict__.update(obj.__dict__)  # keeps an OrderedDict's _metadata
+        copy[head] = new_child
+        return copy
+    items = list(obj)
+    items[head] = new_child
+    return type(obj)(items) if isinstance(obj, list) else tuple(items)
+
+
+def describe_value(value: Any) -> str:
+    """A short description of a non-state_dict container entry (e.g. `5`, `dict (2 entries)`)."""
+    if isinstance(value, (bool, int, float)) or value is None:
+        return repr(value)
+    if isinstance(value, str):
+        return repr(value) if len(value) <= 60 else repr(value[:57]) + "..."
+    if is_tensor(value):
+        return "tensor"
+    if isinstance(value, Mapping):
+        return f"{type(value).__name__} ({len(value)} entries)"
+    if isinstance(value, (list, tuple)):
+        return f"{type(value).__name__} ({len(value)} items)"
+    return type(value).__name__

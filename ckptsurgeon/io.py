@@ -1,0 +1,497 @@
+"""All checkpoint file I/O: safe loading, finding the state_dict, atomic saving.
+
+Nothing else in ckptsurgeon opens a checkpoint file. Loading tries the torch-free engine first
+(metadata only: tensors are TensorMeta leaves whose bytes stay on disk) and falls back to
+`torch.load(weights_only=True, mmap=True, map_location="cpu")` for what the engine does not model.
+`unsafe=True` is the only way to reach `weights_only=False`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+import stat
+import tempfile
+from collections import OrderedDict
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from .containers import KeyPath, find_state_dict, format_key_path, replace_at
+from .engine.meta import RawCheckpoint, TensorMeta
+from .errors import (
+    BadCheckpointError,
+    CheckpointError,
+    EngineUnsupported,
+    OutputError,
+    UnsafeCheckpointError,
+    UsageError,
+)
+from .tensors import is_tensor
+
+log = logging.getLogger("ckptsurgeon")
+
+TMP_MARK = ".ckptsurgeon-tmp"
+
+
+@dataclass
+class Checkpoint:
+    """A loaded checkpoint: the whole container plus the state_dict found inside it."""
+
+    path: Path
+    format: str  # "torch-zip" | "torch-legacy" | "safetensors"
+    container: Any
+    state_dict_path: KeyPath | None
+    state_dict: Mapping[str, Any]
+    engine: str  # "raw" (torch-free, TensorMeta leaves) or "torch"
+    safetensors_metadata: dict[str, str] | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def state_dict_key(self) -> str | None:
+        return format_key_path(self.state_dict_path) if self.state_dict_path else None
+
+    @property
+    def metadata(self) -> Mapping[str, Any] | None:
+        """The state_dict's `_metadata` (module path -> version info), if it carries one."""
+        return getattr(self.state_dict, "_metadata", None)
+
+    def other_entries(self) -> list[tuple[str, Any]]:
+        """Top-level container entries other than the state_dict (empty for a bare state_dict)."""
+        if not self.state_dict_path or not isinstance(self.container, Mapping):
+            return []
+        return [(str(k), v) for k, v in self.container.items() if k != self.state_dict_path[0]]
+
+
+# ----------------------------------------------------------------------------------------- load
+
+
+def _check_regular_file(path: Path) -> None:
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise BadCheckpointError(f"{path}: no such file") from None
+    except OSError as exc:
+        raise BadCheckpointError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise BadCheckpointError(f"{path}: is a directory, not a checkpoint file")
+    if not stat.S_ISREG(st.st_mode):
+        raise BadCheckpointError(f"{path}: not a regular file (a pipe, socket or device is never read)")
+    if not os.access(path, os.R_OK):
+        raise BadCheckpointError(f"{path}: permission denied")
+
+
+def _read_raw(path: Path, allow_globals: frozenset[str]) -> RawCheckpoint | None:
+    """The engine's reading, or None where it does not model the file (torch decides then)."""
+    try:
+        from .engine.read import read_checkpoint
+    except ImportError:  # engine not present in this build
+        return None
+    try:
+        return read_checkpoint(path, allow_globals=allow_globals)
+    except EngineUnsupported as exc:
+        log.debug("engine fallback for %s: %s", path, exc)
+        return None
+
+
+def _sniff_format(path: Path) -> str:
+    with open(path, "rb") as f:
+        head = f.read(16)
+    if head.startswith(b"PK\x03\x04"):
+        return "torch-zip"
+    if len(head) >= 9 and head[8:9] == b"{":
+        return "safetensors"
+    return "torch-legacy"
+
+
+def _torch_load(path: Path, fmt: str, *, unsafe: bool, allow_globals: frozenset[str]) -> Any:
+    import torch
+
+    if fmt == "safetensors":
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                return OrderedDict((k, f.get_tensor(k)) for k in f.keys())
+        except Exception as exc:
+            raise BadCheckpointError(f"{path}: not a readable safetensors file: {_one_line(exc)}") from None
+    kwargs: dict[str, Any] = {"map_location": "cpu", "weights_only": not unsafe}
+    if fmt == "torch-zip":
+        kwargs["mmap"] = True
+    extra = _resolve_allowed_globals(allow_globals) if allow_globals and not unsafe else []
+    try:
+        with torch.serialization.safe_globals(extra):
+            obj = torch.load(path, **kwargs)
+    except CheckpointError:
+        raise
+    except Exception as exc:
+        if not unsafe:
+            unsafe_names = _unsafe_globals(path, fmt)
+            if unsafe_names:
+                raise UnsafeCheckpointError(str(path), unsafe_names) from None
+        raise BadCheckpointError(f"{path}: not a readable checkpoint: {_one_line(exc)}") from None
+    if unsafe:
+        obj = _modules_to_state_dicts(obj)
+    return obj
+
+
+def _resolve_allowed_globals(names: frozenset[str]) -> list[Any]:
+    import importlib
+
+    out = []
+    for name in sorted(names):
+        module, _, attr = name.rpartition(".")
+        try:
+            target: Any = importlib.import_module(module)
+            for part in attr.split("."):
+                target = getattr(target, part)
+        except Exception:
+            raise UsageError(f"--allow-global {name}: cannot import it") from None
+        out.append(target)
+    return out
+
+
+def _unsafe_globals(path: Path, fmt: str) -> list[str]:
+    """Globals the pickle references outside torch's allowlist (read without executing)."""
+    import torch
+
+    if fmt == "torch-zip":
+        try:
+            return list(torch.serialization.get_unsafe_globals_in_checkpoint(str(path)))
+        except Exception:
+            return []
+    return []
+
+
+def _modules_to_state_dicts(obj: Any) -> Any:
+    """With --unsafe, a pickled nn.Module (top level or a container entry) counts as its state_dict."""
+    import torch
+
+    if isinstance(obj, torch.nn.Module):
+        return obj.state_dict()
+    if isinstance(obj, dict):
+        return obj.__class__(
+            (k, v.state_dict() if isinstance(v, torch.nn.Module) else v) for k, v in obj.items()
+        )
+    return obj
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    first = text[0] if text else ""
+    return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+
+
+def load_checkpoint(
+    path: str | os.PathLike[str],
+    *,
+    unsafe: bool = False,
+    key: str | None = None,
+    allow_globals: Sequence[str] = (),
+) -> Checkpoint:
+    """Load a checkpoint safely and locate its state_dict (see containers.find_state_dict).
+
+    Tensors are engine TensorMeta leaves when the torch-free engine can read the file (no tensor
+    data is read), torch tensors (mmap-backed where possible) otherwise.
+    """
+    path = Path(path)
+    _check_regular_file(path)
+    allowed = frozenset(allow_globals)
+    raw: RawCheckpoint | None = None
+    try:
+        raw = _read_raw(path, allowed)
+    except UnsafeCheckpointError:
+        if not unsafe:
+            raise
+    if raw is not None:
+        fmt, container, engine, st_meta = raw.format, raw.obj, "raw", raw.metadata
+    else:
+        fmt = _sniff_format(path)
+        container = _torch_load(path, fmt, unsafe=unsafe, allow_globals=allowed)
+        engine, st_meta = "torch", None
+    sd_path, state_dict = find_state_dict(container, key)
+    return Checkpoint(
+        path=path,
+        format=fmt,
+        container=container,
+        state_dict_path=sd_path,
+        state_dict=state_dict,
+        engine=engine,
+        safetensors_metadata=st_meta,
+    )
+
+
+def as_torch(obj: Any) -> Any:
+    """The same object graph with engine TensorMeta leaves turned into torch tensors."""
+    if not _contains_meta(obj):
+        return obj
+    from .engine.materialize import to_torch
+
+    return to_torch(obj)
+
+
+def _contains_meta(obj: Any, depth: int = 0) -> bool:
+    if isinstance(obj, TensorMeta):
+        return True
+    if depth > 100:
+        return False
+    if isinstance(obj, Mapping):
+        return any(_contains_meta(v, depth + 1) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return any(_contains_meta(v, depth + 1) for v in obj)
+    return False
+
+
+def iter_tensors(obj: Any, depth: int = 0) -> Iterator[Any]:
+    if is_tensor(obj):
+        yield obj
+    elif depth > 100:
+        return
+    elif isinstance(obj, Mapping):
+        for v in obj.values():
+            yield from iter_tensors(v, depth + 1)
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            yield from iter_tensors(v, depth + 1)
+
+
+# ----------------------------------------------------------------------------------------- save
+
+
+def with_state_dict(ckpt: Checkpoint, state_dict: Mapping[str, Any]) -> Any:
+    """The checkpoint's container with its state_dict replaced (other entries unchanged)."""
+    return replace_at(ckpt.container, ckpt.state_dict_path, state_dict)
+
+
+def make_state_dict(items: Sequence[tuple[str, Any]], metadata: Mapping[str, Any] | None) -> OrderedDict[str, Any]:
+    """An OrderedDict state_dict, with `_metadata` attached when there is one."""
+    sd: OrderedDict[str, Any] = OrderedDict(items)
+    if metadata is not None:
+        sd._metadata = OrderedDict(metadata)  # type: ignore[attr-defined]
+    return sd
+
+
+def check_output(output: Path, inputs: Sequence[Path], *, force: bool) -> None:
+    """Refuse an existing output without --force, and an output that is an input without --force."""
+    if output.exists() or output.is_symlink():
+        same = any(_same_file(output, p) for p in inputs)
+        if not force:
+            what = "is the same file as an input" if same else "exists"
+            raise OutputError(f"{output}: output {what}; pass --force to replace it")
+        if output.is_dir():
+            raise OutputError(f"{output}: is a directory")
+    parent = output.parent if str(output.parent) else Path(".")
+    if not parent.is_dir():
+        raise OutputError(f"{output}: directory {parent} does not exist")
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def is_safetensors_path(path: Path) -> bool:
+    return path.suffix.lower() == ".safetensors"
+
+
+def save_checkpoint(
+    obj: Any,
+    output: str | os.PathLike[str],
+    *,
+    safetensors_metadata: Mapping[str, str] | None = None,
+) -> list[str]:
+    """Write `obj` atomically; `.safetensors` outputs get the safetensors format, others torch.save's.
+
+    Returns notices for the user (e.g. what safetensors cannot represent). On any failure the
+    destination is left exactly as it was and no temporary file remains.
+    """
+    output = Path(output)
+    notes: list[str] = []
+    if is_safetensors_path(output):
+        if not (isinstance(obj, Mapping) and all(is_tensor(v) for v in obj.values())):
+            raise UsageError(f"{output}: a .safetensors output holds a bare state_dict only")
+        with atomic_output(output) as f:
+            notes += _write_safetensors(obj, f, safetensors_metadata)
+        return notes
+    with atomic_output(output) as f:
+        if not _try_raw_write(obj, f, output):
+            _write_torch(obj, f)
+    return notes
+
+
+def _try_raw_write(obj: Any, f: BinaryIO, output: Path) -> bool:
+    """Copy storage records byte for byte when every tensor is a TensorMeta; False to use torch."""
+    if not _contains_meta(obj) or any(not isinstance(t, TensorMeta) for t in iter_tensors(obj)):
+        return False
+    try:
+        from .engine.zipwrite import write_torch_zip
+    except ImportError:
+        return False
+    start = f.tell()
+    try:
+        write_torch_zip(obj, f, archive_name=output.stem or "archive")
+        return True
+    except EngineUnsupported as exc:
+        log.debug("raw write fallback: %s", exc)
+        f.seek(start)
+        f.truncate()
+        return False
+
+
+def _write_torch(obj: Any, f: BinaryIO) -> None:
+    import torch
+
+    obj = compact_views(as_torch(obj))
+    torch.save(obj, f)
+
+
+def _write_safetensors(sd: Mapping[str, Any], f: BinaryIO, metadata: Mapping[str, str] | None) -> list[str]:
+    from safetensors.torch import save
+
+    from .tensors import shared_storage_groups
+
+    notes = []
+    tensors = as_torch(OrderedDict(sd))
+    shared = shared_storage_groups(tensors)
+    if shared:
+        notes.append(
+            "safetensors cannot share storage: written separately: "
+            + "; ".join(", ".join(g) for g in shared)
+        )
+    if getattr(sd, "_metadata", None):
+        notes.append("safetensors has no place for the state_dict's _metadata (module versions): dropped")
+    plain = {k: v.detach().contiguous().clone() for k, v in tensors.items()}
+    f.write(save(plain, metadata=dict(metadata) if metadata else None))
+    return notes
+
+
+def compact_views(obj: Any) -> Any:
+    """Shrink every storage to the span its tensors use, keeping tensors that share it shared.
+
+    torch.save writes whole storages, so a slice of a large tensor would drag the whole base
+    storage into the file; `.clone()` would fix that but break tying. This rebuilds each partly
+    used storage once and re-views every tensor that uses it.
+    """
+    import torch
+
+    groups: dict[int, list[torch.Tensor]] = {}
+    for t in iter_tensors(obj):
+        s = t.untyped_storage()
+        if s.nbytes():
+            groups.setdefault(s.data_ptr(), []).append(t)
+    replace: dict[int, torch.Tensor] = {}
+    for tensors in groups.values():
+        storage = tensors[0].untyped_storage()
+        spans = [_byte_span(t) for t in tensors]
+        lo = min(s[0] for s in spans)
+        hi = max(s[1] for s in spans)
+        align = max(t.element_size() for t in tensors)
+        lo -= lo % align
+        if lo == 0 and hi >= storage.nbytes():
+            continue
+        new = torch.empty(hi - lo, dtype=torch.uint8)
+        new.copy_(torch.empty(0, dtype=torch.uint8).set_(storage, lo, (hi - lo,), (1,)))
+        new_storage = new.untyped_storage()
+        for t in tensors:
+            view = torch.empty(0, dtype=t.dtype).set_(
+                new_storage, t.storage_offset() - lo // t.element_size(), t.shape, t.stride()
+            )
+            if isinstance(t, torch.nn.Parameter):
+                view = torch.nn.Parameter(view, requires_grad=t.requires_grad)
+            replace[id(t)] = view
+    return _replace_tensors(obj, replace) if replace else obj
+
+
+def _byte_span(t: Any) -> tuple[int, int]:
+    size = t.element_size()
+    start = t.storage_offset() * size
+    if t.numel() == 0:
+        return (start, start)
+    last = t.storage_offset() + sum((n - 1) * s for n, s in zip(t.shape, t.stride()))
+    return (start, (last + 1) * size)
+
+
+def _replace_tensors(obj: Any, replace: dict[int, Any]) -> Any:
+    if id(obj) in replace:
+        return replace[id(obj)]
+    if isinstance(obj, Mapping) and not is_tensor(obj):
+        new = obj.__class__((k, _replace_tensors(v, replace)) for k, v in obj.items())
+        if hasattr(obj, "__dict__"):
+            new.__dict__.update(obj.__dict__)
+        return new
+    if isinstance(obj, list):
+        return [_replace_tensors(v, replace) for v in obj]
+    if isinstance(obj, tuple) and type(obj) is tuple:
+        return tuple(_replace_tensors(v, replace) for v in obj)
+    return obj
+
+
+# -------------------------------------------------------------------------------- atomic output
+
+
+def _clean_stale_temps(directory: Path, name: str) -> None:
+    """Remove temporary files left by a killed earlier run for this output (their pid is gone)."""
+    prefix = f".{name}."
+    try:
+        entries = list(os.scandir(directory))
+    except OSError:
+        return
+    for entry in entries:
+        if not (entry.name.startswith(prefix) and entry.name.endswith(TMP_MARK)):
+            continue
+        pid_text = entry.name[len(prefix) : -len(TMP_MARK)].split(".")[0]
+        if pid_text.isdigit() and not _pid_alive(int(pid_text)):
+            with contextlib.suppress(OSError):
+                os.unlink(entry.path)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _default_mode() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+@contextlib.contextmanager
+def atomic_output(dest: Path) -> Iterator[BinaryIO]:
+    """A file to write `dest` through: temp file in the same directory, fsync, rename, fsync dir."""
+    directory = dest.parent if str(dest.parent) else Path(".")
+    _clean_stale_temps(directory, dest.name)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.{os.getpid()}.", suffix=TMP_MARK, dir=directory)
+    except OSError as exc:
+        raise OutputError(f"{dest}: cannot create a file in {directory}: {exc.strerror or exc}") from None
+    try:
+        with os.fdopen(fd, "wb") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, _default_mode())
+        os.replace(tmp, dest)
+    except BaseException as exc:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        if isinstance(exc, OSError) and not isinstance(exc, CheckpointError):
+            reason = "no space left on the device" if exc.errno == errno.ENOSPC else (exc.strerror or str(exc))
+            raise OutputError(f"{dest}: cannot write: {reason}") from None
+        raise
+    with contextlib.suppress(OSError):
+        dir_fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)

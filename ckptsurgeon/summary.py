@@ -1,0 +1,111 @@
+"""What `inspect` reports about a state_dict: pure, from tensor metadata only (no tensor data)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from .tensors import dtype_name, nbytes_of, numel_of, shape_of, shared_storage_groups
+
+SCHEMA_VERSION = 1
+
+
+@dataclass(frozen=True)
+class TensorRow:
+    key: str
+    shape: tuple[int, ...]
+    dtype: str
+    numel: int
+    nbytes: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"key": self.key, "shape": list(self.shape), "dtype": self.dtype, "numel": self.numel, "nbytes": self.nbytes}
+
+
+@dataclass(frozen=True)
+class DtypeTotal:
+    dtype: str
+    num_tensors: int
+    num_elements: int
+    total_bytes: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"dtype": self.dtype, "num_tensors": self.num_tensors, "num_elements": self.num_elements, "total_bytes": self.total_bytes}
+
+
+@dataclass(frozen=True)
+class InspectReport:
+    """Rows, totals, per-dtype breakdown, container entries and storage sharing of a state_dict."""
+
+    format: str
+    state_dict_key: str | None
+    tensors: tuple[TensorRow, ...]
+    dtypes: tuple[DtypeTotal, ...]
+    shared_storage: tuple[tuple[str, ...], ...]
+    other_entries: tuple[tuple[str, str], ...] = ()
+    num_selected_of: int = 0  # size of the whole state_dict (rows may be a selection)
+    model: Mapping[str, Any] | None = field(default=None)
+
+    @property
+    def num_tensors(self) -> int:
+        return len(self.tensors)
+
+    @property
+    def num_elements(self) -> int:
+        return sum(r.numel for r in self.tensors)
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(r.nbytes for r in self.tensors)
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "schema_version": SCHEMA_VERSION,
+            "format": self.format,
+            "state_dict_key": self.state_dict_key,
+            "tensors": [r.to_dict() for r in self.tensors],
+            "num_tensors": self.num_tensors,
+            "num_elements": self.num_elements,
+            "total_bytes": self.total_bytes,
+            "num_tensors_in_state_dict": self.num_selected_of,
+            "dtypes": [d.to_dict() for d in self.dtypes],
+            "shared_storage": [list(g) for g in self.shared_storage],
+            "other_entries": {k: v for k, v in self.other_entries},
+        }
+        if self.model is not None:
+            out.update(self.model)
+        return out
+
+
+def inspect_state_dict(
+    state_dict: Mapping[str, Any],
+    keys: Sequence[str],
+    *,
+    format: str,
+    state_dict_key: str | None = None,
+    other_entries: Sequence[tuple[str, str]] = (),
+) -> InspectReport:
+    """Summarise the tensors of `state_dict` named by `keys` (a selection, in order)."""
+    rows = tuple(
+        TensorRow(k, shape_of(t), dtype_name(t), numel_of(t), nbytes_of(t))
+        for k in keys
+        for t in (state_dict[k],)
+    )
+    totals: dict[str, list[int]] = {}
+    for r in rows:
+        acc = totals.setdefault(r.dtype, [0, 0, 0])
+        acc[0] += 1
+        acc[1] += r.numel
+        acc[2] += r.nbytes
+    dtypes = tuple(DtypeTotal(d, *v) for d, v in sorted(totals.items(), key=lambda kv: -kv[1][2]))
+    shared = shared_storage_groups({k: state_dict[k] for k in keys})
+    return InspectReport(
+        format=format,
+        state_dict_key=state_dict_key,
+        tensors=rows,
+        dtypes=dtypes,
+        shared_storage=tuple(tuple(g) for g in shared),
+        other_entries=tuple(other_entries),
+        num_selected_of=len(state_dict),
+    )
