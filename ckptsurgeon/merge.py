@@ -124,10 +124,14 @@ def average_state_dicts(
     import torch
 
     from .diff import compare_values
-    from .engine.materialize import tensor_from_meta
+    from .tensors import storage_id
 
     def load(t: Any) -> Any:
-        return tensor_from_meta(t) if isinstance(t, TensorMeta) else t.detach()
+        if isinstance(t, TensorMeta):
+            from .engine.materialize import tensor_from_meta
+
+            return tensor_from_meta(t)
+        return t.detach()
 
     if len(state_dicts) < 2:
         raise UsageError("--average needs at least two inputs")
@@ -137,8 +141,6 @@ def average_state_dicts(
     out: OrderedDict[str, Any] = OrderedDict()
     warnings: list[str] = []
     done: dict[Any, Any] = {}
-    from .tensors import storage_id
-
     for key, t0 in first.items():
         tie = (storage_id(t0), shape_of(t0), _stride(t0), _offset(t0), tuple(storage_id(sd[key]) for sd in state_dicts))
         if tie in done:

@@ -8,12 +8,13 @@ import logging
 import os
 import sys
 import traceback
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
 from rich.console import Console
+from typer.core import TyperGroup
 
 from .. import _version
 from ..merge import OnConflict
@@ -22,8 +23,55 @@ from . import render
 
 JSON_SCHEMA_VERSION = 1
 
+# Typer vendors click and exports only BadParameter of its exceptions; its base is UsageError.
+ClickUsageError: type[Exception] = typer.BadParameter.__mro__[1]
+
+
+def _is_no_args_help(exc: BaseException) -> bool:
+    return type(exc).__name__ == "NoArgsIsHelpError"
+
+class _SurgeonGroup(TyperGroup):
+    """Runs every command inside `_errors_to_exit_codes`: the one place errors become exit codes."""
+
+    def invoke(self, ctx: Any) -> Any:
+        _bind_consoles()
+        with _errors_to_exit_codes():
+            rv = super().invoke(ctx)
+        if isinstance(rv, int) and rv != EXIT_OK:
+            raise typer.Exit(rv)
+        return rv
+
+
+@contextlib.contextmanager
+def _errors_to_exit_codes() -> Iterator[None]:
+    """CheckpointError -> its one-line cause and exit code; usage error -> 2; anything else -> 3."""
+    try:
+        yield
+    except CheckpointError as exc:
+        notice(f"error: {exc}", style="red")
+        raise typer.Exit(exc.exit_code) from None
+    except ClickUsageError as exc:
+        if _is_no_args_help(exc):
+            raise
+        ctx = getattr(exc, "ctx", None)
+        command = ctx.command_path if ctx else "ckptsurgeon"
+        notice(f"error: {exc.format_message()} (see '{command} --help')", style="red")
+        raise typer.Exit(EXIT_BAD_INPUT) from None
+    except (typer.Exit, typer.Abort, KeyboardInterrupt):
+        raise
+    except BrokenPipeError:
+        with contextlib.suppress(OSError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        raise typer.Exit(EXIT_OK) from None
+    except Exception:
+        err.print("internal error (a bug in ckptsurgeon; please report it with this traceback):", markup=False)
+        traceback.print_exc(file=sys.stderr)
+        raise typer.Exit(EXIT_INTERNAL) from None
+
+
 app = typer.Typer(
     name="ckptsurgeon",
+    cls=_SurgeonGroup,
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -32,16 +80,20 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
-# stdout carries data only; everything else goes to stderr.
-out = Console(file=sys.stdout, highlight=False, soft_wrap=False, width=None if sys.stdout.isatty() else 400)
-err = Console(file=sys.stderr, highlight=False, soft_wrap=True, width=None if sys.stderr.isatty() else 400)
+def _console(stream: Any, *, soft_wrap: bool) -> Console:
+    # Piped output is not wrapped at 80 columns: scripts read it line by line.
+    return Console(file=stream, highlight=False, soft_wrap=soft_wrap, width=None if stream.isatty() else 400)
 
 
-def _refresh_consoles() -> None:
-    """Bind the consoles to the current sys.stdout/stderr (CliRunner swaps them per call)."""
+# stdout carries data only; everything else goes to stderr, one message a line.
+out = _console(sys.stdout, soft_wrap=False)
+err = _console(sys.stderr, soft_wrap=True)
+
+
+def _bind_consoles() -> None:
+    """Bind the consoles to the current sys.stdout/stderr (test runners swap them per call)."""
     global out, err
-    out = Console(file=sys.stdout, highlight=False, soft_wrap=False, width=None if sys.stdout.isatty() else 400)
-    err = Console(file=sys.stderr, highlight=False, soft_wrap=True, width=None if sys.stderr.isatty() else 400)
+    out, err = _console(sys.stdout, soft_wrap=False), _console(sys.stderr, soft_wrap=True)
 
 
 def notice(message: str, style: str = "") -> None:
@@ -161,7 +213,7 @@ def _model_check(
         {k: shape_of(v) for k, v in state_dict.items()}, model, metadata=getattr(state_dict, "_metadata", None)
     )
     data = report.to_dict()
-    data["suggestions"] = [s.command(ckpt_path, out_path) for s in report.rename_suggestions]
+    data["suggestions"] = [s.command(ckpt_path, out_path) for s in report.renames]
     data["compatible_allowed"] = report.compatible(allow_missing=allow_missing, allow_unexpected=allow_unexpected)
     data["kinds"] = dict(report.kinds)
     data["model"] = spec
@@ -552,45 +604,24 @@ def diff(
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Run the CLI on `argv` and return the exit code; never raises SystemExit.
-
-    This is the one place where errors become exit codes: a CheckpointError prints its one-line
-    cause and exits with its code; anything else is a bug (traceback, exit 3).
-    """
-    from typer._click import exceptions as click_exc
-
-    _refresh_consoles()
+    """Run the CLI on `argv` and return the exit code; never raises SystemExit."""
+    _bind_consoles()
     if os.environ.get("CKPTSURGEON_DEBUG"):
         logging.basicConfig(level=logging.DEBUG, stream=sys.stderr)
     args = list(sys.argv[1:] if argv is None else argv)
     try:
         rv = app(args=args, prog_name="ckptsurgeon", standalone_mode=False)
-        return int(rv) if isinstance(rv, int) else EXIT_OK
-    except CheckpointError as exc:
-        notice(f"error: {exc}", style="red")
-        return exc.exit_code
-    except click_exc.NoArgsIsHelpError as exc:
-        if exc.ctx is not None:
-            sys.stdout.write(exc.ctx.get_help() + "\n")
+    except ClickUsageError as exc:  # top-level options, unknown command, no arguments at all
+        ctx = getattr(exc, "ctx", None)
+        if _is_no_args_help(exc) and ctx is not None:
+            sys.stdout.write(ctx.get_help() + "\n")
+        else:
+            notice(f"error: {exc.format_message()} (see 'ckptsurgeon --help')", style="red")  # type: ignore[attr-defined]
         return EXIT_BAD_INPUT
-    except click_exc.UsageError as exc:
-        command = exc.ctx.command_path if exc.ctx else "ckptsurgeon"
-        notice(f"error: {exc.format_message()} (see '{command} --help')", style="red")
-        return EXIT_BAD_INPUT
-    except click_exc.Abort:
-        notice("aborted")
-        return 130
-    except KeyboardInterrupt:
+    except (typer.Abort, KeyboardInterrupt):
         notice("interrupted")
         return 130
-    except BrokenPipeError:
-        with contextlib.suppress(OSError):
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return EXIT_OK
-    except Exception:
-        err.print("internal error (a bug in ckptsurgeon; please report it with this traceback):", markup=False)
-        traceback.print_exc(file=sys.stderr)
-        return EXIT_INTERNAL
+    return int(rv) if isinstance(rv, int) else EXIT_OK
 
 
 def entrypoint() -> None:

@@ -1,0 +1,524 @@
+"""The five commands through the CLI: exit codes, --json, written files loaded back with torch."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from collections import OrderedDict
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import SmallCNN, TiedLM, TransferCNN, parse_json, trained_smallcnn
+
+MODEL = "sample_models.models:SmallCNN"
+
+
+def load(path: Path) -> OrderedDict:
+    return torch.load(path, weights_only=True)
+
+
+def one_line_error(result) -> str:
+    lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
+    assert "Traceback" not in result.stderr
+    assert len(lines) == 1, result.stderr
+    return lines[0]
+
+
+def same_storage(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+
+
+# ------------------------------------------------------------------------------------- inspect
+
+
+def test_inspect_table_lists_every_key(cli, cnn_file):
+    r = cli("inspect", cnn_file)
+    assert r.exit_code == 0, r.stderr
+    for key in SmallCNN().state_dict():
+        assert key in r.stdout
+    assert "22 tensors" in r.stdout
+    assert r.stderr == ""
+
+
+def test_inspect_json_fields(cli, cnn_file):
+    data = parse_json(cli("inspect", cnn_file, "--json"))
+    expected = SmallCNN().state_dict()
+    assert data["schema_version"] == 1 and data["format"] == "torch-zip" and data["state_dict_key"] is None
+    assert [t["key"] for t in data["tensors"]] == list(expected)
+    row = data["tensors"][0]
+    assert row == {"key": "conv1.weight", "shape": [16, 3, 3, 3], "dtype": "float32", "numel": 432, "nbytes": 1728}
+    assert data["num_tensors"] == len(expected)
+    assert data["num_elements"] == sum(t.numel() for t in expected.values())
+    assert data["total_bytes"] == sum(t.numel() * t.element_size() for t in expected.values())
+    by_dtype = {d["dtype"]: d for d in data["dtypes"]}
+    assert by_dtype["int64"]["num_tensors"] == 3  # num_batches_tracked x3
+    assert sum(d["total_bytes"] for d in data["dtypes"]) == data["total_bytes"]
+
+
+def test_inspect_container_reports_key_and_other_entries(cli, train_ckpt):
+    data = parse_json(cli("inspect", train_ckpt, "--json"))
+    assert data["state_dict_key"] == "model_state_dict"
+    assert data["other_entries"]["epoch"] == "5"
+    assert data["other_entries"]["optimizer_state_dict"].startswith("dict")
+    r = cli("inspect", train_ckpt)
+    assert "epoch: 5" in r.stdout and "model_state_dict" in r.stdout
+
+
+def test_inspect_shared_storage(cli, tied_file):
+    data = parse_json(cli("inspect", tied_file, "--json"))
+    assert data["shared_storage"] == [["embed.weight", "head.weight"]]
+
+
+def test_inspect_patterns(cli, cnn_file):
+    data = parse_json(cli("inspect", cnn_file, "--json", "-i", "conv1", "-i", "fc", "-x", "*.bias"))
+    assert [t["key"] for t in data["tensors"]] == ["conv1.weight", "fc.weight"]
+    data = parse_json(cli("inspect", cnn_file, "--json", "-i", r"^bn\d\.running", "--regex"))
+    assert len(data["tensors"]) == 6
+
+
+def test_inspect_with_model_compatible_and_not(cli, cnn_file, tmp_path):
+    data = parse_json(cli("inspect", cnn_file, "--json", "--model", MODEL))
+    assert data["compatible"] is True and data["missing_keys"] == [] and data["unexpected_keys"] == []
+    assert data["kinds"]["conv1.weight"] == "parameter" and data["kinds"]["bn1.running_mean"] == "buffer"
+    r = cli("inspect", cnn_file, "--json", "--model", "sample_models.models:TransferCNN")
+    assert r.exit_code == 1
+    data = json.loads(r.stdout)
+    assert data["compatible"] is False
+    assert set(data["unexpected_keys"]) == {"fc.weight", "fc.bias"}
+    assert "head.0.weight" in data["missing_keys"]
+
+
+def test_inspect_model_shape_mismatch_and_kwargs(cli, cnn_file):
+    r = cli("inspect", cnn_file, "--json", "--model", MODEL, "--model-kwargs", '{"num_classes": 3}')
+    assert r.exit_code == 1
+    mism = {m["key"]: m for m in json.loads(r.stdout)["shape_mismatches"]}
+    assert mism["fc.weight"] == {"key": "fc.weight", "checkpoint": [10, 32], "model": [3, 32]}
+
+
+def test_inspect_model_suggests_prefix_strip(cli, tmp_path):
+    sd = trained_smallcnn().state_dict()
+    path = tmp_path / "dp.pt"
+    torch.save(OrderedDict((f"module.{k}", v) for k, v in sd.items()), path)
+    r = cli("inspect", path, "--json", "--model", MODEL)
+    assert r.exit_code == 1
+    suggestions = json.loads(r.stdout)["suggestions"]
+    assert any("ckptsurgeon rename" in s and "--strip-prefix module." in s and str(path) in s for s in suggestions)
+
+
+def test_inspect_allow_missing_relaxes_exit_code(cli, tmp_path):
+    sd = trained_smallcnn().state_dict()
+    path = tmp_path / "backbone.pt"
+    torch.save(OrderedDict((k, v) for k, v in sd.items() if not k.startswith("fc.")), path)
+    assert cli("inspect", path, "--model", MODEL).exit_code == 1
+    assert cli("inspect", path, "--model", MODEL, "--allow-missing").exit_code == 0
+
+
+@pytest.mark.parametrize(
+    "spec, kwargs, fragment",
+    [
+        ("nocolon", None, "nocolon"),
+        ("no_such_module_xyz:Net", None, "no_such_module_xyz"),
+        ("sample_models.models:Nope", None, "Nope"),
+        ("sample_models.models:__all__", None, "__all__"),
+        (MODEL, "{bad json", "JSON"),
+        (MODEL, '{"bogus_arg": 1}', "bogus_arg"),
+    ],
+)
+def test_bad_model_spec_is_exit_2(cli, cnn_file, spec, kwargs, fragment):
+    args = ["inspect", cnn_file, "--model", spec] + (["--model-kwargs", kwargs] if kwargs else [])
+    r = cli(*args)
+    assert r.exit_code == 2
+    assert fragment in one_line_error(r)
+
+
+# ------------------------------------------------------------------------------------- extract
+
+
+def test_extract_seed_workflow(cli, tmp_path):
+    """Trained model -> extract conv1 -> fresh model strict=False: missing = the other layers."""
+    trained = trained_smallcnn()
+    src = tmp_path / "trained.pt"
+    torch.save(trained.state_dict(), src)
+    out = tmp_path / "conv1.pt"
+    r = cli("extract", src, "-o", out, "-i", "conv1")
+    assert r.exit_code == 0, r.stderr
+    assert r.stdout == ""
+    fresh = SmallCNN()
+    result = fresh.load_state_dict(load(out), strict=False)
+    assert result.unexpected_keys == []
+    # _metadata is filtered to the kept modules, so torch fills BatchNorm's num_batches_tracked
+    # itself (no version info) instead of reporting it missing.
+    others = {k for k in fresh.state_dict() if not k.startswith("conv1.") and not k.endswith("num_batches_tracked")}
+    assert set(result.missing_keys) == others
+    assert torch.equal(fresh.conv1.weight, trained.conv1.weight) and torch.equal(fresh.conv1.bias, trained.conv1.bias)
+    assert not torch.equal(fresh.conv1x1.weight, trained.conv1x1.weight)
+
+
+def test_extract_unwraps_container_and_keeps_metadata_filtered(cli, train_ckpt, tmp_path):
+    out = tmp_path / "bn.pt"
+    r = cli("extract", train_ckpt, "-o", out, "-i", "bn1")
+    assert r.exit_code == 0, r.stderr
+    assert "model_state_dict" in r.stderr
+    sd = load(out)
+    assert isinstance(sd, OrderedDict) and list(sd) == [k for k in SmallCNN().state_dict() if k.startswith("bn1.")]
+    assert sd._metadata == OrderedDict([("", {"version": 1}), ("bn1", {"version": 2})])
+    src = torch.load(train_ckpt, weights_only=True)["model_state_dict"]
+    for k in sd:
+        assert torch.equal(sd[k], src[k]) and sd[k].dtype == src[k].dtype
+
+
+def test_extract_whole_state_dict_without_patterns(cli, train_ckpt, tmp_path):
+    out = tmp_path / "all.pt"
+    assert cli("extract", train_ckpt, "-o", out).exit_code == 0
+    src = torch.load(train_ckpt, weights_only=True)["model_state_dict"]
+    sd = load(out)
+    assert list(sd) == list(src) and all(torch.equal(sd[k], src[k]) for k in src)
+    assert sd._metadata == src._metadata
+    model = SmallCNN()
+    model.load_state_dict(sd, strict=True)
+
+
+def test_extract_keeps_ties_and_compacts_views(cli, tmp_path):
+    big = torch.randn(1000, 1000)
+    w = torch.randn(64, 16)
+    path = tmp_path / "mixed.pt"
+    torch.save(OrderedDict(row=big[3], emb=w, head=w, other=torch.ones(2)), path)
+    out = tmp_path / "small.pt"
+    assert cli("extract", path, "-o", out, "-x", "other").exit_code == 0
+    sd = load(out)
+    assert torch.equal(sd["row"], big[3])
+    assert same_storage(sd["emb"], sd["head"])
+    assert out.stat().st_size < 20_000  # not the 4 MB base storage
+    mm = torch.load(out, weights_only=True, mmap=True)
+    assert torch.equal(mm["row"], big[3]) and same_storage(mm["emb"], mm["head"])
+
+
+def test_extract_nothing_selected_is_exit_2_and_writes_nothing(cli, cnn_file, tmp_path):
+    out = tmp_path / "none.pt"
+    r = cli("extract", cnn_file, "-o", out, "-i", "conv3")
+    assert r.exit_code == 2
+    assert "nothing selected" in r.stderr
+    assert not out.exists()
+
+
+def test_extract_existing_output_needs_force(cli, cnn_file, tmp_path):
+    out = tmp_path / "out.pt"
+    out.write_bytes(b"precious")
+    r = cli("extract", cnn_file, "-o", out, "-i", "fc")
+    assert r.exit_code == 2 and "--force" in one_line_error(r)
+    assert out.read_bytes() == b"precious"
+    assert cli("extract", cnn_file, "-o", out, "-i", "fc", "--force").exit_code == 0
+    assert list(load(out)) == ["fc.weight", "fc.bias"]
+
+
+def test_extract_onto_its_own_input_with_force(cli, cnn_file):
+    before = load(cnn_file)
+    r = cli("extract", cnn_file, "-o", cnn_file, "-i", "fc")
+    assert r.exit_code == 2 and "same file" in r.stderr
+    assert cli("extract", cnn_file, "-o", cnn_file, "-i", "fc", "--force").exit_code == 0
+    after = load(cnn_file)
+    assert list(after) == ["fc.weight", "fc.bias"] and torch.equal(after["fc.weight"], before["fc.weight"])
+    assert not [p for p in cnn_file.parent.iterdir() if "ckptsurgeon-tmp" in p.name]
+
+
+def test_extract_dry_run_and_json(cli, cnn_file, tmp_path):
+    out = tmp_path / "dry.pt"
+    r = cli("extract", cnn_file, "-o", out, "-i", "fc", "--dry-run")
+    assert r.exit_code == 0 and "fc.weight" in r.stdout and not out.exists()
+    data = parse_json(cli("extract", cnn_file, "-o", out, "-i", "fc", "--json"))
+    assert data["keys"] == ["fc.weight", "fc.bias"] and data["written"] is True and data["schema_version"] == 1
+    assert data["total_bytes"] == (10 * 32 + 10) * 4
+
+
+def test_extract_to_safetensors(cli, tied_file, tmp_path):
+    from safetensors.torch import load_file
+
+    out = tmp_path / "tied.safetensors"
+    r = cli("extract", tied_file, "-o", out)
+    assert r.exit_code == 0, r.stderr
+    assert "share storage" in r.stderr
+    st = load_file(out)
+    src = load(tied_file)
+    assert list(st) == list(src) or set(st) == set(src)
+    assert all(torch.equal(st[k], src[k]) for k in src)
+
+
+def test_extract_with_model_refuses_incompatible_result(cli, cnn_file, tmp_path):
+    out = tmp_path / "bb.pt"
+    r = cli("extract", cnn_file, "-o", out, "-x", "fc", "--model", MODEL)
+    assert r.exit_code == 1 and not out.exists()
+    r = cli("extract", cnn_file, "-o", out, "-x", "fc", "--model", MODEL, "--allow-missing")
+    assert r.exit_code == 0 and out.exists()
+
+
+# -------------------------------------------------------------------------------------- rename
+
+
+def test_rename_strip_prefix_keeps_container_and_metadata(cli, tmp_path):
+    model = torch.nn.DataParallel(trained_smallcnn())
+    sd = model.state_dict()
+    path = tmp_path / "dp.ckpt"
+    torch.save({"epoch": 7, "state_dict": sd, "note": "hello"}, path)
+    out = tmp_path / "plain.ckpt"
+    r = cli("rename", path, "-o", out, "--strip-prefix", "module.")
+    assert r.exit_code == 0, r.stderr
+    obj = torch.load(out, weights_only=True)
+    assert obj["epoch"] == 7 and obj["note"] == "hello" and list(obj) == ["epoch", "state_dict", "note"]
+    new = obj["state_dict"]
+    assert list(new) == [k.removeprefix("module.") for k in sd]
+    assert all(torch.equal(new[k.removeprefix("module.")], v) for k, v in sd.items())
+    assert "bn1" in new._metadata and new._metadata["bn1"] == {"version": 2}
+    fresh = SmallCNN()
+    fresh.load_state_dict(new, strict=True)
+
+
+def test_rename_sub_map_add_prefix_order(cli, cnn_file, tmp_path):
+    mapping = tmp_path / "map.json"
+    mapping.write_text(json.dumps({"fc.weight": "classifier.weight", "fc.bias": "classifier.bias"}))
+    out = tmp_path / "r.pt"
+    r = cli("rename", cnn_file, "-o", out, "--map", mapping, "--sub", r"s/^bn(\d)/norm\1/", "--add-prefix", "backbone.")
+    assert r.exit_code == 0, r.stderr
+    keys = list(load(out))
+    assert keys[0] == "backbone.conv1.weight" and "backbone.norm1.running_var" in keys and keys[-1] == "backbone.classifier.bias"
+
+
+def test_rename_collision_is_exit_2_and_writes_nothing(cli, cnn_file, tmp_path):
+    out = tmp_path / "c.pt"
+    r = cli("rename", cnn_file, "-o", out, "--sub", r"s/^bn\d/bn/")
+    assert r.exit_code == 2
+    line = one_line_error(r)
+    assert "'bn1.weight'" in line and "'bn2.weight'" in line
+    assert not out.exists()
+
+
+def test_rename_dry_run_prints_plan(cli, cnn_file, tmp_path):
+    out = tmp_path / "d.pt"
+    r = cli("rename", cnn_file, "-o", out, "--add-prefix", "m.", "--dry-run")
+    assert r.exit_code == 0 and "m.conv1.weight" in r.stdout and not out.exists()
+    data = parse_json(cli("rename", cnn_file, "-o", out, "--add-prefix", "m.", "--dry-run", "--json"))
+    assert data["renamed"]["conv1.weight"] == "m.conv1.weight" and data["written"] is False
+
+
+def test_rename_needs_a_rule(cli, cnn_file, tmp_path):
+    r = cli("rename", cnn_file, "-o", tmp_path / "x.pt")
+    assert r.exit_code == 2 and "nothing to do" in one_line_error(r)
+
+
+def test_rename_then_inverse_is_identity(cli, cnn_file, tmp_path):
+    a, b = tmp_path / "a.pt", tmp_path / "b.pt"
+    assert cli("rename", cnn_file, "-o", a, "--add-prefix", "module.").exit_code == 0
+    assert cli("rename", a, "-o", b, "--strip-prefix", "module.").exit_code == 0
+    r = cli("diff", cnn_file, b, "--json")
+    assert r.exit_code == 0 and json.loads(r.stdout)["identical"] is True
+    assert load(b)._metadata == load(cnn_file)._metadata
+
+
+# --------------------------------------------------------------------------------------- merge
+
+
+def test_merge_backbone_and_head(cli, cnn_file, tmp_path):
+    bb, head, out = tmp_path / "bb.pt", tmp_path / "head.pt", tmp_path / "m.pt"
+    assert cli("extract", cnn_file, "-o", bb, "-x", "fc").exit_code == 0
+    assert cli("extract", cnn_file, "-o", head, "-i", "fc").exit_code == 0
+    r = cli("merge", bb, head, "-o", out, "--model", MODEL)
+    assert r.exit_code == 0, r.stderr
+    assert cli("diff", cnn_file, out).exit_code == 0
+    assert list(load(out)) == list(load(cnn_file))
+
+
+def test_merge_conflicts(cli, tmp_path):
+    a, b, out = tmp_path / "a.pt", tmp_path / "b.pt", tmp_path / "o.pt"
+    torch.save(OrderedDict(x=torch.zeros(2), y=torch.zeros(1)), a)
+    torch.save(OrderedDict(y=torch.ones(1), z=torch.ones(3)), b)
+    r = cli("merge", a, b, "-o", out)
+    assert r.exit_code == 2 and "'y'" in one_line_error(r) and not out.exists()
+    assert cli("merge", a, b, "-o", out, "--on-conflict", "last").exit_code == 0
+    sd = load(out)
+    assert list(sd) == ["x", "y", "z"] and sd["y"].item() == 1.0
+    assert cli("merge", a, b, "-o", out, "--on-conflict", "first", "-f").exit_code == 0
+    assert load(out)["y"].item() == 0.0
+    assert cli("merge", a, b, "-o", out, "--on-conflict", "bogus", "-f").exit_code == 2
+
+
+def test_merge_average(cli, tmp_path):
+    paths = []
+    for i in range(3):
+        p = tmp_path / f"s{i}.pt"
+        torch.save(OrderedDict(w=torch.full((4,), float(i)), h=torch.full((2,), float(i), dtype=torch.float16), n=torch.tensor(i)), p)
+        paths.append(p)
+    out = tmp_path / "avg.pt"
+    r = cli("merge", *paths, "-o", out, "--average", "--json")
+    assert r.exit_code == 0, r.stderr
+    assert "n: int64 values differ" in r.stderr
+    sd = load(out)
+    assert torch.equal(sd["w"], torch.full((4,), 1.0)) and sd["h"].dtype == torch.float16 and sd["n"].item() == 0
+    r = cli("merge", *paths, "-o", out, "--average", "--weights", "0,0,1", "-f")
+    assert r.exit_code == 0 and torch.equal(load(out)["w"], torch.full((4,), 2.0))
+    torch.save(OrderedDict(w=torch.zeros(5)), paths[2])
+    r = cli("merge", *paths, "-o", out, "--average", "-f")
+    assert r.exit_code == 2 and "shape" in r.stderr
+
+
+def test_merge_needs_two_inputs(cli, cnn_file, tmp_path):
+    assert cli("merge", cnn_file, "-o", tmp_path / "o.pt").exit_code == 2
+
+
+# ---------------------------------------------------------------------------------------- diff
+
+
+def test_diff_proves_frozen_layers_did_not_move(cli, tmp_path):
+    model = trained_smallcnn()
+    before = tmp_path / "before.pt"
+    torch.save(model.state_dict(), before)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in model.fc.parameters():
+        p.requires_grad_(True)
+    model.eval()  # keeps BatchNorm statistics
+    opt = torch.optim.SGD(model.fc.parameters(), lr=0.5)
+    for _ in range(3):
+        loss = model(torch.randn(4, 3, 8, 8)).sum()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    after = tmp_path / "after.pt"
+    torch.save(model.state_dict(), after)
+    assert cli("diff", before, after, "-x", "fc").exit_code == 0
+    r = cli("diff", before, after, "--json")
+    assert r.exit_code == 1
+    data = json.loads(r.stdout)
+    assert {v["key"] for v in data["value_mismatches"]} == {"fc.weight", "fc.bias"}
+    assert data["num_equal"] == len(model.state_dict()) - 2 and data["identical"] is False
+
+
+def test_diff_json_fields_and_tolerance(cli, tmp_path):
+    a, b = tmp_path / "a.pt", tmp_path / "b.pt"
+    torch.save(OrderedDict(w=torch.tensor([1.0, 2.0]), s=torch.zeros(2), d=torch.zeros(1), only_a=torch.zeros(1)), a)
+    torch.save(OrderedDict(w=torch.tensor([1.0, 2.001]), s=torch.zeros(3), d=torch.zeros(1, dtype=torch.float64), only_b=torch.zeros(1)), b)
+    r = cli("diff", a, b, "--json")
+    assert r.exit_code == 1
+    data = json.loads(r.stdout)
+    assert data["only_in_a"] == ["only_a"] and data["only_in_b"] == ["only_b"]
+    assert data["shape_mismatches"] == [{"key": "s", "a": [2], "b": [3]}]
+    assert data["dtype_mismatches"] == [{"key": "d", "a": "float32", "b": "float64"}]
+    (vm,) = data["value_mismatches"]
+    assert vm["key"] == "w" and vm["num_different"] == 1 and vm["max_abs_diff"] == pytest.approx(0.001, rel=1e-2)
+    assert set(data) >= {"schema_version", "identical", "num_equal"}
+    assert cli("diff", a, b, "-i", "w", "--atol", "0.01").exit_code == 0
+    assert cli("diff", a, b, "-i", "w", "--rtol", "1e-6").exit_code == 1
+
+
+def test_diff_identical_prints_summary(cli, cnn_file):
+    r = cli("diff", cnn_file, cnn_file)
+    assert r.exit_code == 0 and "identical" in r.stdout
+
+
+# --------------------------------------------------------------------------- formats and safety
+
+
+def test_legacy_format_and_safetensors_inputs(cli, tmp_path):
+    sd = trained_smallcnn().state_dict()
+    legacy = tmp_path / "legacy.pth"
+    torch.save(sd, legacy, _use_new_zipfile_serialization=False)
+    data = parse_json(cli("inspect", legacy, "--json"))
+    assert data["format"] == "torch-legacy" and data["num_tensors"] == len(sd)
+    from safetensors.torch import save_file
+
+    st = tmp_path / "w.safetensors"
+    save_file(dict(sd), st)
+    data = parse_json(cli("inspect", st, "--json"))
+    assert data["format"] == "safetensors" and {t["key"] for t in data["tensors"]} == set(sd)
+    out = tmp_path / "from_legacy.pt"
+    assert cli("extract", legacy, "-o", out, "-i", "conv1").exit_code == 0
+    assert torch.equal(load(out)["conv1.weight"], sd["conv1.weight"])
+    assert cli("diff", legacy, st).exit_code == 0
+
+
+def test_unsafe_pickle_refused_with_globals_named(cli, tmp_path):
+    path = tmp_path / "args.ckpt"
+    torch.save({"args": argparse.Namespace(lr=0.1), "state_dict": trained_smallcnn().state_dict()}, path)
+    r = cli("inspect", path)
+    assert r.exit_code == 2
+    line = one_line_error(r)
+    assert "argparse.Namespace" in line and "--unsafe" in line
+    r = cli("inspect", path, "--unsafe", "--json")
+    assert r.exit_code == 0, r.stderr
+    assert json.loads(r.stdout)["state_dict_key"] == "state_dict"
+    r = cli("inspect", path, "--allow-global", "argparse.Namespace", "--json")
+    assert r.exit_code == 0, r.stderr
+
+
+@pytest.mark.parametrize("name", ["os.system", "posix.system", "subprocess.Popen", "builtins.eval", "builtins.getattr", "torch.storage._load_from_bytes"])
+def test_allow_global_refuses_dangerous_names(cli, cnn_file, name):
+    r = cli("inspect", cnn_file, "--allow-global", name)
+    assert r.exit_code == 2 and "refused" in one_line_error(r)
+
+
+def test_unsafe_whole_module_counts_as_its_state_dict(cli, tmp_path):
+    path = tmp_path / "whole.pt"
+    model = trained_smallcnn()
+    torch.save(model, path)
+    assert cli("inspect", path).exit_code == 2
+    data = parse_json(cli("inspect", path, "--unsafe", "--json"))
+    assert [t["key"] for t in data["tensors"]] == list(model.state_dict())
+
+
+@pytest.mark.parametrize("content, hint", [(b"", "empty"), (b"hello world\n", ""), (b"<!DOCTYPE html><html>", "")])
+def test_not_a_checkpoint_is_exit_2_one_line(cli, tmp_path, content, hint):
+    path = tmp_path / "bad.pt"
+    path.write_bytes(content)
+    r = cli("inspect", path)
+    assert r.exit_code == 2
+    line = one_line_error(r)
+    assert str(path) in line and hint in line
+    assert path.read_bytes() == content
+
+
+def test_control_characters_in_keys_are_escaped(cli, tmp_path):
+    path = tmp_path / "esc.pt"
+    torch.save(OrderedDict([("evil\x1b[31m.[bold]x[/bold]", torch.zeros(1))]), path)
+    r = cli("inspect", path)
+    assert r.exit_code == 0
+    assert "\x1b" not in r.stdout and "\\x1b[31m.[bold]x[/bold]" in r.stdout
+    data = parse_json(cli("inspect", path, "--json"))
+    assert data["tensors"][0]["key"] == "evil\x1b[31m.[bold]x[/bold]"
+
+
+# ------------------------------------------------------------------------------------- process
+
+
+def test_console_script_subprocess(tmp_path, cnn_file):
+    exe = Path(sys.executable).with_name("ckptsurgeon")
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "ckptsurgeon"]
+    r = subprocess.run(cmd + ["inspect", str(cnn_file), "--json"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["num_tensors"] == 22
+    r = subprocess.run(cmd + ["inspect", str(tmp_path / "missing.pt")], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and r.stdout == "" and "no such file" in r.stderr
+
+
+def test_version_and_help_do_not_import_torch():
+    code = (
+        "import sys\n"
+        "from ckptsurgeon.cli import main\n"
+        "rc = main(['--version']); rc2 = main(['--help']); rc3 = main(['inspect', '--help'])\n"
+        "print(rc, rc2, rc3, 'torch' in sys.modules)\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.stdout.strip().splitlines()[-1] == "0 0 0 False", r.stdout + r.stderr
+    assert "ckptsurgeon 1." in r.stdout
+
+
+def test_core_does_not_import_typer_or_rich():
+    code = "import sys, ckptsurgeon, ckptsurgeon.io, ckptsurgeon.diff, ckptsurgeon.merge; print(sorted(m for m in ('typer','rich','torch') if m in sys.modules))"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.stdout.strip() == "[]", r.stdout + r.stderr
+
+
+def test_python_dash_m_and_no_args(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "ckptsurgeon"], capture_output=True, text=True, timeout=120, cwd=tmp_path, env={**os.environ})
+    assert r.returncode == 2 and "inspect" in r.stdout
