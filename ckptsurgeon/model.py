@@ -1,0 +1,498 @@
+"""Check a checkpoint against a model: `--model SPEC` import, meta-device build, key comparison.
+
+`load_model` turns ``package.module:Name`` or ``path/to/file.py:Name`` into an ``nn.Module`` built
+on the meta device (no weight memory). `check_model` judges a checkpoint's keys and shapes exactly
+as ``model.load_state_dict(sd, strict=False)`` would, by letting torch itself load meta tensors of
+the checkpoint's shapes. `suggest_renames` proposes the ``ckptsurgeon rename`` prefix surgery that
+would make the keys line up.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+import importlib
+import importlib.util
+import itertools
+import json
+import os
+import re
+import shlex
+import sys
+from collections import Counter, OrderedDict
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import torch
+from torch import nn
+from torch.overrides import TorchFunctionMode
+
+from ckptsurgeon.errors import ModelSpecError
+
+__all__ = [
+    "ModelReport",
+    "RenameSuggestion",
+    "ShapeMismatch",
+    "check_model",
+    "load_model",
+    "parse_model_kwargs",
+    "suggest_renames",
+]
+
+_SPEC_FORMS = "expected 'package.module:Name' or 'path/to/file.py:Name'"
+_MAX_DETAIL = 300
+_file_counter = itertools.count()
+
+
+# --------------------------------------------------------------------------------------------
+# load_model
+
+
+def _one_line(exc: BaseException) -> str:
+    """`TypeError: message` squeezed onto one line and cut to a readable length."""
+    text = " ".join(str(exc).split())
+    if len(text) > _MAX_DETAIL:
+        text = text[: _MAX_DETAIL - 3] + "..."
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def parse_model_kwargs(kwargs: Mapping[str, Any] | str | None) -> dict[str, Any]:
+    """Turn `--model-kwargs` (a JSON object string, a mapping, or None) into constructor kwargs."""
+    if kwargs is None:
+        return {}
+    if isinstance(kwargs, str):
+        try:
+            decoded = json.loads(kwargs)
+        except json.JSONDecodeError as exc:
+            raise ModelSpecError(f"--model-kwargs is not valid JSON: {exc}") from None
+        if not isinstance(decoded, dict):
+            raise ModelSpecError(
+                f"--model-kwargs must be a JSON object like '{{\"num_classes\": 10}}', "
+                f"got a JSON {type(decoded).__name__}"
+            )
+        return decoded
+    if not isinstance(kwargs, Mapping):
+        raise ModelSpecError(f"model kwargs must be a mapping or a JSON string, got {type(kwargs).__name__}")
+    bad = [k for k in kwargs if not isinstance(k, str)]
+    if bad:
+        raise ModelSpecError(f"model kwargs keys must be strings, got {bad[0]!r}")
+    return dict(kwargs)
+
+
+@contextlib.contextmanager
+def _on_sys_path(directory: str) -> Iterator[None]:
+    """Put `directory` first on sys.path for the duration (unless it is already there)."""
+    if directory in sys.path:
+        yield
+        return
+    sys.path.insert(0, directory)
+    try:
+        yield
+    finally:
+        with contextlib.suppress(ValueError):
+            sys.path.remove(directory)
+
+
+def _is_file_spec(target: str) -> bool:
+    return target.endswith(".py") or "/" in target or os.sep in target
+
+
+def _import_module(spec: str, target: str) -> ModuleType:
+    try:
+        return importlib.import_module(target)
+    except ModuleNotFoundError as exc:
+        # the module itself (or a parent package) is absent, as opposed to a failing inner import
+        if exc.name is not None and (target == exc.name or target.startswith(exc.name + ".")):
+            raise ModelSpecError(f"model spec {spec!r}: module {target!r} not found") from None
+        raise ModelSpecError(f"model spec {spec!r}: importing {target!r} raised {_one_line(exc)}") from None
+    except (Exception, SystemExit) as exc:
+        raise ModelSpecError(f"model spec {spec!r}: importing {target!r} raised {_one_line(exc)}") from None
+
+
+def _import_file(spec: str, target: str) -> ModuleType:
+    path = Path(target).expanduser()
+    if not path.is_file():
+        what = "is not a file" if path.exists() else "does not exist"
+        raise ModelSpecError(f"model spec {spec!r}: {target} {what}")
+    stem = re.sub(r"\W", "_", path.stem)
+    name = f"_ckptsurgeon_model_{stem}_{next(_file_counter)}"
+    module_spec = importlib.util.spec_from_file_location(name, path.resolve())
+    if module_spec is None or module_spec.loader is None:
+        raise ModelSpecError(f"model spec {spec!r}: {target} cannot be imported as a Python file")
+    module = importlib.util.module_from_spec(module_spec)
+    sys.modules[name] = module  # dataclasses, pickling and typing look the module up by name
+    try:
+        module_spec.loader.exec_module(module)
+    except (Exception, SystemExit) as exc:
+        sys.modules.pop(name, None)
+        raise ModelSpecError(f"model spec {spec!r}: importing {target} raised {_one_line(exc)}") from None
+    return module
+
+
+def _resolve_attr(spec: str, module: ModuleType, target: str, dotted: str) -> Any:
+    obj: Any = module
+    walked = target
+    for i, part in enumerate(dotted.split(".")):
+        try:
+            obj = getattr(obj, part)
+        except AttributeError:
+            names = [n for n in dir(obj) if not n.startswith("_")]
+            close = difflib.get_close_matches(part, names, n=3, cutoff=0.5)
+            hint = f" (did you mean {', '.join(repr(c) for c in close)}?)" if close else ""
+            raise ModelSpecError(f"model spec {spec!r}: {walked} has no attribute {part!r}{hint}") from None
+        except Exception as exc:  # a property or module __getattr__ that raises
+            raise ModelSpecError(
+                f"model spec {spec!r}: getting {part!r} from {walked} raised {_one_line(exc)}"
+            ) from None
+        walked = f"{walked}{':' if i == 0 else '.'}{part}"
+    return obj
+
+
+def load_model(spec: str, kwargs: Mapping[str, Any] | str | None = None) -> nn.Module:
+    """Import and build the model named by `spec` on the meta device.
+
+    `spec` is ``package.module:Name`` (imported with the current directory first on sys.path, like
+    ``python -m`` would) or ``path/to/file.py:Name`` (loaded under a unique module name with its
+    directory first on sys.path, so sibling imports work). `Name` may be dotted
+    (``mod:Outer.Inner``) and must be an ``nn.Module`` subclass or a callable returning an
+    ``nn.Module``. `kwargs` is a mapping or a JSON object string passed to it as keyword
+    arguments. The model is built under ``torch.device("meta")``: no weight memory is allocated.
+
+    Raises ModelSpecError (one-line message) for every way the spec can fail.
+    """
+    if not isinstance(spec, str) or ":" not in spec:
+        raise ModelSpecError(f"model spec {spec!r} has no ':'; {_SPEC_FORMS}")
+    target, _, attr = spec.rpartition(":")
+    target, attr = target.strip(), attr.strip()
+    if not target or not attr or any(not part for part in attr.split(".")):
+        empty = "module or file" if not target else "name"
+        raise ModelSpecError(f"model spec {spec!r} has an empty {empty} part; {_SPEC_FORMS}")
+    call_kwargs = parse_model_kwargs(kwargs)
+
+    is_file = _is_file_spec(target)
+    directory = str(Path(target).expanduser().resolve().parent) if is_file else os.getcwd()
+    with _on_sys_path(directory):
+        module = _import_file(spec, target) if is_file else _import_module(spec, target)
+        obj = _resolve_attr(spec, module, target, attr)
+        return _build(spec, obj, call_kwargs)
+
+
+# in-place initialisers: on a meta tensor each one is a no-op that only costs time
+_INIT_FILLS = frozenset(
+    [getattr(torch.Tensor, name) for name in (
+        "normal_", "uniform_", "bernoulli_", "cauchy_", "exponential_", "geometric_", "log_normal_", "random_",
+    )]
+    + [f for name, f in vars(nn.init).items() if name.endswith("_") and not name.startswith("_") and callable(f)]
+)
+
+
+class _SkipInitOnMeta(TorchFunctionMode):
+    """Skip weight initialisers on meta tensors.
+
+    They compute nothing there, but the first `normal_` (nn.Embedding's init) makes torch import
+    torch._dynamo, which costs about 2 s, and each call costs time on a many-layer model.
+    """
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        if func in _INIT_FILLS:
+            target = args[0] if args else kwargs.get("tensor")  # nn.init passes tensor=...
+            if isinstance(target, torch.Tensor) and target.is_meta:
+                return target
+        return func(*args, **kwargs)
+
+
+def _build(spec: str, obj: Any, kwargs: dict[str, Any]) -> nn.Module:
+    if isinstance(obj, nn.Module):
+        raise ModelSpecError(
+            f"model spec {spec!r} names an nn.Module instance; name its class or a function that builds it"
+        )
+    if isinstance(obj, type) and not issubclass(obj, nn.Module):
+        raise ModelSpecError(f"model spec {spec!r} names class {obj.__name__}, which is not an nn.Module subclass")
+    if not callable(obj):
+        raise ModelSpecError(
+            f"model spec {spec!r} names a {type(obj).__name__}, not an nn.Module subclass or a callable"
+        )
+    try:
+        with torch.device("meta"), _SkipInitOnMeta():
+            model = obj(**kwargs)
+    except (Exception, SystemExit) as exc:
+        raise ModelSpecError(
+            f"model spec {spec!r}: building the model (on the meta device) raised {_one_line(exc)}"
+        ) from None
+    if not isinstance(model, nn.Module):
+        raise ModelSpecError(f"model spec {spec!r} returned a {type(model).__name__}, not an nn.Module")
+    return model
+
+
+# --------------------------------------------------------------------------------------------
+# suggest_renames
+
+
+@dataclass(frozen=True)
+class RenameSuggestion:
+    """A prefix surgery: strip `strip_prefix` where present, then prepend `add_prefix` to every key.
+
+    `matched` is how many checkpoint keys would then name a model key.
+    """
+
+    strip_prefix: str | None
+    add_prefix: str | None
+    matched: int
+
+    def apply(self, key: str) -> str:
+        """The new name of `key` under this surgery."""
+        if self.strip_prefix and key.startswith(self.strip_prefix):
+            key = key[len(self.strip_prefix) :]
+        return (self.add_prefix or "") + key
+
+    def command(self, ckpt: str = "CKPT", out: str = "OUT") -> str:
+        """The `ckptsurgeon rename` command line that performs this surgery, shell-quoted."""
+        parts = ["ckptsurgeon", "rename", ckpt, "-o", out]
+        if self.strip_prefix:
+            parts += ["--strip-prefix", self.strip_prefix]
+        if self.add_prefix:
+            parts += ["--add-prefix", self.add_prefix]
+        return " ".join(shlex.quote(p) for p in parts)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"strip_prefix": self.strip_prefix, "add_prefix": self.add_prefix, "matched": self.matched}
+
+
+def _splits(key: str) -> Iterator[tuple[str, str]]:
+    """(prefix, rest) at every '.' boundary, longest rest first; the prefix keeps its dot."""
+    yield "", key
+    for i, ch in enumerate(key):
+        if ch == "." and i + 1 < len(key):
+            yield key[: i + 1], key[i + 1 :]
+
+
+def suggest_renames(
+    ckpt_keys: Iterable[str], model_keys: Iterable[str], *, limit: int = 3
+) -> list[RenameSuggestion]:
+    """Prefix surgeries (strip and/or add a dotted prefix) that make more checkpoint keys match.
+
+    Typical finds: strip ``module.`` (DataParallel), strip ``model.`` (Lightning), add or strip
+    ``backbone.``. Returns the best ones (most keys matched, then simplest), best first, and only
+    those that match strictly more keys than the checkpoint does as it is and rename no two keys
+    to one name; an empty list when nothing helps.
+    """
+    ckpt = list(dict.fromkeys(ckpt_keys))
+    model_order = list(dict.fromkeys(model_keys))  # ordered, so ties break the same on every run
+    model = set(model_order)
+    baseline = sum(k in model for k in ckpt)
+    unexpected = [k for k in ckpt if k not in model]
+    ckpt_set = set(ckpt)
+    missing = [k for k in model_order if k not in ckpt_set]
+    if not unexpected or not missing:
+        return []
+
+    # rest-of-key -> prefixes under which a missing key ends with it
+    by_rest: dict[str, list[str]] = {}
+    for key in missing:
+        for prefix, rest in _splits(key):
+            by_rest.setdefault(rest, []).append(prefix)
+    votes: Counter[tuple[str, str]] = Counter()
+    for key in unexpected:
+        for prefix, rest in _splits(key):  # the longest shared tail is the most telling
+            targets = by_rest.get(rest)
+            if targets:
+                for target in targets[:8]:
+                    if prefix != target:
+                        votes[(prefix, target)] += 1
+                break
+
+    scored: list[RenameSuggestion] = []
+    for (strip, add), _ in votes.most_common(20):
+        candidate = RenameSuggestion(strip or None, add or None, 0)
+        renamed = [candidate.apply(k) for k in ckpt]
+        if len(set(renamed)) != len(renamed):
+            continue  # the rename would refuse: two keys onto one name
+        matched = sum(k in model for k in renamed)
+        if matched > baseline:
+            scored.append(RenameSuggestion(strip or None, add or None, matched))
+    scored.sort(key=lambda s: (-s.matched, (s.strip_prefix is not None) + (s.add_prefix is not None),
+                               len(s.strip_prefix or "") + len(s.add_prefix or "")))
+    if not scored:
+        return []
+    best = scored[0].matched
+    return [s for s in scored if s.matched == best][:limit]
+
+
+# --------------------------------------------------------------------------------------------
+# check_model
+
+
+@dataclass(frozen=True)
+class ShapeMismatch:
+    """A key present in both, whose checkpoint shape load_state_dict would refuse."""
+
+    key: str
+    checkpoint: tuple[int, ...]
+    model: tuple[int, ...]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"key": self.key, "checkpoint": list(self.checkpoint), "model": list(self.model)}
+
+
+@dataclass(frozen=True)
+class ModelReport:
+    """How a checkpoint's keys meet a model, as ``load_state_dict(strict=False)`` judges them.
+
+    `kinds` maps every checkpoint key to "parameter", "buffer", "extra_state", "other" (accepted by
+    a module's own loading logic), "unexpected" or "shape_mismatch", and every key torch reports
+    missing to "missing". `suggestions` are ``ckptsurgeon rename`` command lines with ``CKPT`` and
+    ``OUT`` placeholders (`renames` holds the same suggestions as objects). `errors` holds any
+    other error torch's loader reported (a custom module's checks, a hook that raised).
+    """
+
+    missing_keys: tuple[str, ...]
+    unexpected_keys: tuple[str, ...]
+    shape_mismatches: tuple[ShapeMismatch, ...]
+    kinds: dict[str, str]
+    suggestions: tuple[str, ...] = ()
+    renames: tuple[RenameSuggestion, ...] = ()
+    errors: tuple[str, ...] = field(default=())
+
+    def compatible(self, *, allow_missing: bool = False, allow_unexpected: bool = False) -> bool:
+        """True when load_state_dict would succeed (strict unless missing/unexpected are allowed)."""
+        if self.shape_mismatches or self.errors:
+            return False
+        if self.missing_keys and not allow_missing:
+            return False
+        return not (self.unexpected_keys and not allow_unexpected)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready data; `compatible` is the strict verdict."""
+        return {
+            "compatible": self.compatible(),
+            "missing_keys": list(self.missing_keys),
+            "unexpected_keys": list(self.unexpected_keys),
+            "shape_mismatches": [m.to_dict() for m in self.shape_mismatches],
+            "errors": list(self.errors),
+            "suggestions": list(self.suggestions),
+        }
+
+
+def _model_shapes(model: nn.Module) -> dict[str, tuple[int, ...] | None]:
+    """Key -> shape for every state_dict entry; None for lazy parameters and non-tensor state."""
+    shapes: dict[str, tuple[int, ...] | None] = {}
+    for key, value in model.state_dict(keep_vars=True).items():
+        if isinstance(value, torch.Tensor) and not nn.parameter.is_lazy(value):
+            shapes[key] = tuple(value.shape)
+        else:
+            shapes[key] = None
+    return shapes
+
+
+def _shape_refused(checkpoint: tuple[int, ...], model: tuple[int, ...]) -> bool:
+    # torch's 0.3 -> 0.4 compatibility: a 1-element 1-d tensor loads into a 0-d parameter
+    if len(model) == 0 and checkpoint == (1,):
+        return False
+    return checkpoint != model
+
+
+@contextlib.contextmanager
+def _restoring_state(model: nn.Module) -> Iterator[None]:
+    """Undo ``assign=True``: put every module's original parameter and buffer objects back."""
+    saved = [(m, dict(m._parameters), dict(m._buffers)) for m in model.modules()]
+    swap = torch.__future__.get_swap_module_params_on_conversion()
+    torch.__future__.set_swap_module_params_on_conversion(False)  # swapping would mutate in place
+    try:
+        yield
+    finally:
+        torch.__future__.set_swap_module_params_on_conversion(swap)
+        for module, params, buffers in saved:
+            module._parameters.clear()
+            module._parameters.update(params)
+            module._buffers.clear()
+            module._buffers.update(buffers)
+
+
+def check_model(
+    shapes: Mapping[str, tuple[int, ...]],
+    model: nn.Module,
+    *,
+    metadata: Mapping[str, Mapping[str, Any]] | None = None,
+) -> ModelReport:
+    """Judge a checkpoint (key -> shape, plus its `_metadata`) against `model`.
+
+    Shape mismatches come from comparing with ``model.state_dict()`` shapes (with torch's 0-d
+    compatibility rule); missing and unexpected keys come from torch itself: float32 meta tensors
+    of the checkpoint's shapes (model-shaped for the mismatched keys) are loaded with
+    ``model.load_state_dict(..., strict=False, assign=True)``, so module-specific loading logic
+    (BatchNorm's `num_batches_tracked` versioning, non-persistent buffers, hooks) applies.
+    The model is left as it was: its original parameter and buffer objects are put back
+    afterwards (tying intact), so a real model works too, not only a meta one.
+    """
+    model_shapes = _model_shapes(model)
+    mismatches: list[ShapeMismatch] = []
+    trial: OrderedDict[str, torch.Tensor] = OrderedDict()
+    for key, shape in shapes.items():
+        shape = tuple(int(s) for s in shape)
+        expected = model_shapes.get(key)
+        if expected is not None and _shape_refused(shape, expected):
+            mismatches.append(ShapeMismatch(key, shape, expected))
+            shape = expected  # torch reports it as an error, never as missing or unexpected
+        trial[key] = torch.empty(shape, dtype=torch.float32, device="meta")
+    if metadata is not None:
+        # copies: torch writes "assign_to_params_buffers" into the per-module dicts
+        trial._metadata = {k: dict(v) for k, v in metadata.items()}  # type: ignore[attr-defined]
+
+    captured: dict[str, list[str]] = {}
+
+    def capture(module: nn.Module, incompatible: Any) -> None:
+        captured["missing"] = incompatible.missing_keys
+        captured["unexpected"] = incompatible.unexpected_keys
+
+    errors: list[str] = []
+    handle = model.register_load_state_dict_post_hook(capture)
+    try:
+        with _restoring_state(model):
+            result = model.load_state_dict(trial, strict=False, assign=True)
+        missing, unexpected = list(result.missing_keys), list(result.unexpected_keys)
+    except Exception as exc:
+        missing, unexpected = list(captured.get("missing", [])), list(captured.get("unexpected", []))
+        if isinstance(exc, RuntimeError) and str(exc).startswith("Error(s) in loading state_dict"):
+            errors = [" ".join(line.split()) for line in str(exc).split("\n\t")[1:]]
+        else:
+            errors = [f"load_state_dict raised {_one_line(exc)}"]
+    finally:
+        handle.remove()
+
+    param_names = {n for n, _ in model.named_parameters(remove_duplicate=False)}
+    buffer_names = {n for n, _ in model.named_buffers(remove_duplicate=False)}
+    mismatched = {m.key for m in mismatches}
+    unexpected_set = set(unexpected)
+    kinds: dict[str, str] = {}
+    for key in shapes:
+        if key in mismatched:
+            kinds[key] = "shape_mismatch"
+        elif key in unexpected_set:
+            kinds[key] = "unexpected"
+        elif key in param_names:
+            kinds[key] = "parameter"
+        elif key in buffer_names:
+            kinds[key] = "buffer"
+        elif key.endswith("_extra_state"):
+            kinds[key] = "extra_state"
+        else:
+            kinds[key] = "other"
+    for key in missing:
+        kinds[key] = "missing"
+
+    renames: tuple[RenameSuggestion, ...] = ()
+    if missing or unexpected:
+        renames = tuple(suggest_renames(shapes.keys(), model_shapes.keys()))
+    return ModelReport(
+        missing_keys=tuple(missing),
+        unexpected_keys=tuple(unexpected),
+        shape_mismatches=tuple(mismatches),
+        kinds=kinds,
+        suggestions=tuple(r.command() for r in renames),
+        renames=renames,
+        errors=tuple(errors),
+    )
