@@ -12,15 +12,26 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
+import importlib
 import typer
-from rich.console import Console
 from typer.core import TyperGroup
 
 from .. import _version
 from ..merge import OnConflict
 from ..errors import EXIT_BAD_INPUT, EXIT_DIFFERENT, EXIT_INTERNAL, EXIT_OK, CheckpointError, UsageError
-from . import render
 
+
+class _Lazy:
+    """A module imported on first attribute access: `--help` and `--version` never load rich."""
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+
+    def __getattr__(self, attr: str) -> Any:
+        return getattr(importlib.import_module(self._name), attr)
+
+
+render: Any = _Lazy("ckptsurgeon.cli.render")
 JSON_SCHEMA_VERSION = 1
 
 # Typer vendors click and exports only BadParameter of its exceptions; its base is UsageError.
@@ -34,7 +45,6 @@ class _SurgeonGroup(TyperGroup):
     """Runs every command inside `_errors_to_exit_codes`: the one place errors become exit codes."""
 
     def invoke(self, ctx: Any) -> Any:
-        _bind_consoles()
         with _errors_to_exit_codes():
             rv = super().invoke(ctx)
         if isinstance(rv, int) and rv != EXIT_OK:
@@ -64,7 +74,7 @@ def _errors_to_exit_codes() -> Iterator[None]:
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         raise typer.Exit(EXIT_OK) from None
     except Exception:
-        err.print("internal error (a bug in ckptsurgeon; please report it with this traceback):", markup=False)
+        _consoles.err.print("internal error (a bug in ckptsurgeon; please report it with this traceback):", markup=False)
         traceback.print_exc(file=sys.stderr)
         raise typer.Exit(EXIT_INTERNAL) from None
 
@@ -80,24 +90,45 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
-def _console(stream: Any, *, soft_wrap: bool) -> Console:
+def _console(stream: Any, *, soft_wrap: bool) -> Any:
+    from rich.console import Console
+
     # Piped output is not wrapped at 80 columns: scripts read it line by line.
     return Console(file=stream, highlight=False, soft_wrap=soft_wrap, width=None if stream.isatty() else 400)
 
 
-# stdout carries data only; everything else goes to stderr, one message a line.
-out = _console(sys.stdout, soft_wrap=False)
-err = _console(sys.stderr, soft_wrap=True)
+class _Consoles:
+    """stdout carries data only; everything else goes to stderr, one message a line.
+
+    Made on first use and bound to the sys.stdout/stderr of the current call (test runners swap
+    them per call).
+    """
+
+    def __init__(self) -> None:
+        self._streams: tuple[Any, Any] | None = None
+        self._pair: tuple[Any, Any] | None = None
+
+    def _get(self) -> tuple[Any, Any]:
+        streams = (sys.stdout, sys.stderr)
+        if self._pair is None or self._streams != streams:
+            self._pair = (_console(sys.stdout, soft_wrap=False), _console(sys.stderr, soft_wrap=True))
+            self._streams = streams
+        return self._pair
+
+    @property
+    def out(self) -> Any:
+        return self._get()[0]
+
+    @property
+    def err(self) -> Any:
+        return self._get()[1]
 
 
-def _bind_consoles() -> None:
-    """Bind the consoles to the current sys.stdout/stderr (test runners swap them per call)."""
-    global out, err
-    out, err = _console(sys.stdout, soft_wrap=False), _console(sys.stderr, soft_wrap=True)
+_consoles = _Consoles()
 
 
 def notice(message: str, style: str = "") -> None:
-    err.print(render.safe(message), markup=False, style=style or None)
+    _consoles.err.print(render.safe(message), markup=False, style=style or None)
 
 
 def print_json(data: Mapping[str, Any]) -> None:
@@ -232,7 +263,7 @@ def _public_model(data: Optional[dict[str, Any]]) -> dict[str, Any]:
 def _refuse_incompatible(model: Optional[dict[str, Any]], allow_missing: bool, allow_unexpected: bool) -> None:
     if model is not None and not model["compatible_allowed"]:
         for line in render.model_lines(model, allow_missing, allow_unexpected):
-            err.print(line)
+            _consoles.err.print(line)
         notice("nothing written: the result does not fit the model (see --allow-missing / --allow-unexpected)", style="red")
         raise typer.Exit(EXIT_DIFFERENT)
 
@@ -321,14 +352,14 @@ def inspect(
             data["kinds"] = model_data["kinds"]
         print_json(data)
     else:
-        out.print(render.inspect_table(report, model_data["kinds"] if model_data else None, model_data))
+        _consoles.out.print(render.inspect_table(report, model_data["kinds"] if model_data else None, model_data))
         if len(report.dtypes) > 1:
-            out.print(render.dtype_table(report))
+            _consoles.out.print(render.dtype_table(report))
         for line in render.other_entries_lines(report.other_entries) + render.shared_lines(report.shared_storage):
-            out.print(line)
+            _consoles.out.print(line)
         if model_data is not None:
             for line in render.model_lines(model_data, allow_missing, allow_unexpected):
-                out.print(line)
+                _consoles.out.print(line)
     if model_data is not None and not model_data["compatible_allowed"]:
         return EXIT_DIFFERENT
     return EXIT_OK
@@ -375,7 +406,7 @@ def extract(
             _writer_report("extract", output, result, dry_run=dry_run, notes=notes, state_dict_key=ckpt_obj.state_dict_key, **_model_extra(model_data))
         )
     elif dry_run:
-        out.print(render.keys_table(((k, str(ckpt)) for k in result), f"would write {len(result)} tensors to {output}"))
+        _consoles.out.print(render.keys_table(((k, str(ckpt)) for k in result), f"would write {len(result)} tensors to {output}"))
     else:
         _done(output, result)
     return EXIT_OK
@@ -450,7 +481,7 @@ def rename(
             )
         )
     elif dry_run:
-        out.print(render.rename_table(plan))
+        _consoles.out.print(render.rename_table(plan))
     else:
         notice(f"renamed {changed} of {len(plan)} keys")
         _done(output, renamed)
@@ -534,7 +565,7 @@ def merge(
         )
     elif dry_run:
         rows = ((k, "mean of all inputs" if average else str(ckpts[i])) for k, i in sources.items())
-        out.print(render.keys_table(rows, f"would write {len(result)} tensors to {output}"))
+        _consoles.out.print(render.keys_table(rows, f"would write {len(result)} tensors to {output}"))
     else:
         _done(output, result)
     return EXIT_OK
@@ -590,12 +621,12 @@ def diff(
     else:
         table = render.diff_table(report)
         if table is not None:
-            out.print(table)
-        out.print(render.diff_summary(report), markup=False)
+            _consoles.out.print(table)
+        _consoles.out.print(render.diff_summary(report), markup=False)
         for side, m in models.items():
             for line in render.model_lines(m, allow_missing, allow_unexpected):
-                out.print(f"{side.upper()}: ", end="")
-                out.print(line)
+                _consoles.out.print(f"{side.upper()}: ", end="")
+                _consoles.out.print(line)
     fits = all(m["compatible_allowed"] for m in models.values())
     return EXIT_OK if report.identical and fits else EXIT_DIFFERENT
 
@@ -605,7 +636,6 @@ def diff(
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run the CLI on `argv` and return the exit code; never raises SystemExit."""
-    _bind_consoles()
     if os.environ.get("CKPTSURGEON_DEBUG"):
         logging.basicConfig(level=logging.DEBUG, stream=sys.stderr)
     args = list(sys.argv[1:] if argv is None else argv)
