@@ -25,6 +25,7 @@ from .patterns import compile_selection, select_keys
 from .rename import RenameRules, parse_sub, plan_rename
 from .summary import InspectReport, inspect_state_dict
 from .surgery import extract_state_dict, rename_state_dict
+from .transfer import TransplantReport, transplant, unfreeze
 
 __all__ = [
     "__version__",
@@ -42,6 +43,7 @@ __all__ = [
     "OutputError",
     "RenameRules",
     "SelectionError",
+    "TransplantReport",
     "UnsafeCheckpointError",
     "UsageError",
     "average_state_dicts",
@@ -58,4 +60,6 @@ __all__ = [
     "rename_state_dict",
     "save_checkpoint",
     "select_keys",
+    "transplant",
+    "unfreeze",
 ]
