@@ -119,3 +119,15 @@ def test_every_command_and_exit_code_is_documented():
 def test_console_script_is_on_path():
     r = subprocess.run(["ckptsurgeon", "--version"], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0 and r.stdout.startswith("ckptsurgeon ")
+
+
+def test_readme_python_example_runs(tmp_path):
+    """The "Use from Python" block runs as written (in a scratch dir with sample_models/)."""
+    shutil.copytree(ROOT / "sample_models", tmp_path / "sample_models", ignore=shutil.ignore_patterns("__pycache__"))
+    blocks = re.findall(r"```python\n(.*?)```", README.read_text(encoding="utf-8"), re.S)
+    assert blocks
+    env = {**os.environ, "PYTHONPATH": str(tmp_path)}
+    for code in blocks:
+        r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, env=env, timeout=300)
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert "identical" in r.stdout

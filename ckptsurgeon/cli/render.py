@@ -157,3 +157,38 @@ def keys_table(rows: Iterable[tuple[str, str]], title: str, headers: tuple[str, 
     for a, b in rows:
         table.add_row(Text(safe(a)), Text(safe(b)))
     return table
+
+
+def transplant_table(report: Any) -> Table:
+    """A TransplantReport as a table: every model key with what transplant did to it.
+
+    >>> from rich.console import Console  # doctest: +SKIP
+    >>> Console().print(transplant_table(report))  # doctest: +SKIP
+    """
+    frozen = set(report.frozen)
+    norm_locked = set(report.frozen_norm_modules)
+    table = Table(
+        title=Text("transplant" + (f" from state_dict at key {safe(report.state_dict_key)!r}" if report.state_dict_key else "")),
+        title_justify="left",
+        header_style="bold",
+    )
+    table.add_column("key", overflow="fold")
+    table.add_column("status")
+    for key in report.loaded:
+        module = key.rpartition(".")[0]
+        status = "loaded, frozen" if key in frozen else "loaded"
+        if module in norm_locked:
+            status += " (module kept in eval)"
+        table.add_row(Text(safe(key)), Text(status, style="green"))
+    for key in report.missing:
+        table.add_row(Text(safe(key)), Text("missing: trainable", style="yellow"))
+    for key in report.unexpected:
+        table.add_row(Text(safe(key)), Text("unexpected: ignored", style="red"))
+    for key, ckpt, model in report.skipped:
+        table.add_row(Text(safe(key)), Text(f"skipped: checkpoint {_shape(ckpt)} vs model {_shape(model)}", style="red"))
+    table.caption = Text(
+        f"{len(report.loaded)} loaded, {len(report.frozen)} frozen, {len(report.missing)} missing, "
+        f"{len(report.unexpected)} unexpected, {len(report.skipped)} skipped"
+    )
+    table.caption_justify = "left"
+    return table
