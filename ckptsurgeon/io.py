@@ -15,7 +15,7 @@ import os
 import stat
 import tempfile
 from collections import OrderedDict
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -198,20 +198,7 @@ def load_checkpoint(
     data is read), torch tensors (mmap-backed where possible) otherwise.
     """
     path = Path(path)
-    _check_regular_file(path)
-    allowed = frozenset(allow_globals)
-    raw: RawCheckpoint | None = None
-    try:
-        raw = _read_raw(path, allowed)
-    except UnsafeCheckpointError:
-        if not unsafe:
-            raise
-    if raw is not None:
-        fmt, container, engine, st_meta = raw.format, raw.obj, "raw", raw.metadata
-    else:
-        fmt = _sniff_format(path)
-        container = _torch_load(path, fmt, unsafe=unsafe, allow_globals=allowed)
-        engine, st_meta = "torch", None
+    fmt, container, engine, st_meta = _read_container(path, unsafe=unsafe, allow_globals=frozenset(allow_globals))
     sd_path, state_dict = find_state_dict(container, key)
     return Checkpoint(
         path=path,
@@ -222,6 +209,21 @@ def load_checkpoint(
         engine=engine,
         safetensors_metadata=st_meta,
     )
+
+
+def _read_container(path: Path, *, unsafe: bool, allow_globals: frozenset[str]) -> tuple[str, Any, str, Any]:
+    """(format, whole object, engine used, safetensors metadata) of a checkpoint file."""
+    _check_regular_file(path)
+    raw: RawCheckpoint | None = None
+    try:
+        raw = _read_raw(path, allow_globals)
+    except UnsafeCheckpointError:
+        if not unsafe:
+            raise
+    if raw is not None:
+        return raw.format, raw.obj, "raw", raw.metadata
+    fmt = _sniff_format(path)
+    return fmt, _torch_load(path, fmt, unsafe=unsafe, allow_globals=allow_globals), "torch", None
 
 
 def as_torch(obj: Any) -> Any:
@@ -304,24 +306,46 @@ def save_checkpoint(
     output: str | os.PathLike[str],
     *,
     safetensors_metadata: Mapping[str, str] | None = None,
+    verify: bool = False,
 ) -> list[str]:
     """Write `obj` atomically; `.safetensors` outputs get the safetensors format, others torch.save's.
 
     Returns notices for the user (e.g. what safetensors cannot represent). On any failure the
-    destination is left exactly as it was and no temporary file remains.
+    destination is left exactly as it was and no temporary file remains. With `verify`, the
+    written file is read back and compared with `obj` before it replaces the destination.
     """
     output = Path(output)
     notes: list[str] = []
-    if is_safetensors_path(output):
-        if not (isinstance(obj, Mapping) and all(is_tensor(v) for v in obj.values())):
-            raise UsageError(f"{output}: a .safetensors output holds a bare state_dict only")
-        with atomic_output(output) as f:
+    safetensors = is_safetensors_path(output)
+    if safetensors and not (isinstance(obj, Mapping) and all(is_tensor(v) for v in obj.values())):
+        raise UsageError(f"{output}: a .safetensors output holds a bare state_dict only")
+    check = (lambda tmp: _verify_written(obj, tmp, output, by_key=safetensors)) if verify else None
+    with atomic_output(output, check=check) as f:
+        if safetensors:
             notes += _write_safetensors(obj, f, safetensors_metadata)
-        return notes
-    with atomic_output(output) as f:
-        if not _try_raw_write(obj, f, output):
+        elif not _try_raw_write(obj, f, output):
             _write_torch(obj, f)
     return notes
+
+
+def _verify_written(intended: Any, written: Path, output: Path, *, by_key: bool) -> None:
+    """Read the written file back and compare every tensor (shape, dtype, values) with `intended`."""
+    from .diff import compare_values
+    from .tensors import dtype_name, shape_of
+
+    _, container, _, _ = _read_container(written, unsafe=False, allow_globals=frozenset())
+    if by_key:
+        names = list(intended)
+        want = [intended[k] for k in names]
+        got = [container.get(k) for k in names] if isinstance(container, Mapping) else []
+    else:
+        names = [str(i) for i in range(len(list(iter_tensors(intended))))]
+        want, got = list(iter_tensors(intended)), list(iter_tensors(container))
+    if len(want) != len(got) or any(g is None for g in got):
+        raise OutputError(f"{output}: --verify failed: the written file holds {len(got)} tensors, not {len(want)}")
+    for name, w, g in zip(names, want, got):
+        if shape_of(w) != shape_of(g) or dtype_name(w) != dtype_name(g) or compare_values(name, w, g) is not None:
+            raise OutputError(f"{output}: --verify failed: tensor {name!r} reads back different from what was meant")
 
 
 def _try_raw_write(obj: Any, f: BinaryIO, output: Path) -> bool:
@@ -467,8 +491,11 @@ def _default_mode() -> int:
 
 
 @contextlib.contextmanager
-def atomic_output(dest: Path) -> Iterator[BinaryIO]:
-    """A file to write `dest` through: temp file in the same directory, fsync, rename, fsync dir."""
+def atomic_output(dest: Path, *, check: Callable[[Path], None] | None = None) -> Iterator[BinaryIO]:
+    """A file to write `dest` through: temp file in the same directory, fsync, rename, fsync dir.
+
+    `check(temp_path)` runs on the complete temporary file before it replaces `dest`.
+    """
     directory = dest.parent if str(dest.parent) else Path(".")
     _clean_stale_temps(directory, dest.name)
     try:
@@ -481,6 +508,8 @@ def atomic_output(dest: Path) -> Iterator[BinaryIO]:
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, _default_mode())
+        if check is not None:
+            check(Path(tmp))
         os.replace(tmp, dest)
     except BaseException as exc:
         with contextlib.suppress(OSError):

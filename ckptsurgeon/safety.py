@@ -24,3 +24,36 @@ def check_allowed_global(name: str) -> None:
             raise UsageError(f"--allow-global {name}: refused: globals of {bad} can execute code; use --unsafe for a trusted file")
     if attr in DANGEROUS_NAMES or attr.split(".")[-1] in DANGEROUS_NAMES:
         raise UsageError(f"--allow-global {name}: refused: {attr} can execute code; use --unsafe for a trusted file")
+
+
+MIN_TORCH = (2, 10)
+TORCH_CVES = "CVE-2025-32434 before 2.6, CVE-2026-24747 before 2.10"
+
+
+def parse_version(text: str) -> tuple[int, ...]:
+    """`2.13.0+cpu` -> (2, 13, 0); stops at the first part that is not a number."""
+    parts = []
+    for piece in text.split("+")[0].split("."):
+        digits = "".join(ch for ch in piece if ch.isdigit()) if piece[:1].isdigit() else ""
+        if not digits:
+            break
+        parts.append(int(digits))
+        if not piece.isdigit():
+            break
+    return tuple(parts)
+
+
+def check_torch_version(version: str | None = None) -> None:
+    """Refuse a torch with known weights_only bypasses (read from package metadata: no import)."""
+    if version is None:
+        from importlib import metadata
+
+        try:
+            version = metadata.version("torch")
+        except metadata.PackageNotFoundError:
+            raise UsageError("torch is not installed; install torch>=2.10 (e.g. pip install torch==2.13.0)") from None
+    if parse_version(version)[:2] < MIN_TORCH:
+        raise UsageError(
+            f"torch {version} is refused: releases before 2.10 have known weights_only bypasses "
+            f"({TORCH_CVES}); upgrade torch"
+        )

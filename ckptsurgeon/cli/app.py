@@ -46,6 +46,9 @@ class _SurgeonGroup(TyperGroup):
 
     def invoke(self, ctx: Any) -> Any:
         with _errors_to_exit_codes():
+            from ..safety import check_torch_version
+
+            check_torch_version()
             rv = super().invoke(ctx)
         if isinstance(rv, int) and rv != EXIT_OK:
             raise typer.Exit(rv)
@@ -165,6 +168,7 @@ AllowUnexpected = Annotated[
 Output = Annotated[Path, typer.Option("--output", "-o", help="File to write (.safetensors: safetensors format; else torch.save).")]
 Force = Annotated[bool, typer.Option("--force", "-f", help="Replace an existing output (also when it is an input).")]
 DryRun = Annotated[bool, typer.Option("--dry-run", help="Show what would be written; write nothing.")]
+Verify = Annotated[bool, typer.Option("--verify", help="Read the written file back and compare it with what was meant before it replaces OUT.")]
 Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="Log engine decisions on stderr.")]
 
 
@@ -268,11 +272,13 @@ def _refuse_incompatible(model: Optional[dict[str, Any]], allow_missing: bool, a
         raise typer.Exit(EXIT_DIFFERENT)
 
 
-def _write(obj: Any, output: Path, inputs: Sequence[Path], *, force: bool, safetensors_metadata: Any = None) -> list[str]:
+def _write(
+    obj: Any, output: Path, inputs: Sequence[Path], *, force: bool, verify: bool, safetensors_metadata: Any = None
+) -> list[str]:
     from ..io import check_output, save_checkpoint
 
     check_output(output, inputs, force=force)
-    notes = save_checkpoint(obj, output, safetensors_metadata=safetensors_metadata)
+    notes = save_checkpoint(obj, output, safetensors_metadata=safetensors_metadata, verify=verify)
     for n in notes:
         notice(f"note: {n}")
     return notes
@@ -375,6 +381,7 @@ def extract(
     key: Key = None,
     force: Force = False,
     dry_run: DryRun = False,
+    verify: Verify = False,
     as_json: JsonOut = False,
     model: ModelSpec = None,
     model_kwargs: ModelKwargs = None,
@@ -400,7 +407,7 @@ def extract(
     _refuse_incompatible(model_data, allow_missing, allow_unexpected)
     notes: list[str] = []
     if not dry_run:
-        notes = _write(result, output, [ckpt], force=force, safetensors_metadata=_st_meta(ckpt_obj, output))
+        notes = _write(result, output, [ckpt], force=force, verify=verify, safetensors_metadata=_st_meta(ckpt_obj, output))
     if as_json:
         print_json(
             _writer_report("extract", output, result, dry_run=dry_run, notes=notes, state_dict_key=ckpt_obj.state_dict_key, **_model_extra(model_data))
@@ -431,6 +438,7 @@ def rename(
     key: Key = None,
     force: Force = False,
     dry_run: DryRun = False,
+    verify: Verify = False,
     as_json: JsonOut = False,
     model: ModelSpec = None,
     model_kwargs: ModelKwargs = None,
@@ -472,7 +480,7 @@ def rename(
         target = renamed if output.suffix.lower() == ".safetensors" else with_state_dict(ckpt_obj, renamed)
         if target is renamed and ckpt_obj.state_dict_path:
             notice("note: a .safetensors output holds the state_dict only; the container's other entries are dropped")
-        notes = _write(target, output, [ckpt], force=force, safetensors_metadata=_st_meta(ckpt_obj, output))
+        notes = _write(target, output, [ckpt], force=force, verify=verify, safetensors_metadata=_st_meta(ckpt_obj, output))
     if as_json:
         print_json(
             _writer_report(
@@ -510,6 +518,7 @@ def merge(
     key: Key = None,
     force: Force = False,
     dry_run: DryRun = False,
+    verify: Verify = False,
     as_json: JsonOut = False,
     model: ModelSpec = None,
     model_kwargs: ModelKwargs = None,
@@ -552,7 +561,7 @@ def merge(
         notice(f"warning: {w}", style="yellow")
     notes: list[str] = []
     if not dry_run:
-        notes = _write(result, output, ckpts, force=force)
+        notes = _write(result, output, ckpts, force=force, verify=verify)
     if as_json:
         print_json(
             _writer_report(
