@@ -9,7 +9,7 @@ chunks take a fast path and statistics are computed only where chunks differ.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,6 +18,8 @@ from .tensors import dtype_name, shape_of
 
 SCHEMA_VERSION = 1
 CHUNK_BYTES = 16 << 20
+
+Progress = Callable[[int], None]  # called with a number of bytes just processed
 
 
 @dataclass(frozen=True)
@@ -95,11 +97,13 @@ def diff_state_dicts(
     *,
     rtol: float = 0.0,
     atol: float = 0.0,
+    progress: Progress | None = None,
 ) -> DiffReport:
     """Compare two state_dicts over `keys` (default: the union, A's order first).
 
     Shapes and dtypes are compared from metadata; values only where shapes agree (across dtypes
-    too, after promotion, so a cast checkpoint can be checked with a tolerance).
+    too, after promotion, so a cast checkpoint can be checked with a tolerance). `progress` is
+    called with the number of bytes of A compared so far, chunk by chunk.
     """
     if keys is None:
         keys = list(a) + [k for k in b if k not in a]
@@ -119,7 +123,7 @@ def diff_state_dicts(
         same_dtype = dtype_name(x) == dtype_name(y)
         if not same_dtype:
             dtypes.append(Mismatch(key, dtype_name(x), dtype_name(y)))
-        mismatch = compare_values(key, x, y, rtol=rtol, atol=atol)
+        mismatch = compare_values(key, x, y, rtol=rtol, atol=atol, progress=progress)
         if mismatch is not None:
             values.append(mismatch)
         elif same_dtype:
@@ -127,7 +131,9 @@ def diff_state_dicts(
     return DiffReport(only_a, only_b, tuple(shapes), tuple(dtypes), tuple(values), num_equal, rtol, atol)
 
 
-def compare_values(key: str, x: Any, y: Any, *, rtol: float = 0.0, atol: float = 0.0) -> ValueMismatch | None:
+def compare_values(
+    key: str, x: Any, y: Any, *, rtol: float = 0.0, atol: float = 0.0, progress: Progress | None = None
+) -> ValueMismatch | None:
     """None when the values are equal under the tolerance, else the statistics of the difference."""
     numel = 0
     num_diff = 0
@@ -135,6 +141,8 @@ def compare_values(key: str, x: Any, y: Any, *, rtol: float = 0.0, atol: float =
     max_rel = 0.0
     for cx, cy in _chunk_pairs(x, y):
         numel += cx.numel()
+        if progress is not None:
+            progress(cx.numel() * cx.element_size())
         if dtype_name(x) == dtype_name(y) and _bitwise_equal(cx, cy):
             continue
         n, abs_d, rel_d = _chunk_stats(cx, cy, rtol, atol)

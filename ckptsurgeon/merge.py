@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
 from .engine.meta import FLOATING_DTYPES, TensorMeta
 from .errors import ConflictError, UsageError, sorted_list
-from .tensors import dtype_name, shape_of
+from .tensors import dtype_name, nbytes_of, shape_of
 
 
 class OnConflict(str, Enum):
@@ -113,7 +113,10 @@ def check_averageable(state_dicts: Sequence[Mapping[str, Any]]) -> None:
 
 
 def average_state_dicts(
-    state_dicts: Sequence[Mapping[str, Any]], weights: Sequence[float] | None = None
+    state_dicts: Sequence[Mapping[str, Any]],
+    weights: Sequence[float] | None = None,
+    *,
+    progress: Callable[[int], None] | None = None,
 ) -> tuple[OrderedDict[str, Any], MergeReport]:
     """Weighted mean of every floating-point tensor (computed in at least float32, cast back).
 
@@ -162,6 +165,8 @@ def average_state_dicts(
             value = torch.nn.Parameter(value, requires_grad=bool(t0.requires_grad) and value.is_floating_point())
         out[key] = value
         done[tie] = value
+        if progress is not None:
+            progress(nbytes_of(t0) * len(state_dicts))
     meta = merge_metadata([getattr(sd, "_metadata", None) for sd in state_dicts])
     if meta is not None:
         out._metadata = meta  # type: ignore[attr-defined]

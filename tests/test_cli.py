@@ -522,3 +522,23 @@ def test_core_does_not_import_typer_or_rich():
 def test_python_dash_m_and_no_args(tmp_path):
     r = subprocess.run([sys.executable, "-m", "ckptsurgeon"], capture_output=True, text=True, timeout=120, cwd=tmp_path, env={**os.environ})
     assert r.returncode == 2 and "inspect" in r.stdout
+
+
+def test_progress_bar_only_for_big_jobs_on_a_terminal(monkeypatch):
+    import io as std_io
+
+    from ckptsurgeon.cli import app as app_module
+
+    with app_module._progress("comparing", 10**12) as progress:
+        assert progress is None  # stderr is not a terminal here
+
+    class Terminal(std_io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    monkeypatch.setattr(sys, "stderr", Terminal())
+    with app_module._progress("comparing", 1 << 20) as progress:
+        assert progress is None  # too small to bother
+    with app_module._progress("comparing", 1 << 30) as progress:
+        assert callable(progress)
+        progress(1 << 29)

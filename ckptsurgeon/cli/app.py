@@ -301,6 +301,29 @@ def _writer_report(command: str, output: Path, state_dict: Mapping[str, Any], *,
     }
 
 
+PROGRESS_MIN_BYTES = 256 << 20
+
+
+@contextlib.contextmanager
+def _progress(description: str, total_bytes: int) -> Iterator[Optional[Any]]:
+    """A byte-counting progress callback drawn on stderr, for big jobs on a terminal only."""
+    if total_bytes < PROGRESS_MIN_BYTES or not sys.stderr.isatty():
+        yield None
+        return
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
+
+    columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=_consoles.err, transient=True) as bar:
+        task = bar.add_task(description, total=total_bytes)
+        yield lambda n: bar.advance(task, n)
+
+
+def _total_bytes(state_dict: Mapping[str, Any], keys: Optional[Sequence[str]] = None) -> int:
+    from ..tensors import nbytes_of
+
+    return sum(nbytes_of(state_dict[k]) for k in (keys if keys is not None else state_dict) if k in state_dict)
+
+
 def _done(output: Path, state_dict: Mapping[str, Any]) -> None:
     from ..tensors import nbytes_of
 
@@ -548,7 +571,8 @@ def merge(
         if dry_run:
             result = sds[0]
         else:
-            result, report = average_state_dicts(sds, parsed_weights)
+            with _progress("averaging", _total_bytes(sds[0]) * len(sds)) as progress:
+                result, report = average_state_dicts(sds, parsed_weights, progress=progress)
     else:
         result, report = merge_state_dicts(sds, on_conflict)
     model_data = _model_check(
@@ -616,7 +640,8 @@ def diff(
     cb = _load(b, key=key, unsafe=unsafe, allow_global=allow_global)
     union = list(ca.state_dict) + [k for k in cb.state_dict if k not in ca.state_dict]
     keys = _select(union, include, exclude, regex) if (include or exclude) else union
-    report = diff_state_dicts(ca.state_dict, cb.state_dict, keys, rtol=rtol, atol=atol)
+    with _progress("comparing", _total_bytes(ca.state_dict, keys)) as progress:
+        report = diff_state_dicts(ca.state_dict, cb.state_dict, keys, rtol=rtol, atol=atol, progress=progress)
     models = {}
     for side, c in (("a", ca), ("b", cb)):
         m = _model_check(c.state_dict, model, model_kwargs, allow_missing=allow_missing, allow_unexpected=allow_unexpected, ckpt_path=str(c.path))
