@@ -527,7 +527,7 @@ def test_python_dash_m_and_no_args(tmp_path):
 def test_progress_bar_only_for_big_jobs_on_a_terminal(monkeypatch):
     import io as std_io
 
-    from ckptsurgeon.cli import app as app_module
+    from ckptsurgeon.cli import commands as app_module
 
     with app_module._progress("comparing", 10**12) as progress:
         assert progress is None  # stderr is not a terminal here

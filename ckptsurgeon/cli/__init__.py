@@ -1,5 +1,5 @@
 """The ckptsurgeon command line (the only part of the package that imports typer and rich)."""
 
-from .app import app, entrypoint, main
+from .commands import app, entrypoint, main
 
 __all__ = ["app", "entrypoint", "main"]
