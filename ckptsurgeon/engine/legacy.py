@@ -1,0 +1,156 @@
+"""Reading torch's legacy format (`torch.save(..., _use_new_zipfile_serialization=False)`).
+
+The file is a run of pickles: the magic number, the protocol version (1001), a sys_info dict, the
+object (storages as persistent ids `('storage', type, key, location, numel, view_metadata)`) and
+the sorted list of storage keys; then, per key, an int64 little-endian element count and the raw
+bytes. Every storage's offset follows from those counts, so no tensor data is read.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from typing import Any
+
+from ..errors import BadCheckpointError, EngineUnsupported, UnsafeCheckpointError
+from .data import pread_bytes
+from .meta import DTYPE_ITEMSIZE, RawCheckpoint, StorageMeta
+from .sniff import MAGIC_NUMBER
+from .unpickle import Malformed, PickleTruncated, StorageClass, Unsupported, unpickle
+
+PROTOCOL_VERSION = 1001
+_FIRST_READ = 1 << 20
+
+
+def _bad(path: str, reason: str) -> BadCheckpointError:
+    return BadCheckpointError(f"{path}: {reason}")
+
+
+class _Pickles:
+    """Reads consecutive pickles from the head of a file, reading more of it when one is cut."""
+
+    def __init__(self, fd: int, file_size: int, path: str, allow_globals: frozenset[str]):
+        self.fd = fd
+        self.file_size = file_size
+        self.path = path
+        self.allow_globals = allow_globals
+        self.buf = b""
+        self.pos = 0
+
+    def _grow(self) -> bool:
+        if len(self.buf) >= self.file_size:
+            return False
+        size = min(self.file_size, max(_FIRST_READ, 8 * len(self.buf)))
+        self.buf = pread_bytes(self.fd, 0, size, self.path)
+        return True
+
+    def read(self, offset: int, size: int) -> bytes:
+        """Bytes of the file, from the buffer when it holds them."""
+        if offset + size <= len(self.buf):
+            return self.buf[offset : offset + size]
+        return pread_bytes(self.fd, offset, size, self.path)
+
+    def load(self, where: str, persistent_load: Any = None) -> Any:
+        while True:
+            try:
+                obj, end = unpickle(
+                    self.buf, path=self.path, where=where, persistent_load=persistent_load,
+                    allow_globals=self.allow_globals, start=self.pos, complete=False,
+                )
+            except PickleTruncated as e:
+                if self._grow():
+                    continue
+                if e.refused:
+                    raise UnsafeCheckpointError(self.path, e.refused) from None
+                raise
+            self.pos = end
+            return obj
+
+
+def read_torch_legacy(
+    fd: int, file_size: int, path: str, *, allow_globals: frozenset[str] = frozenset()
+) -> RawCheckpoint:
+    """Read the checkpoint in torch's legacy format open as `fd` (the caller closes it)."""
+    pickles = _Pickles(fd, file_size, path, allow_globals)
+    if pickles.load("the magic number") != MAGIC_NUMBER:
+        raise _bad(path, "not a legacy torch checkpoint: wrong magic number")
+    version = pickles.load("the protocol version")
+    if version != PROTOCOL_VERSION:
+        raise _bad(path, f"unknown legacy protocol version {version!r}")
+    sys_info = pickles.load("sys_info")
+    if type(sys_info) is not dict:
+        raise _bad(path, "corrupt sys_info in a legacy checkpoint")
+    if sys_info.get("little_endian", True) is not True:
+        raise EngineUnsupported(f"{path}: a big-endian legacy checkpoint")
+
+    source = os.path.abspath(path)
+    # Offsets are known only once the key list after the object is read: the StorageMetas are
+    # created with data_offset -1 and completed below, before anyone else sees them.
+    storages: dict[str, StorageMeta] = {}
+
+    def persistent_load(pid: tuple) -> Any:
+        if len(pid) != 6:
+            raise Malformed(f"a storage persistent id with {len(pid)} fields (expected 6)")
+        _, cls, key, location, numel, view = pid
+        if type(cls) is not StorageClass:
+            raise Malformed(f"a storage persistent id whose type is a {type(cls).__name__}")
+        if type(key) is bytes:
+            key = key.decode("ascii", "replace")
+        if type(key) is not str:
+            raise Malformed(f"a storage key of type {type(key).__name__}")
+        if type(location) is bytes:
+            location = location.decode("ascii", "replace")
+        if type(location) is not str:
+            raise Malformed(f"a storage location of type {type(location).__name__}")
+        if type(numel) is not int or numel < 0:
+            raise Malformed(f"storage {key!r} has size {numel!r}")
+        if view is not None:
+            raise Unsupported("a legacy storage view")
+        nbytes = numel * DTYPE_ITEMSIZE[cls.dtype]
+        known = storages.get(key)
+        if known is not None:
+            if known.dtype != cls.dtype:
+                raise Malformed(f"storage {key!r} is referenced as both {known.dtype} and {cls.dtype}")
+            if known.nbytes != nbytes or known.location != location:
+                raise Malformed(f"storage {key!r} is referenced with two different sizes or devices")
+            return known
+        if location.startswith("meta"):
+            raise Unsupported(f"storage {key!r} on the meta device")
+        meta = StorageMeta(source, key, cls.dtype, nbytes, -1, location)
+        storages[key] = meta
+        return meta
+
+    obj = pickles.load("the pickled object", persistent_load)
+    keys = pickles.load("the storage key list")
+    if type(keys) is not list or not all(type(k) is str for k in keys):
+        raise _bad(path, "corrupt storage key list in a legacy checkpoint")
+    if len(set(keys)) != len(keys):
+        raise _bad(path, "the storage key list names a storage twice")
+    if set(keys) != set(storages):
+        missing = sorted(set(storages) - set(keys))
+        extra = sorted(set(keys) - set(storages))
+        raise _bad(
+            path,
+            f"the storage key list does not match the pickled object (no data for {missing[:5]}, "
+            f"unreferenced {extra[:5]})",
+        )
+
+    pos = pickles.pos
+    for key in keys:
+        meta = storages[key]
+        if pos + 8 > file_size:
+            raise _bad(path, f"truncated: the data of storage {key!r} is missing")
+        (count,) = struct.unpack("<q", pickles.read(pos, 8))
+        if count * DTYPE_ITEMSIZE[meta.dtype] != meta.nbytes:
+            raise _bad(
+                path,
+                f"storage {key!r} holds {count} elements but is pickled with "
+                f"{meta.nbytes // DTYPE_ITEMSIZE[meta.dtype]}",
+            )
+        if pos + 8 + meta.nbytes > file_size:
+            raise _bad(path, f"truncated: storage {key!r} extends past the end of the file")
+        object.__setattr__(meta, "data_offset", pos + 8)  # completing our own new object
+        pos += 8 + meta.nbytes
+    if pos != file_size:
+        raise _bad(path, f"{file_size - pos} unexpected bytes after the last storage")
+    return RawCheckpoint(path=source, format="torch-legacy", obj=obj, extras={"storages": storages})

@@ -1,0 +1,361 @@
+"""Reading `torch.save`'s zip format: the ZIP directory by hand, then `data.pkl` through the
+restricted unpickler, with every storage located (not read) in the file.
+
+The ZIP layer is strict where torch is lax: members must be stored (never compressed or
+encrypted), unique, non-overlapping, inside the file, with local headers and data descriptors that
+agree with the central directory. Storage records must hold exactly the bytes their storage
+needs, and `data.pkl` must pass its CRC-32.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import zlib
+from dataclasses import dataclass
+from typing import Any
+
+from ..errors import BadCheckpointError, EngineUnsupported
+from .data import pread_bytes
+from .meta import DTYPE_ITEMSIZE, RawCheckpoint, StorageMeta
+from .unpickle import Malformed, StorageClass, Unsupported, unpickle
+
+MAX_PICKLE_BYTES = 1 << 30  # a data.pkl larger than this is left to torch
+
+# sig, disk, cd disk, entries on this disk, entries, cd size, cd offset, comment length
+_EOCD = struct.Struct("<4s4H2IH")
+_EOCD64_LOCATOR = struct.Struct("<4sIQI")
+_EOCD64 = struct.Struct("<4sQ2H2I4Q")
+_CENTRAL = struct.Struct("<4s6H3I5H2I")
+_LOCAL = struct.Struct("<4s5H3I2H")
+_U32_MAX = 0xFFFFFFFF
+_U16_MAX = 0xFFFF
+
+
+@dataclass(frozen=True, slots=True)
+class ZipMember:
+    """One stored member of a ZIP archive, as the central directory (checked against the local
+    header) describes it."""
+
+    name: str
+    header_offset: int
+    data_offset: int  # absolute offset of the first data byte
+    size: int
+    crc32: int
+    flags: int
+
+
+def _bad(path: str, reason: str) -> BadCheckpointError:
+    return BadCheckpointError(f"{path}: {reason}")
+
+
+def _zip64_values(extra: bytes, wanted: list[str], path: str, name: str) -> dict[str, int]:
+    """Values of the zip64 extra field (0x0001) for the fields whose 32-bit value saturated."""
+    pos = 0
+    while pos + 4 <= len(extra):
+        tag, length = struct.unpack_from("<HH", extra, pos)
+        body = extra[pos + 4 : pos + 4 + length]
+        if tag == 0x0001:
+            out = {}
+            for i, field in enumerate(wanted):
+                if field == "disk":
+                    break
+                if 8 * i + 8 > len(body):
+                    raise _bad(path, f"member {name!r} has a zip64 extra field that is too short")
+                out[field] = struct.unpack_from("<Q", body, 8 * i)[0]
+            return out
+        pos += 4 + length
+    if wanted:
+        raise _bad(path, f"member {name!r} needs a zip64 extra field but has none")
+    return {}
+
+
+def _find_eocd(fd: int, file_size: int, path: str) -> tuple[int, int, int, int]:
+    """(entries, cd_size, cd_offset, end of the central directory region)."""
+    tail_len = min(file_size, _EOCD.size + 0xFFFF)
+    tail = pread_bytes(fd, file_size - tail_len, tail_len, path)
+    pos = len(tail)
+    while True:
+        pos = tail.rfind(b"PK\x05\x06", 0, pos)
+        if pos < 0 or pos + _EOCD.size > len(tail):
+            raise _bad(
+                path,
+                "truncated or not a ZIP archive: no end-of-central-directory record at the end "
+                "of the file",
+            )
+        _sig, disk, cd_disk, here, entries, cd_size, cd_offset, comment = _EOCD.unpack_from(tail, pos)
+        if pos + _EOCD.size + comment == len(tail):
+            break
+    eocd_offset = file_size - tail_len + pos
+    if disk or cd_disk or here != entries:
+        raise _bad(path, "a multi-disk ZIP archive")
+    region_end = eocd_offset
+    loc_pos = pos - _EOCD64_LOCATOR.size
+    if loc_pos >= 0 and tail[loc_pos : loc_pos + 4] == b"PK\x06\x07":
+        _sig, disk64, eocd64_offset, disks = _EOCD64_LOCATOR.unpack_from(tail, loc_pos)
+        if disk64 != 0 or disks != 1:
+            raise _bad(path, "a multi-disk ZIP64 archive")
+        if eocd64_offset + _EOCD64.size > eocd_offset - _EOCD64_LOCATOR.size:
+            raise _bad(path, "the ZIP64 end-of-central-directory record lies outside the file")
+        rec = pread_bytes(fd, eocd64_offset, _EOCD64.size, path)
+        sig, _size, _made, _need, disk, cd_disk, here64, entries64, cd_size64, cd_offset64 = (
+            _EOCD64.unpack(rec)
+        )
+        if sig != b"PK\x06\x06":
+            raise _bad(path, "corrupt ZIP64 end-of-central-directory record")
+        if disk or cd_disk or here64 != entries64:
+            raise _bad(path, "a multi-disk ZIP64 archive")
+        entries, cd_size, cd_offset = entries64, cd_size64, cd_offset64
+        region_end = eocd64_offset
+    elif _U32_MAX in (cd_size, cd_offset) or entries == _U16_MAX:
+        raise _bad(path, "a ZIP64 archive without its ZIP64 end-of-central-directory locator")
+    if cd_offset + cd_size > region_end:
+        raise _bad(path, "the ZIP central directory lies outside the file (truncated?)")
+    return entries, cd_size, cd_offset, region_end
+
+
+def read_zip_directory(fd: int, file_size: int, path: str) -> list[ZipMember]:
+    """All members of the ZIP archive open as `fd`, in central-directory order, validated."""
+    entries, cd_offset = _read_central(fd, file_size, path)
+    return _validate(fd, entries, cd_offset, path)
+
+
+_Entry = tuple[ZipMember, bytes, int, int]  # member, raw name, method, compressed size
+
+
+def _read_central(fd: int, file_size: int, path: str) -> tuple[list[_Entry], int]:
+    """The central directory's entries (not yet validated) and its offset."""
+    entries, cd_size, cd_offset, _ = _find_eocd(fd, file_size, path)
+    if entries * _CENTRAL.size > cd_size:
+        raise _bad(path, f"the ZIP central directory is too small for {entries} entries")
+    cd = pread_bytes(fd, cd_offset, cd_size, path)
+    out: list[_Entry] = []
+    pos = 0
+    for _ in range(entries):
+        if pos + _CENTRAL.size > cd_size:
+            raise _bad(path, "the ZIP central directory is truncated")
+        (sig, _made, _need, flags, method, _time, _date, crc, csize, usize, nlen, elen, clen,
+         disk, _iattr, _eattr, offset) = _CENTRAL.unpack_from(cd, pos)
+        if sig != b"PK\x01\x02":
+            raise _bad(path, f"corrupt ZIP central directory at byte {cd_offset + pos}")
+        raw = cd[pos + 46 : pos + 46 + nlen]
+        extra = cd[pos + 46 + nlen : pos + 46 + nlen + elen]
+        pos += 46 + nlen + elen + clen
+        if pos > cd_size:
+            raise _bad(path, "the ZIP central directory is truncated")
+        try:
+            name = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise _bad(path, f"a ZIP member name is not UTF-8: {raw!r:.60}") from None
+        wanted = [f for f, v in (("usize", usize), ("csize", csize), ("offset", offset))
+                  if v == _U32_MAX]
+        if disk == _U16_MAX:
+            wanted.append("disk")
+        if wanted:
+            z64 = _zip64_values(extra, wanted, path, name)
+            usize = z64.get("usize", usize)
+            csize = z64.get("csize", csize)
+            offset = z64.get("offset", offset)
+        out.append((ZipMember(name, offset, -1, usize, crc, flags), raw, method, csize))
+    if pos != cd_size:
+        raise _bad(path, "the ZIP central directory has trailing bytes")
+    return out, cd_offset
+
+
+def _validate(fd: int, entries: list[_Entry], cd_offset: int, path: str) -> list[ZipMember]:
+    """Refuse duplicate, encrypted or compressed members; check every local header."""
+    seen: set[str] = set()
+    for m, _raw, method, csize in entries:
+        if m.name in seen:
+            raise _bad(path, f"duplicate ZIP member {m.name!r}")
+        seen.add(m.name)
+        if m.flags & 0x41:
+            raise _bad(path, f"ZIP member {m.name!r} is encrypted")
+        if method != 0:
+            raise _bad(
+                path,
+                f"ZIP member {m.name!r} is compressed (method {method}); torch.save never "
+                "compresses, and inflating it could exhaust memory",
+            )
+        if csize != m.size:
+            raise _bad(path, f"ZIP member {m.name!r} is stored with {csize} bytes but claims {m.size}")
+    return _check_local_headers(fd, [e[0] for e in entries], [e[1] for e in entries], cd_offset, path)
+
+
+class _Window:
+    """Positioned reads served from one read-ahead buffer: dense runs of small records (many
+    tiny tensors) cost a few large reads instead of one per header."""
+
+    READ_AHEAD = 1 << 20
+
+    def __init__(self, fd: int):
+        self.fd = fd
+        self.start = 0
+        self.buf = b""
+
+    def read(self, offset: int, size: int, ahead: bool) -> bytes:
+        """Up to `size` bytes at `offset` (fewer only at the end of the file)."""
+        at = offset - self.start
+        if 0 <= at and at + size <= len(self.buf):
+            return self.buf[at : at + size]
+        self.buf = os.pread(self.fd, max(size, self.READ_AHEAD if ahead else 0), offset)
+        self.start = offset
+        return self.buf[:size]
+
+
+def _check_local_headers(
+    fd: int, members: list[ZipMember], raw_names: list[bytes], cd_offset: int, path: str
+) -> list[ZipMember]:
+    """Read every local header (and data descriptor), fill in data offsets, check agreement."""
+    order = sorted(range(len(members)), key=lambda i: members[i].header_offset)
+    located: list[ZipMember | None] = [None] * len(members)
+    window = _Window(fd)
+    pending: tuple[ZipMember, int] | None = None  # member whose data descriptor is unchecked
+    for rank, i in enumerate(order):
+        m = members[i]
+        raw = raw_names[i]
+        limit = members[order[rank + 1]].header_offset if rank + 1 < len(order) else cd_offset
+        ahead = limit - m.header_offset < 1 << 16
+        if pending is not None:
+            prev, prev_end = pending
+            gap = m.header_offset - prev_end
+            if 0 <= gap <= 64:  # one read for the descriptor and the header after it
+                window.read(prev_end, gap + _LOCAL.size + len(raw), ahead)
+            _check_descriptor(prev, window.read(prev_end, min(24, max(0, gap)), ahead), path)
+            pending = None
+        head = window.read(m.header_offset, _LOCAL.size + len(raw), ahead)
+        if len(head) < _LOCAL.size:
+            raise _bad(path, f"truncated: ZIP member {m.name!r} starts past the end of the file")
+        sig, _need, flags, method, _t, _d, crc, csize, usize, nlen, elen = _LOCAL.unpack_from(head)
+        if sig != b"PK\x03\x04":
+            raise _bad(path, f"no local ZIP header for member {m.name!r} at byte {m.header_offset}")
+        if head[30:] != raw or nlen != len(raw):
+            raise _bad(path, f"the local ZIP header of {m.name!r} names a different member")
+        if method != 0 or flags & 0x41:
+            raise _bad(path, f"the local ZIP header of {m.name!r} disagrees with the central directory")
+        if not flags & 0x08 or (crc, csize, usize) != (0, 0, 0):
+            if _U32_MAX in (csize, usize):
+                extra = window.read(m.header_offset + 30 + nlen, elen, ahead)
+                z64 = _zip64_values(extra, ["usize", "csize"], path, m.name)
+                usize, csize = z64["usize"], z64["csize"]
+            if (crc, csize, usize) != (m.crc32, m.size, m.size):
+                raise _bad(
+                    path,
+                    f"the local ZIP header of {m.name!r} gives size {usize} / CRC {crc:08x}; the "
+                    f"central directory says {m.size} / {m.crc32:08x}",
+                )
+        data_offset = m.header_offset + 30 + nlen + elen
+        data_end = data_offset + m.size
+        if data_end > limit:
+            what = "the central directory" if rank + 1 == len(order) else "the next member"
+            raise _bad(path, f"ZIP member {m.name!r} overlaps {what} (corrupt or truncated file)")
+        located[i] = ZipMember(m.name, m.header_offset, data_offset, m.size, m.crc32, flags)
+        if flags & 0x08:
+            pending = (located[i], data_end)  # type: ignore[assignment]
+    if pending is not None:
+        prev, prev_end = pending
+        tail = window.read(prev_end, min(24, max(0, cd_offset - prev_end)), False)
+        _check_descriptor(prev, tail, path)
+    return [m for m in located if m is not None]
+
+
+def _check_descriptor(m: ZipMember, raw: bytes, path: str) -> None:
+    body = raw[4:] if raw[:4] == b"PK\x07\x08" else raw
+    candidates = []
+    if len(body) >= 20:
+        candidates.append(struct.unpack_from("<IQQ", body))
+    if len(body) >= 12:
+        candidates.append(struct.unpack_from("<III", body))
+    if (m.crc32, m.size, m.size) not in candidates:
+        raise _bad(
+            path, f"the data descriptor of ZIP member {m.name!r} disagrees with the central directory"
+        )
+
+
+def _record_bytes(fd: int, m: ZipMember, path: str) -> bytes:
+    data = pread_bytes(fd, m.data_offset, m.size, path)
+    if zlib.crc32(data) != m.crc32:
+        raise _bad(path, f"CRC-32 mismatch in record {m.name}: the file is corrupt")
+    return data
+
+
+def read_torch_zip(
+    fd: int, file_size: int, path: str, *, allow_globals: frozenset[str] = frozenset()
+) -> RawCheckpoint:
+    """Read the checkpoint in torch's zip format open as `fd` (the caller closes it)."""
+    entries, cd_offset = _read_central(fd, file_size, path)
+    names = [e[0].name for e in entries]
+    if not names:
+        raise _bad(path, "not a checkpoint: an empty ZIP archive")
+    if any(n.endswith(".npy") for n in names) and not any(n.endswith("/data.pkl") for n in names):
+        raise _bad(path, "not a checkpoint: a NumPy .npz archive")
+    prefix, slash, _ = names[0].partition("/")
+    if not slash:
+        raise _bad(path, "not a torch checkpoint: the ZIP members are not inside an archive folder")
+    short = {n[len(prefix) + 1 :] for n in names if n.startswith(prefix + "/")}
+    if "constants.pkl" in short or any(r.startswith("code/") for r in short):
+        raise _bad(
+            path, "a TorchScript archive, not a checkpoint; ckptsurgeon never calls torch.jit.load"
+        )
+    if "data.pkl" not in short:
+        raise _bad(path, "not a torch checkpoint: a ZIP archive without data.pkl")
+    members = _validate(fd, entries, cd_offset, path)
+    records = {m.name[len(prefix) + 1 :]: m for m in members if m.name.startswith(prefix + "/")}
+    if "byteorder" in records:
+        order = _record_bytes(fd, records["byteorder"], path)
+        if order == b"big":
+            raise EngineUnsupported(f"{path}: a big-endian checkpoint")
+        if order != b"little":
+            raise _bad(path, f"unknown byteorder record {order[:20]!r}")
+    pkl = records["data.pkl"]
+    if pkl.size > MAX_PICKLE_BYTES:
+        raise EngineUnsupported(f"{path}: data.pkl is {pkl.size} bytes, more than the engine reads")
+    data = _record_bytes(fd, pkl, path)
+    source = os.path.abspath(path)
+    storages: dict[str, StorageMeta] = {}
+
+    def persistent_load(pid: tuple) -> Any:
+        if len(pid) != 5:
+            raise Malformed(f"a storage persistent id with {len(pid)} fields (expected 5)")
+        _, cls, key, location, numel = pid
+        if type(cls) is not StorageClass:
+            raise Malformed(f"a storage persistent id whose type is a {type(cls).__name__}")
+        if type(key) is not str:
+            raise Malformed(f"a storage key of type {type(key).__name__}")
+        if type(location) is bytes:
+            location = location.decode("ascii", "replace")
+        if type(location) is not str:
+            raise Malformed(f"a storage location of type {type(location).__name__}")
+        if type(numel) is not int or numel < 0:
+            raise Malformed(f"storage {key!r} has size {numel!r}")
+        nbytes = numel * DTYPE_ITEMSIZE[cls.dtype]
+        known = storages.get(key)
+        if known is not None:
+            if known.dtype != cls.dtype:
+                raise Malformed(f"storage {key!r} is referenced as both {known.dtype} and {cls.dtype}")
+            if known.nbytes != nbytes or known.location != location:
+                raise Malformed(f"storage {key!r} is referenced with two different sizes or devices")
+            return known
+        if location.startswith("meta"):
+            raise Unsupported(f"storage {key!r} on the meta device")
+        record = records.get(f"data/{key}")
+        if record is None:
+            raise Malformed(f"storage {key!r} has no record data/{key}")
+        if record.size != nbytes:
+            raise Malformed(
+                f"record {record.name} holds {record.size} bytes but storage {key!r} needs {nbytes} "
+                f"({numel} x {cls.dtype})"
+            )
+        meta = StorageMeta(source, key, cls.dtype, nbytes, record.data_offset, location,
+                           record.crc32, record.name)
+        storages[key] = meta
+        return meta
+
+    obj, _ = unpickle(data, path=path, where="data.pkl", persistent_load=persistent_load,
+                      allow_globals=allow_globals)
+    return RawCheckpoint(
+        path=source,
+        format="torch-zip",
+        obj=obj,
+        extras={"prefix": prefix, "storages": storages, "records": tuple(records)},
+    )
