@@ -1,0 +1,456 @@
+"""Write a `torch.save`-compatible zip file by copying storage bytes from source files.
+
+The layout is the one torch 2.13's `PyTorchStreamWriter` (miniz) produces: stored records with
+local headers flagged 0x0808 and a data descriptor, an `FB` extra field padding each record's data
+to a multiple of 64, zip64 extras past 4 GiB and a zip64 end record always. For the same object
+graph the file equals `torch.save`'s byte for byte, except `.data/serialization_id` (random).
+
+Storage bytes travel with `os.copy_file_range` (in the kernel), or `pread`/`pwrite` in 16 MiB
+chunks when the kernel cannot copy. A CRC-32 is reused from the source record when a whole record
+is copied, else computed by a second thread reading the same bytes while the kernel copies them.
+Holes of a sparse source stay holes in the output. Memory use does not grow with the tensors.
+POSIX only (pread/pwrite); elsewhere it raises EngineUnsupported.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import secrets
+import struct
+import threading
+import zlib
+from collections.abc import Iterator
+from typing import Any, BinaryIO
+
+from ckptsurgeon.engine.data import open_regular
+from ckptsurgeon.engine.pickle_write import PlannedStorage, pickle_graph
+from ckptsurgeon.errors import BadCheckpointError, EngineUnsupported, OutputError
+
+_ZIP64_LIMIT = 0xFFFFFFFF  # miniz switches to zip64 fields at sizes/offsets >= this
+_ALIGNMENT = 64  # torch's storage alignment
+_CHUNK = 16 << 20
+_MAX_KERNEL_COPY = 1 << 30
+_THREADED_CRC_MIN = 8 << 20  # below this a thread costs more than it saves
+_LOCAL_SIG = 0x04034B50
+_DESCRIPTOR_SIG = 0x08074B50
+_CENTRAL_SIG = 0x02014B50
+_ZIP64_END_SIG = 0x06064B50
+_ZIP64_LOCATOR_SIG = 0x07064B50
+_END_SIG = 0x06054B50
+_FLAGS_DESCRIPTOR = 0x0808  # data descriptor follows + UTF-8 names
+_FLAGS_EMPTY = 0x0800  # UTF-8 names only
+
+
+def write_torch_zip(obj: Any, out: BinaryIO, *, archive_name: str) -> None:
+    """Write `obj` (an object graph with TensorMeta leaves) to `out` as `torch.save` would.
+
+    `out` is a new binary file opened for writing and positioned at 0 (it is truncated first);
+    the caller owns it: this function neither closes nor fsyncs it. `archive_name` is the record
+    prefix, the output file's basename without extension for `torch.save` compatibility.
+    Storages shared by several tensors are written once; a storage only partly used is cut to
+    the union of its tensors' spans. Raises EngineUnsupported (before writing anything) for a
+    graph it cannot represent, BadCheckpointError if a source file is missing or too short, and
+    OutputError if writing fails or the output is one of the sources.
+    """
+    if not all(hasattr(os, f) for f in ("pwrite", "preadv", "ftruncate")):
+        raise EngineUnsupported("the engine writer needs POSIX pread/pwrite")
+    if not archive_name or "/" in archive_name or "\0" in archive_name:
+        raise ValueError(f"invalid archive name {archive_name!r}")
+    graph = pickle_graph(obj)
+    out.flush()
+    if out.tell() != 0:
+        raise ValueError("write_torch_zip needs an output positioned at offset 0")
+    fd = out.fileno()
+    import fcntl  # POSIX only, like pwrite
+
+    if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_APPEND:
+        raise ValueError("write_torch_zip cannot write to a file opened for appending")
+    out_name = str(getattr(out, "name", "<output>"))
+    sources = _open_sources(graph.storages)
+    try:
+        out_stat = os.fstat(fd)
+        for src in sources.values():
+            if (src.stat.st_dev, src.stat.st_ino) == (out_stat.st_dev, out_stat.st_ino):
+                raise OutputError(f"{out_name}: the output is also an input ({src.path})")
+        try:
+            os.ftruncate(fd, 0)
+            end = _write_archive(fd, graph.data, graph.storages, sources, archive_name)
+        except OSError as e:
+            raise OutputError(f"{out_name}: cannot write: {e.strerror or e}") from e
+    finally:
+        for src in sources.values():
+            os.close(src.fd)
+    out.seek(end)
+
+
+def _write_archive(
+    fd: int,
+    data_pkl: bytes,
+    storages: list[PlannedStorage],
+    sources: dict[str, _Source],
+    prefix: str,
+) -> int:
+    w = _ZipWriter(fd)
+    w.add_bytes(f"{prefix}/data.pkl", data_pkl)
+    w.add_bytes(f"{prefix}/.format_version", b"1")
+    w.add_bytes(f"{prefix}/.storage_alignment", str(_ALIGNMENT).encode())
+    w.add_bytes(f"{prefix}/byteorder", b"little")
+    for key, planned in enumerate(storages):
+        w.add_storage(f"{prefix}/data/{key}", planned, sources[planned.source.source])
+    w.add_bytes(f"{prefix}/version", b"3\n")
+    serialization_id = f"{secrets.randbits(64):020d}{secrets.randbits(64):020d}"
+    w.add_bytes(f"{prefix}/.data/serialization_id", serialization_id.encode())
+    w.finish()
+    return w.pos
+
+
+class _Source:
+    """A source file open for positional reads."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.fd, _ = open_regular(path)  # never blocks on a FIFO
+        self.stat = os.fstat(self.fd)
+        blocks = getattr(self.stat, "st_blocks", None)
+        self.sparse = blocks is not None and blocks * 512 < self.stat.st_size
+
+    def segments(self, offset: int, length: int) -> Iterator[tuple[int, int, bool]]:
+        """Split `[offset, offset + length)` into `(offset, length, is_hole)` runs."""
+        end = offset + length
+        if not self.sparse or not hasattr(os, "SEEK_DATA"):
+            yield (offset, length, False)
+            return
+        pos = offset
+        while pos < end:
+            try:
+                data = min(os.lseek(self.fd, pos, os.SEEK_DATA), end)
+            except OSError as e:
+                if e.errno != errno.ENXIO:  # no hole support: treat everything as data
+                    yield (pos, end - pos, False)
+                    return
+                data = end  # only a hole up to the end of the file
+            if data > pos:
+                yield (pos, data - pos, True)
+                pos = data
+            if pos >= end:
+                break
+            hole = min(os.lseek(self.fd, pos, os.SEEK_HOLE), end)
+            yield (pos, hole - pos, False)
+            pos = hole
+
+
+def _open_sources(storages: list[PlannedStorage]) -> dict[str, _Source]:
+    sources: dict[str, _Source] = {}
+    try:
+        for planned in storages:
+            path = planned.source.source
+            src = sources.get(path)
+            if src is None:
+                src = sources[path] = _Source(path)
+            end = planned.data_offset + planned.nbytes
+            if end > src.stat.st_size:
+                raise BadCheckpointError(
+                    f"{path}: file is truncated: storage {planned.source.key!r} needs bytes up "
+                    f"to {end}, the file has {src.stat.st_size}"
+                )
+    except BaseException:
+        for src in sources.values():
+            os.close(src.fd)
+        raise
+    return sources
+
+
+class _ZipWriter:
+    """Appends stored records to a file descriptor and remembers them for the central directory."""
+
+    def __init__(self, fd: int):
+        self.fd = fd
+        self.pos = 0  # logical end of the archive, including `pending`
+        self.pending = bytearray()  # small writes not yet issued
+        self.entries: list[tuple[bytes, int, int, int]] = []  # name, size, header offset, crc
+        self.buffer: memoryview | None = None
+        self.crc_buffer: memoryview | None = None
+        self.kernel_copy = hasattr(os, "copy_file_range")
+
+    # -- records ------------------------------------------------------------------------------
+
+    def add_bytes(self, name: str, data: bytes) -> None:
+        header_offset = self.pos
+        self.write(_local_header(name.encode("utf-8"), len(data), header_offset))
+        self.write(data)
+        crc = zlib.crc32(data)
+        if data:
+            self.write(_descriptor(crc, len(data), header_offset))
+        self.entries.append((name.encode("utf-8"), len(data), header_offset, crc))
+
+    def add_storage(self, name: str, planned: PlannedStorage, src: _Source) -> None:
+        size = planned.nbytes
+        header_offset = self.pos
+        self.write(_local_header(name.encode("utf-8"), size, header_offset))
+        crc = 0
+        if size:
+            known = planned.source.crc32 if planned.is_whole else None
+            computed = self.copy(src, planned.data_offset, size, want_crc=known is None)
+            crc = known if known is not None else computed
+            self.write(_descriptor(crc, size, header_offset))
+        self.entries.append((name.encode("utf-8"), size, header_offset, crc))
+
+    def finish(self) -> None:
+        cd_offset = self.pos
+        for name, size, header_offset, crc in self.entries:
+            self.write(_central_entry(name, size, header_offset, crc))
+        cd_size = self.pos - cd_offset
+        n = len(self.entries)
+        zip64_end = self.pos
+        self.write(
+            struct.pack(
+                "<IQHHIIQQQQ", _ZIP64_END_SIG, 44, 0x031E, 45, 0, 0, n, n, cd_size, cd_offset
+            )
+        )
+        self.write(struct.pack("<IIQI", _ZIP64_LOCATOR_SIG, 0, zip64_end, 1))
+        self.write(
+            struct.pack(
+                "<IHHHHIIH",
+                _END_SIG,
+                0,
+                0,
+                min(n, 0xFFFF),
+                min(n, 0xFFFF),
+                min(cd_size, _ZIP64_LIMIT),
+                min(cd_offset, _ZIP64_LIMIT),
+                0,
+            )
+        )
+        self.flush()
+
+    # -- bytes --------------------------------------------------------------------------------
+
+    def write(self, b: bytes) -> None:
+        self.pending += b
+        self.pos += len(b)
+        if len(self.pending) >= _CHUNK:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.pending:
+            _pwrite_all(self.fd, memoryview(self.pending), self.pos - len(self.pending))
+            self.pending = bytearray()
+
+    def copy(self, src: _Source, offset: int, length: int, *, want_crc: bool) -> int:
+        """Append `length` bytes of `src` from `offset`; return their CRC-32 if `want_crc`.
+
+        Holes in the source are skipped (they read as zeros in the output too).
+        """
+        self.flush()
+        crc = 0
+        for seg_offset, seg_length, is_hole in src.segments(offset, length):
+            if is_hole:
+                if want_crc:
+                    crc = crc32_zeros(crc, seg_length)
+            elif want_crc and self.kernel_copy and seg_length >= _THREADED_CRC_MIN:
+                crc = self._copy_kernel_crc_threaded(src, seg_offset, seg_length, self.pos, crc)
+            elif want_crc:
+                crc = self._copy_with_crc(src, seg_offset, seg_length, self.pos, crc)
+            else:
+                self._copy_plain(src, seg_offset, seg_length, self.pos)
+            self.pos += seg_length
+        return crc
+
+    def _chunk_buffer(self) -> memoryview:
+        if self.buffer is None:
+            self.buffer = memoryview(bytearray(_CHUNK))
+        return self.buffer
+
+    def _copy_kernel_crc_threaded(
+        self, src: _Source, offset: int, length: int, out_pos: int, crc: int
+    ) -> int:
+        """Copy in the kernel while a second thread reads the same source bytes for the CRC-32
+        (both release the GIL): about the speed of a plain copy on two cores."""
+        result: dict[str, Any] = {}
+        if self.crc_buffer is None:  # the copier may need `buffer` (fallback): not shared
+            self.crc_buffer = memoryview(bytearray(_CHUNK))
+        crc_buffer = self.crc_buffer
+
+        def compute() -> None:
+            try:
+                result["crc"] = _crc32_range(src, offset, length, crc, crc_buffer)
+            except BaseException as e:  # re-raised in the calling thread
+                result["error"] = e
+
+        worker = threading.Thread(target=compute, name="ckptsurgeon-crc32", daemon=True)
+        worker.start()
+        try:
+            self._copy_plain(src, offset, length, out_pos)
+        finally:
+            worker.join()
+        if "error" in result:
+            raise result["error"]
+        return int(result["crc"])
+
+    def _copy_with_crc(self, src: _Source, offset: int, length: int, out_pos: int, crc: int) -> int:
+        buf = self._chunk_buffer()
+        done = 0
+        while done < length:
+            n = _pread(src, buf[: min(_CHUNK, length - done)], offset + done)
+            if n == 0:
+                raise BadCheckpointError(f"{src.path}: file is truncated at byte {offset + done}")
+            crc = zlib.crc32(buf[:n], crc)
+            _pwrite_all(self.fd, buf[:n], out_pos + done)
+            done += n
+        return crc
+
+    def _copy_plain(self, src: _Source, offset: int, length: int, out_pos: int) -> None:
+        done = 0
+        while done < length and self.kernel_copy:
+            try:
+                n = os.copy_file_range(
+                    src.fd,
+                    self.fd,
+                    min(_MAX_KERNEL_COPY, length - done),
+                    offset + done,
+                    out_pos + done,
+                )
+            except OSError as e:
+                if e.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+                    raise
+                self.kernel_copy = False
+                break
+            if n == 0:
+                raise BadCheckpointError(f"{src.path}: file is truncated at byte {offset + done}")
+            done += n
+        if done < length:
+            self._copy_with_crc(src, offset + done, length - done, out_pos + done, 0)  # CRC unused
+
+
+def _crc32_range(src: _Source, offset: int, length: int, crc: int, buf: memoryview) -> int:
+    done = 0
+    while done < length:
+        n = _pread(src, buf[: min(len(buf), length - done)], offset + done)
+        if n == 0:
+            raise BadCheckpointError(f"{src.path}: file is truncated at byte {offset + done}")
+        crc = zlib.crc32(buf[:n], crc)
+        done += n
+    return crc
+
+
+def _pread(src: _Source, buf: memoryview, offset: int) -> int:
+    try:
+        return os.preadv(src.fd, [buf], offset)
+    except OSError as e:
+        raise BadCheckpointError(f"{src.path}: read error: {e.strerror or e}") from e
+
+
+def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
+    done = 0
+    while done < len(data):
+        done += os.pwrite(fd, data[done:], offset + done)
+
+
+# -- zip structures -----------------------------------------------------------------------------
+
+
+def _local_header(name: bytes, size: int, offset: int) -> bytes:
+    """Local file header with miniz's zip64 extra (if any) and torch's `FB` padding extra."""
+    zip64 = b""
+    if size >= _ZIP64_LIMIT or offset >= _ZIP64_LIMIT:
+        fields = b""
+        if size >= _ZIP64_LIMIT:
+            fields += struct.pack("<QQ", size, 0)  # miniz writes compressed size 0 here
+        if offset >= _ZIP64_LIMIT:
+            fields += struct.pack("<Q", offset)
+        zip64 = struct.pack("<HH", 1, len(fields)) + fields
+    data_start = offset + 30 + len(name) + len(zip64) + 4
+    pad = -data_start % _ALIGNMENT
+    extra = zip64 + b"FB" + struct.pack("<H", pad) + b"Z" * pad
+    flags = _FLAGS_DESCRIPTOR if size else _FLAGS_EMPTY
+    return (
+        struct.pack("<IHHHHHIIIHH", _LOCAL_SIG, 0, flags, 0, 0, 0, 0, 0, 0, len(name), len(extra))
+        + name
+        + extra
+    )
+
+
+def _descriptor(crc: int, size: int, offset: int) -> bytes:
+    if size >= _ZIP64_LIMIT or offset >= _ZIP64_LIMIT:
+        return struct.pack("<IIQQ", _DESCRIPTOR_SIG, crc, size, size)
+    return struct.pack("<IIII", _DESCRIPTOR_SIG, crc, size, size)
+
+
+def _central_entry(name: bytes, size: int, offset: int, crc: int) -> bytes:
+    fields = b""
+    stored_size, stored_offset = size, offset
+    if size >= _ZIP64_LIMIT:
+        fields += struct.pack("<QQ", size, size)
+        stored_size = _ZIP64_LIMIT
+    if offset >= _ZIP64_LIMIT:
+        fields += struct.pack("<Q", offset)
+        stored_offset = _ZIP64_LIMIT
+    extra = struct.pack("<HH", 1, len(fields)) + fields if fields else b""
+    flags = _FLAGS_DESCRIPTOR if size else _FLAGS_EMPTY
+    return (
+        struct.pack(
+            "<IHHHHHHIIIHHHHHII",
+            _CENTRAL_SIG,
+            0,
+            0,
+            flags,
+            0,
+            0,
+            0,
+            crc,
+            stored_size,
+            stored_size,
+            len(name),
+            len(extra),
+            0,
+            0,
+            0,
+            0,
+            stored_offset,
+        )
+        + name
+        + extra
+    )
+
+
+# -- CRC-32 of zeros ----------------------------------------------------------------------------
+
+_ZERO_BYTE_OPERATORS: list[list[int]] = []  # [k]: GF(2) matrix advancing the CRC by 2**k zero bytes
+
+
+def _gf2_times(matrix: list[int], vector: int) -> int:
+    total = 0
+    i = 0
+    while vector:
+        if vector & 1:
+            total ^= matrix[i]
+        vector >>= 1
+        i += 1
+    return total
+
+
+def _gf2_square(matrix: list[int]) -> list[int]:
+    return [_gf2_times(matrix, matrix[n]) for n in range(32)]
+
+
+def crc32_zeros(crc: int, n: int) -> int:
+    """`zlib.crc32(bytes(n), crc)` in O(log n) time, for holes of sparse files."""
+    if n <= 0:
+        return crc
+    if not _ZERO_BYTE_OPERATORS:
+        one_bit = [0xEDB88320] + [1 << (i - 1) for i in range(1, 32)]
+        op = one_bit
+        for _ in range(3):  # 1 -> 2 -> 4 -> 8 zero bits: one zero byte
+            op = _gf2_square(op)
+        _ZERO_BYTE_OPERATORS.append(op)
+    register = crc ^ 0xFFFFFFFF
+    k = 0
+    while n:
+        while len(_ZERO_BYTE_OPERATORS) <= k:
+            _ZERO_BYTE_OPERATORS.append(_gf2_square(_ZERO_BYTE_OPERATORS[-1]))
+        if n & 1:
+            register = _gf2_times(_ZERO_BYTE_OPERATORS[k], register)
+        n >>= 1
+        k += 1
+    return register ^ 0xFFFFFFFF
