@@ -8,7 +8,10 @@ chunks take a fast path and statistics are computed only where chunks differ.
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import math
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -107,6 +110,23 @@ def diff_state_dicts(
     """
     if keys is None:
         keys = list(a) + [k for k in b if k not in a]
+    buffers = _Buffers()
+    try:
+        report = _diff(a, b, keys, rtol, atol, progress, buffers)
+    finally:
+        buffers.close()
+    return report
+
+
+def _diff(
+    a: Mapping[str, Any],
+    b: Mapping[str, Any],
+    keys: Sequence[str],
+    rtol: float,
+    atol: float,
+    progress: Progress | None,
+    buffers: _Buffers,
+) -> DiffReport:
     only_a = tuple(k for k in keys if k in a and k not in b)
     only_b = tuple(k for k in keys if k in b and k not in a)
     shapes: list[Mismatch] = []
@@ -123,7 +143,7 @@ def diff_state_dicts(
         same_dtype = dtype_name(x) == dtype_name(y)
         if not same_dtype:
             dtypes.append(Mismatch(key, dtype_name(x), dtype_name(y)))
-        mismatch = compare_values(key, x, y, rtol=rtol, atol=atol, progress=progress)
+        mismatch = compare_values(key, x, y, rtol=rtol, atol=atol, progress=progress, buffers=buffers)
         if mismatch is not None:
             values.append(mismatch)
         elif same_dtype:
@@ -132,26 +152,136 @@ def diff_state_dicts(
 
 
 def compare_values(
-    key: str, x: Any, y: Any, *, rtol: float = 0.0, atol: float = 0.0, progress: Progress | None = None
+    key: str,
+    x: Any,
+    y: Any,
+    *,
+    rtol: float = 0.0,
+    atol: float = 0.0,
+    progress: Progress | None = None,
+    buffers: _Buffers | None = None,
 ) -> ValueMismatch | None:
-    """None when the values are equal under the tolerance, else the statistics of the difference."""
-    numel = 0
-    num_diff = 0
-    max_abs = 0.0
-    max_rel = 0.0
-    for cx, cy in _chunk_pairs(x, y):
-        numel += cx.numel()
-        if progress is not None:
-            progress(cx.numel() * cx.element_size())
-        if dtype_name(x) == dtype_name(y) and _bitwise_equal(cx, cy):
-            continue
-        n, abs_d, rel_d = _chunk_stats(cx, cy, rtol, atol)
-        num_diff += n
-        max_abs = max(max_abs, abs_d)
-        max_rel = max(max_rel, rel_d)
-    if num_diff == 0:
+    """None when the values are equal under the tolerance, else the statistics of the difference.
+
+    Two contiguous on-disk tensors of one dtype are compared as raw bytes (memcmp speed, no torch;
+    the CRC-32 of every record streamed whole is checked on the way); torch computes statistics
+    only for chunks that differ.
+    """
+    stats = _Stats()
+    if _on_disk(x) and _on_disk(y) and dtype_name(x) == dtype_name(y):
+        for bx, by in _raw_chunk_pairs(x, y, buffers or _Buffers()):
+            if progress is not None:
+                progress(len(bx))
+            if _same_bytes(bx, by):
+                stats.numel += len(bx) // x.itemsize
+            else:
+                stats.add(_from_raw(bx, x.dtype), _from_raw(by, y.dtype), rtol, atol)
+    else:
+        same_dtype = dtype_name(x) == dtype_name(y)
+        for cx, cy in _chunk_pairs(x, y):
+            if progress is not None:
+                progress(cx.numel() * cx.element_size())
+            if same_dtype and _bitwise_equal(cx, cy):
+                stats.numel += cx.numel()
+            else:
+                stats.add(cx, cy, rtol, atol)
+    if stats.num_diff == 0:
         return None
-    return ValueMismatch(key, max_abs, max_rel, num_diff, numel)
+    return ValueMismatch(key, stats.max_abs, stats.max_rel, stats.num_diff, stats.numel)
+
+
+class _Stats:
+    """Running statistics of a difference over chunks."""
+
+    def __init__(self) -> None:
+        self.numel = 0
+        self.num_diff = 0
+        self.max_abs = 0.0
+        self.max_rel = 0.0
+
+    def add(self, cx: Any, cy: Any, rtol: float, atol: float) -> None:
+        n, abs_d, rel_d = _chunk_stats(cx, cy, rtol, atol)
+        self.numel += cx.numel()
+        self.num_diff += n
+        self.max_abs = max(self.max_abs, abs_d)
+        self.max_rel = max(self.max_rel, rel_d)
+
+
+def _on_disk(t: Any) -> bool:
+    return isinstance(t, TensorMeta) and t.is_contiguous
+
+
+class _Buffers:
+    """Two chunk buffers, allocated once per diff (a fresh 16 MiB buffer per tensor costs more
+    in page faults than the comparison itself)."""
+
+    def __init__(self) -> None:
+        self._pair: tuple[bytearray, bytearray] | None = None
+        self._pool: ThreadPoolExecutor | None = None
+
+    def pool(self) -> ThreadPoolExecutor:
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckptsurgeon-diff")
+        return self._pool
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown()
+
+    def pair(self) -> tuple[bytearray, bytearray]:
+        if self._pair is None:
+            self._pair = (bytearray(CHUNK_BYTES), bytearray(CHUNK_BYTES))
+        return self._pair
+
+
+def _raw_chunk_pairs(x: TensorMeta, y: TensorMeta, buffers: _Buffers) -> Iterator[tuple[memoryview, memoryview]]:
+    """The bytes of two same-sized contiguous tensors, chunk by chunk (reused buffers)."""
+    from .engine.data import iter_chunks
+
+    step = CHUNK_BYTES - CHUNK_BYTES % x.itemsize
+    buf_a, buf_b = buffers.pair()
+    ita = iter_chunks(x.storage, *x.span, chunk_size=step, buffer=buf_a)
+    itb = iter_chunks(y.storage, *y.span, chunk_size=step, buffer=buf_b)
+    # B's chunk is read and CRC-checked on a second thread while A's is (pread and crc32
+    # release the GIL): the two files stream in parallel on two cores.
+    pool = buffers.pool()
+    while True:
+        pending = pool.submit(next, itb, None)
+        bx = next(ita, None)
+        by = pending.result()
+        if bx is None or by is None:
+            break
+        yield bx, by
+    for _ in itb:  # run B's generator to its end: that is where its CRC is checked
+        pass
+
+
+def _same_bytes(a: memoryview, b: memoryview) -> bool:
+    """Byte equality at memcmp speed (memoryview's own == goes element by element)."""
+    if len(a) != len(b):
+        return False
+    memcmp = _memcmp()
+    if memcmp is None:
+        return a.tobytes() == b.tobytes()
+    n = len(a)
+    return n == 0 or memcmp((ctypes.c_char * n).from_buffer(a), (ctypes.c_char * n).from_buffer(b), n) == 0
+
+
+@functools.lru_cache(maxsize=1)
+def _memcmp() -> Any:
+    try:
+        fn = ctypes.CDLL(None).memcmp
+    except (OSError, AttributeError):  # no C library handle on this platform
+        return None
+    fn.restype = ctypes.c_int
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t]
+    return fn
+
+
+def _from_raw(raw: memoryview, dtype: str) -> Any:
+    import torch
+
+    return torch.frombuffer(raw, dtype=torch.uint8).view(getattr(torch, dtype))
 
 
 def _bitwise_equal(cx: Any, cy: Any) -> bool:
@@ -162,7 +292,19 @@ def _bitwise_equal(cx: Any, cy: Any) -> bool:
     return torch.equal(cx.view(torch.uint8), cy.view(torch.uint8))
 
 
+STATS_BLOCK = 1 << 20  # elements widened to float64 at a time: bounds the memory statistics take
+
+
 def _chunk_stats(cx: Any, cy: Any, rtol: float, atol: float) -> tuple[int, float, float]:
+    """(number differing, max abs diff, max rel diff) of two flat chunks, block by block."""
+    n, max_abs, max_rel = 0, 0.0, 0.0
+    for start in range(0, cx.numel(), STATS_BLOCK):
+        bn, babs, brel = _block_stats(cx[start : start + STATS_BLOCK], cy[start : start + STATS_BLOCK], rtol, atol)
+        n, max_abs, max_rel = n + bn, max(max_abs, babs), max(max_rel, brel)
+    return n, max_abs, max_rel
+
+
+def _block_stats(cx: Any, cy: Any, rtol: float, atol: float) -> tuple[int, float, float]:
     import torch
 
     wide = torch.complex128 if (cx.is_complex() or cy.is_complex()) else torch.float64
@@ -218,18 +360,10 @@ def _numel(t: Any) -> int:
 
 def _flat_chunk(t: Any, start: int, stop: int) -> Any:
     """Elements [start, stop) of a flat source (see _flat_source) as a 1-d torch tensor."""
-    import torch
-
     if isinstance(t, TensorMeta):
         from .engine.data import read_bytes
 
         base = t.storage_offset * t.itemsize
         buf = read_bytes(t.storage, base + start * t.itemsize, base + stop * t.itemsize)
-        return _typed(torch.frombuffer(buf, dtype=torch.uint8), t.dtype)
+        return _from_raw(memoryview(buf), t.dtype)
     return t[start:stop]
-
-
-def _typed(raw: Any, dtype: str) -> Any:
-    import torch
-
-    return raw.view(getattr(torch, dtype))

@@ -25,6 +25,7 @@ from .engine.meta import RawCheckpoint, TensorMeta
 from .errors import (
     BadCheckpointError,
     CheckpointError,
+    ContainerError,
     EngineUnsupported,
     OutputError,
     UnsafeCheckpointError,
@@ -199,7 +200,10 @@ def load_checkpoint(
     """
     path = Path(path)
     fmt, container, engine, st_meta = _read_container(path, unsafe=unsafe, allow_globals=frozenset(allow_globals))
-    sd_path, state_dict = find_state_dict(container, key)
+    try:
+        sd_path, state_dict = find_state_dict(container, key)
+    except ContainerError as exc:
+        raise ContainerError(f"{path}: {exc}") from None
     return Checkpoint(
         path=path,
         format=fmt,

@@ -466,16 +466,24 @@ def test_storages_renumbered_in_first_use_order(tmp_path: Path) -> None:
 # -- CRC-32 -------------------------------------------------------------------------------------
 
 
-def test_whole_storage_crc_is_reused_and_partial_crc_computed(tmp_path: Path) -> None:
+def test_source_crc_is_checked_never_trusted(tmp_path: Path) -> None:
+    """A flipped byte in a source record is caught while copying, whole record or slice of it."""
+    from ckptsurgeon.errors import BadCheckpointError
+
     blob = Blob(tmp_path / "blob.bin")
     data = random_tensor((64,), torch.float32)
     s = blob.add(storage_bytes(data.untyped_storage()))
-    wrong = StorageMeta(s.source, s.key, s.dtype, s.nbytes, s.data_offset, crc32=0x12345678)
-    whole = write({"w": TensorMeta(wrong, "float32", (64,), (1,))}, tmp_path / "whole.pt")
-    assert zipfile.ZipFile(whole).getinfo("whole/data/0").CRC == 0x12345678  # trusted, not re-read
-    part = write({"p": TensorMeta(wrong, "float32", (8,), (1,), 4)}, tmp_path / "part.pt")
+    good_crc = zlib.crc32(storage_bytes(data.untyped_storage()))
+    good = StorageMeta(s.source, s.key, s.dtype, s.nbytes, s.data_offset, crc32=good_crc, record_name="a/data/0")
+    whole = write({"w": TensorMeta(good, "float32", (64,), (1,))}, tmp_path / "whole.pt")
+    assert zipfile.ZipFile(whole).getinfo("whole/data/0").CRC == good_crc
+    part = write({"p": TensorMeta(good, "float32", (8,), (1,), 4)}, tmp_path / "part.pt")
     info = zipfile.ZipFile(part).getinfo("part/data/0")
     assert info.CRC == zlib.crc32(storage_bytes(data[4:12].clone().untyped_storage()))
+    wrong = StorageMeta(s.source, s.key, s.dtype, s.nbytes, s.data_offset, crc32=0x12345678, record_name="a/data/0")
+    for name, tensor in (("w2", TensorMeta(wrong, "float32", (64,), (1,))), ("p2", TensorMeta(wrong, "float32", (8,), (1,), 4))):
+        with pytest.raises(BadCheckpointError, match="CRC-32 mismatch in record a/data/0"):
+            write({name: tensor}, tmp_path / f"{name}.pt")
 
 
 @pytest.mark.parametrize("kernel_copy", [True, False])

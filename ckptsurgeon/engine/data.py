@@ -108,26 +108,37 @@ def read_bytes(storage: StorageMeta, start: int, end: int) -> bytearray:
 
 
 def iter_chunks(
-    storage: StorageMeta, start: int, end: int, chunk_size: int = DEFAULT_CHUNK
+    storage: StorageMeta,
+    start: int,
+    end: int,
+    chunk_size: int = DEFAULT_CHUNK,
+    *,
+    buffer: bytearray | None = None,
 ) -> Iterator[memoryview]:
     """Yield bytes [start, end) of `storage` as memoryviews of at most `chunk_size` bytes.
 
-    The chunks share one buffer: each is valid until the next one is requested (copy it with
+    The chunks share one buffer (`buffer` when given, so that a caller streaming many storages
+    allocates it once): each is valid until the next one is requested (copy it with
     `bytes(chunk)` to keep it). When the whole storage is streamed (start=0, end=nbytes) and it
     has a CRC-32, the CRC is checked after the last chunk; a mismatch raises BadCheckpointError.
     """
     _check_span(storage, start, end)
     if chunk_size <= 0:
         raise ValueError("chunk_size must be positive")
-    return _chunks(storage, start, end, chunk_size)
+    if buffer is not None and len(buffer) < min(chunk_size, end - start):
+        raise ValueError("buffer is smaller than a chunk")
+    return _chunks(storage, start, end, chunk_size, buffer)
 
 
-def _chunks(storage: StorageMeta, start: int, end: int, chunk_size: int) -> Iterator[memoryview]:
+def _chunks(
+    storage: StorageMeta, start: int, end: int, chunk_size: int, buffer: bytearray | None
+) -> Iterator[memoryview]:
     check = storage.crc32 is not None and start == 0 and end == storage.nbytes
     crc = 0
     if start < end:
-        buf = bytearray(min(chunk_size, end - start))
-        view = memoryview(buf)
+        size = min(chunk_size, end - start)
+        buf = buffer if buffer is not None else bytearray(size)
+        view = memoryview(buf)[:size]
         fd, _ = open_regular(storage.source)
         try:
             pos = start

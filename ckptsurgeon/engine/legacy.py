@@ -16,7 +16,7 @@ from ..errors import BadCheckpointError, EngineUnsupported, UnsafeCheckpointErro
 from .data import pread_bytes
 from .meta import DTYPE_ITEMSIZE, RawCheckpoint, StorageMeta
 from .sniff import MAGIC_NUMBER
-from .unpickle import Malformed, PickleTruncated, StorageClass, Unsupported, unpickle
+from .unpickle import Malformed, PickleTruncated, StorageClass, Unsupported, container_budget, unpickle
 
 PROTOCOL_VERSION = 1001
 _FIRST_READ = 1 << 20
@@ -56,6 +56,8 @@ class _Pickles:
                 obj, end = unpickle(
                     self.buf, path=self.path, where=where, persistent_load=persistent_load,
                     allow_globals=self.allow_globals, start=self.pos, complete=False,
+                    # the storage count comes after the object: bound it by what the file could hold
+                    max_containers=container_budget(self.file_size // 64),
                 )
             except PickleTruncated as e:
                 if self._grow():

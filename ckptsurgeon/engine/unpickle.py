@@ -226,6 +226,11 @@ def resolve_name(module: str, name: str) -> str:
     return f"{module}.{name}"
 
 
+# MARK (every tuple, list, dict or batch built from a mark), EMPTY_DICT, EMPTY_LIST, EMPTY_SET,
+# TUPLE1-3: the opcodes that make a container
+_MAKES_CONTAINER = frozenset({0x28, 0x7D, 0x5D, 0x8F, 0x85, 0x86, 0x87})
+
+
 class _Machine:
     """One run of the VM over one pickle; see :func:`unpickle`."""
 
@@ -233,9 +238,11 @@ class _Machine:
         self,
         persistent_load: Callable[[tuple], Any] | None,
         allow_globals: frozenset[str],
+        max_containers: int = 1_000_000,
     ):
         self.persistent_load = persistent_load
         self.allow_globals = allow_globals
+        self.max_containers = max_containers
         self.unsafe: set[str] = set()
         self.unsupported: list[str] = []
         self._globals: dict[bytes, Any] = {}
@@ -363,10 +370,20 @@ class _Machine:
         end = len(data)
         unsupported = self.unsupported
         call = self.call
+        # containers the file may still make: bounds time and memory of a hostile pickle
+        # (3,000,000 empty dicts in a 3 MB pickle) that no nesting or size check catches
+        budget = self.max_containers
         try:
             while True:
                 op = data[pos]
                 pos += 1
+                if op in _MAKES_CONTAINER:
+                    budget -= 1
+                    if budget < 0:
+                        raise Malformed(
+                            f"more than {self.max_containers:,} containers (dicts, lists, tuples): "
+                            "far more than the file's tensors need"
+                        )
                 if op == 0x72:  # LONG_BINPUT
                     memo[_U32(data, pos)[0]] = stack[-1]
                     pos += 4
@@ -817,6 +834,15 @@ def _refused(names: set[str], allow_globals: frozenset[str]) -> set[str]:
     return out
 
 
+def container_budget(num_storages: int) -> int:
+    """How many containers a pickle holding `num_storages` storages may make.
+
+    A tensor costs about six (size, stride and argument tuples, the persistent id, the hooks
+    OrderedDict) and an optimizer state a few more; 200,000 covers any plausible rest.
+    """
+    return 200_000 + 64 * num_storages
+
+
 def unpickle(
     data: bytes,
     *,
@@ -827,6 +853,7 @@ def unpickle(
     start: int = 0,
     complete: bool = True,
     max_nodes: int | None = None,
+    max_containers: int = 1_000_000,
 ) -> tuple[Any, int]:
     """Run the restricted VM over the pickle at `data[start:]`; return (object, end offset).
 
@@ -834,9 +861,10 @@ def unpickle(
     into a StorageMeta. Errors name `path` and `where` (e.g. "data.pkl"). Raises
     UnsafeCheckpointError (all refused globals), EngineUnsupported, PickleTruncated (the data
     ended early; with `complete=False` even when refused globals were seen, so that the caller
-    can read more and retry) or BadCheckpointError.
+    can read more and retry) or BadCheckpointError. `max_containers` bounds the number of
+    container-making opcodes (see `container_budget`).
     """
-    machine = _Machine(persistent_load, allow_globals)
+    machine = _Machine(persistent_load, allow_globals, max_containers)
     try:
         obj, end = machine.run(data, start)
         if not machine.unsafe and not machine.unsupported:

@@ -18,7 +18,7 @@ from typing import Any
 from ..errors import BadCheckpointError, EngineUnsupported
 from .data import pread_bytes
 from .meta import DTYPE_ITEMSIZE, RawCheckpoint, StorageMeta
-from .unpickle import Malformed, StorageClass, Unsupported, unpickle
+from .unpickle import Malformed, StorageClass, Unsupported, container_budget, unpickle
 
 MAX_PICKLE_BYTES = 1 << 30  # a data.pkl larger than this is left to torch
 
@@ -352,7 +352,7 @@ def read_torch_zip(
         return meta
 
     obj, _ = unpickle(data, path=path, where="data.pkl", persistent_load=persistent_load,
-                      allow_globals=allow_globals)
+                      allow_globals=allow_globals, max_containers=container_budget(len(records)))
     return RawCheckpoint(
         path=source,
         format="torch-zip",

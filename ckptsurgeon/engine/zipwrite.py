@@ -23,7 +23,7 @@ import zlib
 from collections.abc import Iterator
 from typing import Any, BinaryIO
 
-from ckptsurgeon.engine.data import open_regular
+from ckptsurgeon.engine.data import open_regular, verify_crc
 from ckptsurgeon.engine.pickle_write import PlannedStorage, pickle_graph
 from ckptsurgeon.errors import BadCheckpointError, EngineUnsupported, OutputError
 
@@ -190,9 +190,17 @@ class _ZipWriter:
         self.write(_local_header(name.encode("utf-8"), size, header_offset))
         crc = 0
         if size:
-            known = planned.source.crc32 if planned.is_whole else None
-            computed = self.copy(src, planned.data_offset, size, want_crc=known is None)
-            crc = known if known is not None else computed
+            # The source's CRC is checked, never trusted: torch does not check it on load, and
+            # a flipped byte copied on would carry the old CRC into the output.
+            crc = self.copy(src, planned.data_offset, size, want_crc=True)
+            known = planned.source.crc32
+            if known is not None and not planned.is_whole:
+                verify_crc(planned.source)  # a compacted slice: check the whole source record
+            elif known is not None and crc != known:
+                raise BadCheckpointError(
+                    f"{planned.source.source}: CRC-32 mismatch in record {planned.source.record_name}: "
+                    "the file is corrupt (torch would load wrong values without a word)"
+                )
             self.write(_descriptor(crc, size, header_offset))
         self.entries.append((name.encode("utf-8"), size, header_offset, crc))
 
