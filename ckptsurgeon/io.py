@@ -230,6 +230,26 @@ def _read_container(path: Path, *, unsafe: bool, allow_globals: frozenset[str]) 
     return fmt, _torch_load(path, fmt, unsafe=unsafe, allow_globals=allow_globals), "torch", None
 
 
+def verify_data(ckpt: Checkpoint, progress: Callable[[int], None] | None = None) -> int:
+    """Read every storage of the checkpoint once and check its CRC-32 (zip records carry one).
+
+    Returns the number of bytes checked. Raises BadCheckpointError on a mismatch or a short
+    read. Tensors loaded by the torch fallback were already read by torch.load and are skipped.
+    """
+    from .engine.data import verify_crc
+
+    seen: set[Any] = set()
+    checked = 0
+    for t in iter_tensors(ckpt.container):
+        if isinstance(t, TensorMeta) and t.storage.identity not in seen:
+            seen.add(t.storage.identity)
+            verify_crc(t.storage)
+            checked += t.storage.nbytes
+            if progress is not None:
+                progress(t.storage.nbytes)
+    return checked
+
+
 def as_torch(obj: Any) -> Any:
     """The same object graph with engine TensorMeta leaves turned into torch tensors."""
     if not _contains_meta(obj):

@@ -346,18 +346,28 @@ def inspect(
     model_kwargs: ModelKwargs = None,
     allow_missing: AllowMissing = False,
     allow_unexpected: AllowUnexpected = False,
+    verify: Annotated[
+        bool, typer.Option("--verify", help="Also read all tensor data once and check every record's CRC-32.")
+    ] = False,
     unsafe: Unsafe = False,
     allow_global: AllowGlobal = None,
 ) -> int:
     """List tensors (key, shape, dtype, elements, bytes), totals, container entries, tied storage.
 
-    With --model, mark each key as parameter, buffer, missing, unexpected or shape mismatch; the
-    exit code then reports compatibility (0 compatible, 1 not).
+    Reads metadata only (milliseconds, whatever the file size); --verify also reads the data and
+    checks CRCs. With --model, mark each key as parameter, buffer, missing, unexpected or shape
+    mismatch; the exit code then reports compatibility (0 compatible, 1 not).
     """
     from ..containers import describe_value
     from ..summary import inspect_state_dict
 
     ckpt_obj = _load(ckpt, key=key, unsafe=unsafe, allow_global=allow_global)
+    if verify:
+        from ..io import iter_tensors, verify_data
+        from ..tensors import nbytes_of
+
+        with _progress("verifying", sum(nbytes_of(t) for t in iter_tensors(ckpt_obj.container))) as progress:
+            verify_data(ckpt_obj, progress)
     keys = _select(list(ckpt_obj.state_dict), include, exclude, regex) if (include or exclude) else list(ckpt_obj.state_dict)
     report = inspect_state_dict(
         ckpt_obj.state_dict,

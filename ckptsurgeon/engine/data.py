@@ -153,10 +153,11 @@ def _chunks(
         finally:
             os.close(fd)
     if check and crc != storage.crc32:
-        raise _crc_error(storage, crc)
+        raise crc_mismatch(storage, crc)
 
 
-def _crc_error(storage: StorageMeta, actual: int) -> BadCheckpointError:
+def crc_mismatch(storage: StorageMeta, actual: int) -> BadCheckpointError:
+    """The error for a record whose bytes do not match its stored CRC-32."""
     record = storage.record_name or f"storage {storage.key}"
     return BadCheckpointError(
         f"{storage.source}: CRC-32 mismatch in record {record} "

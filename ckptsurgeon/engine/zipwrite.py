@@ -23,7 +23,7 @@ import zlib
 from collections.abc import Iterator
 from typing import Any, BinaryIO
 
-from ckptsurgeon.engine.data import open_regular, verify_crc
+from ckptsurgeon.engine.data import crc_mismatch, open_regular, verify_crc
 from ckptsurgeon.engine.pickle_write import PlannedStorage, pickle_graph
 from ckptsurgeon.errors import BadCheckpointError, EngineUnsupported, OutputError
 
@@ -197,10 +197,7 @@ class _ZipWriter:
             if known is not None and not planned.is_whole:
                 verify_crc(planned.source)  # a compacted slice: check the whole source record
             elif known is not None and crc != known:
-                raise BadCheckpointError(
-                    f"{planned.source.source}: CRC-32 mismatch in record {planned.source.record_name}: "
-                    "the file is corrupt (torch would load wrong values without a word)"
-                )
+                raise crc_mismatch(planned.source, crc)
             self.write(_descriptor(crc, size, header_offset))
         self.entries.append((name.encode("utf-8"), size, header_offset, crc))
 
