@@ -27,6 +27,8 @@ def dtype_name(value: Any) -> str:
 
 
 def shape_of(value: Any) -> tuple[int, ...]:
+    if isinstance(value, TensorMeta):
+        return value.shape
     return tuple(int(s) for s in value.shape)
 
 

@@ -542,3 +542,16 @@ def test_progress_bar_only_for_big_jobs_on_a_terminal(monkeypatch):
     with app_module._progress("comparing", 1 << 30) as progress:
         assert callable(progress)
         progress(1 << 29)
+
+
+def test_long_tables_are_plain_aligned_text(cli, cnn_file, monkeypatch):
+    from ckptsurgeon.cli import render
+
+    monkeypatch.setattr(render, "RICH_ROWS_MAX", 5)
+    r = cli("inspect", cnn_file)
+    assert r.exit_code == 0
+    lines = r.stdout.splitlines()
+    assert lines[0] == "state_dict (torch-zip)" and lines[1].split() == ["key", "shape", "dtype", "numel", "bytes"]
+    assert lines[2].split()[0] == "conv1.weight" and lines[2].endswith("1.7 KiB")
+    assert len(lines) == 2 + 22 + 1 and lines[-1].startswith("22 tensors")
+    assert "┃" not in r.stdout

@@ -134,8 +134,16 @@ def notice(message: str, style: str = "") -> None:
     _consoles.err.print(render.safe(message), markup=False, style=style or None)
 
 
+def _emit(renderable: Any) -> None:
+    """A table on stdout: plain text is written as it is, rich renderables through rich."""
+    if isinstance(renderable, str):
+        sys.stdout.write(renderable)
+    else:
+        _consoles.out.print(renderable)
+
+
 def print_json(data: Mapping[str, Any]) -> None:
-    sys.stdout.write(render.to_json(data) + "\n")
+    sys.stdout.write(render.to_json(data, pretty=sys.stdout.isatty()) + "\n")
     sys.stdout.flush()
 
 
@@ -391,7 +399,7 @@ def inspect(
             data["kinds"] = model_data["kinds"]
         print_json(data)
     else:
-        _consoles.out.print(render.inspect_table(report, model_data["kinds"] if model_data else None, model_data))
+        _emit(render.inspect_table(report, model_data["kinds"] if model_data else None, model_data))
         if len(report.dtypes) > 1:
             _consoles.out.print(render.dtype_table(report))
         for line in render.other_entries_lines(report.other_entries) + render.shared_lines(report.shared_storage):
