@@ -43,15 +43,31 @@ def parse_version(text: str) -> tuple[int, ...]:
     return tuple(parts)
 
 
-def check_torch_version(version: str | None = None) -> None:
-    """Refuse a torch with known weights_only bypasses (read from package metadata: no import)."""
-    if version is None:
-        from importlib import metadata
+def installed_torch_version() -> str:
+    """torch's version without importing torch (~2 s): read from its version.py."""
+    import importlib.util
+    import re
 
+    spec = importlib.util.find_spec("torch")
+    if spec is None or not spec.submodule_search_locations:
+        raise UsageError("torch is not installed; install torch>=2.10 (e.g. pip install torch==2.13.0)")
+    for location in spec.submodule_search_locations:
         try:
-            version = metadata.version("torch")
-        except metadata.PackageNotFoundError:
-            raise UsageError("torch is not installed; install torch>=2.10 (e.g. pip install torch==2.13.0)") from None
+            with open(f"{location}/version.py", encoding="utf-8") as f:
+                found = re.search(r"^__version__\s*=\s*['\"]([^'\"]+)['\"]", f.read(), re.M)
+        except OSError:
+            continue
+        if found:
+            return found.group(1)
+    from importlib import metadata  # an unusual layout: ask the package metadata
+
+    return metadata.version("torch")
+
+
+def check_torch_version(version: str | None = None) -> None:
+    """Refuse a torch with known weights_only bypasses."""
+    if version is None:
+        version = installed_torch_version()
     if parse_version(version)[:2] < MIN_TORCH:
         raise UsageError(
             f"torch {version} is refused: releases before 2.10 have known weights_only bypasses "

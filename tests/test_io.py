@@ -184,3 +184,10 @@ def test_fifo_input_does_not_hang(tmp_path):
     with pytest.raises(Exception, match="not a regular file"):
         load_checkpoint(fifo)
     assert time.monotonic() - start < 5
+
+
+def test_installed_torch_version_is_read_without_importing_torch():
+    code = "import sys; from ckptsurgeon.safety import installed_torch_version as v; print(v(), 'torch' in sys.modules)"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    version, imported = r.stdout.split()
+    assert version == torch.__version__ and imported == "False"

@@ -17,6 +17,7 @@ import typer
 from typer.core import TyperGroup
 
 from .. import _version
+from . import text
 from ..merge import OnConflict
 from ..errors import EXIT_BAD_INPUT, EXIT_DIFFERENT, EXIT_INTERNAL, EXIT_OK, CheckpointError, UsageError
 
@@ -131,7 +132,11 @@ _consoles = _Consoles()
 
 
 def notice(message: str, style: str = "") -> None:
-    _consoles.err.print(render.safe(message), markup=False, style=style or None)
+    if sys.stderr.isatty():
+        _consoles.err.print(text.safe(message), markup=False, style=style or None)
+    else:  # plain lines for logs and pipes (and no rich import for a quiet --json run)
+        sys.stderr.write(text.safe(message) + "\n")
+        sys.stderr.flush()
 
 
 def _emit(renderable: Any) -> None:
@@ -143,7 +148,7 @@ def _emit(renderable: Any) -> None:
 
 
 def print_json(data: Mapping[str, Any]) -> None:
-    sys.stdout.write(render.to_json(data, pretty=sys.stdout.isatty()) + "\n")
+    sys.stdout.write(text.to_json(data, pretty=sys.stdout.isatty()) + "\n")
     sys.stdout.flush()
 
 
@@ -336,7 +341,7 @@ def _done(output: Path, state_dict: Mapping[str, Any]) -> None:
     from ..tensors import nbytes_of
 
     total = sum(nbytes_of(v) for v in state_dict.values())
-    notice(f"wrote {len(state_dict)} tensors ({render.human_bytes(total)}) to {output}")
+    notice(f"wrote {len(state_dict)} tensors ({text.human_bytes(total)}) to {output}")
 
 
 # --------------------------------------------------------------------------- commands
@@ -622,11 +627,11 @@ def merge(
     return EXIT_OK
 
 
-def _parse_weights(text: str) -> list[float]:
+def _parse_weights(value: str) -> list[float]:
     try:
-        return [float(w) for w in text.split(",")]
+        return [float(w) for w in value.split(",")]
     except ValueError:
-        raise UsageError(f"--weights {text!r}: expected comma-separated numbers") from None
+        raise UsageError(f"--weights {value!r}: expected comma-separated numbers") from None
 
 
 @app.command()
