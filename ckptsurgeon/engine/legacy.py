@@ -16,7 +16,7 @@ from ..errors import BadCheckpointError, EngineUnsupported, UnsafeCheckpointErro
 from .data import pread_bytes
 from .meta import DTYPE_ITEMSIZE, RawCheckpoint, StorageMeta
 from .sniff import MAGIC_NUMBER
-from .unpickle import Malformed, PickleTruncated, StorageClass, Unsupported, container_budget, unpickle
+from .unpickle import Malformed, PickleTruncated, StorageClass, Unsupported, container_budget, resolve_storage_id, unpickle
 
 PROTOCOL_VERSION = 1001
 _FIRST_READ = 1 << 20
@@ -91,33 +91,11 @@ def read_torch_legacy(
     storages: dict[str, StorageMeta] = {}
 
     def persistent_load(pid: tuple) -> Any:
-        if len(pid) != 6:
-            raise Malformed(f"a storage persistent id with {len(pid)} fields (expected 6)")
-        _, cls, key, location, numel, view = pid
-        if type(cls) is not StorageClass:
-            raise Malformed(f"a storage persistent id whose type is a {type(cls).__name__}")
-        if type(key) is bytes:
-            key = key.decode("ascii", "replace")
-        if type(key) is not str:
-            raise Malformed(f"a storage key of type {type(key).__name__}")
-        if type(location) is bytes:
-            location = location.decode("ascii", "replace")
-        if type(location) is not str:
-            raise Malformed(f"a storage location of type {type(location).__name__}")
-        if type(numel) is not int or numel < 0:
-            raise Malformed(f"storage {key!r} has size {numel!r}")
-        if view is not None:
+        cls, key, location, nbytes, known = resolve_storage_id(pid, 6, storages, bytes_key=True)
+        if pid[5] is not None:
             raise Unsupported("a legacy storage view")
-        nbytes = numel * DTYPE_ITEMSIZE[cls.dtype]
-        known = storages.get(key)
         if known is not None:
-            if known.dtype != cls.dtype:
-                raise Malformed(f"storage {key!r} is referenced as both {known.dtype} and {cls.dtype}")
-            if known.nbytes != nbytes or known.location != location:
-                raise Malformed(f"storage {key!r} is referenced with two different sizes or devices")
             return known
-        if location.startswith("meta"):
-            raise Unsupported(f"storage {key!r} on the meta device")
         meta = StorageMeta(source, key, cls.dtype, nbytes, -1, location)
         storages[key] = meta
         return meta

@@ -18,6 +18,7 @@ from .sniff import HEAD_SIZE, sniff_format
 from .zipread import read_torch_zip
 
 __all__ = [
+    "detect_format",
     "read_checkpoint",
     "BadCheckpointError",
     "EngineUnsupported",
@@ -46,8 +47,7 @@ def read_checkpoint(
     name = os.fspath(path)
     fd, size = open_regular(name)
     try:
-        head = pread_bytes(fd, 0, min(size, HEAD_SIZE), name)
-        kind = sniff_format(head, size, name)
+        kind = _sniff(fd, size, name)
         if kind == "torch-zip":
             return read_torch_zip(fd, size, name, allow_globals=allow_globals)
         if kind == "torch-legacy":
@@ -57,3 +57,19 @@ def read_checkpoint(
         raise BadCheckpointError(f"{name}: read error: {e.strerror or e}") from None
     finally:
         os.close(fd)
+
+
+def detect_format(path: str | os.PathLike[str]) -> str:
+    """"torch-zip", "torch-legacy" or "safetensors", from the magic bytes; BadCheckpointError else."""
+    name = os.fspath(path)
+    fd, size = open_regular(name)
+    try:
+        return _sniff(fd, size, name)
+    except OSError as e:
+        raise BadCheckpointError(f"{name}: read error: {e.strerror or e}") from None
+    finally:
+        os.close(fd)
+
+
+def _sniff(fd: int, size: int, name: str) -> str:
+    return sniff_format(pread_bytes(fd, 0, min(size, HEAD_SIZE), name), size, name)

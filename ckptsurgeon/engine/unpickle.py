@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import struct
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from ..errors import BadCheckpointError, EngineUnsupported, UnsafeCheckpointError
@@ -832,6 +832,42 @@ def _refused(names: set[str], allow_globals: frozenset[str]) -> set[str]:
         else:
             out.add(full)
     return out
+
+
+def resolve_storage_id(
+    pid: tuple, fields: int, storages: Mapping[str, StorageMeta], *, bytes_key: bool = False
+) -> tuple[StorageClass, str, str, int, StorageMeta | None]:
+    """Check a `('storage', cls, key, location, numel, ...)` persistent id.
+
+    Returns (storage class, key, location, nbytes, the StorageMeta already made for this key or
+    None). One key seen with two dtypes, sizes or devices is refused: torch would silently
+    reinterpret the bytes.
+    """
+    if len(pid) != fields:
+        raise Malformed(f"a storage persistent id with {len(pid)} fields (expected {fields})")
+    cls, key, location, numel = pid[1:5]
+    if type(cls) is not StorageClass:
+        raise Malformed(f"a storage persistent id whose type is a {type(cls).__name__}")
+    if bytes_key and type(key) is bytes:
+        key = key.decode("ascii", "replace")
+    if type(key) is not str:
+        raise Malformed(f"a storage key of type {type(key).__name__}")
+    if type(location) is bytes:
+        location = location.decode("ascii", "replace")
+    if type(location) is not str:
+        raise Malformed(f"a storage location of type {type(location).__name__}")
+    if type(numel) is not int or numel < 0:
+        raise Malformed(f"storage {key!r} has size {numel!r}")
+    nbytes = numel * DTYPE_ITEMSIZE[cls.dtype]
+    known = storages.get(key)
+    if known is not None:
+        if known.dtype != cls.dtype:
+            raise Malformed(f"storage {key!r} is referenced as both {known.dtype} and {cls.dtype}")
+        if known.nbytes != nbytes or known.location != location:
+            raise Malformed(f"storage {key!r} is referenced with two different sizes or devices")
+    elif location.startswith("meta"):
+        raise Unsupported(f"storage {key!r} on the meta device")
+    return cls, key, location, nbytes, known
 
 
 def container_budget(num_storages: int) -> int:

@@ -18,7 +18,7 @@ from typing import Any
 from ..errors import BadCheckpointError, EngineUnsupported
 from .data import pread_bytes
 from .meta import DTYPE_ITEMSIZE, RawCheckpoint, StorageMeta
-from .unpickle import Malformed, StorageClass, Unsupported, container_budget, unpickle
+from .unpickle import Malformed, StorageClass, Unsupported, container_budget, resolve_storage_id, unpickle
 
 MAX_PICKLE_BYTES = 1 << 30  # a data.pkl larger than this is left to torch
 
@@ -315,36 +315,16 @@ def read_torch_zip(
     storages: dict[str, StorageMeta] = {}
 
     def persistent_load(pid: tuple) -> Any:
-        if len(pid) != 5:
-            raise Malformed(f"a storage persistent id with {len(pid)} fields (expected 5)")
-        _, cls, key, location, numel = pid
-        if type(cls) is not StorageClass:
-            raise Malformed(f"a storage persistent id whose type is a {type(cls).__name__}")
-        if type(key) is not str:
-            raise Malformed(f"a storage key of type {type(key).__name__}")
-        if type(location) is bytes:
-            location = location.decode("ascii", "replace")
-        if type(location) is not str:
-            raise Malformed(f"a storage location of type {type(location).__name__}")
-        if type(numel) is not int or numel < 0:
-            raise Malformed(f"storage {key!r} has size {numel!r}")
-        nbytes = numel * DTYPE_ITEMSIZE[cls.dtype]
-        known = storages.get(key)
+        cls, key, location, nbytes, known = resolve_storage_id(pid, 5, storages)
         if known is not None:
-            if known.dtype != cls.dtype:
-                raise Malformed(f"storage {key!r} is referenced as both {known.dtype} and {cls.dtype}")
-            if known.nbytes != nbytes or known.location != location:
-                raise Malformed(f"storage {key!r} is referenced with two different sizes or devices")
             return known
-        if location.startswith("meta"):
-            raise Unsupported(f"storage {key!r} on the meta device")
         record = records.get(f"data/{key}")
         if record is None:
             raise Malformed(f"storage {key!r} has no record data/{key}")
         if record.size != nbytes:
             raise Malformed(
                 f"record {record.name} holds {record.size} bytes but storage {key!r} needs {nbytes} "
-                f"({numel} x {cls.dtype})"
+                f"({nbytes // DTYPE_ITEMSIZE[cls.dtype]} x {cls.dtype})"
             )
         meta = StorageMeta(source, key, cls.dtype, nbytes, record.data_offset, location,
                            record.crc32, record.name)
