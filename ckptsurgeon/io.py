@@ -12,7 +12,6 @@ import contextlib
 import errno
 import logging
 import os
-import stat
 import tempfile
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -70,27 +69,14 @@ class Checkpoint:
 # ----------------------------------------------------------------------------------------- load
 
 
-def _check_regular_file(path: Path) -> None:
-    try:
-        st = os.stat(path)
-    except FileNotFoundError:
-        raise BadCheckpointError(f"{path}: no such file") from None
-    except OSError as exc:
-        raise BadCheckpointError(f"{path}: cannot read: {exc.strerror or exc}") from None
-    if stat.S_ISDIR(st.st_mode):
-        raise BadCheckpointError(f"{path}: is a directory, not a checkpoint file")
-    if not stat.S_ISREG(st.st_mode):
-        raise BadCheckpointError(f"{path}: not a regular file (a pipe, socket or device is never read)")
-    if not os.access(path, os.R_OK):
-        raise BadCheckpointError(f"{path}: permission denied")
-
-
 def _read_raw(path: Path, allow_globals: frozenset[str]) -> RawCheckpoint | None:
-    """The engine's reading, or None where it does not model the file (torch decides then)."""
-    try:
-        from .engine.read import read_checkpoint
-    except ImportError:  # engine not present in this build
-        return None
+    """The engine's reading, or None where it does not model the file (torch decides then).
+
+    The engine also decides what the file is before anything parses it: a missing, unreadable or
+    non-regular file (a FIFO is never opened), or a non-checkpoint, is a BadCheckpointError here.
+    """
+    from .engine.read import read_checkpoint
+
     try:
         return read_checkpoint(path, allow_globals=allow_globals)
     except EngineUnsupported as exc:
@@ -98,17 +84,10 @@ def _read_raw(path: Path, allow_globals: frozenset[str]) -> RawCheckpoint | None
         return None
 
 
-def _sniff_format(path: Path) -> str:
-    with open(path, "rb") as f:
-        head = f.read(16)
-    if head.startswith(b"PK\x03\x04"):
-        return "torch-zip"
-    if len(head) >= 9 and head[8:9] == b"{":
-        return "safetensors"
-    return "torch-legacy"
-
-
 def _torch_load(path: Path, fmt: str, *, unsafe: bool, allow_globals: frozenset[str]) -> Any:
+    from .safety import check_torch_version
+
+    check_torch_version()  # weights_only is only as safe as the torch that implements it
     import torch
 
     if fmt == "safetensors":
@@ -217,7 +196,6 @@ def load_checkpoint(
 
 def _read_container(path: Path, *, unsafe: bool, allow_globals: frozenset[str]) -> tuple[str, Any, str, Any]:
     """(format, whole object, engine used, safetensors metadata) of a checkpoint file."""
-    _check_regular_file(path)
     raw: RawCheckpoint | None = None
     try:
         raw = _read_raw(path, allow_globals)
@@ -226,7 +204,9 @@ def _read_container(path: Path, *, unsafe: bool, allow_globals: frozenset[str]) 
             raise
     if raw is not None:
         return raw.format, raw.obj, "raw", raw.metadata
-    fmt = _sniff_format(path)
+    from .engine.read import detect_format
+
+    fmt = detect_format(path)
     return fmt, _torch_load(path, fmt, unsafe=unsafe, allow_globals=allow_globals), "torch", None
 
 
@@ -331,12 +311,14 @@ def save_checkpoint(
     *,
     safetensors_metadata: Mapping[str, str] | None = None,
     verify: bool = False,
+    progress: Callable[[int], None] | None = None,
 ) -> list[str]:
     """Write `obj` atomically; `.safetensors` outputs get the safetensors format, others torch.save's.
 
     Returns notices for the user (e.g. what safetensors cannot represent). On any failure the
     destination is left exactly as it was and no temporary file remains. With `verify`, the
     written file is read back and compared with `obj` before it replaces the destination.
+    `progress` is called with byte counts as storages are copied (the byte-copying path only).
     """
     output = Path(output)
     notes: list[str] = []
@@ -347,7 +329,7 @@ def save_checkpoint(
     with atomic_output(output, check=check) as f:
         if safetensors:
             notes += _write_safetensors(obj, f, safetensors_metadata)
-        elif not _try_raw_write(obj, f, output):
+        elif not _try_raw_write(obj, f, output, progress):
             _write_torch(obj, f)
     return notes
 
@@ -372,17 +354,15 @@ def _verify_written(intended: Any, written: Path, output: Path, *, by_key: bool)
             raise OutputError(f"{output}: --verify failed: tensor {name!r} reads back different from what was meant")
 
 
-def _try_raw_write(obj: Any, f: BinaryIO, output: Path) -> bool:
+def _try_raw_write(obj: Any, f: BinaryIO, output: Path, progress: Callable[[int], None] | None = None) -> bool:
     """Copy storage records byte for byte when every tensor is a TensorMeta; False to use torch."""
     if not _contains_meta(obj) or any(not isinstance(t, TensorMeta) for t in iter_tensors(obj)):
         return False
-    try:
-        from .engine.zipwrite import write_torch_zip
-    except ImportError:
-        return False
+    from .engine.zipwrite import write_torch_zip
+
     start = f.tell()
     try:
-        write_torch_zip(obj, f, archive_name=output.stem or "archive")
+        write_torch_zip(obj, f, archive_name=output.stem or "archive", progress=progress)
         return True
     except EngineUnsupported as exc:
         log.debug("raw write fallback: %s", exc)

@@ -20,7 +20,7 @@ import secrets
 import struct
 import threading
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any, BinaryIO
 
 from ckptsurgeon.engine.data import crc_mismatch, open_regular, verify_crc
@@ -42,7 +42,9 @@ _FLAGS_DESCRIPTOR = 0x0808  # data descriptor follows + UTF-8 names
 _FLAGS_EMPTY = 0x0800  # UTF-8 names only
 
 
-def write_torch_zip(obj: Any, out: BinaryIO, *, archive_name: str) -> None:
+def write_torch_zip(
+    obj: Any, out: BinaryIO, *, archive_name: str, progress: Callable[[int], None] | None = None
+) -> None:
     """Write `obj` (an object graph with TensorMeta leaves) to `out` as `torch.save` would.
 
     `out` is a new binary file opened for writing and positioned at 0 (it is truncated first);
@@ -51,7 +53,8 @@ def write_torch_zip(obj: Any, out: BinaryIO, *, archive_name: str) -> None:
     Storages shared by several tensors are written once; a storage only partly used is cut to
     the union of its tensors' spans. Raises EngineUnsupported (before writing anything) for a
     graph it cannot represent, BadCheckpointError if a source file is missing or too short, and
-    OutputError if writing fails or the output is one of the sources.
+    OutputError if writing fails or the output is one of the sources. `progress` is called with
+    the number of bytes of each storage once it is written.
     """
     if not all(hasattr(os, f) for f in ("pwrite", "preadv", "ftruncate")):
         raise EngineUnsupported("the engine writer needs POSIX pread/pwrite")
@@ -75,7 +78,7 @@ def write_torch_zip(obj: Any, out: BinaryIO, *, archive_name: str) -> None:
                 raise OutputError(f"{out_name}: the output is also an input ({src.path})")
         try:
             os.ftruncate(fd, 0)
-            end = _write_archive(fd, graph.data, graph.storages, sources, archive_name)
+            end = _write_archive(fd, graph.data, graph.storages, sources, archive_name, progress)
         except OSError as e:
             raise OutputError(f"{out_name}: cannot write: {e.strerror or e}") from e
     finally:
@@ -90,6 +93,7 @@ def _write_archive(
     storages: list[PlannedStorage],
     sources: dict[str, _Source],
     prefix: str,
+    progress: Callable[[int], None] | None = None,
 ) -> int:
     w = _ZipWriter(fd)
     w.add_bytes(f"{prefix}/data.pkl", data_pkl)
@@ -98,6 +102,8 @@ def _write_archive(
     w.add_bytes(f"{prefix}/byteorder", b"little")
     for key, planned in enumerate(storages):
         w.add_storage(f"{prefix}/data/{key}", planned, sources[planned.source.source])
+        if progress is not None:
+            progress(planned.nbytes)
     w.add_bytes(f"{prefix}/version", b"3\n")
     serialization_id = f"{secrets.randbits(64):020d}{secrets.randbits(64):020d}"
     w.add_bytes(f"{prefix}/.data/serialization_id", serialization_id.encode())
