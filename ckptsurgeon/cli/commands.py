@@ -139,12 +139,23 @@ def notice(message: str, style: str = "") -> None:
         sys.stderr.flush()
 
 
-def _emit(renderable: Any) -> None:
-    """A table on stdout: plain text is written as it is, rich renderables through rich."""
-    if isinstance(renderable, str):
-        sys.stdout.write(renderable)
+RICH_ROWS_MAX = 2000  # rich takes ~1 ms a row: longer tables are plain text even on a terminal
+
+
+def _show(table: text.TableData) -> None:
+    """A table on stdout: drawn by rich on a terminal, plain aligned columns when piped."""
+    if sys.stdout.isatty() and len(table.rows) <= RICH_ROWS_MAX:
+        _consoles.out.print(render.to_rich(table))
     else:
-        _consoles.out.print(renderable)
+        sys.stdout.write(text.plain(table))
+
+
+def _say(line: text.Line) -> None:
+    """A line of data on stdout (styled on a terminal)."""
+    if sys.stdout.isatty():
+        _consoles.out.print(line.text, style=line.style or None, markup=False, highlight=False)
+    else:
+        sys.stdout.write(line.text + "\n")
 
 
 def print_json(data: Mapping[str, Any]) -> None:
@@ -279,8 +290,8 @@ def _public_model(data: Optional[dict[str, Any]]) -> dict[str, Any]:
 
 def _refuse_incompatible(model: Optional[dict[str, Any]], allow_missing: bool, allow_unexpected: bool) -> None:
     if model is not None and not model["compatible_allowed"]:
-        for line in render.model_lines(model, allow_missing, allow_unexpected):
-            _consoles.err.print(line)
+        for line in text.model_lines(model, allow_missing, allow_unexpected):
+            notice(line.text, line.style)
         notice("nothing written: the result does not fit the model (see --allow-missing / --allow-unexpected)", style="red")
         raise typer.Exit(EXIT_DIFFERENT)
 
@@ -290,8 +301,12 @@ def _write(
 ) -> list[str]:
     from ..io import check_output, save_checkpoint
 
+    from ..io import iter_tensors
+    from ..tensors import nbytes_of
+
     check_output(output, inputs, force=force)
-    notes = save_checkpoint(obj, output, safetensors_metadata=safetensors_metadata, verify=verify)
+    with _progress("writing", sum(nbytes_of(t) for t in iter_tensors(obj))) as progress:
+        notes = save_checkpoint(obj, output, safetensors_metadata=safetensors_metadata, verify=verify, progress=progress)
     for n in notes:
         notice(f"note: {n}")
     return notes
@@ -404,14 +419,14 @@ def inspect(
             data["kinds"] = model_data["kinds"]
         print_json(data)
     else:
-        _emit(render.inspect_table(report, model_data["kinds"] if model_data else None, model_data))
+        _show(text.inspect_table(report, model_data["kinds"] if model_data else None, model_data))
         if len(report.dtypes) > 1:
-            _consoles.out.print(render.dtype_table(report))
-        for line in render.other_entries_lines(report.other_entries) + render.shared_lines(report.shared_storage):
-            _consoles.out.print(line)
+            _show(text.dtype_table(report))
+        for line in text.other_entries_lines(report.other_entries) + text.shared_lines(report.shared_storage):
+            _say(line)
         if model_data is not None:
-            for line in render.model_lines(model_data, allow_missing, allow_unexpected):
-                _consoles.out.print(line)
+            for line in text.model_lines(model_data, allow_missing, allow_unexpected):
+                _say(line)
     if model_data is not None and not model_data["compatible_allowed"]:
         return EXIT_DIFFERENT
     return EXIT_OK
@@ -459,7 +474,7 @@ def extract(
             _writer_report("extract", output, result, dry_run=dry_run, notes=notes, state_dict_key=ckpt_obj.state_dict_key, **_model_extra(model_data))
         )
     elif dry_run:
-        _consoles.out.print(render.keys_table(((k, str(ckpt)) for k in result), f"would write {len(result)} tensors to {output}"))
+        _show(text.keys_table(((k, str(ckpt)) for k in result), f"would write {len(result)} tensors to {output}"))
     else:
         _done(output, result)
     return EXIT_OK
@@ -535,7 +550,7 @@ def rename(
             )
         )
     elif dry_run:
-        _consoles.out.print(render.rename_table(plan))
+        _show(text.rename_table(plan))
     else:
         notice(f"renamed {changed} of {len(plan)} keys")
         _done(output, renamed)
@@ -621,7 +636,7 @@ def merge(
         )
     elif dry_run:
         rows = ((k, "mean of all inputs" if average else str(ckpts[i])) for k, i in sources.items())
-        _consoles.out.print(render.keys_table(rows, f"would write {len(result)} tensors to {output}"))
+        _show(text.keys_table(rows, f"would write {len(result)} tensors to {output}"))
     else:
         _done(output, result)
     return EXIT_OK
@@ -676,14 +691,13 @@ def diff(
             data["model"] = {side: _public_model(m) for side, m in models.items()}
         print_json(data)
     else:
-        table = render.diff_table(report)
+        table = text.diff_table(report)
         if table is not None:
-            _consoles.out.print(table)
-        _consoles.out.print(render.diff_summary(report), markup=False)
+            _show(table)
+        _say(text.diff_summary(report))
         for side, m in models.items():
-            for line in render.model_lines(m, allow_missing, allow_unexpected):
-                _consoles.out.print(f"{side.upper()}: ", end="")
-                _consoles.out.print(line)
+            for line in text.model_lines(m, allow_missing, allow_unexpected):
+                _say(text.Line(f"{side.upper()}: {line.text}", line.style))
     fits = all(m["compatible_allowed"] for m in models.values())
     return EXIT_OK if report.identical and fits else EXIT_DIFFERENT
 
