@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import importlib
 import math
+import sys
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -131,7 +134,8 @@ def _diff(
     only_b = tuple(k for k in keys if k in b and k not in a)
     shapes: list[Mismatch] = []
     dtypes: list[Mismatch] = []
-    values: list[ValueMismatch] = []
+    results: dict[str, ValueMismatch | None] = {}
+    later: list[str] = []  # byte-different on-disk pairs: statistics once everything is compared
     num_equal = 0
     for key in keys:
         if key not in a or key not in b:
@@ -143,12 +147,43 @@ def _diff(
         same_dtype = dtype_name(x) == dtype_name(y)
         if not same_dtype:
             dtypes.append(Mismatch(key, dtype_name(x), dtype_name(y)))
-        mismatch = compare_values(key, x, y, rtol=rtol, atol=atol, progress=progress, buffers=buffers)
-        if mismatch is not None:
-            values.append(mismatch)
-        elif same_dtype:
+        if same_dtype and _on_disk(x) and _on_disk(y):
+            if _raw_equal(x, y, buffers, progress):
+                num_equal += 1
+            else:  # torch imports on another thread while the remaining tensors are compared
+                _import_torch_in_background()
+                later.append(key)
+            continue
+        results[key] = compare_values(key, x, y, rtol=rtol, atol=atol, progress=progress, buffers=buffers)
+        if results[key] is None and same_dtype:
             num_equal += 1
-    return DiffReport(only_a, only_b, tuple(shapes), tuple(dtypes), tuple(values), num_equal, rtol, atol)
+    for key in later:
+        results[key] = compare_values(key, a[key], b[key], rtol=rtol, atol=atol, buffers=buffers)
+        if results[key] is None:  # bytes differ but values are equal within the tolerance
+            num_equal += 1
+    values = tuple(m for k in keys if (m := results.get(k)) is not None)
+    return DiffReport(only_a, only_b, tuple(shapes), tuple(dtypes), values, num_equal, rtol, atol)
+
+
+def _raw_equal(x: TensorMeta, y: TensorMeta, buffers: _Buffers, progress: Progress | None) -> bool:
+    """Whether two on-disk tensors hold the same bytes (stops at the first differing chunk; the
+    statistics pass then reads them whole, CRCs included)."""
+    for bx, by in _raw_chunk_pairs(x, y, buffers):
+        if progress is not None:
+            progress(len(bx))
+        if not _same_bytes(bx, by):
+            return False
+    return True
+
+
+def _import_torch_in_background() -> None:
+    """Start importing torch (1.5-3 s) on a second thread; `import torch` later waits for it."""
+    if "torch" in sys.modules or any(t.name == _IMPORT_THREAD for t in threading.enumerate()):
+        return
+    threading.Thread(target=importlib.import_module, args=("torch",), name=_IMPORT_THREAD, daemon=True).start()
+
+
+_IMPORT_THREAD = "ckptsurgeon-import-torch"
 
 
 def compare_values(
