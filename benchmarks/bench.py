@@ -1,0 +1,1152 @@
+#!/usr/bin/env python3
+"""Time ckptsurgeon's commands as whole processes against the plain torch way of doing the same job.
+
+Every measured thing is a separate child process (the ``ckptsurgeon`` console script, or a small
+``python -c`` script that uses ``torch.load`` / ``torch.save``), so interpreter start-up and
+``import torch`` are counted the same way for both sides. For each: median wall seconds over
+``--runs`` runs, peak RSS of the child, and the ratio to the torch way; then PASS/FAIL against the
+project's targets. See benchmarks/README.md for how each figure is measured.
+
+This process never imports torch: the data is generated, and outputs are compared, in children.
+
+    python benchmarks/bench.py --size 200MB --only inspect,extract
+    python benchmarks/bench.py                      # 2 GB default, all groups
+    python benchmarks/bench.py --markdown results.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import ctypes.util
+import importlib.metadata
+import json
+import os
+import platform
+import re
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+MODEL_FILE = HERE / "big_model.py"
+MODEL_CLASS = "Llama7B"
+
+MiB = 2**20
+GROUPS = ("help", "inspect", "extract", "rename", "merge", "diff", "average", "model")
+N_TENSORS = 100  # the main file: 100 fp32 tensors (5M elements each at the default 2 GB)
+COLS = 1000  # tensors are (rows, 1000)
+EXTRACT_PATTERN = "encoder.layers.1?.*"  # layers 10..19: 10 of the 100 tensors
+CHANGED = (3, 27, 51, 75, 99)  # tensors that differ between a.pt and b.pt
+N_MANY = 20_000
+RENAME_PREFIX = "module."
+DATA_VERSION = 1  # bump when the generated files change, so kept data is regenerated
+
+# --------------------------------------------------------------------------------------------
+# the torch way: small scripts run as `python -c SCRIPT ARGS...`
+
+# Each script is PRELUDE (which defines `load(path)` for one torch way) + a body. Scripts that
+# write take the output path as sys.argv[1].
+PRELUDE = "import sys, torch\n\ndef load(path):\n    return torch.load(path, weights_only=True{kwargs})\n\n"
+TORCH_WAYS = (("full", "torch.load", ""), ("mmap", "torch.load(mmap=True)", ", mmap=True"))
+
+TORCH_INSPECT = """\
+for k, v in load(sys.argv[1]).items():
+    print(k, tuple(v.shape), v.dtype, v.numel(), v.numel() * v.element_size())
+"""
+
+TORCH_EXTRACT = """\
+import fnmatch
+sd = load(sys.argv[2])
+torch.save({k: v for k, v in sd.items() if fnmatch.fnmatchcase(k, sys.argv[3])}, sys.argv[1])
+"""
+
+TORCH_RENAME = """\
+torch.save({sys.argv[3] + k: v for k, v in load(sys.argv[2]).items()}, sys.argv[1])
+"""
+
+TORCH_MERGE = """\
+out = {}
+for path in sys.argv[2:]:
+    out.update(load(path))
+torch.save(out, sys.argv[1])
+"""
+
+TORCH_AVERAGE = """\
+sds = [load(path) for path in sys.argv[2:]]
+torch.save({k: sum(sd[k] for sd in sds) / len(sds) for k in sds[0]}, sys.argv[1])
+"""
+
+TORCH_DIFF = """\
+a, b = load(sys.argv[1]), load(sys.argv[2])
+different = sorted(set(a) ^ set(b))
+for k in a.keys() & b.keys():
+    if a[k].shape != b[k].shape or a[k].dtype != b[k].dtype or not torch.equal(a[k], b[k]):
+        different.append(k)
+print("\\n".join(sorted(different)))
+sys.exit(1 if different else 0)
+"""
+
+TORCH_MODEL = """\
+import importlib.util
+spec = importlib.util.spec_from_file_location("big_model", sys.argv[2])
+module = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(module)
+with torch.device("meta"):
+    model = getattr(module, sys.argv[3])()
+print(model.load_state_dict(load(sys.argv[1]), strict=True, assign=True))
+"""
+
+VERIFY = """\
+import sys, torch
+mode, mine, theirs = sys.argv[1:4]
+a = torch.load(mine, weights_only=True, mmap=True)
+b = torch.load(theirs, weights_only=True, mmap=True)
+if list(a) != list(b):
+    only = sorted(set(a) ^ set(b))
+    print("keys differ" + (f": only in one: {only[:5]}" if only else " in order"))
+    sys.exit(1)
+for k in a:
+    x, y = a[k], b[k]
+    same = x.dtype == y.dtype and x.shape == y.shape and (
+        torch.equal(x, y) if mode == "equal" else torch.allclose(x, y, rtol=1e-5, atol=1e-6))
+    if not same:
+        print(f"{k}: {x.dtype} {tuple(x.shape)} vs {y.dtype} {tuple(y.shape)}, values differ")
+        sys.exit(1)
+print(f"{len(a)} tensors {'equal' if mode == 'equal' else 'allclose'}")
+"""
+
+GENERATE = r"""
+import json, os, sys, time
+import torch
+spec = json.loads(sys.argv[1])
+out = spec["dir"]
+rows, cols, n = spec["rows"], spec["cols"], spec["n"]
+todo = set(spec["files"])
+def save(obj, name):
+    t = time.perf_counter()
+    torch.save(obj, os.path.join(out, name))
+    print(f"  generated {name} in {time.perf_counter() - t:.1f} s", file=sys.stderr, flush=True)
+def tensors(seed, rows):
+    g = torch.Generator().manual_seed(seed)
+    return {f"encoder.layers.{i}.weight": torch.randn(rows, cols, generator=g) for i in range(n)}
+if todo & {"a.pt", "b.pt", "half1.pt", "half2.pt"}:
+    a = tensors(0, rows)
+    if "a.pt" in todo:
+        save(a, "a.pt")
+    if "half1.pt" in todo:
+        save(dict(list(a.items())[: n // 2]), "half1.pt")
+    if "half2.pt" in todo:
+        save(dict(list(a.items())[n // 2 :]), "half2.pt")
+    if "b.pt" in todo:
+        b = dict(a)
+        for i in spec["changed"]:
+            b[f"encoder.layers.{i}.weight"] = a[f"encoder.layers.{i}.weight"] * 1.01
+        save(b, "b.pt")
+    del a
+for j in (1, 2, 3):
+    if f"avg{j}.pt" in todo:
+        save(tensors(j, rows // 2), f"avg{j}.pt")
+if "many.pt" in todo:
+    g = torch.Generator().manual_seed(4)
+    save({f"blocks.{i // 20}.layers.{i % 20}.weight": torch.randn(8, 8, generator=g)
+          for i in range(spec["n_many"])}, "many.pt")
+if "llama7b.pt" in todo:
+    import importlib.util
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    m = importlib.util.spec_from_file_location("big_model", spec["model_file"])
+    module = importlib.util.module_from_spec(m)
+    m.loader.exec_module(module)
+    with torch.device("meta"):
+        model = getattr(module, spec["model_class"])()
+    shapes = {k: (tuple(v.shape), v.dtype) for k, v in model.state_dict().items()}
+    with FakeTensorMode():
+        fake = {k: torch.empty(s, dtype=d) for k, (s, d) in shapes.items()}
+    # skip_data writes every header and seeks over the data: a sparse file with the real layout
+    with torch.serialization.skip_data(materialize_fake_tensors=True):
+        save(fake, "llama7b.pt")
+"""
+
+# --------------------------------------------------------------------------------------------
+# measuring one child process
+
+
+@dataclass
+class Run:
+    """One finished child process."""
+
+    seconds: float
+    returncode: int
+    maxrss: int | None  # bytes
+    rchar: int | None  # bytes passed through read()-like syscalls, imports included
+    stdout: str
+    stderr: str
+
+
+WRAPPER = """\
+import os, sys, time
+t = time.perf_counter()
+pid = os.posix_spawnp(sys.argv[2], sys.argv[2:], os.environ)
+_, status, ru = os.wait4(pid, 0)
+t = time.perf_counter() - t
+with open(sys.argv[1], "w") as f:
+    f.write(f"{ru.ru_maxrss} {t}")
+code = os.waitstatus_to_exitcode(status)
+sys.exit(code if code >= 0 else 128 - code)
+"""
+
+
+class Meter:
+    """Runs a command as a child and measures wall time, peak RSS and bytes read.
+
+    Peak RSS is the child's own ``ru_maxrss``. It cannot be taken from ``os.wait4`` on a direct
+    child: Linux records the forking process's high-water RSS in the child at ``exec``, so every
+    child would look at least as big as this script. GNU time (``/usr/bin/time -f %M``) execs the
+    command from a 1 MiB process, so its figure is the command's own; without GNU time a tiny
+    Python wrapper does the same job with a ~9 MiB floor. Bytes read: ``rchar`` of
+    ``/proc/<wrapper>/io``, read after the wrapper exits but before it is reaped
+    (``waitid(WNOWAIT)``); a reaped child's I/O counts are added to its parent, so it includes the
+    command's. It counts read()/pread() bytes only (imports included, mmap page faults not).
+    """
+
+    def __init__(self, timeout: float) -> None:
+        self.timeout = timeout
+        self.gnu_time = _gnu_time()
+        self.method = (
+            f"GNU time ({self.gnu_time} -f %M: ru_maxrss of the command alone)"
+            if self.gnu_time
+            else "Python wrapper with os.wait4 (ru_maxrss of the command; ~9 MiB floor: the wrapper's own)"
+        )
+        self._tmp = Path(tempfile.mkdtemp(prefix="ckptsurgeon-bench-"))
+
+    def close(self) -> None:
+        shutil.rmtree(self._tmp, ignore_errors=True)
+
+    def run(self, argv: Sequence[str], *, env: dict[str, str], cwd: Path) -> Run:
+        rss_file = self._tmp / "rss"
+        rss_file.unlink(missing_ok=True)
+        if self.gnu_time:
+            full = [self.gnu_time, "-f", "%M", "-o", str(rss_file), *argv]
+        else:
+            full = [sys.executable, "-S", "-c", WRAPPER, str(rss_file), *argv]
+        with open(self._tmp / "out", "w+b") as out, open(self._tmp / "err", "w+b") as err:
+            start = time.perf_counter()
+            try:
+                proc = subprocess.Popen(
+                    full, stdin=subprocess.DEVNULL, stdout=out, stderr=err, env=env, cwd=cwd, start_new_session=True
+                )
+            except OSError as exc:
+                return Run(0.0, 127, None, None, "", f"cannot start {argv[0]}: {exc}")
+            killed = threading.Event()
+            timer = threading.Timer(self.timeout, lambda: (killed.set(), _kill_group(proc.pid)))
+            timer.start()
+            try:
+                os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOWAIT)
+                seconds = time.perf_counter() - start
+                rchar = _rchar(proc.pid)
+                _, status, _ = os.wait4(proc.pid, 0)
+            except BaseException:  # Ctrl-C: the child runs in its own session, so stop it here
+                _kill_group(proc.pid)
+                with contextlib.suppress(OSError):
+                    os.wait4(proc.pid, 0)
+                raise
+            finally:
+                timer.cancel()
+            proc.returncode = returncode = os.waitstatus_to_exitcode(status)
+            out.seek(0)
+            err.seek(0)
+            stdout = out.read().decode(errors="replace")
+            stderr = err.read().decode(errors="replace")
+        maxrss = None
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            fields = rss_file.read_text().strip().splitlines()[-1].split()
+            maxrss = int(fields[0]) * 1024
+            if len(fields) > 1:  # the Python wrapper times the command itself
+                seconds = float(fields[1])
+        if killed.is_set():
+            stderr += f"\n[killed after the {self.timeout:.0f} s timeout]"
+        return Run(seconds, returncode, maxrss, rchar, stdout, stderr)
+
+
+def _gnu_time() -> str | None:
+    path = shutil.which("time", path="/usr/bin:/bin:/usr/local/bin")
+    if not path:
+        return None
+    try:
+        probe = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return path if "GNU" in probe.stdout + probe.stderr else None
+
+
+def _kill_group(pid: int) -> None:
+    with contextlib.suppress(OSError):
+        os.killpg(pid, signal.SIGKILL)
+
+
+def _rchar(pid: int) -> int | None:
+    try:
+        text = Path(f"/proc/{pid}/io").read_text()
+    except OSError:
+        return None
+    match = re.search(r"^rchar:\s*(\d+)", text, re.M)
+    return int(match.group(1)) if match else None
+
+
+# --------------------------------------------------------------------------------------------
+# page cache: warm files, evict them, count their resident pages (mincore)
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+_libc.mmap.restype = ctypes.c_void_p
+_libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+_libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+_libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+def resident_bytes(path: Path) -> int | None:
+    """Bytes of `path` now in the page cache (mincore over a mapping that touches nothing)."""
+    size = path.stat().st_size
+    if size == 0:
+        return 0
+    with open(path, "rb") as f:
+        addr = _libc.mmap(None, size, 1, 1, f.fileno(), 0)  # PROT_READ, MAP_SHARED
+        if addr in (None, ctypes.c_void_p(-1).value):
+            return None
+        try:
+            pages = (size + PAGE - 1) // PAGE
+            vec = (ctypes.c_ubyte * pages)()
+            if _libc.mincore(ctypes.c_void_p(addr), size, vec) != 0:
+                return None
+            return sum(b & 1 for b in bytes(vec)) * PAGE
+        finally:
+            _libc.munmap(ctypes.c_void_p(addr), size)
+
+
+def evict(path: Path) -> None:
+    """Ask the kernel to drop `path` from the page cache (clean pages only, hence the fsync)."""
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+        os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+
+
+def warm(path: Path) -> None:
+    """Read `path` once so that it sits in the page cache (1 MiB buffer: this process stays small)."""
+    buf = bytearray(MiB)
+    with open(path, "rb", buffering=0) as f:
+        while f.readinto(buf):
+            pass
+
+
+_STRACE_DONE = re.compile(r"^(?:(\d+) +)?(\w+)\((\d+)<(.*?)>.*\) += (-?\d+)")
+_STRACE_UNFINISHED = re.compile(r"^(?:(\d+) +)?(\w+)\((\d+)<(.*?)>.*<unfinished \.\.\.>$")
+_STRACE_RESUMED = re.compile(r"^(?:(\d+) +)?<\.\.\. (\w+) resumed>.* = (-?\d+)")
+_READS = ("read", "pread64", "readv", "preadv", "preadv2")
+
+
+def syscall_reads(argv: Sequence[str], path: Path, *, env: dict[str, str], cwd: Path) -> tuple[int, bool] | None:
+    """(bytes read from `path` by read-family syscalls, whether it was mmapped), via strace -y.
+
+    None when strace is missing or the traced command failed.
+    """
+    strace = shutil.which("strace")
+    if not strace:
+        return None
+    target = str(path.resolve())
+    with tempfile.NamedTemporaryFile("r", suffix=".strace") as log_file:
+        cmd = [strace, "-f", "-qq", "-s", "0", "-y", "-e", "trace=" + ",".join((*_READS, "mmap")), "-o", log_file.name, *argv]
+        try:
+            proc = subprocess.run(cmd, env=env, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=3600)
+        except (OSError, subprocess.SubprocessError) as exc:
+            log(f"strace run failed: {exc}")
+            return None
+        if proc.returncode != 0:
+            log(f"strace run exited {proc.returncode}: {proc.stderr.decode(errors='replace')[-1500:]}")
+            return None
+        total, mapped, pending = 0, False, {}
+        for line in log_file:
+            line = line.rstrip("\n")
+            if line.split("(", 1)[0].rsplit(" ", 1)[-1] == "mmap" and f"<{target}>" in line:
+                mapped = True
+            elif m := _STRACE_DONE.match(line):
+                if m.group(2) in _READS and m.group(4) == target and int(m.group(5)) > 0:
+                    total += int(m.group(5))
+            elif m := _STRACE_UNFINISHED.match(line):
+                pending[m.group(1)] = m.group(2) in _READS and m.group(4) == target
+            elif m := _STRACE_RESUMED.match(line):
+                if pending.pop(m.group(1), False) and int(m.group(3)) > 0:
+                    total += int(m.group(3))
+    return total, mapped
+
+
+# --------------------------------------------------------------------------------------------
+# what is measured
+
+
+@dataclass
+class Case:
+    """One way of doing a job: a command line, its role, what it must produce."""
+
+    label: str
+    argv: list[str]
+    role: str  # "cli" (ckptsurgeon), "full" (torch.load), "mmap" (torch.load mmap=True), "ref", "info"
+    output: Path | None = None
+    expect_rc: int = 0
+    expect_stdout: tuple[str, ...] = ()
+
+
+@dataclass
+class Result:
+    case: Case
+    runs: list[Run] = field(default_factory=list)
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None and bool(self.runs)
+
+    @property
+    def median(self) -> float | None:
+        return statistics.median(r.seconds for r in self.runs) if self.ok else None
+
+    @property
+    def maxrss(self) -> int | None:
+        values = [r.maxrss for r in self.runs if r.maxrss is not None]
+        return max(values) if self.ok and values else None
+
+
+@dataclass
+class Target:
+    text: str
+    passed: bool
+    measured: str
+
+
+@dataclass
+class GroupReport:
+    name: str
+    title: str
+    results: list[Result] = field(default_factory=list)
+    targets: list[Target] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def get(self, role: str, label: str | None = None) -> Result | None:
+        for r in self.results:
+            if r.case.role == role and (label is None or r.case.label == label):
+                return r
+        return None
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace, meter: Meter, workdir: Path, cli: str) -> None:
+        self.args = args
+        self.meter = meter
+        self.workdir = workdir
+        self.cli = cli
+        self.py = sys.executable
+        self.env = dict(os.environ, COLUMNS="250", PYTHONDONTWRITEBYTECODE="1", NO_COLOR="1")
+        self.env.pop("PYTHONSTARTUP", None)
+        self.outputs: set[Path] = set()
+
+    def p(self, name: str) -> Path:
+        return self.workdir / name
+
+    def out(self, name: str) -> Path:
+        path = self.workdir / f"out-{name}.pt"
+        self.outputs.add(path)
+        return path
+
+    def ck(self, *args: str | Path) -> list[str]:
+        return [self.cli, *map(str, args)]
+
+    # ---- running
+
+    def prepare(self, case: Case) -> None:
+        if case.output is not None:
+            case.output.unlink(missing_ok=True)
+            os.sync()  # earlier writes are flushed outside the timed region
+
+    def once(self, case: Case) -> Run:
+        self.prepare(case)
+        return self.meter.run(case.argv, env=self.env, cwd=self.workdir)
+
+    def check(self, case: Case, run: Run) -> str | None:
+        """Why this run counts as failed, or None."""
+        problems = []
+        if run.returncode != case.expect_rc:
+            problems.append(f"exit code {run.returncode}, expected {case.expect_rc}")
+        if case.output is not None and run.returncode == case.expect_rc:
+            if not case.output.exists() or case.output.stat().st_size == 0:
+                problems.append(f"no output written to {case.output.name}")
+        missing = [s for s in case.expect_stdout if s not in run.stdout]
+        if missing and run.returncode == case.expect_rc:
+            problems.append(f"stdout lacks {missing[:3]}")
+        if not problems:
+            return None
+        tail = "\n".join(run.stderr.strip().splitlines()[-15:])
+        return "; ".join(problems) + (f"\n    stderr:\n      " + tail.replace("\n", "\n      ") if tail else "")
+
+    def measure(self, report: GroupReport, cases: list[Case], verify: tuple[Case, Case, str] | None = None) -> None:
+        """Warm up every case once, optionally check outputs, then time them round-robin."""
+        results = [Result(c) for c in cases]
+        report.results.extend(results)
+        for res in results:
+            log(f"[{report.name}] warm-up: {res.case.label}")
+            run = self.once(res.case)
+            res.error = self.check(res.case, run)
+            if res.error:
+                log(f"[{report.name}]   FAILED: {res.error}")
+        if verify is not None:
+            self.verify(report, *verify)
+        for i in range(self.args.runs):
+            for res in results:
+                if res.error:
+                    continue
+                run = self.once(res.case)
+                res.error = self.check(res.case, run)
+                if res.error:
+                    res.runs.clear()
+                    log(f"[{report.name}]   FAILED: {res.error}")
+                    continue
+                res.runs.append(run)
+                log(f"[{report.name}] run {i + 1}/{self.args.runs}: {res.case.label}: {run.seconds:.3f} s, {fmt_rss(run.maxrss)}")
+        for c in cases:
+            if c.output is not None and c.role != "cli":
+                c.output.unlink(missing_ok=True)
+
+    def verify(self, report: GroupReport, mine: Case, theirs: Case, mode: str) -> None:
+        """Compare the ckptsurgeon output of the warm-up with the torch way's, tensor by tensor."""
+        res_mine = next(r for r in report.results if r.case is mine)
+        res_theirs = next(r for r in report.results if r.case is theirs)
+        if not (res_mine.error is None and res_theirs.error is None):
+            report.targets.append(Target("output equals the torch way's", False, "not compared: a command failed"))
+            return
+        assert mine.output is not None and theirs.output is not None
+        argv = [self.py, "-c", VERIFY, mode, str(mine.output), str(theirs.output)]
+        run = self.meter.run(argv, env=self.env, cwd=self.workdir)
+        passed = run.returncode == 0
+        detail = run.stdout.strip() or (run.stderr.strip().splitlines() or ["?"])[-1]
+        how = "bit for bit" if mode == "equal" else "allclose rtol 1e-5"
+        report.targets.append(Target(f"output equals the torch way's ({how})", passed, detail))
+        theirs.output.unlink(missing_ok=True)
+
+    # ---- the groups
+
+    def torch_ways(
+        self, group: str, what: str, script: str, *args: str | Path, writes: bool = False,
+        ways: Sequence[tuple[str, str, str]] = TORCH_WAYS, **expect: Any,
+    ) -> list[Case]:
+        """One Case per torch way (full load, mmap) running PRELUDE + `script` with `args`."""
+        cases = []
+        for role, name, kwargs in ways:
+            out = self.out(f"{group}-{role}") if writes else None
+            argv = [self.py, "-c", PRELUDE.format(kwargs=kwargs) + script, *([str(out)] if out else []), *map(str, args)]
+            cases.append(Case(f"{name} + {what}", argv, role, out, **expect))
+        return cases
+
+    def group_help(self) -> GroupReport:
+        rep = GroupReport("help", "ckptsurgeon --help (start-up cost)")
+        cases = [
+            Case("ckptsurgeon --help", self.ck("--help"), "cli", expect_stdout=("inspect",)),
+            Case("python -c pass", [self.py, "-c", "pass"], "info"),
+            Case("python -c 'import torch'", [self.py, "-c", "import torch"], "info"),
+        ]
+        self.measure(rep, cases)
+        rep.targets.append(time_below(rep.get("cli"), 0.3, "ckptsurgeon --help < 0.3 s"))
+        return rep
+
+    def group_inspect(self) -> GroupReport:
+        a, many = self.p("a.pt"), self.p("many.pt")
+        rep = GroupReport("inspect", f"inspect: {N_TENSORS} tensors, {fmt_size(a.stat().st_size)}")
+        keys = ("encoder.layers.0.weight", f"encoder.layers.{N_TENSORS - 1}.weight")
+        last_many = (f"blocks.{(N_MANY - 1) // 20}.layers.19.weight",)
+        cli = Case("ckptsurgeon inspect a.pt", self.ck("inspect", a), "cli", expect_stdout=keys)
+        full, mmap = self.torch_ways("inspect", "list", TORCH_INSPECT, a, expect_stdout=keys)
+        many_cases = [
+            Case(f"ckptsurgeon inspect many.pt ({N_MANY:,} tensors)", self.ck("inspect", many), "cli-many", expect_stdout=last_many),
+            Case("ckptsurgeon inspect many.pt --json", self.ck("inspect", many, "--json"), "info", expect_stdout=last_many),
+        ]
+        many_mmap = self.torch_ways("inspect", "list, many.pt", TORCH_INSPECT, many, expect_stdout=last_many)[1]
+        many_mmap.role = "info"
+        self.measure(rep, [cli, full, mmap, *many_cases, many_mmap])
+        rc = rep.get("cli")
+        rep.targets.append(speedup(rc, rep.get("mmap"), 20, "inspect ≥ 20× faster than torch.load(mmap=True) + listing"))
+        rep.targets.append(speedup(rc, rep.get("full"), 50, "inspect ≥ 50× faster than torch.load + listing"))
+        rep.targets.append(rss_below(rc, 64 * MiB, "inspect peak RSS ≤ 64 MiB"))
+        rep.targets.append(self.bytes_read(rep, cli, a, mmap))
+        rep.targets.append(time_below(rep.get("cli-many"), 1.0, f"inspect of a {N_MANY:,}-tensor checkpoint < 1 s"))
+        return rep
+
+    def bytes_read(self, rep: GroupReport, cli: Case, path: Path, mmap: Case) -> Target:
+        """How much of `path` the command reads: syscalls (strace) and pages brought in from cold.
+
+        The verdict uses the bytes the process asked for through read-family syscalls on this
+        file (strace -y) when strace exists and the process did not mmap the file; otherwise the
+        page-cache figure, which includes the kernel's readahead and mmap faults.
+        """
+        text = "inspect reads < 1% of the file"
+        size = path.stat().st_size
+        traced = syscall_reads(cli.argv, path, env=self.env, cwd=self.workdir)
+        if traced is not None:
+            how = "and maps it (faults not counted)" if traced[1] else "and does not mmap it"
+            rep.notes.append(f"strace, {cli.label}: read()/pread() of {path.name}: {fmt_size(traced[0])} {how}")
+        found: dict[str, tuple[int | None, int | None]] = {}
+        for case in (cli, mmap):
+            evict(path)
+            before = resident_bytes(path)
+            if before is None or before > size // 20:
+                rep.notes.append(f"page-cache eviction did not work here ({fmt_size(before)} stayed resident): no page-cache figure")
+                found = {}
+                break
+            run = self.once(case)
+            if run.returncode != case.expect_rc:
+                found[case.label] = (None, run.rchar)
+                continue
+            after = resident_bytes(path)
+            found[case.label] = (None if after is None else max(0, after - before), run.rchar)
+        warm(path)
+        for label, (cached, rchar) in found.items():
+            rep.notes.append(
+                f"cold cache, {label}: {fmt_size(cached)} of {path.name} brought into the page cache "
+                f"(reads and mmap faults, readahead included); rchar of the whole process {fmt_size(rchar)}"
+            )
+        figure: int | None = None
+        if traced is not None and not traced[1]:
+            figure, source = traced[0], "read by syscalls (strace)"
+        elif found.get(cli.label, (None, None))[0] is not None:
+            figure, source = found[cli.label][0], "brought into the page cache from cold"
+        elif not found:  # eviction impossible: rchar is an upper bound for read() (imports included)
+            figure, source = self.once(cli).rchar, "rchar of the whole process"
+        if figure is None:
+            return Target(text, False, "not measured: the measuring run failed")
+        share = figure / size
+        return Target(text, share < 0.01, f"{fmt_size(figure)} of {fmt_size(size)} = {share:.3%} ({source})")
+
+    def group_extract(self) -> GroupReport:
+        a = self.p("a.pt")
+        rep = GroupReport("extract", f"extract 10%: -i '{EXTRACT_PATTERN}' (10 of {N_TENSORS} tensors) from {fmt_size(a.stat().st_size)}")
+        o = self.out("extract-cli")
+        cli = Case("ckptsurgeon extract a.pt -i PATTERN", self.ck("extract", a, "-o", o, "-i", EXTRACT_PATTERN), "cli", o)
+        full, mmap = self.torch_ways("extract", "torch.save", TORCH_EXTRACT, a, EXTRACT_PATTERN, writes=True)
+        self.measure(rep, [cli, full, mmap], verify=(cli, full, "equal"))
+        rc = rep.get("cli")
+        rep.targets.append(speedup(rc, rep.get("full"), 10, "extract 10% ≥ 10× faster than torch.load + torch.save"))
+        rep.targets.append(speedup(rc, rep.get("mmap"), 3, "extract 10% ≥ 3× faster than torch.load(mmap=True) + torch.save"))
+        rep.targets.append(rss_below(rc, 64 * MiB, "extract peak RSS ≤ 64 MiB"))
+        return rep
+
+    def copy_reference(self, src: Path) -> Case:
+        o = self.out("cp")
+        return Case("cp + sync (reference)", ["sh", "-c", 'cp "$1" "$2" && sync "$2"', "sh", str(src), str(o)], "ref", o)
+
+    def group_rename(self) -> GroupReport:
+        a = self.p("a.pt")
+        rep = GroupReport("rename", f"rename --add-prefix {RENAME_PREFIX} of the whole {fmt_size(a.stat().st_size)} file")
+        o = self.out("rename-cli")
+        cli = Case(f"ckptsurgeon rename --add-prefix {RENAME_PREFIX}", self.ck("rename", a, "-o", o, "--add-prefix", RENAME_PREFIX), "cli", o)
+        full, mmap = self.torch_ways("rename", "torch.save", TORCH_RENAME, a, RENAME_PREFIX, writes=True)
+        self.measure(rep, [cli, full, mmap, self.copy_reference(a)], verify=(cli, full, "equal"))
+        rc = rep.get("cli")
+        rep.targets.append(ratio_below(rc, rep.get("ref"), 1.5, "rename ≤ 1.5× the time of cp + sync"))
+        rep.targets.append(rss_below(rc, 64 * MiB, "rename peak RSS ≤ 64 MiB"))
+        return rep
+
+    def group_merge(self) -> GroupReport:
+        a, h1, h2 = self.p("a.pt"), self.p("half1.pt"), self.p("half2.pt")
+        rep = GroupReport("merge", f"merge of two halves ({fmt_size(h1.stat().st_size)} + {fmt_size(h2.stat().st_size)})")
+        o = self.out("merge-cli")
+        cli = Case("ckptsurgeon merge half1 half2", self.ck("merge", h1, h2, "-o", o), "cli", o)
+        full, mmap = self.torch_ways("merge", "union + torch.save", TORCH_MERGE, h1, h2, writes=True)
+        self.measure(rep, [cli, full, mmap, self.copy_reference(a)], verify=(cli, full, "equal"))
+        rc = rep.get("cli")
+        rep.targets.append(ratio_below(rc, rep.get("ref"), 1.5, "merge ≤ 1.5× the time of cp + sync of the whole file"))
+        rep.targets.append(rss_below(rc, 64 * MiB, "merge peak RSS ≤ 64 MiB"))
+        return rep
+
+    def group_diff(self) -> GroupReport:
+        a, b = self.p("a.pt"), self.p("b.pt")
+        rep = GroupReport("diff", f"diff of two {fmt_size(a.stat().st_size)} files ({len(CHANGED)} tensors differ)")
+        changed = tuple(f"encoder.layers.{i}.weight" for i in CHANGED)
+        cli = Case("ckptsurgeon diff a.pt b.pt", self.ck("diff", a, b), "cli", expect_rc=1, expect_stdout=changed)
+        full, mmap = self.torch_ways("diff", "torch.equal", TORCH_DIFF, a, b, expect_rc=1, expect_stdout=changed)
+        cat = Case("cat a.pt b.pt > /dev/null (reference)", ["sh", "-c", 'cat "$1" "$2" > /dev/null', "sh", str(a), str(b)], "ref")
+        self.measure(rep, [cli, full, mmap, cat])
+        rc = rep.get("cli")
+        rep.targets.append(ratio_below(rc, rep.get("ref"), 3.0, "diff ≤ 3× the time of cat a b > /dev/null"))
+        rep.targets.append(rss_below(rc, 512 * MiB, "diff peak RSS ≤ 512 MiB"))
+        rep.notes.append(f"each way must exit 1 and name the {len(CHANGED)} changed tensors on stdout")
+        return rep
+
+    def group_average(self) -> GroupReport:
+        files = [self.p(f"avg{j}.pt") for j in (1, 2, 3)]
+        rep = GroupReport("average", f"merge --average of three {fmt_size(files[0].stat().st_size)} files")
+        o = self.out("average-cli")
+        cli = Case("ckptsurgeon merge --average ×3", self.ck("merge", "--average", *files, "-o", o), "cli", o)
+        full, mmap = self.torch_ways("average", "mean + torch.save", TORCH_AVERAGE, *files, writes=True)
+        self.measure(rep, [cli, full, mmap], verify=(cli, full, "close"))
+        rf = rep.get("full")
+        target = rss_below(rep.get("cli"), 1536 * MiB, "merge --average peak RSS ≤ 1.5 GiB")
+        target.measured += f"; naive torch.load way: {fmt_rss(rf.maxrss if rf else None)}"
+        rep.targets.append(target)
+        if self.args.size != DEFAULT_SIZE:
+            rep.notes.append("the 1.5 GiB target is set for the default --size (three 1 GB files)")
+        return rep
+
+    def group_model(self) -> GroupReport:
+        ck = self.p("llama7b.pt")
+        st = ck.stat()
+        rep = GroupReport("model", f"inspect --model {MODEL_FILE.name}:{MODEL_CLASS} (6.74 B parameters, 291 tensors)")
+        rep.notes.append(
+            f"{ck.name}: every key and shape of the model, written by torch.save under "
+            f"torch.serialization.skip_data() from FakeTensors: the real layout, {fmt_size(st.st_size)} "
+            f"apparent, {fmt_size(st.st_blocks * 512)} on disk (the data regions are holes)"
+        )
+        spec = f"{MODEL_FILE}:{MODEL_CLASS}"
+        cli = Case("ckptsurgeon inspect --model", self.ck("inspect", ck, "--model", spec), "cli", expect_stdout=("lm_head.weight",))
+        ways = (("full", 'torch.load(map_location="meta")', ', map_location="meta"'), TORCH_WAYS[1])
+        meta, mmap = self.torch_ways("model", "load_state_dict", TORCH_MODEL, ck, MODEL_FILE, MODEL_CLASS, ways=ways)
+        self.measure(rep, [cli, meta, mmap])
+        failed_mmap = rep.get("mmap")
+        if failed_mmap is not None and "Cannot allocate memory" in (failed_mmap.error or ""):
+            rep.notes.append(
+                "torch.load(mmap=True) maps the whole file copy-on-write; the kernel refuses a private "
+                f"mapping of {fmt_size(st.st_size)} on this machine (RAM {fmt_size(total_ram())}, "
+                f"vm.overcommit_memory={overcommit_mode()})"
+            )
+        rc = rep.get("cli")
+        rep.targets.append(time_below(rc, 5.0, "--model check of a 7 B model < 5 s"))
+        rep.targets.append(rss_below(rc, 1024 * MiB, "--model check peak RSS < 1 GiB"))
+        return rep
+
+
+# --------------------------------------------------------------------------------------------
+# judging
+
+
+def _failed(text: str, *results: Result | None) -> Target | None:
+    for r in results:
+        if r is None or not r.ok:
+            why = "missing" if r is None else f"{r.case.label} failed"
+            return Target(text, False, f"not measured: {why}")
+    return None
+
+
+def speedup(cli: Result | None, torch_way: Result | None, factor: float, text: str) -> Target:
+    if (bad := _failed(text, cli, torch_way)) is not None:
+        return bad
+    assert cli and torch_way and cli.median is not None and torch_way.median is not None
+    x = torch_way.median / cli.median
+    return Target(text, x >= factor, f"{x:.1f}× ({fmt_s(cli.median)} vs {fmt_s(torch_way.median)})")
+
+
+def ratio_below(cli: Result | None, ref: Result | None, factor: float, text: str) -> Target:
+    if (bad := _failed(text, cli, ref)) is not None:
+        return bad
+    assert cli and ref and cli.median is not None and ref.median is not None
+    x = cli.median / ref.median
+    return Target(text, x <= factor, f"{x:.2f}× ({fmt_s(cli.median)} vs {fmt_s(ref.median)})")
+
+
+def time_below(res: Result | None, limit: float, text: str) -> Target:
+    if (bad := _failed(text, res)) is not None:
+        return bad
+    assert res and res.median is not None
+    return Target(text, res.median < limit, fmt_s(res.median))
+
+
+def rss_below(res: Result | None, limit: int, text: str) -> Target:
+    if (bad := _failed(text, res)) is not None:
+        return bad
+    assert res
+    if res.maxrss is None:
+        return Target(text, False, "not measured: no RSS figure")
+    return Target(text, res.maxrss <= limit, fmt_rss(res.maxrss))
+
+
+# --------------------------------------------------------------------------------------------
+# formatting
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def fmt_s(s: float | None) -> str:
+    if s is None:
+        return "-"
+    return f"{s:.3f} s" if s < 10 else f"{s:.1f} s"
+
+
+def fmt_size(n: int | float | None) -> str:
+    if n is None:
+        return "-"
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{int(n)} B"
+
+
+def fmt_rss(n: int | None) -> str:
+    if n is None:
+        return "-"
+    return f"{n / MiB:,.0f} MiB" if n >= 100 * MiB else f"{n / MiB:.1f} MiB"
+
+
+def vs_columns(rep: GroupReport, res: Result) -> list[str]:
+    """For the ckptsurgeon row: speed-up over torch.load and over mmap, time relative to the reference."""
+    cols = ["", "", ""]
+    if res.case.role != "cli" or not res.ok or not res.median:
+        return cols
+    for i, role in enumerate(("full", "mmap")):
+        other = rep.get(role)
+        if other is not None and other.ok and other.median is not None:
+            cols[i] = f"{other.median / res.median:.1f}×"
+    ref = rep.get("ref")
+    if ref is not None and ref.ok and ref.median:
+        cols[2] = f"{res.median / ref.median:.2f}×"
+    return cols
+
+
+def table_rows(rep: GroupReport) -> list[list[str]]:
+    rows = []
+    for res in rep.results:
+        if res.ok:
+            runs = " ".join(f"{r.seconds:.3f}" for r in res.runs)
+            rows.append([res.case.label, fmt_s(res.median), runs, fmt_rss(res.maxrss), *vs_columns(rep, res)])
+        else:
+            first = (res.error or "not run").splitlines()[0]
+            rows.append([res.case.label, "FAILED", first[:40], "", "", "", ""])
+    return rows
+
+
+HEAD = ["way", "median", "runs (s)", "peak RSS", "speed-up vs torch.load", "vs mmap", "time / reference"]
+
+
+def render_text(machine: list[tuple[str, str]], reports: list[GroupReport]) -> str:
+    lines = ["ckptsurgeon benchmark: whole processes, median of runs, peak RSS per child", ""]
+    width = max(len(k) for k, _ in machine)
+    lines += [f"  {k:<{width}}  {v}" for k, v in machine]
+    for rep in reports:
+        lines += ["", f"== {rep.name}: {rep.title}"]
+        rows = [HEAD, *table_rows(rep)]
+        widths = [max(len(r[i]) for r in rows) for i in range(len(HEAD))]
+        for n, r in enumerate(rows):
+            lines.append("  " + "  ".join(c.ljust(w) if i in (0, 2) else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))).rstrip())
+            if n == 0:
+                lines.append("  " + "  ".join("-" * w for w in widths))
+        for res in rep.results:
+            if res.error and "\n" in res.error:
+                lines.append(f"  {res.case.label} FAILED: " + res.error)
+        for note in rep.notes:
+            lines.append(f"  note: {note}")
+        for t in rep.targets:
+            lines.append(f"  {'PASS' if t.passed else 'FAIL'}  {t.text}: {t.measured}")
+    targets = [t for rep in reports for t in rep.targets]
+    failed = [t for t in targets if not t.passed]
+    lines += ["", f"targets: {len(targets) - len(failed)} PASS, {len(failed)} FAIL"]
+    return "\n".join(lines)
+
+
+def md_escape(s: str) -> str:
+    return s.replace("|", "\\|")
+
+
+def render_markdown(machine: list[tuple[str, str]], reports: list[GroupReport]) -> str:
+    out = ["## Benchmark results", ""]
+    out += ["| machine | |", "| --- | --- |"]
+    out += [f"| {md_escape(k)} | {md_escape(v)} |" for k, v in machine]
+    targets = [(rep.name, t) for rep in reports for t in rep.targets]
+    failed = sum(not t.passed for _, t in targets)
+    out += ["", f"### Targets: {len(targets) - failed} PASS, {failed} FAIL", ""]
+    out += ["| | group | target | measured |", "| --- | --- | --- | --- |"]
+    out += [f"| {'PASS' if t.passed else '**FAIL**'} | {g} | {md_escape(t.text)} | {md_escape(t.measured)} |" for g, t in targets]
+    for rep in reports:
+        out += ["", f"### {rep.name}: {md_escape(rep.title)}", ""]
+        out += ["| " + " | ".join(HEAD) + " |", "|" + " --- |" * len(HEAD)]
+        out += ["| " + " | ".join(md_escape(c) for c in row) + " |" for row in table_rows(rep)]
+        failures = [r for r in rep.results if r.error]
+        if rep.notes or failures:
+            out.append("")
+            out += [f"- {md_escape(n)}" for n in rep.notes]
+            for r in failures:
+                lines = [ln.strip() for ln in (r.error or "").splitlines() if ln.strip()]
+                last = f" (`{lines[-1][:200]}`)" if len(lines) > 1 else ""
+                out.append(f"- FAILED {md_escape(r.case.label)}: {md_escape(lines[0] if lines else '?')}{md_escape(last)}")
+    return "\n".join(out) + "\n"
+
+
+# --------------------------------------------------------------------------------------------
+# machine and data
+
+
+def machine_info(workdir: Path, meter: Meter, cli: str, args: argparse.Namespace) -> list[tuple[str, str]]:
+    cpu = "?"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    ram_bytes = total_ram()
+    ram = f"{ram_bytes / 2**30:.1f} GiB" if ram_bytes else "?"
+    cores = f"{os.cpu_count()} ({len(os.sched_getaffinity(0))} usable)"
+    versions = []
+    for dist in ("torch", "ckptsurgeon"):
+        try:
+            versions.append(f"{dist} {importlib.metadata.version(dist)}")
+        except importlib.metadata.PackageNotFoundError:
+            versions.append(f"{dist} not installed")
+    commit = "?"
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        rev = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True, timeout=10)
+        if rev.returncode == 0:
+            commit = rev.stdout.strip() + (" (+ uncommitted changes)" if dirty.stdout.strip() else "")
+    load = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    return [
+        ("CPU", cpu),
+        ("cores", cores),
+        ("RAM", ram),
+        ("OS", f"{platform.system()} {platform.release()}"),
+        ("python", f"{platform.python_implementation()} {platform.python_version()}"),
+        ("versions", ", ".join(versions) + f", repo {commit}"),
+        ("workdir", f"{workdir} ({filesystem_of(workdir)})"),
+        ("ckptsurgeon", cli),
+        ("size", f"{fmt_size(args.size)} ({N_TENSORS} fp32 tensors of {args.size // (4 * N_TENSORS):,} elements)"),
+        ("method", f"{args.runs} timed runs per way after one warm-up run (page cache warm), median wall time"),
+        ("peak RSS", meter.method + "; the largest of the timed runs"),
+        ("load average (start)", load),
+    ]
+
+
+def total_ram() -> int | None:
+    with contextlib.suppress(OSError, AttributeError, ValueError):
+        return int(re.search(r"MemTotal:\s*(\d+)", Path("/proc/meminfo").read_text()).group(1)) * 1024  # type: ignore[union-attr]
+    return None
+
+
+def overcommit_mode() -> str:
+    with contextlib.suppress(OSError):
+        return Path("/proc/sys/vm/overcommit_memory").read_text().strip()
+    return "?"
+
+
+def filesystem_of(path: Path) -> str:
+    real = str(path.resolve())
+    best, fstype, source = "", "?", ""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/self/mountinfo").read_text().splitlines():
+            left, _, right = line.partition(" - ")
+            mount = left.split()[4].replace("\\040", " ")
+            if (real == mount or real.startswith(mount.rstrip("/") + "/")) and len(mount) >= len(best):
+                best = mount
+                fstype, source = right.split()[:2]
+    return f"{fstype} on {source}, mounted at {best}"
+
+
+def needed_files(groups: Sequence[str]) -> list[str]:
+    need: list[str] = []
+    want = {
+        "inspect": ["a.pt", "many.pt"],
+        "extract": ["a.pt"],
+        "rename": ["a.pt"],
+        "merge": ["a.pt", "half1.pt", "half2.pt"],
+        "diff": ["a.pt", "b.pt"],
+        "average": ["avg1.pt", "avg2.pt", "avg3.pt"],
+        "model": ["llama7b.pt"],
+    }
+    for g in groups:
+        for name in want.get(g, []):
+            if name not in need:
+                need.append(name)
+    return need
+
+
+def sparse_files_work(workdir: Path) -> bool:
+    probe = workdir / ".sparse-probe"
+    try:
+        with open(probe, "wb") as f:
+            f.seek(64 * MiB)
+            f.write(b"x")
+        return probe.stat().st_blocks * 512 < MiB
+    except OSError:
+        return False
+    finally:
+        probe.unlink(missing_ok=True)
+
+
+def forget(workdir: Path, names: Sequence[str]) -> None:
+    """Delete the generated files `names` and their manifest entries (the manifest and the
+    directory too once empty)."""
+    manifest_path = workdir / "manifest.json"
+    manifest: dict[str, Any] = {}
+    with contextlib.suppress(OSError, ValueError):
+        manifest = json.loads(manifest_path.read_text())
+    for n in names:
+        (workdir / n).unlink(missing_ok=True)
+        manifest.get("files", {}).pop(n, None)
+    if manifest.get("files"):
+        manifest_path.write_text(json.dumps(manifest, indent=1))
+    else:
+        manifest_path.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            workdir.rmdir()  # only when empty
+
+
+def generate(bench: Bench, names: list[str], rows: int) -> list[str]:
+    """Create the missing data files; returns the names that could not be made (with a log line)."""
+    workdir = bench.workdir
+    manifest_path = workdir / "manifest.json"
+    manifest: dict[str, Any] = {}
+    with contextlib.suppress(OSError, ValueError):
+        manifest = json.loads(manifest_path.read_text())
+    stamp = {"version": DATA_VERSION, "rows": rows, "cols": COLS, "n": N_TENSORS}
+    if {k: manifest.get(k) for k in stamp} != stamp:
+        manifest = dict(stamp, files={})
+    files = manifest.setdefault("files", {})
+    todo = [n for n in names if not ((workdir / n).exists() and files.get(n) == (workdir / n).stat().st_size)]
+    failed: list[str] = []
+    if "llama7b.pt" in todo and not sparse_files_work(workdir):
+        log(f"cannot generate llama7b.pt: {workdir} does not store sparse files (it would take 27 GB)")
+        todo.remove("llama7b.pt")
+        failed.append("llama7b.pt")
+    bytes_needed = sum({"a.pt": 1, "b.pt": 1, "half1.pt": 0.5, "half2.pt": 0.5}.get(n, 0.5 if n.startswith("avg") else 0) for n in todo) * rows * COLS * 4 * N_TENSORS
+    bytes_needed += 2 * rows * COLS * 4 * N_TENSORS  # outputs kept for comparison
+    free = shutil.disk_usage(workdir).free
+    if bytes_needed > free:
+        log(f"bench: {workdir} has {fmt_size(free)} free, the run needs about {fmt_size(bytes_needed)}")
+        raise SystemExit(2)
+    if todo:
+        log(f"generating {', '.join(todo)} in {workdir} ...")
+        spec = {
+            "dir": str(workdir), "rows": rows, "cols": COLS, "n": N_TENSORS, "files": todo, "changed": list(CHANGED),
+            "n_many": N_MANY, "model_file": str(MODEL_FILE), "model_class": MODEL_CLASS,
+        }
+        proc = subprocess.run([sys.executable, "-c", GENERATE, json.dumps(spec)], env=bench.env, stderr=subprocess.PIPE, text=True)
+        sys.stderr.write(proc.stderr if proc.returncode == 0 else "")
+        if proc.returncode != 0:
+            log("data generation failed:\n" + proc.stderr[-3000:])
+        for n in todo:
+            if proc.returncode == 0 and (workdir / n).exists():
+                files[n] = (workdir / n).stat().st_size
+            else:
+                failed.append(n)
+        manifest_path.write_text(json.dumps(manifest, indent=1))
+        os.sync()  # written data reaches the disk now, not during a timed run
+    for n in names:
+        if n not in failed and n != "llama7b.pt":
+            warm(workdir / n)
+    return failed
+
+
+# --------------------------------------------------------------------------------------------
+# command line
+
+DEFAULT_SIZE = 2 * 10**9
+_UNITS = {"": 1, "B": 1, "K": 10**3, "KB": 10**3, "M": 10**6, "MB": 10**6, "G": 10**9, "GB": 10**9,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+
+
+def parse_size(text: str) -> int:
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", text)
+    if not match or match.group(2).upper() not in _UNITS:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 200MB, 2GB, 1.5GiB)")
+    size = int(float(match.group(1)) * _UNITS[match.group(2).upper()])
+    if size < N_TENSORS * COLS * 4 * 2:
+        raise argparse.ArgumentTypeError(f"size {text!r} is too small (at least {fmt_size(N_TENSORS * COLS * 8)})")
+    return size
+
+
+def parse_only(text: str) -> list[str]:
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    bad = [n for n in names if n not in GROUPS]
+    if bad or not names:
+        raise argparse.ArgumentTypeError(f"unknown group(s) {bad}; choose from {','.join(GROUPS)}")
+    return [g for g in GROUPS if g in names]
+
+
+def find_cli() -> str:
+    """The real console script (next to this interpreter), not a pyenv-style shim that adds start-up time."""
+    beside = Path(sys.executable).parent / "ckptsurgeon"
+    if beside.is_file() and os.access(beside, os.X_OK):
+        return str(beside)
+    found = shutil.which("ckptsurgeon")
+    if not found:
+        raise SystemExit("bench: the ckptsurgeon console script is not installed (pip install -e .)")
+    return found
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--size", type=parse_size, default=DEFAULT_SIZE, help="size of the main checkpoint (default 2GB = 100 fp32 tensors of 5M elements)")
+    p.add_argument("--runs", type=int, default=3, help="timed runs per way, after one untimed warm-up run (default 3)")
+    p.add_argument("--only", type=parse_only, default=list(GROUPS), help=f"comma-separated groups among {','.join(GROUPS)}")
+    p.add_argument("--workdir", type=Path, default=HERE / "data", help="where data and outputs go (default benchmarks/data)")
+    p.add_argument("--keep", action="store_true", help="keep the generated data (a later run with the same --size reuses it)")
+    p.add_argument("--markdown", metavar="FILE", help="also write a Markdown section to FILE ('-': to stdout after the table)")
+    p.add_argument("--cli", help="path of the ckptsurgeon executable (default: the one beside this python)")
+    p.add_argument("--timeout", type=float, default=1800, help="seconds before a single run is killed (default 1800)")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.runs < 1:
+        build_parser().error("--runs must be at least 1")
+    cli = args.cli or find_cli()
+    workdir: Path = args.workdir.resolve()
+    workdir.mkdir(parents=True, exist_ok=True)
+    meter = Meter(args.timeout)
+    bench = Bench(args, meter, workdir, cli)
+    rows = args.size // (4 * N_TENSORS * COLS)
+    names = needed_files(args.only)
+    reports: list[GroupReport] = []
+    try:
+        machine = machine_info(workdir, meter, cli, args)
+        unavailable = generate(bench, names, rows)
+        machine.append(("page cache", "generated files read once after generation; every way run once untimed before timing"))
+        for group in args.only:
+            missing = [n for n in needed_files([group]) if n in unavailable]
+            if missing:
+                rep = GroupReport(group, "not run")
+                rep.targets.append(Target(f"{group}: data", False, f"could not generate {', '.join(missing)}"))
+                reports.append(rep)
+                continue
+            try:
+                reports.append(getattr(bench, f"group_{group}")())
+            except Exception as exc:  # one broken group must not sink the whole run
+                rep = GroupReport(group, "crashed")
+                rep.targets.append(Target(f"{group}: ran to the end", False, f"{type(exc).__name__}: {exc}"))
+                reports.append(rep)
+                log(f"[{group}] crashed: {type(exc).__name__}: {exc}")
+        machine.append(("load average (end)", " ".join(f"{x:.2f}" for x in os.getloadavg())))
+        text = render_text(machine, reports)
+        print(text)
+        if args.markdown:
+            md = render_markdown(machine, reports)
+            if args.markdown == "-":
+                print("\n" + md)
+            else:
+                Path(args.markdown).write_text(md)
+                log(f"wrote {args.markdown}")
+    finally:
+        meter.close()
+        for path in bench.outputs:
+            path.unlink(missing_ok=True)
+        if not args.keep:
+            forget(workdir, names)
+    return 1 if any(not t.passed for rep in reports for t in rep.targets) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
