@@ -459,6 +459,70 @@ def _replace_tensors(obj: Any, replace: dict[int, Any]) -> Any:
     return obj
 
 
+# ------------------------------------------------------------------------------- staged tensors
+
+
+class TensorStage:
+    """Tensors computed one at a time, parked in a scratch file and handed back as TensorMeta.
+
+    Lets a result bigger than memory (a `merge --average` of large checkpoints) be assembled on
+    disk and then written by the byte-copying engine. See `staged_tensors`.
+    """
+
+    def __init__(self, fd: int, path: str):
+        self._fd = fd
+        self._path = path
+        self._end = 0
+        self._count = 0
+
+    def add(self, tensor: Any) -> TensorMeta:
+        import ctypes
+        import zlib
+
+        from .engine.meta import StorageMeta
+        from .tensors import dtype_name, is_parameter
+
+        data = tensor.detach().contiguous()
+        nbytes = data.numel() * data.element_size()
+        offset = self._end
+        crc = 0
+        if nbytes:
+            view = memoryview((ctypes.c_char * nbytes).from_address(data.data_ptr())).cast("B")
+            crc = zlib.crc32(view)
+            done = 0
+            while done < nbytes:
+                done += os.pwrite(self._fd, view[done:], offset + done)
+        self._end += nbytes
+        key = str(self._count)
+        self._count += 1
+        storage = StorageMeta(self._path, key, dtype_name(data), nbytes, offset, crc32=crc, record_name=f"staged/{key}")
+        strides = tuple(int(s) for s in data.stride())
+        return TensorMeta(
+            storage, dtype_name(data), tuple(data.shape), strides, 0, bool(tensor.requires_grad), is_parameter(tensor)
+        )
+
+
+@contextlib.contextmanager
+def staged_tensors(output: Path) -> Iterator[TensorStage]:
+    """A TensorStage whose scratch file sits beside `output` and is removed on exit."""
+    directory = output.parent if str(output.parent) else Path(".")
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{output.name}.{os.getpid()}.", suffix=TMP_MARK, dir=directory)
+    except OSError as exc:
+        raise OutputError(f"{output}: cannot create a file in {directory}: {exc.strerror or exc}") from None
+    try:
+        yield TensorStage(fd, os.path.abspath(tmp))
+    except OSError as exc:
+        if isinstance(exc, CheckpointError):
+            raise
+        reason = "no space left on the device" if exc.errno == errno.ENOSPC else (exc.strerror or str(exc))
+        raise OutputError(f"{output}: cannot write: {reason}") from None
+    finally:
+        os.close(fd)
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+
+
 # -------------------------------------------------------------------------------- atomic output
 
 

@@ -117,12 +117,16 @@ def average_state_dicts(
     weights: Sequence[float] | None = None,
     *,
     progress: Callable[[int], None] | None = None,
+    sink: Callable[[Any], Any] | None = None,
 ) -> tuple[OrderedDict[str, Any], MergeReport]:
     """Weighted mean of every floating-point tensor (computed in at least float32, cast back).
 
     Integer and bool tensors are taken from the first input, with a warning where inputs disagree.
-    Streams key by key: at most one output tensor and one input tensor are being read at a time
-    (engine tensors are read from disk as needed). Tensors tied in the first input stay tied.
+    Streams key by key: one output tensor and the inputs' tensors for that key are in memory at a
+    time (engine tensors are read from disk as needed). Each finished tensor goes to `sink` (e.g.
+    `io.staged_tensors(...).add`, which puts it on disk and returns a TensorMeta) and the result
+    holds what `sink` returns; without a sink it holds the tensors themselves. Tensors tied in
+    every input stay tied.
     """
     import torch
 
@@ -163,8 +167,9 @@ def average_state_dicts(
                 warnings.append(f"{key}: {dtype} values differ between inputs; taken from the first")
         if getattr(t0, "is_parameter", False) or isinstance(t0, torch.nn.Parameter):
             value = torch.nn.Parameter(value, requires_grad=bool(t0.requires_grad) and value.is_floating_point())
-        out[key] = value
-        done[tie] = value
+        stored = sink(value) if sink is not None else value
+        out[key] = stored
+        done[tie] = stored
         if progress is not None:
             progress(nbytes_of(t0) * len(state_dicts))
     meta = merge_metadata([getattr(sd, "_metadata", None) for sd in state_dicts])

@@ -574,3 +574,23 @@ def test_piped_tables_are_plain_aligned_text(cli, cnn_file):
     assert lines[24].startswith("22 tensors")
     assert lines[25:28] == ["by dtype", "dtype    tensors  elements     bytes", "float32       19     6,762  26.4 KiB"]
     assert "┃" not in r.stdout
+
+
+def test_merge_average_streams_through_disk_and_keeps_ties(cli, tmp_path):
+    """--average parks each mean on disk as it is made; ties and Parameters survive; no scratch left."""
+    paths = []
+    for i in range(2):
+        torch.manual_seed(i)
+        w = torch.randn(8, 4)
+        p = tmp_path / f"t{i}.pt"
+        torch.save(OrderedDict(emb=w, head=w, b=torch.nn.Parameter(torch.full((3,), float(i)))), p)
+        paths.append(p)
+    out = tmp_path / "avg.pt"
+    r = cli("merge", *paths, "-o", out, "--average", "--verify")
+    assert r.exit_code == 0, r.stderr
+    sd = load(out)
+    a, b = load(paths[0]), load(paths[1])
+    assert torch.allclose(sd["emb"], (a["emb"] + b["emb"]) / 2)
+    assert same_storage(sd["emb"], sd["head"])
+    assert isinstance(sd["b"], torch.nn.Parameter) and torch.equal(sd["b"].data, torch.full((3,), 0.5))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["avg.pt", "t0.pt", "t1.pt"]

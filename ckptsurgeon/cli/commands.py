@@ -600,30 +600,34 @@ def merge(
     for c in loaded:
         _note_container(c)
     sds = [c.state_dict for c in loaded]
-    if average:
-        from ..merge import check_averageable, normalise_weights
+    with contextlib.ExitStack() as stack:
+        if average:
+            from ..io import check_output, staged_tensors
+            from ..merge import check_averageable, normalise_weights
 
-        check_averageable(sds)
-        normalise_weights(parsed_weights, len(sds))
-        report = None
-        if dry_run:
-            result = sds[0]
+            check_averageable(sds)
+            normalise_weights(parsed_weights, len(sds))
+            report = None
+            if dry_run:
+                result = sds[0]
+            else:
+                check_output(output, ckpts, force=force)  # before minutes of averaging, not after
+                stage = stack.enter_context(staged_tensors(output))  # the mean goes to disk as it is made
+                with _progress("averaging", _total_bytes(sds[0]) * len(sds)) as progress:
+                    result, report = average_state_dicts(sds, parsed_weights, progress=progress, sink=stage.add)
         else:
-            with _progress("averaging", _total_bytes(sds[0]) * len(sds)) as progress:
-                result, report = average_state_dicts(sds, parsed_weights, progress=progress)
-    else:
-        result, report = merge_state_dicts(sds, on_conflict)
-    model_data = _model_check(
-        result, model, model_kwargs, allow_missing=allow_missing, allow_unexpected=allow_unexpected,
-        ckpt_path=str(ckpts[0]), out_path=str(output),
-    )
-    _refuse_incompatible(model_data, allow_missing, allow_unexpected)
-    sources = report.sources if report is not None else {k: 0 for k in result}
-    for w in report.warnings if report is not None else ():
-        notice(f"warning: {w}", style="yellow")
-    notes: list[str] = []
-    if not dry_run:
-        notes = _write(result, output, ckpts, force=force, verify=verify)
+            result, report = merge_state_dicts(sds, on_conflict)
+        model_data = _model_check(
+            result, model, model_kwargs, allow_missing=allow_missing, allow_unexpected=allow_unexpected,
+            ckpt_path=str(ckpts[0]), out_path=str(output),
+        )
+        _refuse_incompatible(model_data, allow_missing, allow_unexpected)
+        sources = report.sources if report is not None else {k: 0 for k in result}
+        for w in report.warnings if report is not None else ():
+            notice(f"warning: {w}", style="yellow")
+        notes: list[str] = []
+        if not dry_run:
+            notes = _write(result, output, ckpts, force=force, verify=verify)
     if as_json:
         print_json(
             _writer_report(
