@@ -505,18 +505,11 @@ class TensorStage:
 @contextlib.contextmanager
 def staged_tensors(output: Path) -> Iterator[TensorStage]:
     """A TensorStage whose scratch file sits beside `output` and is removed on exit."""
-    directory = output.parent if str(output.parent) else Path(".")
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{output.name}.{os.getpid()}.", suffix=TMP_MARK, dir=directory)
-    except OSError as exc:
-        raise OutputError(f"{output}: cannot create a file in {directory}: {exc.strerror or exc}") from None
+    fd, tmp = _temp_beside(output)
     try:
         yield TensorStage(fd, os.path.abspath(tmp))
     except OSError as exc:
-        if isinstance(exc, CheckpointError):
-            raise
-        reason = "no space left on the device" if exc.errno == errno.ENOSPC else (exc.strerror or str(exc))
-        raise OutputError(f"{output}: cannot write: {reason}") from None
+        raise _write_error(output, exc) from None
     finally:
         os.close(fd)
         with contextlib.suppress(OSError):
@@ -558,6 +551,20 @@ def _default_mode() -> int:
     return 0o666 & ~umask
 
 
+def _temp_beside(dest: Path) -> tuple[int, str]:
+    """A new temporary file in dest's directory, named so that a later run can clean it up."""
+    directory = dest.parent if str(dest.parent) else Path(".")
+    try:
+        return tempfile.mkstemp(prefix=f".{dest.name}.{os.getpid()}.", suffix=TMP_MARK, dir=directory)
+    except OSError as exc:
+        raise OutputError(f"{dest}: cannot create a file in {directory}: {exc.strerror or exc}") from None
+
+
+def _write_error(dest: Path, exc: OSError) -> OutputError:
+    reason = "no space left on the device" if exc.errno == errno.ENOSPC else (exc.strerror or str(exc))
+    return OutputError(f"{dest}: cannot write: {reason}")
+
+
 @contextlib.contextmanager
 def atomic_output(dest: Path, *, check: Callable[[Path], None] | None = None) -> Iterator[BinaryIO]:
     """A file to write `dest` through: temp file in the same directory, fsync, rename, fsync dir.
@@ -566,10 +573,7 @@ def atomic_output(dest: Path, *, check: Callable[[Path], None] | None = None) ->
     """
     directory = dest.parent if str(dest.parent) else Path(".")
     _clean_stale_temps(directory, dest.name)
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.{os.getpid()}.", suffix=TMP_MARK, dir=directory)
-    except OSError as exc:
-        raise OutputError(f"{dest}: cannot create a file in {directory}: {exc.strerror or exc}") from None
+    fd, tmp = _temp_beside(dest)
     try:
         with os.fdopen(fd, "wb") as f:
             yield f
@@ -582,9 +586,8 @@ def atomic_output(dest: Path, *, check: Callable[[Path], None] | None = None) ->
     except BaseException as exc:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
-        if isinstance(exc, OSError) and not isinstance(exc, CheckpointError):
-            reason = "no space left on the device" if exc.errno == errno.ENOSPC else (exc.strerror or str(exc))
-            raise OutputError(f"{dest}: cannot write: {reason}") from None
+        if isinstance(exc, OSError):
+            raise _write_error(dest, exc) from None
         raise
     with contextlib.suppress(OSError):
         dir_fd = os.open(directory, os.O_RDONLY)
