@@ -12,6 +12,7 @@ import contextlib
 import errno
 import logging
 import os
+import re
 import tempfile
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -101,7 +102,9 @@ def _torch_load(path: Path, fmt: str, *, unsafe: bool, allow_globals: frozenset[
     kwargs: dict[str, Any] = {"map_location": "cpu", "weights_only": not unsafe}
     if fmt == "torch-zip":
         kwargs["mmap"] = True
-    extra = _resolve_allowed_globals(allow_globals) if allow_globals and not unsafe else []
+    from .safety import resolve_allowed_globals
+
+    extra = resolve_allowed_globals(allow_globals) if allow_globals and not unsafe else []
     try:
         with torch.serialization.safe_globals(extra):
             obj = torch.load(path, **kwargs)
@@ -116,22 +119,6 @@ def _torch_load(path: Path, fmt: str, *, unsafe: bool, allow_globals: frozenset[
     if unsafe:
         obj = _modules_to_state_dicts(obj)
     return obj
-
-
-def _resolve_allowed_globals(names: frozenset[str]) -> list[Any]:
-    import importlib
-
-    out = []
-    for name in sorted(names):
-        module, _, attr = name.rpartition(".")
-        try:
-            target: Any = importlib.import_module(module)
-            for part in attr.split("."):
-                target = getattr(target, part)
-        except Exception:
-            raise UsageError(f"--allow-global {name}: cannot import it") from None
-        out.append(target)
-    return out
 
 
 def _unsafe_globals(path: Path, fmt: str) -> list[str]:
@@ -312,6 +299,8 @@ def save_checkpoint(
     safetensors_metadata: Mapping[str, str] | None = None,
     verify: bool = False,
     progress: Callable[[int], None] | None = None,
+    unsafe: bool = False,
+    allow_globals: Sequence[str] = (),
 ) -> list[str]:
     """Write `obj` atomically; `.safetensors` outputs get the safetensors format, others torch.save's.
 
@@ -319,14 +308,18 @@ def save_checkpoint(
     destination is left exactly as it was and no temporary file remains. With `verify`, the
     written file is read back and compared with `obj` before it replaces the destination.
     `progress` is called with byte counts as storages are copied (the byte-copying path only).
+    `unsafe` and `allow_globals` are what reading the output back may use (as for the input).
     """
     output = Path(output)
     notes: list[str] = []
     safetensors = is_safetensors_path(output)
     if safetensors and not (isinstance(obj, Mapping) and all(is_tensor(v) for v in obj.values())):
         raise UsageError(f"{output}: a .safetensors output holds a bare state_dict only")
-    check = (lambda tmp: _verify_written(obj, tmp, output, by_key=safetensors)) if verify else None
-    with atomic_output(output, check=check) as f:
+
+    def check(tmp: Path) -> None:
+        _verify_written(obj, tmp, output, by_key=safetensors, unsafe=unsafe, allow_globals=frozenset(allow_globals))
+
+    with atomic_output(output, check=check if verify else None) as f:
         if safetensors:
             notes += _write_safetensors(obj, f, safetensors_metadata)
         elif not _try_raw_write(obj, f, output, progress):
@@ -334,12 +327,18 @@ def save_checkpoint(
     return notes
 
 
-def _verify_written(intended: Any, written: Path, output: Path, *, by_key: bool) -> None:
+def _verify_written(
+    intended: Any, written: Path, output: Path, *, by_key: bool, unsafe: bool, allow_globals: frozenset[str]
+) -> None:
     """Read the written file back and compare every tensor (shape, dtype, values) with `intended`."""
     from .diff import compare_values
     from .tensors import dtype_name, shape_of
 
-    _, container, _, _ = _read_container(written, unsafe=False, allow_globals=frozenset())
+    try:
+        _, container, _, _ = _read_container(written, unsafe=unsafe, allow_globals=allow_globals)
+    except CheckpointError as exc:
+        reason = str(exc).replace(str(written), str(output))
+        raise OutputError(f"{output}: --verify failed: the written file does not read back: {reason}") from None
     if by_key:
         names = list(intended)
         want = [intended[k] for k in names]
@@ -520,17 +519,19 @@ def staged_tensors(output: Path) -> Iterator[TensorStage]:
 
 
 def _clean_stale_temps(directory: Path, name: str) -> None:
-    """Remove temporary files left by a killed earlier run for this output (their pid is gone)."""
-    prefix = f".{name}."
+    """Remove temporary files left by a killed earlier run for this output (their pid is gone).
+
+    Only `.NAME.PID.RANDOM.ckptsurgeon-tmp` for exactly this NAME: the temp file of an output
+    called `NAME.123` is another output's business.
+    """
+    pattern = re.compile(rf"\.{re.escape(name)}\.(\d+)\.[A-Za-z0-9_]+{re.escape(TMP_MARK)}")
     try:
         entries = list(os.scandir(directory))
     except OSError:
         return
     for entry in entries:
-        if not (entry.name.startswith(prefix) and entry.name.endswith(TMP_MARK)):
-            continue
-        pid_text = entry.name[len(prefix) : -len(TMP_MARK)].split(".")[0]
-        if pid_text.isdigit() and not _pid_alive(int(pid_text)):
+        found = pattern.fullmatch(entry.name)
+        if found and not _pid_alive(int(found.group(1))):
             with contextlib.suppress(OSError):
                 os.unlink(entry.path)
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from typing import Any
+
 from .errors import UsageError
 
 # Modules whose globals can run code or reach the file system, and builtins that do.
@@ -9,13 +12,19 @@ DANGEROUS_MODULES = (
     "os", "posix", "nt", "subprocess", "sys", "shutil", "importlib", "runpy", "pickle", "_pickle",
     "pkgutil", "builtins", "__builtin__", "socket", "ctypes", "code", "codeop", "pty", "commands",
     "multiprocessing", "webbrowser", "marshal", "types", "functools", "operator", "io", "_io",
+    "timeit", "pdb", "bdb", "trace", "profile", "cProfile", "threading", "asyncio", "signal",
     "torch.storage", "torch.serialization", "torch.jit", "torch._C", "torch.ops", "torch.hub",
+    "torch.utils", "torch.package", "torch._dynamo", "torch.fx", "torch.compiler",
 )
 DANGEROUS_NAMES = frozenset({"eval", "exec", "compile", "getattr", "setattr", "__import__", "open", "apply", "_load_from_bytes"})
 
 
 def check_allowed_global(name: str) -> None:
-    """Raise UsageError when `name` (MODULE.NAME) may not be allowed by --allow-global."""
+    """Raise UsageError when `name` (MODULE.NAME) may not be allowed by --allow-global.
+
+    This is the check on the name; `check_allowed_target` checks what it resolves to (a class,
+    never a function: functions like `timeit.timeit` run code by design).
+    """
     module, _, attr = name.rpartition(".")
     if not module or not attr:
         raise UsageError(f"--allow-global {name!r}: expected MODULE.NAME, e.g. argparse.Namespace")
@@ -72,4 +81,32 @@ def check_torch_version(version: str | None = None) -> None:
         raise UsageError(
             f"torch {version} is refused: releases before 2.10 have known weights_only bypasses "
             f"({TORCH_CVES}); upgrade torch"
+        )
+
+
+def resolve_allowed_globals(names: Iterable[str]) -> list[type]:
+    """The classes `--allow-global` names, each checked by name first, then by what it is."""
+    import importlib
+
+    out = []
+    for name in sorted(set(names)):
+        check_allowed_global(name)
+        module, _, attr = name.rpartition(".")
+        try:
+            target: Any = importlib.import_module(module)
+            for part in attr.split("."):
+                target = getattr(target, part)
+        except Exception:
+            raise UsageError(f"--allow-global {name}: cannot import it") from None
+        check_allowed_target(name, target)
+        out.append(target)
+    return out
+
+
+def check_allowed_target(name: str, target: object) -> None:
+    """Only classes may be allowed: a function (or any other callable) named in a pickle is called."""
+    if not isinstance(target, type):
+        raise UsageError(
+            f"--allow-global {name}: refused: it is a {type(target).__name__}, not a class; "
+            "only data classes (e.g. argparse.Namespace) can be allowed, use --unsafe for a trusted file"
         )

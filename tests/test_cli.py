@@ -452,7 +452,22 @@ def test_unsafe_pickle_refused_with_globals_named(cli, tmp_path):
     assert r.exit_code == 0, r.stderr
 
 
-@pytest.mark.parametrize("name", ["os.system", "posix.system", "subprocess.Popen", "builtins.eval", "builtins.getattr", "torch.storage._load_from_bytes"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "os.system",
+        "posix.system",
+        "subprocess.Popen",
+        "builtins.eval",
+        "builtins.getattr",
+        "torch.storage._load_from_bytes",
+        "timeit.timeit",  # not in any module list: refused because it is a function, not a class
+        "timeit.Timer",
+        "torch.load",
+        "torch.utils.cpp_extension.load_inline",
+        "collections.namedtuple",
+    ],
+)
 def test_allow_global_refuses_dangerous_names(cli, cnn_file, name):
     r = cli("inspect", cnn_file, "--allow-global", name)
     assert r.exit_code == 2 and "refused" in one_line_error(r)
@@ -594,3 +609,33 @@ def test_merge_average_streams_through_disk_and_keeps_ties(cli, tmp_path):
     assert same_storage(sd["emb"], sd["head"])
     assert isinstance(sd["b"], torch.nn.Parameter) and torch.equal(sd["b"].data, torch.full((3,), 0.5))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["avg.pt", "t0.pt", "t1.pt"]
+
+
+def test_verify_reads_back_with_the_same_allowances(cli, tmp_path):
+    path = tmp_path / "ns.ckpt"
+    torch.save({"model": trained_smallcnn().state_dict(), "args": argparse.Namespace(lr=0.1)}, path)
+    out = tmp_path / "ns2.ckpt"
+    r = cli("rename", path, "-o", out, "--add-prefix", "m.", "--allow-global", "argparse.Namespace", "--verify")
+    assert r.exit_code == 0, r.stderr
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        back = torch.load(out, weights_only=True)
+    assert back["args"].lr == 0.1 and "m.conv1.weight" in back["model"]
+
+
+def test_json_carries_keys_no_utf8_stream_can(cli, tmp_path):
+    path = tmp_path / "sur.pt"
+    key = "\ud800x"  # a lone surrogate: pickle (and torch) accept it
+    torch.save(OrderedDict([(key, torch.ones(1))]), path)
+    data = parse_json(cli("inspect", path, "--json"))
+    assert data["tensors"][0]["key"] == key
+    assert cli("inspect", path).exit_code == 0
+
+
+@pytest.mark.parametrize("weights", ["nan,1", "inf,1", "1e308,1e308", "-1,2", "0,0"])
+def test_average_weights_must_be_finite(cli, tmp_path, weights):
+    a, b = tmp_path / "a.pt", tmp_path / "b.pt"
+    torch.save(OrderedDict(w=torch.zeros(2)), a)
+    torch.save(OrderedDict(w=torch.ones(2)), b)
+    r = cli("merge", a, b, "-o", tmp_path / "o.pt", "--average", "--weights", weights)
+    assert r.exit_code == 2 and "--weights" in one_line_error(r)
+    assert not (tmp_path / "o.pt").exists()

@@ -225,10 +225,9 @@ def _load(path: Path, *, key: Optional[str], unsafe: bool, allow_global: Optiona
 def _checked_globals(names: Optional[list[str]]) -> tuple[str, ...]:
     if not names:
         return ()
-    from ..safety import check_allowed_global
+    from ..safety import resolve_allowed_globals
 
-    for name in names:
-        check_allowed_global(name)
+    resolve_allowed_globals(names)  # refuse code-running names before anything is read
     return tuple(names)
 
 
@@ -297,7 +296,15 @@ def _refuse_incompatible(model: Optional[dict[str, Any]], allow_missing: bool, a
 
 
 def _write(
-    obj: Any, output: Path, inputs: Sequence[Path], *, force: bool, verify: bool, safetensors_metadata: Any = None
+    obj: Any,
+    output: Path,
+    inputs: Sequence[Path],
+    *,
+    force: bool,
+    verify: bool,
+    safetensors_metadata: Any = None,
+    unsafe: bool = False,
+    allow_global: Optional[list[str]] = None,
 ) -> list[str]:
     from ..io import check_output, save_checkpoint
 
@@ -306,7 +313,10 @@ def _write(
 
     check_output(output, inputs, force=force)
     with _progress("writing", sum(nbytes_of(t) for t in iter_tensors(obj))) as progress:
-        notes = save_checkpoint(obj, output, safetensors_metadata=safetensors_metadata, verify=verify, progress=progress)
+        notes = save_checkpoint(
+            obj, output, safetensors_metadata=safetensors_metadata, verify=verify, progress=progress,
+            unsafe=unsafe, allow_globals=tuple(allow_global or ()),
+        )
     for n in notes:
         notice(f"note: {n}")
     return notes
@@ -468,7 +478,7 @@ def extract(
     _refuse_incompatible(model_data, allow_missing, allow_unexpected)
     notes: list[str] = []
     if not dry_run:
-        notes = _write(result, output, [ckpt], force=force, verify=verify, safetensors_metadata=_st_meta(ckpt_obj, output))
+        notes = _write(result, output, [ckpt], force=force, verify=verify, safetensors_metadata=_st_meta(ckpt_obj, output), unsafe=unsafe, allow_global=allow_global)
     if as_json:
         print_json(
             _writer_report("extract", output, result, dry_run=dry_run, notes=notes, state_dict_key=ckpt_obj.state_dict_key, **_model_extra(model_data))
@@ -541,7 +551,7 @@ def rename(
         target = renamed if output.suffix.lower() == ".safetensors" else with_state_dict(ckpt_obj, renamed)
         if target is renamed and ckpt_obj.state_dict_path:
             notice("note: a .safetensors output holds the state_dict only; the container's other entries are dropped")
-        notes = _write(target, output, [ckpt], force=force, verify=verify, safetensors_metadata=_st_meta(ckpt_obj, output))
+        notes = _write(target, output, [ckpt], force=force, verify=verify, safetensors_metadata=_st_meta(ckpt_obj, output), unsafe=unsafe, allow_global=allow_global)
     if as_json:
         print_json(
             _writer_report(
@@ -627,7 +637,7 @@ def merge(
             notice(f"warning: {w}", style="yellow")
         notes: list[str] = []
         if not dry_run:
-            notes = _write(result, output, ckpts, force=force, verify=verify)
+            notes = _write(result, output, ckpts, force=force, verify=verify, unsafe=unsafe, allow_global=allow_global)
     if as_json:
         print_json(
             _writer_report(
