@@ -378,6 +378,9 @@ def _flat_source(t: Any) -> Any:
     """A contiguous TensorMeta stays on disk; anything else becomes one flat torch tensor."""
     if isinstance(t, TensorMeta):
         if t.is_contiguous:
+            from .engine.data import verify_crc
+
+            verify_crc(t.storage)  # the chunks below are read span by span: check the record once
             return t
         from .engine.materialize import tensor_from_meta
 

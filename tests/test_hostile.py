@@ -722,10 +722,14 @@ def test_crc_damage_is_caught_wherever_data_is_read(hostile_corpus: Corpus, tmp_
     """A flipped bit that torch loads silently: every command that reads the bytes refuses it."""
     from ckptsurgeon.cli import main
 
+    import torch
+
     (name,) = DATA_ONLY_DAMAGE
     path = str(hostile_corpus.cases[name].path)
     out = str(tmp_path / "out.pt")
-    for argv in (["diff", path, path], ["inspect", path, "--verify"], ["extract", path, "-o", out],
+    wider = tmp_path / "wider.pt"  # same keys and shapes, other dtypes: compared after promotion
+    torch.save({"w": torch.zeros(2, 3, dtype=torch.float64), "b": torch.zeros(2, dtype=torch.int32)}, wider)
+    for argv in (["diff", path, path], ["diff", path, str(wider), "--atol", "1"], ["inspect", path, "--verify"], ["extract", path, "-o", out],
                  ["merge", path, path, "-o", out, "--average"], ["extract", path, "-o", out + ".safetensors"]):
         assert main(argv) == 2, argv
-    assert not any(tmp_path.iterdir())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["wider.pt"]
