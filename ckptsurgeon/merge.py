@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -88,9 +90,9 @@ def normalise_weights(weights: Sequence[float] | None, n: int) -> list[float]:
         return [1.0 / n] * n
     if len(weights) != n:
         raise UsageError(f"--weights has {len(weights)} values for {n} inputs")
-    if any(w < 0 for w in weights) or sum(weights) <= 0:
-        raise UsageError("--weights must be non-negative with a positive sum")
     total = float(sum(weights))
+    if not all(math.isfinite(w) and w >= 0 for w in weights) or not (math.isfinite(total) and total > 0):
+        raise UsageError("--weights must be finite, non-negative numbers with a positive finite sum")
     return [w / total for w in weights]
 
 

@@ -110,8 +110,10 @@ def test_stale_temp_from_killed_run_is_cleaned(tmp_path):
     stale.write_bytes(b"junk")
     alive = tmp_path / f".out.pt.{os.getpid()}.zzz{TMP_MARK}"
     alive.write_bytes(b"someone else's write in progress")
+    other_output = tmp_path / f".out.pt.{dead.pid}.{dead.pid}.xyz{TMP_MARK}"  # belongs to "out.pt.<pid>"
+    other_output.write_bytes(b"another output's write")
     save_checkpoint(sd(), dest)
-    assert not stale.exists() and alive.exists()
+    assert not stale.exists() and alive.exists() and other_output.exists()
 
 
 def test_kill_during_write_keeps_destination(tmp_path):

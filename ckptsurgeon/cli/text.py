@@ -51,10 +51,14 @@ def human_bytes(n: int) -> str:
 
 
 def to_json(data: Mapping[str, Any], *, pretty: bool = False) -> str:
-    """One JSON document; indented for a person at a terminal, compact (C encoder) otherwise."""
+    """One JSON document; indented for a person at a terminal, compact (C encoder) otherwise.
+
+    ASCII only: a crafted key can hold a lone surrogate, which no UTF-8 stream can carry; JSON's
+    \\u escapes carry it, and any JSON parser gives back the key exactly.
+    """
     if pretty:
-        return json.dumps(data, indent=2, ensure_ascii=False)
-    return json.dumps(data, ensure_ascii=False, separators=(",", ":"))
+        return json.dumps(data, indent=2)
+    return json.dumps(data, separators=(",", ":"))
 
 
 def shape_text(shape: Sequence[int]) -> str:
