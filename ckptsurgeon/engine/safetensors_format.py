@@ -14,6 +14,7 @@ from typing import Any
 
 from ..errors import BadCheckpointError, EngineUnsupported
 from .data import pread_bytes
+from .limits import MAX_DIM_SIZE, MAX_DIMS, brief
 from .meta import DTYPE_ITEMSIZE, RawCheckpoint, StorageMeta, TensorMeta
 
 MAX_HEADER_BYTES = 100_000_000  # the library's limit
@@ -74,6 +75,8 @@ def parse_header(header: bytes, data_size: int, path: str, source: str, data_sta
         raise bad(f"the name {e.args[0]!r} appears twice") from None
     except (UnicodeDecodeError, ValueError) as e:
         raise bad(f"invalid JSON ({e})") from None
+    except RecursionError:
+        raise bad("the JSON header is nested too deeply") from None
     if type(parsed) is not dict:
         raise bad("the header is not a JSON object")
     metadata = parsed.pop("__metadata__", None)
@@ -91,16 +94,16 @@ def parse_header(header: bytes, data_size: int, path: str, source: str, data_sta
             if code in _UNMODELLED:
                 raise EngineUnsupported(f"{path}: tensor {name!r} has dtype {code}")
             raise bad(f"tensor {name!r} has unknown dtype {code!r}")
-        if type(shape) is not list:
-            raise bad(f"tensor {name!r} has shape {shape!r}")
+        if type(shape) is not list or len(shape) > MAX_DIMS:
+            raise bad(f"tensor {name!r} has shape {brief(shape)} (a list of at most {MAX_DIMS} sizes)")
         numel = 1
         for d in shape:
-            if type(d) is not int or d < 0:
-                raise bad(f"tensor {name!r} has shape {shape!r}")
+            if type(d) is not int or not 0 <= d < MAX_DIM_SIZE:
+                raise bad(f"tensor {name!r} has shape {brief(shape)}")
             numel *= d
         if (type(offsets) is not list or len(offsets) != 2 or type(offsets[0]) is not int
                 or type(offsets[1]) is not int or not 0 <= offsets[0] <= offsets[1]):
-            raise bad(f"tensor {name!r} has data_offsets {offsets!r}")
+            raise bad(f"tensor {name!r} has data_offsets {brief(offsets)}")
         if numel * DTYPE_ITEMSIZE[dtype] != offsets[1] - offsets[0]:
             raise bad(
                 f"tensor {name!r} ({code} {shape}) needs {numel * DTYPE_ITEMSIZE[dtype]} bytes but "

@@ -21,6 +21,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from ..errors import BadCheckpointError, EngineUnsupported, UnsafeCheckpointError
+from .limits import MAX_DIM_SIZE, MAX_DIMS, brief
 from .meta import (
     DTYPE_ITEMSIZE,
     FLOATING_DTYPES,
@@ -277,6 +278,8 @@ class _Machine:
         one recurses in C and can crash the interpreter (torch's loader included)."""
         verified = self._key_heights
         for key in keys:
+            if type(key) is int:
+                _check_key_int(key)
             if type(key) is not tuple or id(key) in verified:
                 continue
             height = 1
@@ -284,6 +287,8 @@ class _Machine:
             while todo:
                 item, depth = todo.pop()
                 for part in item:
+                    if type(part) is int:
+                        _check_key_int(part)
                     if type(part) is tuple:
                         known = verified.get(id(part))
                         reach = depth + (known[1] if known else 1)
@@ -310,7 +315,7 @@ class _Machine:
             return _HANDLERS[func.kind](args)
         if type(func) is Opaque:
             if func.name in _ALLOCATING and any(_is_int(a) for a in args):
-                shown = ", ".join(repr(a) for a in args)[:80]
+                shown = ", ".join(brief(a) for a in args[:4])
                 raise Malformed(
                     f"refused {func.name}({shown}): a constructor that allocates memory sized by "
                     "a number in the file"
@@ -320,7 +325,7 @@ class _Machine:
             raise Unsupported(f"{func.name}(...)")
         if type(func) is StorageClass:
             if any(_is_int(a) for a in args):
-                raise Malformed(f"refused {func.name}({args[0]!r}): allocates memory sized by the file")
+                raise Malformed(f"refused {func.name}({brief(args[0])}): allocates memory sized by the file")
             raise Unsupported(f"{func.name}(...) outside a persistent id")
         raise Malformed(f"REDUCE on a {type(func).__name__} value, which is not an allowed callable")
 
@@ -353,7 +358,7 @@ class _Machine:
         if type(typename) is bytes:
             typename = typename.decode("ascii", "replace")
         if typename != "storage":
-            raise Malformed(f"a persistent id of kind {typename!r} (only 'storage' is allowed)")
+            raise Malformed(f"a persistent id of kind {brief(typename)} (only 'storage' is allowed)")
         for part in pid:
             if type(part) is Opaque:
                 return part
@@ -500,7 +505,7 @@ class _Machine:
                     key = stack.pop()
                     target = stack[-1]
                     if type(target) is dict or type(target) is OrderedDict:
-                        if type(key) is tuple:
+                        if type(key) is tuple or type(key) is int:
                             self.check_keys((key,))
                         target[key] = value
                     elif type(target) is not Opaque:
@@ -584,7 +589,7 @@ def _h_encode(args: tuple) -> bytes:
                 return args[0].encode(encoding)
         except UnicodeEncodeError:
             raise Malformed(f"_codecs.encode cannot encode its string as {encoding}") from None
-        raise Unsupported(f"_codecs.encode with encoding {args[1]!r}")
+        raise Unsupported(f"_codecs.encode with encoding {brief(args[1])}")
     raise Malformed("_codecs.encode called with unexpected arguments")
 
 
@@ -607,17 +612,26 @@ def _h_device(args: tuple) -> TorchDevice:
             return TorchDevice(args[0])
         if _is_int(args[1]) and args[1] >= 0 and ":" not in args[0]:
             return TorchDevice(f"{args[0]}:{args[1]}")
-    raise Malformed(f"torch.device called with invalid arguments {args!r:.80}")
+    raise Malformed(f"torch.device called with invalid arguments {brief(args)}")
+
+
+def _check_key_int(key: int) -> None:
+    """Refuse an int dict key or set member wider than 64 bits: CPython hashes ints modulo
+    2**61 - 1, so `k * (2**61 - 1)` all hash alike and a dict of them takes quadratic time."""
+    if not -(1 << 63) <= key < (1 << 64):
+        raise Malformed("a dict key or set member that is an integer wider than 64 bits")
 
 
 def _check_ints(values: Any, what: str) -> tuple[int, ...]:
-    if type(values) not in (tuple, list, TorchSize):
-        raise Malformed(f"a tensor {what} that is not a tuple of ints")
+    if type(values) not in (tuple, list, TorchSize) or len(values) > MAX_DIMS:
+        raise Malformed(f"a tensor {what} that is not a tuple of at most {MAX_DIMS} ints")
     for v in values:
         if type(v) is not int:
             raise Malformed(f"a tensor {what} that is not a tuple of ints")
         if v < 0:
-            raise Malformed(f"a tensor with a negative {what} {tuple(values)}")
+            raise Malformed(f"a tensor with a negative {what} {brief(tuple(values))}")
+        if v >= MAX_DIM_SIZE:
+            raise Malformed(f"a tensor with a {what} past 2**63: {brief(tuple(values))}")
     return values if type(values) is tuple else tuple(values)
 
 
@@ -631,8 +645,8 @@ def _make_tensor(storage: Any, offset: Any, size: Any, stride: Any, requires_gra
     strides = _check_ints(stride, "stride")
     if len(shape) != len(strides):
         raise Malformed(f"a tensor with {len(shape)} sizes but {len(strides)} strides")
-    if not _is_int(offset) or offset < 0:
-        raise Malformed(f"a tensor with storage offset {offset!r}")
+    if not _is_int(offset) or not 0 <= offset < MAX_DIM_SIZE:
+        raise Malformed(f"a tensor with storage offset {brief(offset)}")
     if type(requires_grad) is not bool:
         raise Malformed(f"requires_grad is a {type(requires_grad).__name__}")
     if hooks is not None and type(hooks) not in (OrderedDict, dict):
@@ -656,7 +670,7 @@ def _make_tensor(storage: Any, offset: Any, size: Any, stride: Any, requires_gra
     if numel and (last + 1) * itemsize > storage.nbytes:  # TensorMeta.span, computed once
         raise Malformed(
             f"a {dtype} tensor of shape {list(shape)}, stride {list(strides)}, offset {offset} "
-            f"spans bytes [{offset * itemsize}, {(last + 1) * itemsize}) of storage {storage.key!r}, "
+            f"spans bytes [{offset * itemsize}, {(last + 1) * itemsize}) of storage {brief(storage.key)}, "
             f"which holds {storage.nbytes}"
         )
     return TensorMeta(storage, dtype, shape, strides, offset, requires_grad, False)
@@ -794,7 +808,7 @@ def _check_leaf(value: Any) -> None:
     if kind is Opaque:
         raise Unsupported(value.name)
     if kind is StorageClass or kind is _Function:
-        raise Unsupported(f"the global {value!r} as a value")
+        raise Unsupported(f"the global {brief(value)} as a value")
     raise Unsupported(f"a value of type {kind.__name__}")
 
 
@@ -857,16 +871,16 @@ def resolve_storage_id(
     if type(location) is not str:
         raise Malformed(f"a storage location of type {type(location).__name__}")
     if type(numel) is not int or numel < 0:
-        raise Malformed(f"storage {key!r} has size {numel!r}")
+        raise Malformed(f"storage {brief(key)} has size {brief(numel)}")
     nbytes = numel * DTYPE_ITEMSIZE[cls.dtype]
     known = storages.get(key)
     if known is not None:
         if known.dtype != cls.dtype:
-            raise Malformed(f"storage {key!r} is referenced as both {known.dtype} and {cls.dtype}")
+            raise Malformed(f"storage {brief(key)} is referenced as both {known.dtype} and {cls.dtype}")
         if known.nbytes != nbytes or known.location != location:
-            raise Malformed(f"storage {key!r} is referenced with two different sizes or devices")
+            raise Malformed(f"storage {brief(key)} is referenced with two different sizes or devices")
     elif location.startswith("meta"):
-        raise Unsupported(f"storage {key!r} on the meta device")
+        raise Unsupported(f"storage {brief(key)} on the meta device")
     return cls, key, location, nbytes, known
 
 

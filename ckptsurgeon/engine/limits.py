@@ -1,0 +1,24 @@
+"""Bounds the readers apply to what a file says, and a safe way to quote a value from a file."""
+
+from __future__ import annotations
+
+import reprlib
+from typing import Any
+
+MAX_DIMS = 64  # dimensions of one tensor (real ones have a handful)
+MAX_DIM_SIZE = 1 << 63  # one size, stride or offset: torch's int64
+
+_QUOTE = reprlib.Repr()
+_QUOTE.maxlevel = 2
+_QUOTE.maxlist = _QUOTE.maxtuple = _QUOTE.maxdict = _QUOTE.maxset = 4
+_QUOTE.maxstring = _QUOTE.maxother = 40
+_QUOTE.maxlong = 40
+
+
+def brief(value: Any) -> str:
+    """A short repr of a value read from a file, for error messages.
+
+    Never a full `repr`: a few hundred pickle bytes can build lists that share themselves 60 levels
+    deep, whose repr has 2**60 items.
+    """
+    return _QUOTE.repr(value)
