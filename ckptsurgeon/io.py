@@ -16,7 +16,7 @@ import re
 import tempfile
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -49,16 +49,10 @@ class Checkpoint:
     state_dict: Mapping[str, Any]
     engine: str  # "raw" (torch-free, TensorMeta leaves) or "torch"
     safetensors_metadata: dict[str, str] | None = None
-    notes: list[str] = field(default_factory=list)
 
     @property
     def state_dict_key(self) -> str | None:
         return format_key_path(self.state_dict_path) if self.state_dict_path else None
-
-    @property
-    def metadata(self) -> Mapping[str, Any] | None:
-        """The state_dict's `_metadata` (module path -> version info), if it carries one."""
-        return getattr(self.state_dict, "_metadata", None)
 
     def other_entries(self) -> list[tuple[str, Any]]:
         """Top-level container entries other than the state_dict (empty for a bare state_dict)."""
@@ -219,23 +213,11 @@ def verify_data(ckpt: Checkpoint, progress: Callable[[int], None] | None = None)
 
 def as_torch(obj: Any) -> Any:
     """The same object graph with engine TensorMeta leaves turned into torch tensors."""
-    if not _contains_meta(obj):
+    if not any(isinstance(t, TensorMeta) for t in iter_tensors(obj)):
         return obj
     from .engine.materialize import to_torch
 
     return to_torch(obj)
-
-
-def _contains_meta(obj: Any, depth: int = 0) -> bool:
-    if isinstance(obj, TensorMeta):
-        return True
-    if depth > 100:
-        return False
-    if isinstance(obj, Mapping):
-        return any(_contains_meta(v, depth + 1) for v in obj.values())
-    if isinstance(obj, (list, tuple)):
-        return any(_contains_meta(v, depth + 1) for v in obj)
-    return False
 
 
 def iter_tensors(obj: Any, depth: int = 0) -> Iterator[Any]:
@@ -355,7 +337,8 @@ def _verify_written(
 
 def _try_raw_write(obj: Any, f: BinaryIO, output: Path, progress: Callable[[int], None] | None = None) -> bool:
     """Copy storage records byte for byte when every tensor is a TensorMeta; False to use torch."""
-    if not _contains_meta(obj) or any(not isinstance(t, TensorMeta) for t in iter_tensors(obj)):
+    tensors = list(iter_tensors(obj))
+    if not tensors or not all(isinstance(t, TensorMeta) for t in tensors):
         return False
     from .engine.zipwrite import write_torch_zip
 
