@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import stat
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from ..errors import BadCheckpointError
 from .meta import StorageMeta
@@ -163,6 +163,22 @@ def crc_mismatch(storage: StorageMeta, actual: int) -> BadCheckpointError:
         f"{storage.source}: CRC-32 mismatch in record {record} "
         f"(stored {storage.crc32:08x}, computed {actual:08x}): the data is corrupt"
     )
+
+
+def check_read_crc(storage: StorageMeta, *, whole: bool, crc: Callable[[], int]) -> None:
+    """Check bytes just read or copied from `storage` against its record's CRC-32.
+
+    `crc()` gives the CRC of those bytes; it is asked for only when the whole record was read.
+    A partial read (a compacted view) checks the whole record instead. No-op without a CRC.
+    """
+    if storage.crc32 is None:
+        return
+    if not whole:
+        verify_crc(storage)
+        return
+    actual = crc()
+    if actual != storage.crc32:
+        raise crc_mismatch(storage, actual)
 
 
 def verify_crc(storage: StorageMeta) -> None:

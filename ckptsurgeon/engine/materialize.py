@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from ckptsurgeon.engine.data import crc_mismatch, open_regular, pread_exact, verify_crc
+from ckptsurgeon.engine.data import check_read_crc, open_regular, pread_exact
 from ckptsurgeon.engine.meta import TensorMeta, TorchDevice, TorchDtype, TorchSize
 from ckptsurgeon.engine.pickle_write import PlannedStorage, plan_storages
 from ckptsurgeon.errors import EngineUnsupported
@@ -72,11 +72,7 @@ def _read_storage(planned: PlannedStorage, fds: dict[str, int]) -> torch.Untyped
         buf = memoryview((ctypes.c_char * planned.nbytes).from_address(data.data_ptr())).cast("B")
         pread_exact(fd, buf, planned.data_offset, path)
         # torch never checks a record's CRC; we do, for every record whose bytes we read
-        if planned.source.crc32 is not None:
-            if not planned.is_whole:
-                verify_crc(planned.source)
-            elif zlib.crc32(buf) != planned.source.crc32:
-                raise crc_mismatch(planned.source, zlib.crc32(buf))
+        check_read_crc(planned.source, whole=planned.is_whole, crc=lambda: zlib.crc32(buf))
     return data.untyped_storage()
 
 

@@ -23,7 +23,7 @@ import zlib
 from collections.abc import Callable, Iterator
 from typing import Any, BinaryIO
 
-from ckptsurgeon.engine.data import crc_mismatch, open_regular, verify_crc
+from ckptsurgeon.engine.data import check_read_crc, open_regular
 from ckptsurgeon.engine.pickle_write import PlannedStorage, pickle_graph
 from ckptsurgeon.errors import BadCheckpointError, EngineUnsupported, OutputError
 
@@ -199,11 +199,7 @@ class _ZipWriter:
             # The source's CRC is checked, never trusted: torch does not check it on load, and
             # a flipped byte copied on would carry the old CRC into the output.
             crc = self.copy(src, planned.data_offset, size, want_crc=True)
-            known = planned.source.crc32
-            if known is not None and not planned.is_whole:
-                verify_crc(planned.source)  # a compacted slice: check the whole source record
-            elif known is not None and crc != known:
-                raise crc_mismatch(planned.source, crc)
+            check_read_crc(planned.source, whole=planned.is_whole, crc=lambda: crc)
             self.write(_descriptor(crc, size, header_offset))
         self.entries.append((name.encode("utf-8"), size, header_offset, crc))
 
