@@ -8,7 +8,7 @@ import logging
 import os
 import sys
 import traceback
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -309,10 +309,9 @@ def _write(
     from ..io import check_output, save_checkpoint
 
     from ..io import iter_tensors
-    from ..tensors import nbytes_of
 
     check_output(output, inputs, force=force)
-    with _progress("writing", sum(nbytes_of(t) for t in iter_tensors(obj))) as progress:
+    with _progress("writing", _total_bytes(iter_tensors(obj))) as progress:
         notes = save_checkpoint(
             obj, output, safetensors_metadata=safetensors_metadata, verify=verify, progress=progress,
             unsafe=unsafe, allow_globals=tuple(allow_global or ()),
@@ -323,8 +322,6 @@ def _write(
 
 
 def _writer_report(command: str, output: Path, state_dict: Mapping[str, Any], *, dry_run: bool, notes: Sequence[str], **extra: Any) -> dict[str, Any]:
-    from ..tensors import nbytes_of
-
     return {
         "schema_version": JSON_SCHEMA_VERSION,
         "command": command,
@@ -333,7 +330,7 @@ def _writer_report(command: str, output: Path, state_dict: Mapping[str, Any], *,
         "written": not dry_run,
         "keys": list(state_dict),
         "num_tensors": len(state_dict),
-        "total_bytes": sum(nbytes_of(v) for v in state_dict.values()),
+        "total_bytes": _total_bytes(state_dict.values()),
         "notes": list(notes),
         **extra,
     }
@@ -356,16 +353,14 @@ def _progress(description: str, total_bytes: int) -> Iterator[Optional[Any]]:
         yield lambda n: bar.advance(task, n)
 
 
-def _total_bytes(state_dict: Mapping[str, Any], keys: Optional[Sequence[str]] = None) -> int:
+def _total_bytes(tensors: Iterable[Any]) -> int:
     from ..tensors import nbytes_of
 
-    return sum(nbytes_of(state_dict[k]) for k in (keys if keys is not None else state_dict) if k in state_dict)
+    return sum(nbytes_of(t) for t in tensors)
 
 
 def _done(output: Path, state_dict: Mapping[str, Any]) -> None:
-    from ..tensors import nbytes_of
-
-    total = sum(nbytes_of(v) for v in state_dict.values())
+    total = _total_bytes(state_dict.values())
     notice(f"wrote {len(state_dict)} tensors ({text.human_bytes(total)}) to {output}")
 
 
@@ -402,9 +397,8 @@ def inspect(
     ckpt_obj = _load(ckpt, key=key, unsafe=unsafe, allow_global=allow_global)
     if verify:
         from ..io import iter_tensors, verify_data
-        from ..tensors import nbytes_of
 
-        with _progress("verifying", sum(nbytes_of(t) for t in iter_tensors(ckpt_obj.container))) as progress:
+        with _progress("verifying", _total_bytes(iter_tensors(ckpt_obj.container))) as progress:
             verify_data(ckpt_obj, progress)
     keys = _select(list(ckpt_obj.state_dict), include, exclude, regex) if (include or exclude) else list(ckpt_obj.state_dict)
     report = inspect_state_dict(
@@ -478,7 +472,7 @@ def extract(
     _refuse_incompatible(model_data, allow_missing, allow_unexpected)
     notes: list[str] = []
     if not dry_run:
-        notes = _write(result, output, [ckpt], force=force, verify=verify, safetensors_metadata=_st_meta(ckpt_obj, output), unsafe=unsafe, allow_global=allow_global)
+        notes = _write(result, output, [ckpt], force=force, verify=verify, safetensors_metadata=_st_meta(ckpt_obj), unsafe=unsafe, allow_global=allow_global)
     if as_json:
         print_json(
             _writer_report("extract", output, result, dry_run=dry_run, notes=notes, state_dict_key=ckpt_obj.state_dict_key, **_model_extra(model_data))
@@ -494,7 +488,7 @@ def _model_extra(model_data: Optional[dict[str, Any]]) -> dict[str, Any]:
     return {"model": _public_model(model_data)} if model_data is not None else {}
 
 
-def _st_meta(ckpt_obj: Any, output: Path) -> Any:
+def _st_meta(ckpt_obj: Any) -> Any:
     return ckpt_obj.safetensors_metadata if ckpt_obj.format == "safetensors" else None
 
 
@@ -551,7 +545,7 @@ def rename(
         target = renamed if output.suffix.lower() == ".safetensors" else with_state_dict(ckpt_obj, renamed)
         if target is renamed and ckpt_obj.state_dict_path:
             notice("note: a .safetensors output holds the state_dict only; the container's other entries are dropped")
-        notes = _write(target, output, [ckpt], force=force, verify=verify, safetensors_metadata=_st_meta(ckpt_obj, output), unsafe=unsafe, allow_global=allow_global)
+        notes = _write(target, output, [ckpt], force=force, verify=verify, safetensors_metadata=_st_meta(ckpt_obj), unsafe=unsafe, allow_global=allow_global)
     if as_json:
         print_json(
             _writer_report(
@@ -623,7 +617,7 @@ def merge(
             else:
                 check_output(output, ckpts, force=force)  # before minutes of averaging, not after
                 stage = stack.enter_context(staged_tensors(output))  # the mean goes to disk as it is made
-                with _progress("averaging", _total_bytes(sds[0]) * len(sds)) as progress:
+                with _progress("averaging", _total_bytes(sds[0].values()) * len(sds)) as progress:
                     result, report = average_state_dicts(sds, parsed_weights, progress=progress, sink=stage.add)
         else:
             result, report = merge_state_dicts(sds, on_conflict)
@@ -692,7 +686,7 @@ def diff(
     cb = _load(b, key=key, unsafe=unsafe, allow_global=allow_global)
     union = list(ca.state_dict) + [k for k in cb.state_dict if k not in ca.state_dict]
     keys = _select(union, include, exclude, regex) if (include or exclude) else union
-    with _progress("comparing", _total_bytes(ca.state_dict, keys)) as progress:
+    with _progress("comparing", _total_bytes(ca.state_dict[k] for k in keys if k in ca.state_dict)) as progress:
         report = diff_state_dicts(ca.state_dict, cb.state_dict, keys, rtol=rtol, atol=atol, progress=progress)
     models = {}
     for side, c in (("a", ca), ("b", cb)):
