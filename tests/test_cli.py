@@ -563,9 +563,9 @@ def test_python_dash_m_and_no_args(tmp_path):
 def test_progress_bar_only_for_big_jobs_on_a_terminal(monkeypatch):
     import io as std_io
 
-    from ckptsurgeon.cli import commands as app_module
+    from ckptsurgeon.cli.console import progress as make_progress
 
-    with app_module._progress("comparing", 10**12) as progress:
+    with make_progress("comparing", 10**12) as progress:
         assert progress is None  # stderr is not a terminal here
 
     class Terminal(std_io.StringIO):
@@ -573,9 +573,9 @@ def test_progress_bar_only_for_big_jobs_on_a_terminal(monkeypatch):
             return True
 
     monkeypatch.setattr(sys, "stderr", Terminal())
-    with app_module._progress("comparing", 1 << 20) as progress:
+    with make_progress("comparing", 1 << 20) as progress:
         assert progress is None  # too small to bother
-    with app_module._progress("comparing", 1 << 30) as progress:
+    with make_progress("comparing", 1 << 30) as progress:
         assert callable(progress)
         progress(1 << 29)
 
@@ -639,3 +639,95 @@ def test_average_weights_must_be_finite(cli, tmp_path, weights):
     r = cli("merge", a, b, "-o", tmp_path / "o.pt", "--average", "--weights", weights)
     assert r.exit_code == 2 and "--weights" in one_line_error(r)
     assert not (tmp_path / "o.pt").exists()
+
+
+# ------------------------------------------------------------------------------- fast inspect
+
+FAST_ARGVS = [
+    ["{f}"],
+    ["{f}", "--json"],
+    ["--json", "{f}"],
+    ["{f}", "-i", "conv1"],
+    ["{f}", "-iconv1", "--exclude=bn1"],
+    ["{f}", "--include", "conv1", "--include", "fc", "--json"],
+    ["{f}", "--regex", "-i", "^conv", "--include=bias$"],
+    ["{f}", "--key", "model_state_dict", "--json"],
+    ["{f}", "--key=optimizer_state_dict"],
+    ["{f}", "--key", "nope"],
+    ["{f}", "--verify", "--json"],
+    ["{f}", "-x", "-i"],  # -x takes "-i" as its value, as click does
+    ["{f}", "-i", "--json"],
+    ["{f}", "-i", "nomatch"],
+    ["{f}", "--regex", "-i", "["],
+    ["{missing}"],
+    ["{tied}", "--json"],
+    ["{tied}"],
+]
+TYPER_ONLY_ARGVS = [
+    [],
+    ["--help"],
+    ["{f}", "--help"],
+    ["{f}", "-h"],
+    ["{f}", "{f}"],
+    ["{f}", "--json=1"],
+    ["{f}", "-i"],
+    ["{f}", "--key"],
+    ["--", "{f}"],
+    ["{f}", "--unknown"],
+    ["-"],
+    ["{f}", "--model", "sample_models.models:SmallCNN"],
+    ["{f}", "--unsafe"],
+    ["{f}", "--allow-global", "argparse.Namespace"],
+]
+
+
+def _run_captured(fn, args):
+    import contextlib
+    import io as std_io
+
+    out, err = std_io.StringIO(), std_io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        rc = fn(args)
+    return rc, out.getvalue(), err.getvalue()
+
+
+def _argv(template, **paths):
+    return ["inspect"] + [t.format(**paths) for t in template]
+
+
+@pytest.mark.parametrize("template", FAST_ARGVS, ids=lambda t: " ".join(t))
+def test_fast_inspect_matches_typer(template, train_ckpt, tied_file, tmp_path, monkeypatch):
+    """The Typer-free parser answers the everyday `inspect` command lines exactly as Typer does:
+    same exit code, same stdout, same stderr."""
+    from ckptsurgeon.cli.commands import run
+    from ckptsurgeon.cli.fast import parse_inspect, run_fast
+
+    monkeypatch.delenv("CKPTSURGEON_DEBUG", raising=False)
+    args = _argv(template, f=str(train_ckpt), tied=str(tied_file), missing=str(tmp_path / "missing.pt"))
+    assert parse_inspect(args) is not None
+    fast = _run_captured(run_fast, args)
+    assert fast == _run_captured(run, args)
+    if fast[0] == 0 and "--json" in args:
+        assert json.loads(fast[1])["num_tensors"] > 0
+
+
+@pytest.mark.parametrize("template", TYPER_ONLY_ARGVS, ids=lambda t: " ".join(t) or "(none)")
+def test_fast_inspect_declines_the_rest(template, train_ckpt):
+    from ckptsurgeon.cli.fast import parse_inspect, run_fast
+
+    args = _argv(template, f=str(train_ckpt))
+    assert parse_inspect(args) is None
+    assert run_fast(args) is None
+
+
+def test_inspect_process_imports_neither_typer_nor_rich_nor_torch(train_ckpt):
+    code = (
+        "import sys\n"
+        "from ckptsurgeon.cli import main\n"
+        f"rc = main(['inspect', {str(train_ckpt)!r}, '--json'])\n"
+        "rc2 = main(['inspect', {0!r}])\n".format(str(train_ckpt))
+        + "print(rc, rc2, sorted(m for m in ('typer', 'rich', 'torch', 'click') if m in sys.modules), file=sys.stderr)\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.stderr.strip().splitlines()[-1] == "0 0 []", r.stderr
+    assert json.loads(r.stdout.splitlines()[0])["num_tensors"] > 0

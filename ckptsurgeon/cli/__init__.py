@@ -1,5 +1,39 @@
-"""The ckptsurgeon command line (the only part of the package that imports typer and rich)."""
+"""The ckptsurgeon command line (the only part of the package that imports typer and rich).
 
-from .commands import app, entrypoint, main
+`main` answers the everyday `inspect` calls through `fast` (no Typer import: the whole process is
+then little more than Python's own start-up) and hands everything else to Typer (`commands`).
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+from typing import Any, Optional
 
 __all__ = ["app", "entrypoint", "main"]
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run the CLI on `argv` (default: sys.argv[1:]) and return the exit code; never raises SystemExit."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    from .fast import run_fast
+
+    rc = run_fast(args)
+    if rc is not None:
+        return rc
+    from .commands import run
+
+    return run(args)
+
+
+def entrypoint() -> None:
+    """The console script: `sys.exit(main())`."""
+    sys.exit(main())
+
+
+def __getattr__(name: str) -> Any:
+    if name == "app":  # the Typer app, for typer.testing.CliRunner and embedding
+        from .commands import app
+
+        return app
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -7,33 +7,18 @@ import json
 import logging
 import os
 import sys
-import traceback
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
-import importlib
 import typer
 from typer.core import TyperGroup
 
 from .. import _version
-from . import text
+from ..errors import EXIT_BAD_INPUT, EXIT_DIFFERENT, EXIT_OK, UsageError
 from ..merge import OnConflict
-from ..errors import EXIT_BAD_INPUT, EXIT_DIFFERENT, EXIT_INTERNAL, EXIT_OK, CheckpointError, UsageError
-
-
-class _Lazy:
-    """A module imported on first attribute access: `--help` and `--version` never load rich."""
-
-    def __init__(self, name: str) -> None:
-        self._name = name
-
-    def __getattr__(self, attr: str) -> Any:
-        return getattr(importlib.import_module(self._name), attr)
-
-
-render: Any = _Lazy("ckptsurgeon.cli.render")
-JSON_SCHEMA_VERSION = 1
+from . import actions, text
+from .console import exit_code_for, notice, print_json, progress, say, show, total_bytes
 
 # Typer vendors click and exports only BadParameter of its exceptions; its base is UsageError.
 ClickUsageError: type[Exception] = typer.BadParameter.__mro__[1]
@@ -41,6 +26,7 @@ ClickUsageError: type[Exception] = typer.BadParameter.__mro__[1]
 
 def _is_no_args_help(exc: BaseException) -> bool:
     return type(exc).__name__ == "NoArgsIsHelpError"
+
 
 class _SurgeonGroup(TyperGroup):
     """Runs every command inside `_errors_to_exit_codes`: the one place errors become exit codes."""
@@ -58,12 +44,10 @@ class _SurgeonGroup(TyperGroup):
 
 @contextlib.contextmanager
 def _errors_to_exit_codes() -> Iterator[None]:
-    """CheckpointError -> its one-line cause and exit code; usage error -> 2; anything else -> 3."""
+    """Around every command: a usage error -> its message and exit 2; anything else goes to
+    `console.exit_code_for`, the one place exceptions become exit codes."""
     try:
         yield
-    except CheckpointError as exc:
-        notice(f"error: {exc}", style="red")
-        raise typer.Exit(exc.exit_code) from None
     except ClickUsageError as exc:
         if _is_no_args_help(exc):
             raise
@@ -73,14 +57,8 @@ def _errors_to_exit_codes() -> Iterator[None]:
         raise typer.Exit(EXIT_BAD_INPUT) from None
     except (typer.Exit, typer.Abort, KeyboardInterrupt):
         raise
-    except BrokenPipeError:
-        with contextlib.suppress(OSError):
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        raise typer.Exit(EXIT_OK) from None
-    except Exception:
-        _consoles.err.print("internal error (a bug in ckptsurgeon; please report it with this traceback):", markup=False)
-        traceback.print_exc(file=sys.stderr)
-        raise typer.Exit(EXIT_INTERNAL) from None
+    except Exception as exc:
+        raise typer.Exit(exit_code_for(exc)) from None
 
 
 app = typer.Typer(
@@ -93,75 +71,6 @@ app = typer.Typer(
     help="Safe, scriptable surgery on PyTorch checkpoints: inspect, extract, merge, rename, diff.",
     context_settings={"help_option_names": ["-h", "--help"]},
 )
-
-def _console(stream: Any, *, soft_wrap: bool) -> Any:
-    from rich.console import Console
-
-    # Piped output is not wrapped at 80 columns: scripts read it line by line.
-    return Console(file=stream, highlight=False, soft_wrap=soft_wrap, width=None if stream.isatty() else 400)
-
-
-class _Consoles:
-    """stdout carries data only; everything else goes to stderr, one message a line.
-
-    Made on first use and bound to the sys.stdout/stderr of the current call (test runners swap
-    them per call).
-    """
-
-    def __init__(self) -> None:
-        self._streams: tuple[Any, Any] | None = None
-        self._pair: tuple[Any, Any] | None = None
-
-    def _get(self) -> tuple[Any, Any]:
-        streams = (sys.stdout, sys.stderr)
-        if self._pair is None or self._streams != streams:
-            self._pair = (_console(sys.stdout, soft_wrap=False), _console(sys.stderr, soft_wrap=True))
-            self._streams = streams
-        return self._pair
-
-    @property
-    def out(self) -> Any:
-        return self._get()[0]
-
-    @property
-    def err(self) -> Any:
-        return self._get()[1]
-
-
-_consoles = _Consoles()
-
-
-def notice(message: str, style: str = "") -> None:
-    if sys.stderr.isatty():
-        _consoles.err.print(text.safe(message), markup=False, style=style or None)
-    else:  # plain lines for logs and pipes (and no rich import for a quiet --json run)
-        sys.stderr.write(text.safe(message) + "\n")
-        sys.stderr.flush()
-
-
-RICH_ROWS_MAX = 2000  # rich takes ~1 ms a row: longer tables are plain text even on a terminal
-
-
-def _show(table: text.TableData) -> None:
-    """A table on stdout: drawn by rich on a terminal, plain aligned columns when piped."""
-    if sys.stdout.isatty() and len(table.rows) <= RICH_ROWS_MAX:
-        _consoles.out.print(render.to_rich(table))
-    else:
-        sys.stdout.write(text.plain(table))
-
-
-def _say(line: text.Line) -> None:
-    """A line of data on stdout (styled on a terminal)."""
-    if sys.stdout.isatty():
-        _consoles.out.print(line.text, style=line.style or None, markup=False, highlight=False)
-    else:
-        sys.stdout.write(line.text + "\n")
-
-
-def print_json(data: Mapping[str, Any]) -> None:
-    sys.stdout.write(text.to_json(data, pretty=sys.stdout.isatty()) + "\n")
-    sys.stdout.flush()
-
 
 # --------------------------------------------------------------------------- shared options
 
@@ -214,79 +123,6 @@ def _root(
 # --------------------------------------------------------------------------- helpers
 
 
-def _load(path: Path, *, key: Optional[str], unsafe: bool, allow_global: Optional[list[str]]) -> Any:
-    from ..io import load_checkpoint
-
-    if unsafe:
-        notice(f"warning: --unsafe: {path} is fully unpickled; it can run code", style="yellow")
-    return load_checkpoint(path, unsafe=unsafe, key=key, allow_globals=_checked_globals(allow_global))
-
-
-def _checked_globals(names: Optional[list[str]]) -> tuple[str, ...]:
-    if not names:
-        return ()
-    from ..safety import resolve_allowed_globals
-
-    resolve_allowed_globals(names)  # refuse code-running names before anything is read
-    return tuple(names)
-
-
-def _select(keys: Sequence[str], include: Optional[list[str]], exclude: Optional[list[str]], regex: bool) -> list[str]:
-    from ..errors import SelectionError
-    from ..patterns import select_keys, unmatched_includes
-
-    selected = select_keys(keys, include or (), exclude or (), regex=regex)
-    for p in unmatched_includes(keys, include or (), regex=regex):
-        notice(f"warning: --include {p!r} matches no key", style="yellow")
-    if not selected:
-        raise SelectionError("nothing selected: no key matches the patterns")
-    return selected
-
-
-def _note_container(ckpt: Any) -> None:
-    if ckpt.state_dict_key:
-        notice(f"using the state_dict at key {ckpt.state_dict_key!r} of {ckpt.path}")
-
-
-def _model_check(
-    state_dict: Mapping[str, Any],
-    spec: Optional[str],
-    kwargs: Optional[str],
-    *,
-    allow_missing: bool,
-    allow_unexpected: bool,
-    ckpt_path: str,
-    out_path: str = "OUT",
-) -> Optional[dict[str, Any]]:
-    """Run the --model check; returns its JSON-ready result (None without --model)."""
-    if spec is None:
-        if kwargs is not None:
-            raise UsageError("--model-kwargs needs --model")
-        return None
-    from ..model import check_model, load_model
-    from ..tensors import shape_of
-
-    model = load_model(spec, kwargs)
-    report = check_model(
-        {k: shape_of(v) for k, v in state_dict.items()}, model, metadata=getattr(state_dict, "_metadata", None)
-    )
-    data = report.to_dict()
-    data["suggestions"] = [s.command(ckpt_path, out_path) for s in report.renames]
-    data["compatible_allowed"] = report.compatible(allow_missing=allow_missing, allow_unexpected=allow_unexpected)
-    data["kinds"] = dict(report.kinds)
-    data["model"] = spec
-    return data
-
-
-def _public_model(data: Optional[dict[str, Any]]) -> dict[str, Any]:
-    if data is None:
-        return {}
-    hidden = {"kinds", "compatible_allowed"}
-    out = {k: v for k, v in data.items() if k not in hidden}
-    out["compatible_with_allowances"] = data["compatible_allowed"]
-    return out
-
-
 def _refuse_incompatible(model: Optional[dict[str, Any]], allow_missing: bool, allow_unexpected: bool) -> None:
     if model is not None and not model["compatible_allowed"]:
         for line in text.model_lines(model, allow_missing, allow_unexpected):
@@ -311,9 +147,9 @@ def _write(
     from ..io import iter_tensors
 
     check_output(output, inputs, force=force)
-    with _progress("writing", _total_bytes(iter_tensors(obj))) as progress:
+    with progress("writing", total_bytes(iter_tensors(obj))) as advance:
         notes = save_checkpoint(
-            obj, output, safetensors_metadata=safetensors_metadata, verify=verify, progress=progress,
+            obj, output, safetensors_metadata=safetensors_metadata, verify=verify, progress=advance,
             unsafe=unsafe, allow_globals=tuple(allow_global or ()),
         )
     for n in notes:
@@ -323,44 +159,21 @@ def _write(
 
 def _writer_report(command: str, output: Path, state_dict: Mapping[str, Any], *, dry_run: bool, notes: Sequence[str], **extra: Any) -> dict[str, Any]:
     return {
-        "schema_version": JSON_SCHEMA_VERSION,
+        "schema_version": actions.JSON_SCHEMA_VERSION,
         "command": command,
         "output": str(output),
         "dry_run": dry_run,
         "written": not dry_run,
         "keys": list(state_dict),
         "num_tensors": len(state_dict),
-        "total_bytes": _total_bytes(state_dict.values()),
+        "total_bytes": total_bytes(state_dict.values()),
         "notes": list(notes),
         **extra,
     }
 
 
-PROGRESS_MIN_BYTES = 256 << 20
-
-
-@contextlib.contextmanager
-def _progress(description: str, total_bytes: int) -> Iterator[Optional[Any]]:
-    """A byte-counting progress callback drawn on stderr, for big jobs on a terminal only."""
-    if total_bytes < PROGRESS_MIN_BYTES or not sys.stderr.isatty():
-        yield None
-        return
-    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
-
-    columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn())
-    with Progress(*columns, console=_consoles.err, transient=True) as bar:
-        task = bar.add_task(description, total=total_bytes)
-        yield lambda n: bar.advance(task, n)
-
-
-def _total_bytes(tensors: Iterable[Any]) -> int:
-    from ..tensors import nbytes_of
-
-    return sum(nbytes_of(t) for t in tensors)
-
-
 def _done(output: Path, state_dict: Mapping[str, Any]) -> None:
-    total = _total_bytes(state_dict.values())
+    total = total_bytes(state_dict.values())
     notice(f"wrote {len(state_dict)} tensors ({text.human_bytes(total)}) to {output}")
 
 
@@ -391,49 +204,11 @@ def inspect(
     checks CRCs. With --model, mark each key as parameter, buffer, missing, unexpected or shape
     mismatch; the exit code then reports compatibility (0 compatible, 1 not).
     """
-    from ..containers import describe_value
-    from ..summary import inspect_state_dict
-
-    ckpt_obj = _load(ckpt, key=key, unsafe=unsafe, allow_global=allow_global)
-    if verify:
-        from ..io import iter_tensors, verify_data
-
-        with _progress("verifying", _total_bytes(iter_tensors(ckpt_obj.container))) as progress:
-            verify_data(ckpt_obj, progress)
-    keys = _select(list(ckpt_obj.state_dict), include, exclude, regex) if (include or exclude) else list(ckpt_obj.state_dict)
-    report = inspect_state_dict(
-        ckpt_obj.state_dict,
-        keys,
-        format=ckpt_obj.format,
-        state_dict_key=ckpt_obj.state_dict_key,
-        other_entries=[(k, describe_value(v)) for k, v in ckpt_obj.other_entries()],
+    return actions.inspect(
+        ckpt, include=include, exclude=exclude, regex=regex, key=key, as_json=as_json, model=model,
+        model_kwargs=model_kwargs, allow_missing=allow_missing, allow_unexpected=allow_unexpected, verify=verify,
+        unsafe=unsafe, allow_global=allow_global,
     )
-    selection = {k: ckpt_obj.state_dict[k] for k in keys}
-    if getattr(ckpt_obj.state_dict, "_metadata", None) is not None:
-        from ..io import make_state_dict
-
-        selection = make_state_dict(list(selection.items()), ckpt_obj.state_dict._metadata)
-    model_data = _model_check(
-        selection, model, model_kwargs, allow_missing=allow_missing, allow_unexpected=allow_unexpected, ckpt_path=str(ckpt)
-    )
-    if as_json:
-        data = report.to_dict()
-        data.update(_public_model(model_data))
-        if model_data is not None:
-            data["kinds"] = model_data["kinds"]
-        print_json(data)
-    else:
-        _show(text.inspect_table(report, model_data["kinds"] if model_data else None, model_data))
-        if len(report.dtypes) > 1:
-            _show(text.dtype_table(report))
-        for line in text.other_entries_lines(report.other_entries) + text.shared_lines(report.shared_storage):
-            _say(line)
-        if model_data is not None:
-            for line in text.model_lines(model_data, allow_missing, allow_unexpected):
-                _say(line)
-    if model_data is not None and not model_data["compatible_allowed"]:
-        return EXIT_DIFFERENT
-    return EXIT_OK
 
 
 @app.command()
@@ -461,11 +236,11 @@ def extract(
     """
     from ..surgery import extract_state_dict
 
-    ckpt_obj = _load(ckpt, key=key, unsafe=unsafe, allow_global=allow_global)
-    _note_container(ckpt_obj)
-    keys = _select(list(ckpt_obj.state_dict), include, exclude, regex)
+    ckpt_obj = actions.load(ckpt, key=key, unsafe=unsafe, allow_global=allow_global)
+    actions.note_container(ckpt_obj)
+    keys = actions.select(list(ckpt_obj.state_dict), include, exclude, regex)
     result = extract_state_dict(ckpt_obj.state_dict, keys)
-    model_data = _model_check(
+    model_data = actions.model_check(
         result, model, model_kwargs, allow_missing=allow_missing, allow_unexpected=allow_unexpected,
         ckpt_path=str(ckpt), out_path=str(output),
     )
@@ -478,14 +253,14 @@ def extract(
             _writer_report("extract", output, result, dry_run=dry_run, notes=notes, state_dict_key=ckpt_obj.state_dict_key, **_model_extra(model_data))
         )
     elif dry_run:
-        _show(text.keys_table(((k, str(ckpt)) for k in result), f"would write {len(result)} tensors to {output}"))
+        show(text.keys_table(((k, str(ckpt)) for k in result), f"would write {len(result)} tensors to {output}"))
     else:
         _done(output, result)
     return EXIT_OK
 
 
 def _model_extra(model_data: Optional[dict[str, Any]]) -> dict[str, Any]:
-    return {"model": _public_model(model_data)} if model_data is not None else {}
+    return {"model": actions.public_model(model_data)} if model_data is not None else {}
 
 
 def _st_meta(ckpt_obj: Any) -> Any:
@@ -529,10 +304,10 @@ def rename(
     )
     if rules.is_empty:
         raise UsageError("nothing to do: give --map, --strip-prefix, --sub or --add-prefix")
-    ckpt_obj = _load(ckpt, key=key, unsafe=unsafe, allow_global=allow_global)
-    _note_container(ckpt_obj)
+    ckpt_obj = actions.load(ckpt, key=key, unsafe=unsafe, allow_global=allow_global)
+    actions.note_container(ckpt_obj)
     renamed, plan = rename_state_dict(ckpt_obj.state_dict, rules)
-    model_data = _model_check(
+    model_data = actions.model_check(
         renamed, model, model_kwargs, allow_missing=allow_missing, allow_unexpected=allow_unexpected,
         ckpt_path=str(ckpt), out_path=str(output),
     )
@@ -554,7 +329,7 @@ def rename(
             )
         )
     elif dry_run:
-        _show(text.rename_table(plan))
+        show(text.rename_table(plan))
     else:
         notice(f"renamed {changed} of {len(plan)} keys")
         _done(output, renamed)
@@ -600,9 +375,9 @@ def merge(
     if weights is not None and not average:
         raise UsageError("--weights needs --average")
     parsed_weights = _parse_weights(weights) if weights is not None else None
-    loaded = [_load(p, key=key, unsafe=unsafe, allow_global=allow_global) for p in ckpts]
+    loaded = [actions.load(p, key=key, unsafe=unsafe, allow_global=allow_global) for p in ckpts]
     for c in loaded:
-        _note_container(c)
+        actions.note_container(c)
     sds = [c.state_dict for c in loaded]
     with contextlib.ExitStack() as stack:
         if average:
@@ -617,11 +392,11 @@ def merge(
             else:
                 check_output(output, ckpts, force=force)  # before minutes of averaging, not after
                 stage = stack.enter_context(staged_tensors(output))  # the mean goes to disk as it is made
-                with _progress("averaging", _total_bytes(sds[0].values()) * len(sds)) as progress:
-                    result, report = average_state_dicts(sds, parsed_weights, progress=progress, sink=stage.add)
+                with progress("averaging", total_bytes(sds[0].values()) * len(sds)) as advance:
+                    result, report = average_state_dicts(sds, parsed_weights, progress=advance, sink=stage.add)
         else:
             result, report = merge_state_dicts(sds, on_conflict)
-        model_data = _model_check(
+        model_data = actions.model_check(
             result, model, model_kwargs, allow_missing=allow_missing, allow_unexpected=allow_unexpected,
             ckpt_path=str(ckpts[0]), out_path=str(output),
         )
@@ -644,7 +419,7 @@ def merge(
         )
     elif dry_run:
         rows = ((k, "mean of all inputs" if average else str(ckpts[i])) for k, i in sources.items())
-        _show(text.keys_table(rows, f"would write {len(result)} tensors to {output}"))
+        show(text.keys_table(rows, f"would write {len(result)} tensors to {output}"))
     else:
         _done(output, result)
     return EXIT_OK
@@ -682,30 +457,30 @@ def diff(
     """
     from ..diff import diff_state_dicts
 
-    ca = _load(a, key=key, unsafe=unsafe, allow_global=allow_global)
-    cb = _load(b, key=key, unsafe=unsafe, allow_global=allow_global)
+    ca = actions.load(a, key=key, unsafe=unsafe, allow_global=allow_global)
+    cb = actions.load(b, key=key, unsafe=unsafe, allow_global=allow_global)
     union = list(ca.state_dict) + [k for k in cb.state_dict if k not in ca.state_dict]
-    keys = _select(union, include, exclude, regex) if (include or exclude) else union
-    with _progress("comparing", _total_bytes(ca.state_dict[k] for k in keys if k in ca.state_dict)) as progress:
-        report = diff_state_dicts(ca.state_dict, cb.state_dict, keys, rtol=rtol, atol=atol, progress=progress)
+    keys = actions.select(union, include, exclude, regex) if (include or exclude) else union
+    with progress("comparing", total_bytes(ca.state_dict[k] for k in keys if k in ca.state_dict)) as advance:
+        report = diff_state_dicts(ca.state_dict, cb.state_dict, keys, rtol=rtol, atol=atol, progress=advance)
     models = {}
     for side, c in (("a", ca), ("b", cb)):
-        m = _model_check(c.state_dict, model, model_kwargs, allow_missing=allow_missing, allow_unexpected=allow_unexpected, ckpt_path=str(c.path))
+        m = actions.model_check(c.state_dict, model, model_kwargs, allow_missing=allow_missing, allow_unexpected=allow_unexpected, ckpt_path=str(c.path))
         if m is not None:
             models[side] = m
     if as_json:
         data = report.to_dict()
         if models:
-            data["model"] = {side: _public_model(m) for side, m in models.items()}
+            data["model"] = {side: actions.public_model(m) for side, m in models.items()}
         print_json(data)
     else:
         table = text.diff_table(report)
         if table is not None:
-            _show(table)
-        _say(text.diff_summary(report))
+            show(table)
+        say(text.diff_summary(report))
         for side, m in models.items():
             for line in text.model_lines(m, allow_missing, allow_unexpected):
-                _say(text.Line(f"{side.upper()}: {line.text}", line.style))
+                say(text.Line(f"{side.upper()}: {line.text}", line.style))
     fits = all(m["compatible_allowed"] for m in models.values())
     return EXIT_OK if report.identical and fits else EXIT_DIFFERENT
 
@@ -713,13 +488,12 @@ def diff(
 # --------------------------------------------------------------------------- entry points
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Run the CLI on `argv` and return the exit code; never raises SystemExit."""
+def run(args: Sequence[str]) -> int:
+    """Run the Typer CLI on `args` and return the exit code; never raises SystemExit."""
     if os.environ.get("CKPTSURGEON_DEBUG"):
         logging.basicConfig(level=logging.DEBUG, stream=sys.stderr)
-    args = list(sys.argv[1:] if argv is None else argv)
     try:
-        rv = app(args=args, prog_name="ckptsurgeon", standalone_mode=False)
+        rv = app(args=list(args), prog_name="ckptsurgeon", standalone_mode=False)
     except ClickUsageError as exc:  # top-level options, unknown command, no arguments at all
         ctx = getattr(exc, "ctx", None)
         if _is_no_args_help(exc) and ctx is not None:
@@ -731,9 +505,3 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         notice("interrupted")
         return 130
     return int(rv) if isinstance(rv, int) else EXIT_OK
-
-
-def entrypoint() -> None:
-    """The console script: `sys.exit(main())`."""
-    sys.exit(main())
-

@@ -1,0 +1,126 @@
+"""Where the CLI's output goes, and the one place an exception becomes a message and an exit code.
+
+stdout carries data only (tables, JSON, result lines); everything else is one line on stderr.
+Nothing here imports typer, and rich only when a terminal is drawn on: `inspect --json` or a
+piped table never loads it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+import traceback
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Any, Callable, Optional
+
+from ..errors import EXIT_INTERNAL, EXIT_OK, CheckpointError
+from . import text
+
+
+def _console(stream: Any, *, soft_wrap: bool) -> Any:
+    from rich.console import Console
+
+    # Piped output is not wrapped at 80 columns: scripts read it line by line.
+    return Console(file=stream, highlight=False, soft_wrap=soft_wrap, width=None if stream.isatty() else 400)
+
+
+class _Consoles:
+    """Rich consoles for stdout and stderr, made on first use and bound to the sys.stdout/stderr
+    of the current call (test runners swap them per call)."""
+
+    def __init__(self) -> None:
+        self._streams: tuple[Any, Any] | None = None
+        self._pair: tuple[Any, Any] | None = None
+
+    def _get(self) -> tuple[Any, Any]:
+        streams = (sys.stdout, sys.stderr)
+        if self._pair is None or self._streams != streams:
+            self._pair = (_console(sys.stdout, soft_wrap=False), _console(sys.stderr, soft_wrap=True))
+            self._streams = streams
+        return self._pair
+
+    @property
+    def out(self) -> Any:
+        return self._get()[0]
+
+    @property
+    def err(self) -> Any:
+        return self._get()[1]
+
+
+consoles = _Consoles()
+
+
+def notice(message: str, style: str = "") -> None:
+    """One line on stderr (styled on a terminal)."""
+    if sys.stderr.isatty():
+        consoles.err.print(text.safe(message), markup=False, style=style or None)
+    else:  # plain lines for logs and pipes (and no rich import for a quiet --json run)
+        sys.stderr.write(text.safe(message) + "\n")
+        sys.stderr.flush()
+
+
+RICH_ROWS_MAX = 2000  # rich takes ~1 ms a row: longer tables are plain text even on a terminal
+
+
+def show(table: text.TableData) -> None:
+    """A table on stdout: drawn by rich on a terminal, plain aligned columns when piped."""
+    if sys.stdout.isatty() and len(table.rows) <= RICH_ROWS_MAX:
+        from .render import to_rich
+
+        consoles.out.print(to_rich(table))
+    else:
+        sys.stdout.write(text.plain(table))
+
+
+def say(line: text.Line) -> None:
+    """A line of data on stdout (styled on a terminal)."""
+    if sys.stdout.isatty():
+        consoles.out.print(line.text, style=line.style or None, markup=False, highlight=False)
+    else:
+        sys.stdout.write(line.text + "\n")
+
+
+def print_json(data: Mapping[str, Any]) -> None:
+    sys.stdout.write(text.to_json(data, pretty=sys.stdout.isatty()) + "\n")
+    sys.stdout.flush()
+
+
+PROGRESS_MIN_BYTES = 256 << 20
+
+
+@contextlib.contextmanager
+def progress(description: str, total_bytes: int) -> Iterator[Optional[Callable[[int], None]]]:
+    """A byte-counting progress callback drawn on stderr, for big jobs on a terminal only."""
+    if total_bytes < PROGRESS_MIN_BYTES or not sys.stderr.isatty():
+        yield None
+        return
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
+
+    columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=consoles.err, transient=True) as bar:
+        task = bar.add_task(description, total=total_bytes)
+        yield lambda n: bar.advance(task, n)
+
+
+def total_bytes(tensors: Iterable[Any]) -> int:
+    from ..tensors import nbytes_of
+
+    return sum(nbytes_of(t) for t in tensors)
+
+
+def exit_code_for(exc: Exception) -> int:
+    """Report `exc` on stderr and return the exit code it maps to (the one place this happens):
+    a CheckpointError is its one-line cause and its code; a closed stdout pipe is a quiet success;
+    anything else is a bug (exit 3, with the traceback)."""
+    if isinstance(exc, CheckpointError):
+        notice(f"error: {exc}", style="red")
+        return exc.exit_code
+    if isinstance(exc, BrokenPipeError):
+        with contextlib.suppress(OSError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_OK
+    consoles.err.print("internal error (a bug in ckptsurgeon; please report it with this traceback):", markup=False)
+    traceback.print_exception(exc, file=sys.stderr)
+    return EXIT_INTERNAL
