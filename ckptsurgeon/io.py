@@ -10,13 +10,9 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import logging
 import os
-import re
-import tempfile
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -33,22 +29,41 @@ from .errors import (
 )
 from .tensors import is_tensor
 
-log = logging.getLogger("ckptsurgeon")
+
+
+def _debug(message: str, *args: Any) -> None:
+    """Engine decisions, for CKPTSURGEON_DEBUG (logging is imported only when something is said)."""
+    import logging
+
+    logging.getLogger("ckptsurgeon").debug(message, *args)
+
 
 TMP_MARK = ".ckptsurgeon-tmp"
 
 
-@dataclass
 class Checkpoint:
     """A loaded checkpoint: the whole container plus the state_dict found inside it."""
 
-    path: Path
-    format: str  # "torch-zip" | "torch-legacy" | "safetensors"
-    container: Any
-    state_dict_path: KeyPath | None
-    state_dict: Mapping[str, Any]
-    engine: str  # "raw" (torch-free, TensorMeta leaves) or "torch"
-    safetensors_metadata: dict[str, str] | None = None
+    def __init__(
+        self,
+        path: Path,
+        format: str,  # "torch-zip" | "torch-legacy" | "safetensors"
+        container: Any,
+        state_dict_path: KeyPath | None,
+        state_dict: Mapping[str, Any],
+        engine: str,  # "raw" (torch-free, TensorMeta leaves) or "torch"
+        safetensors_metadata: dict[str, str] | None = None,
+    ) -> None:
+        self.path = path
+        self.format = format
+        self.container = container
+        self.state_dict_path = state_dict_path
+        self.state_dict = state_dict
+        self.engine = engine
+        self.safetensors_metadata = safetensors_metadata
+
+    def __repr__(self) -> str:
+        return f"Checkpoint(path={self.path!r}, format={self.format!r}, state_dict_key={self.state_dict_key!r}, engine={self.engine!r})"
 
     @property
     def state_dict_key(self) -> str | None:
@@ -75,7 +90,7 @@ def _read_raw(path: Path, allow_globals: frozenset[str]) -> RawCheckpoint | None
     try:
         return read_checkpoint(path, allow_globals=allow_globals)
     except EngineUnsupported as exc:
-        log.debug("engine fallback for %s: %s", path, exc)
+        _debug("engine fallback for %s: %s", path, exc)
         return None
 
 
@@ -347,7 +362,7 @@ def _try_raw_write(obj: Any, f: BinaryIO, output: Path, progress: Callable[[int]
         write_torch_zip(obj, f, archive_name=output.stem or "archive", progress=progress)
         return True
     except EngineUnsupported as exc:
-        log.debug("raw write fallback: %s", exc)
+        _debug("raw write fallback: %s", exc)
         f.seek(start)
         f.truncate()
         return False
@@ -507,6 +522,8 @@ def _clean_stale_temps(directory: Path, name: str) -> None:
     Only `.NAME.PID.RANDOM.ckptsurgeon-tmp` for exactly this NAME: the temp file of an output
     called `NAME.123` is another output's business.
     """
+    import re
+
     pattern = re.compile(rf"\.{re.escape(name)}\.(\d+)\.[A-Za-z0-9_]+{re.escape(TMP_MARK)}")
     try:
         entries = list(os.scandir(directory))
@@ -539,6 +556,8 @@ def _temp_beside(dest: Path) -> tuple[int, str]:
     """A new temporary file in dest's directory, named so that a later run can clean it up."""
     directory = dest.parent if str(dest.parent) else Path(".")
     try:
+        import tempfile
+
         return tempfile.mkstemp(prefix=f".{dest.name}.{os.getpid()}.", suffix=TMP_MARK, dir=directory)
     except OSError as exc:
         raise OutputError(f"{dest}: cannot create a file in {directory}: {exc.strerror or exc}") from None

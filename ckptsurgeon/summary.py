@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from .tensors import dtype_name, nbytes_of, numel_of, shape_of, shared_storage_groups
 
 SCHEMA_VERSION = 1
 
 
-@dataclass(frozen=True)
-class TensorRow:
+class TensorRow(NamedTuple):
     key: str
     shape: tuple[int, ...]
     dtype: str
@@ -23,8 +21,7 @@ class TensorRow:
         return {"key": self.key, "shape": list(self.shape), "dtype": self.dtype, "numel": self.numel, "nbytes": self.nbytes}
 
 
-@dataclass(frozen=True)
-class DtypeTotal:
+class DtypeTotal(NamedTuple):
     dtype: str
     num_tensors: int
     num_elements: int
@@ -34,18 +31,30 @@ class DtypeTotal:
         return {"dtype": self.dtype, "num_tensors": self.num_tensors, "num_elements": self.num_elements, "total_bytes": self.total_bytes}
 
 
-@dataclass(frozen=True)
 class InspectReport:
     """Rows, totals, per-dtype breakdown, container entries and storage sharing of a state_dict."""
 
-    format: str
-    state_dict_key: str | None
-    tensors: tuple[TensorRow, ...]
-    dtypes: tuple[DtypeTotal, ...]
-    shared_storage: tuple[tuple[str, ...], ...]
-    other_entries: tuple[tuple[str, str], ...] = ()
-    num_selected_of: int = 0  # size of the whole state_dict (rows may be a selection)
-    model: Mapping[str, Any] | None = field(default=None)
+    __slots__ = ("format", "state_dict_key", "tensors", "dtypes", "shared_storage", "other_entries", "num_selected_of", "model")
+
+    def __init__(
+        self,
+        format: str,
+        state_dict_key: str | None,
+        tensors: tuple[TensorRow, ...],
+        dtypes: tuple[DtypeTotal, ...],
+        shared_storage: tuple[tuple[str, ...], ...],
+        other_entries: tuple[tuple[str, str], ...] = (),
+        num_selected_of: int = 0,  # size of the whole state_dict (rows may be a selection)
+        model: Mapping[str, Any] | None = None,
+    ) -> None:
+        self.format = format
+        self.state_dict_key = state_dict_key
+        self.tensors = tensors
+        self.dtypes = dtypes
+        self.shared_storage = shared_storage
+        self.other_entries = other_entries
+        self.num_selected_of = num_selected_of
+        self.model = model
 
     @property
     def num_tensors(self) -> int:

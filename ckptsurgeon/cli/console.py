@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
-import traceback
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any, Callable, Optional
 
@@ -121,6 +120,8 @@ def exit_code_for(exc: Exception) -> int:
         with contextlib.suppress(OSError):
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_OK
+    import traceback
+
     consoles.err.print("internal error (a bug in ckptsurgeon; please report it with this traceback):", markup=False)
     traceback.print_exception(exc, file=sys.stderr)
     return EXIT_INTERNAL

@@ -6,29 +6,26 @@ long) or is handed to `render.to_rich` for a terminal. Styles are hints that onl
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
-from ..diff import DiffReport
-from ..summary import InspectReport
+if TYPE_CHECKING:  # imported for annotations only: inspect never loads diff's machinery
+    from ..diff import DiffReport
+    from ..summary import InspectReport
 
 KIND_STYLE = {"missing": "yellow", "unexpected": "red", "shape mismatch": "red"}
 
 
-@dataclass(frozen=True)
-class TableData:
+class TableData(NamedTuple):
     headers: tuple[str, ...]
     rows: list[list[str]]
     title: str = ""
     caption: str = ""
     right: frozenset[int] = frozenset()  # right-aligned column indexes
-    styles: dict[tuple[int, int], str] = field(default_factory=dict)  # (row, column) -> rich style
+    styles: Mapping[tuple[int, int], str] = {}  # (row, column) -> rich style; never mutated
 
 
-@dataclass(frozen=True)
-class Line:
+class Line(NamedTuple):
     text: str
     style: str = ""
 
@@ -56,6 +53,8 @@ def to_json(data: Mapping[str, Any], *, pretty: bool = False) -> str:
     ASCII only: a crafted key can hold a lone surrogate, which no UTF-8 stream can carry; JSON's
     \\u escapes carry it, and any JSON parser gives back the key exactly.
     """
+    import json
+
     if pretty:
         return json.dumps(data, indent=2)
     return json.dumps(data, separators=(",", ":"))

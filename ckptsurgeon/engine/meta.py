@@ -8,7 +8,6 @@ lie in the source file. Nothing here imports torch or touches tensor data.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Any
 
 # dtype name (as torch names it, without "torch.") -> bytes per element
@@ -59,8 +58,31 @@ FLOATING_DTYPES = frozenset(
 )
 
 
-@dataclass(frozen=True, slots=True)
-class StorageMeta:
+class _Value:
+    """Base of the engine's value types: slotted, compared and hashed by their fields, never
+    changed after construction (plain classes rather than dataclasses: the engine makes one per
+    tensor, and a frozen dataclass takes 4x as long to construct; `import dataclasses` alone
+    costs inspect a tenth of its run time)."""
+
+    __slots__ = ()
+
+    def _fields(self) -> tuple[Any, ...]:
+        return tuple(getattr(self, name) for name in self.__slots__)
+
+    def __eq__(self, other: object) -> bool:
+        if other.__class__ is not self.__class__:
+            return NotImplemented
+        return self._fields() == other._fields()  # type: ignore[attr-defined]
+
+    def __hash__(self) -> int:
+        return hash(self._fields())
+
+    def __repr__(self) -> str:
+        shown = ", ".join(f"{name}={getattr(self, name)!r}" for name in self.__slots__)
+        return f"{type(self).__name__}({shown})"
+
+
+class StorageMeta(_Value):
     """One storage: a run of raw bytes in a source file.
 
     `key` is the storage key inside the source file; two tensors that share a storage share one
@@ -68,31 +90,55 @@ class StorageMeta:
     was pickled with ("uint8" for an UntypedStorage).
     """
 
-    source: str  # path of the file the bytes live in
-    key: str
-    dtype: str
-    nbytes: int
-    data_offset: int  # absolute offset of the first byte in `source`
-    location: str = "cpu"  # device the storage was saved from, e.g. "cuda:0"
-    crc32: int | None = None  # CRC-32 of the record (torch zip only)
-    record_name: str | None = None  # e.g. "archive/data/0" (torch zip only)
+    __slots__ = ("source", "key", "dtype", "nbytes", "data_offset", "location", "crc32", "record_name")
+
+    def __init__(
+        self,
+        source: str,  # path of the file the bytes live in
+        key: str,
+        dtype: str,
+        nbytes: int,
+        data_offset: int,  # absolute offset of the first byte in `source`
+        location: str = "cpu",  # device the storage was saved from, e.g. "cuda:0"
+        crc32: int | None = None,  # CRC-32 of the record (torch zip only)
+        record_name: str | None = None,  # e.g. "archive/data/0" (torch zip only)
+    ) -> None:
+        self.source = source
+        self.key = key
+        self.dtype = dtype
+        self.nbytes = nbytes
+        self.data_offset = data_offset
+        self.location = location
+        self.crc32 = crc32
+        self.record_name = record_name
 
     @property
     def identity(self) -> tuple[str, str]:
         return (self.source, self.key)
 
 
-@dataclass(frozen=True, slots=True)
-class TensorMeta:
+class TensorMeta(_Value):
     """One dense, strided tensor described without its data."""
 
-    storage: StorageMeta
-    dtype: str
-    shape: tuple[int, ...]
-    stride: tuple[int, ...]
-    storage_offset: int = 0  # in elements of `dtype`
-    requires_grad: bool = False
-    is_parameter: bool = False
+    __slots__ = ("storage", "dtype", "shape", "stride", "storage_offset", "requires_grad", "is_parameter")
+
+    def __init__(
+        self,
+        storage: StorageMeta,
+        dtype: str,
+        shape: tuple[int, ...],
+        stride: tuple[int, ...],
+        storage_offset: int = 0,  # in elements of `dtype`
+        requires_grad: bool = False,
+        is_parameter: bool = False,
+    ) -> None:
+        self.storage = storage
+        self.dtype = dtype
+        self.shape = shape
+        self.stride = stride
+        self.storage_offset = storage_offset
+        self.requires_grad = requires_grad
+        self.is_parameter = is_parameter
 
     @property
     def itemsize(self) -> int:
@@ -128,18 +174,22 @@ class TensorMeta:
         return True
 
 
-@dataclass(frozen=True, slots=True)
-class TorchDtype:
+class TorchDtype(_Value):
     """A pickled `torch.<dtype>` global that is a value in the graph (e.g. in hyper-parameters)."""
 
-    name: str  # "float32"
+    __slots__ = ("name",)
+
+    def __init__(self, name: str) -> None:
+        self.name = name  # "float32"
 
 
-@dataclass(frozen=True, slots=True)
-class TorchDevice:
+class TorchDevice(_Value):
     """A pickled `torch.device(...)` value."""
 
-    spec: str  # "cpu", "cuda:0"
+    __slots__ = ("spec",)
+
+    def __init__(self, spec: str) -> None:
+        self.spec = spec  # "cpu", "cuda:0"
 
 
 class TorchSize(tuple):
@@ -148,12 +198,21 @@ class TorchSize(tuple):
     __slots__ = ()
 
 
-@dataclass(frozen=True)
-class RawCheckpoint:
+class RawCheckpoint(_Value):
     """What the engine read from one file: its format and its object graph."""
 
-    path: str
-    format: str  # "torch-zip" | "torch-legacy" | "safetensors"
-    obj: Any
-    metadata: dict[str, str] | None = None  # safetensors __metadata__
-    extras: dict[str, Any] = field(default_factory=dict)
+    __slots__ = ("path", "format", "obj", "metadata", "extras")
+
+    def __init__(
+        self,
+        path: str,
+        format: str,  # "torch-zip" | "torch-legacy" | "safetensors"
+        obj: Any,
+        metadata: dict[str, str] | None = None,  # safetensors __metadata__
+        extras: dict[str, Any] | None = None,
+    ) -> None:
+        self.path = path
+        self.format = format
+        self.obj = obj
+        self.metadata = metadata
+        self.extras = {} if extras is None else extras

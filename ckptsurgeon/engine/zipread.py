@@ -12,13 +12,12 @@ from __future__ import annotations
 import os
 import struct
 import zlib
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from ..errors import BadCheckpointError, EngineUnsupported
 from .data import pread_bytes
 from .meta import DTYPE_ITEMSIZE, RawCheckpoint, StorageMeta
-from .unpickle import Malformed, StorageClass, Unsupported, container_budget, resolve_storage_id, unpickle
+from .unpickle import Malformed, container_budget, resolve_storage_id, unpickle
 
 MAX_PICKLE_BYTES = 1 << 30  # a data.pkl larger than this is left to torch
 
@@ -32,8 +31,7 @@ _U32_MAX = 0xFFFFFFFF
 _U16_MAX = 0xFFFF
 
 
-@dataclass(frozen=True, slots=True)
-class ZipMember:
+class ZipMember(NamedTuple):
     """One stored member of a ZIP archive, as the central directory (checked against the local
     header) describes it."""
 
