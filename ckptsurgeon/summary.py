@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
+from .engine.meta import DTYPE_ITEMSIZE, TensorMeta
 from .tensors import dtype_name, nbytes_of, numel_of, shape_of, shared_storage_groups
 
 SCHEMA_VERSION = 1
@@ -87,6 +88,13 @@ class InspectReport:
         return out
 
 
+def _row(key: str, t: Any) -> TensorRow:
+    if type(t) is TensorMeta:  # the engine's tensors, tens of thousands at a time: no adapters
+        numel = t.numel
+        return TensorRow(key, t.shape, t.dtype, numel, numel * DTYPE_ITEMSIZE[t.dtype])
+    return TensorRow(key, shape_of(t), dtype_name(t), numel_of(t), nbytes_of(t))
+
+
 def inspect_state_dict(
     state_dict: Mapping[str, Any],
     keys: Sequence[str],
@@ -96,11 +104,7 @@ def inspect_state_dict(
     other_entries: Sequence[tuple[str, str]] = (),
 ) -> InspectReport:
     """Summarise the tensors of `state_dict` named by `keys` (a selection, in order)."""
-    rows = tuple(
-        TensorRow(k, shape_of(t), dtype_name(t), numel_of(t), nbytes_of(t))
-        for k in keys
-        for t in (state_dict[k],)
-    )
+    rows = tuple(map(_row, keys, [state_dict[k] for k in keys]))
     totals: dict[str, list[int]] = {}
     for r in rows:
         acc = totals.setdefault(r.dtype, [0, 0, 0])

@@ -61,19 +61,15 @@ def to_json(data: Mapping[str, Any], *, pretty: bool = False) -> str:
 
 
 def shape_text(shape: Sequence[int]) -> str:
-    return "(" + ", ".join(str(s) for s in shape) + ")"
+    return "(" + ", ".join(map(str, shape)) + ")"
 
 
 def plain(table: TableData) -> str:
     """Aligned columns without box drawing: fast for tens of thousands of rows, easy to awk."""
     widths = [max([len(h)] + [len(r[i]) for r in table.rows]) for i, h in enumerate(table.headers)]
-
-    def line(cells: Sequence[str]) -> str:
-        return "  ".join(
-            c.rjust(w) if i in table.right else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths))
-        ).rstrip()
-
-    out = ([table.title] if table.title else []) + [line(table.headers)] + [line(r) for r in table.rows]
+    # one str.format per row (the same padding as ljust/rjust)
+    fmt = "  ".join(f"{{:{'>' if i in table.right else '<'}{w}}}" for i, w in enumerate(widths))
+    out = ([table.title] if table.title else []) + [fmt.format(*row).rstrip() for row in (table.headers, *table.rows)]
     out += [table.caption] if table.caption else []
     return "\n".join(out) + "\n"
 

@@ -257,17 +257,19 @@ def _check_local_headers(
     return [m for m in located if m is not None]
 
 
+_DESCRIPTOR64 = struct.Struct("<IQQ")  # crc, compressed and uncompressed size (ZIP64)
+_DESCRIPTOR32 = struct.Struct("<III")
+
+
 def _check_descriptor(m: ZipMember, raw: bytes, path: str) -> None:
+    """The data descriptor after a member's data (signature optional, 32- or 64-bit sizes) must
+    repeat the central directory's CRC and size."""
     body = raw[4:] if raw[:4] == b"PK\x07\x08" else raw
-    candidates = []
-    if len(body) >= 20:
-        candidates.append(struct.unpack_from("<IQQ", body))
-    if len(body) >= 12:
-        candidates.append(struct.unpack_from("<III", body))
-    if (m.crc32, m.size, m.size) not in candidates:
-        raise _bad(
-            path, f"the data descriptor of ZIP member {m.name!r} disagrees with the central directory"
-        )
+    if body[:20] == _DESCRIPTOR64.pack(m.crc32, m.size, m.size):
+        return
+    if m.size <= _U32_MAX and len(body) >= 12 and body[:12] == _DESCRIPTOR32.pack(m.crc32, m.size, m.size):
+        return
+    raise _bad(path, f"the data descriptor of ZIP member {m.name!r} disagrees with the central directory")
 
 
 def _record_bytes(fd: int, m: ZipMember, path: str) -> bytes:
