@@ -68,10 +68,15 @@ def run_fast(args: Sequence[str]) -> Optional[int]:
     opts = parse_inspect(args)
     if opts is None:
         return None
+    import gc
     from pathlib import Path
 
     from .console import exit_code_for, notice
 
+    # inspect makes no reference cycles, but its tens of thousands of rows would set the cyclic
+    # collector off again and again over the whole graph of the checkpoint
+    collecting = gc.isenabled()
+    gc.disable()
     try:
         from ..safety import check_torch_version
         from .actions import inspect
@@ -83,3 +88,6 @@ def run_fast(args: Sequence[str]) -> Optional[int]:
         return 130
     except Exception as exc:  # noqa: BLE001 (exit_code_for is where every error is mapped)
         return exit_code_for(exc)
+    finally:
+        if collecting:
+            gc.enable()
