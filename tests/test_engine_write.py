@@ -839,3 +839,26 @@ def test_outputs_are_cpu_checkpoints_whatever_the_source_device(tmp_path):
         write_torch_zip(raw.obj, f, archive_name="out")
     back = torch.load(out, weights_only=True)  # no map_location: it must not ask for CUDA
     assert back["w"].device.type == "cpu" and torch.equal(back["w"], sd["w"])
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.integers(min_value=-(2**300), max_value=2**300) | st.integers(min_value=-70000, max_value=70000))
+def test_encode_long_is_pickles(x: int) -> None:
+    """The writer's LONG1 payload is exactly pickle's (it no longer imports pickle for it)."""
+    from ckptsurgeon.engine.pickle_write import _encode_long
+
+    assert _encode_long(x) == pickle.encode_long(x)
+    assert pickle.decode_long(_encode_long(x)) == x
+
+
+def test_serialization_id_is_torchs_shape(tmp_path: Path) -> None:
+    from ckptsurgeon.engine.read import read_checkpoint
+
+    src = tmp_path / "a.pt"
+    torch.save({"w": torch.arange(4.0)}, src)
+    out = tmp_path / "b.pt"
+    with open(out, "wb") as f:
+        write_torch_zip(read_checkpoint(src).obj, f, archive_name="b")
+    ids = zipfile.ZipFile(out).read("b/.data/serialization_id").decode()
+    assert len(ids) == 40 and ids.isdigit()
+    assert torch.equal(torch.load(out, weights_only=True)["w"], torch.arange(4.0))

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import logging
 import os
 import sys
 from collections.abc import Iterator, Mapping, Sequence
@@ -491,6 +490,8 @@ def diff(
 def run(args: Sequence[str]) -> int:
     """Run the Typer CLI on `args` and return the exit code; never raises SystemExit."""
     if os.environ.get("CKPTSURGEON_DEBUG"):
+        import logging
+
         logging.basicConfig(level=logging.DEBUG, stream=sys.stderr)
     try:
         rv = app(args=list(args), prog_name="ckptsurgeon", standalone_mode=False)

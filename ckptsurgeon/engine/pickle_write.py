@@ -16,7 +16,6 @@ import collections
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pickle import encode_long
 from typing import Any
 
 from ckptsurgeon.engine.meta import (
@@ -105,6 +104,17 @@ class PlannedStorage:
 
 _SCALARS = frozenset({type(None), bool, int, float, str, bytes, complex})
 
+
+
+def _encode_long(x: int) -> bytes:
+    """pickle.encode_long (LONG1/LONG4 payload): little-endian two's complement, shortest form."""
+    if x == 0:
+        return b""
+    nbytes = (x.bit_length() >> 3) + 1
+    result = x.to_bytes(nbytes, byteorder="little", signed=True)
+    if x < 0 and nbytes > 1 and result[-1] == 0xFF and (result[-2] & 0x80) != 0:
+        result = result[:-1]
+    return result
 
 def iter_tensors(obj: Any) -> Iterator[TensorMeta]:
     """Yield each TensorMeta of an object graph once, in first-reached (pickling) order."""
@@ -344,7 +354,7 @@ class _Pickler:
         elif -0x80000000 <= x <= 0x7FFFFFFF:
             self.write(_BININT + struct.pack("<i", x))
         else:
-            enc = encode_long(x)
+            enc = _encode_long(x)
             if len(enc) < 256:
                 self.write(_LONG1 + bytes((len(enc),)) + enc)
             else:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import errno
 import os
-import secrets
 import struct
 import threading
 import zlib
@@ -105,7 +104,8 @@ def _write_archive(
         if progress is not None:
             progress(planned.nbytes)
     w.add_bytes(f"{prefix}/version", b"3\n")
-    serialization_id = f"{secrets.randbits(64):020d}{secrets.randbits(64):020d}"
+    # torch's form: two random 64-bit numbers, 20 digits each (os.urandom: `secrets` imports hashlib)
+    serialization_id = "".join(f"{int.from_bytes(os.urandom(8), 'little'):020d}" for _ in range(2))
     w.add_bytes(f"{prefix}/.data/serialization_id", serialization_id.encode())
     w.finish()
     return w.pos
