@@ -31,22 +31,23 @@ def parse_inspect(args: Sequence[str]) -> Optional[dict[str, Any]]:
     while i < len(args):
         token = args[i]
         i += 1
-        if not token.startswith("-") or token == "-":
-            if token == "-":
-                return None
+        if token == "-":
+            return None
+        if not token.startswith("-"):
             positional.append(token)
             continue
-        name, eq, attached = token.partition("=") if token.startswith("--") else (token[:2], "", token[2:])
-        if token.startswith("--"):
+        if token.startswith("--"):  # --name or --name=value
+            name, eq, attached = token.partition("=")
             has_value = bool(eq)
-        else:
+        else:  # -n or -nVALUE
+            name, attached = token[:2], token[2:]
             has_value = bool(attached)
         if name in _FLAGS and not has_value:
             opts[_FLAGS[name]] = True
         elif name in _VALUED:
             if has_value:
                 value = attached
-            elif i < len(args):
+            elif i < len(args):  # the next token, whatever it looks like (as click does)
                 value, i = args[i], i + 1
             else:
                 return None  # a missing value: Typer says so
