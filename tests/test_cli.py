@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from conftest import SmallCNN, TiedLM, TransferCNN, parse_json, trained_smallcnn
 
 MODEL = "sample_models.models:SmallCNN"
@@ -731,3 +733,22 @@ def test_inspect_process_imports_neither_typer_nor_rich_nor_torch(train_ckpt):
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.stderr.strip().splitlines()[-1] == "0 0 []", r.stderr
     assert json.loads(r.stdout.splitlines()[0])["num_tensors"] > 0
+
+
+_TOKENS = ["--json", "--regex", "--verify", "-i", "-x", "--include", "--exclude", "--key", "--key=model_state_dict",
+           "--include=conv", "-iconv1", "-xbn", "conv1", "fc", "bn1", "model_state_dict", "^conv", "--", "-", "--help",
+           "--unknown", "--json=1", "{f}", "{f}"]
+
+
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(tokens=st.lists(st.sampled_from(_TOKENS), min_size=1, max_size=6))
+def test_fast_inspect_agrees_with_typer_on_any_command_line(tokens, train_ckpt, monkeypatch):
+    """Random command lines: whenever the fast parser takes one, Typer gives the same result."""
+    from ckptsurgeon.cli.commands import run
+    from ckptsurgeon.cli.fast import parse_inspect, run_fast
+
+    monkeypatch.delenv("CKPTSURGEON_DEBUG", raising=False)
+    args = _argv(tokens, f=str(train_ckpt))
+    if parse_inspect(args) is None:
+        return
+    assert _run_captured(run_fast, args) == _run_captured(run, args)
