@@ -7,13 +7,22 @@ twice, and memory stays bounded by the span or chunk asked for. Files are opened
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import itertools
 import os
 import stat
+import threading
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 from ..errors import BadCheckpointError
 from .meta import StorageMeta
+
+if TYPE_CHECKING:
+    from concurrent.futures import Executor
 
 DEFAULT_CHUNK = 16 << 20
 
@@ -187,3 +196,385 @@ def verify_crc(storage: StorageMeta) -> None:
         return
     for _chunk in iter_chunks(storage, 0, storage.nbytes):
         pass
+
+
+# -- comparing the bytes of two storages --------------------------------------------------------
+
+SCAN_BLOCK = 128 << 10  # bytes per pread when comparing: a pair of such buffers stays in a core's cache
+SCAN_TASK = 1 << 20  # bytes of a span that one thread compares before taking the next part
+
+
+def same_bytes(a: bytes | bytearray | memoryview, b: bytes | bytearray | memoryview) -> bool:
+    """Byte equality at memcmp speed (memoryview's own == goes element by element)."""
+    import ctypes
+
+    a, b = memoryview(a), memoryview(b)
+    if a.nbytes != b.nbytes:
+        return False
+    n = a.nbytes
+    memcmp = _memcmp()
+    if n == 0:
+        return True
+    if memcmp is None or a.readonly or b.readonly:  # ctypes maps writable buffers only
+        return a.tobytes() == b.tobytes()
+    return memcmp((ctypes.c_char * n).from_buffer(a), (ctypes.c_char * n).from_buffer(b), n) == 0
+
+
+@functools.lru_cache(maxsize=1)
+def _memcmp() -> Any:
+    import ctypes
+
+    try:
+        fn = ctypes.CDLL(None).memcmp  # ctypes releases the GIL during the call
+    except (OSError, AttributeError):  # no C library handle on this platform
+        return None
+    fn.restype = ctypes.c_int
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t]
+    return fn
+
+
+def crc32_combine(crc1: int, crc2: int, len2: int) -> int:
+    """The CRC-32 of `first + second` from crc1 = crc32(first), crc2 = crc32(second), len2 = len(second).
+
+    zlib's crc32_combine, which Python's zlib module does not expose.
+    """
+    return _multmodp(_x8nmodp(len2), crc1) ^ crc2
+
+
+_CRC_POLY = 0xEDB88320  # CRC-32 polynomial, bit-reversed (as zlib)
+
+
+def _multmodp(a: int, b: int) -> int:
+    """a(x) * b(x) modulo the CRC-32 polynomial (bit-reversed representation)."""
+    p = 0
+    m = 1 << 31
+    while m:
+        if a & m:
+            p ^= b
+        m >>= 1
+        b = (b >> 1) ^ _CRC_POLY if b & 1 else b >> 1
+    return p
+
+
+def _x2n_table() -> list[int]:
+    table = [1 << 30]  # x^1
+    for _ in range(31):
+        table.append(_multmodp(table[-1], table[-1]))
+    return table  # table[k] = x^(2^k)
+
+
+_X2N = _x2n_table()
+
+
+@functools.lru_cache(maxsize=64)
+def _x8nmodp(n: int) -> int:
+    """x^(8n) modulo the CRC-32 polynomial: the operator that moves a CRC past n zero bytes."""
+    p = 1 << 31  # x^0
+    k = 3
+    while n:
+        if n & 1:
+            p = _multmodp(_X2N[k & 31], p)
+        n >>= 1
+        k += 1
+    return p
+
+
+def _whole_with_crc(storage: StorageMeta, span: tuple[int, int]) -> bool:
+    return storage.crc32 is not None and span == (0, storage.nbytes)
+
+
+def _check_crc(storage: StorageMeta, actual: int) -> None:
+    if actual != storage.crc32:
+        raise crc_mismatch(storage, actual)
+
+
+SpanPair = tuple[StorageMeta, tuple[int, int], StorageMeta, tuple[int, int]]  # (a, a_span, b, b_span)
+
+
+@dataclass(frozen=True, slots=True)
+class SpanMatch:
+    """What compare_spans found for one pair of spans."""
+
+    equal: bool
+    reported: int  # bytes of the pair passed to `progress` (all of them when equal)
+
+
+def compare_spans(
+    pairs: Sequence[SpanPair],
+    *,
+    pool: Executor | None = None,
+    progress: Callable[[int], None] | None = None,
+    on_difference: Callable[[int], None] | None = None,
+) -> list[SpanMatch]:
+    """Whether bytes [a_span) of `a` equal bytes [b_span) of `b`, for each pair of spans.
+
+    The pairs are split into SCAN_TASK parts that the calling thread and, with `pool`, one of its
+    threads take in turn (pread, memcmp and crc32 release the GIL); each file is opened once. A
+    pair's comparison stops at its first difference, where `on_difference(index)` is called (on
+    either thread). For each equal pair, the CRC-32 of a span that is a whole record is checked,
+    pairs in order (the bytes are checksummed once for both files); a mismatch raises
+    BadCheckpointError. `progress` is called on the calling thread with numbers of bytes of the
+    first spans found equal.
+    """
+    for a, a_span, b, b_span in pairs:
+        _check_span(a, *a_span)
+        _check_span(b, *b_span)
+    scan = _SpanScan(pairs, on_difference)
+    sources = dict.fromkeys(s.source for a, _, b, _ in pairs for s in (a, b)) if scan.parts else {}
+    with contextlib.ExitStack() as files:
+        for source in sources:
+            fd, _ = open_regular(source)
+            files.callback(os.close, fd)
+            scan.fds[source] = fd
+        share_out(len(scan.parts), scan.part, pool, after=lambda: scan.report(progress))
+    scan.report(progress)
+    scan.check_crcs()
+    return [SpanMatch(equal, reported) for equal, reported in zip(scan.equal, scan.reported)]
+
+
+class _SpanScan:
+    """One compare_spans: its parts, what they found, and each thread's read buffers."""
+
+    def __init__(self, pairs: Sequence[SpanPair], on_difference: Callable[[int], None] | None) -> None:
+        self.pairs = pairs
+        sizes = [a_span[1] - a_span[0] for _, a_span, _, _ in pairs]
+        self.equal = [size == b_span[1] - b_span[0] for size, (_, _, _, b_span) in zip(sizes, pairs)]
+        self.checks = [[s for s, span in ((a, a_span), (b, b_span)) if _whole_with_crc(s, span)] for a, a_span, b, b_span in pairs]
+        self.parts = [
+            (i, start, min(start + SCAN_TASK, size))
+            for i, size in enumerate(sizes)
+            if self.equal[i]
+            for start in range(0, size, SCAN_TASK)
+        ]
+        self.part_crcs = [0] * len(self.parts)
+        self.reported = [0] * len(pairs)
+        self.unreported = 0
+        self.on_difference = on_difference
+        self.fds: dict[str, int] = {}
+        self.lock = threading.Lock()
+        self.local = threading.local()
+        self.block = min(SCAN_BLOCK, max(sizes, default=0))
+
+    def part(self, k: int) -> None:
+        i, start, end = self.parts[k]
+        if not self.equal[i]:  # another part of the pair differs
+            return
+        equal = self._compare(k)
+        with self.lock:
+            was_equal = self.equal[i]
+            if was_equal and equal:
+                self.reported[i] += end - start
+                self.unreported += end - start
+            elif was_equal:
+                self.equal[i] = False
+        if was_equal and not equal and self.on_difference is not None:
+            self.on_difference(i)
+
+    def report(self, progress: Callable[[int], None] | None) -> None:
+        with self.lock:
+            n, self.unreported = self.unreported, 0
+        if progress is not None and n:
+            progress(n)
+
+    def check_crcs(self) -> None:
+        crcs = [0] * len(self.pairs)
+        for (i, start, end), part_crc in zip(self.parts, self.part_crcs):
+            crcs[i] = crc32_combine(crcs[i], part_crc, end - start) if start else part_crc
+        for i, storages in enumerate(self.checks):
+            if self.equal[i]:
+                for storage in storages:
+                    _check_crc(storage, crcs[i])
+
+    def _compare(self, k: int) -> bool:
+        """Compare part k (and checksum it while it is equal, when the pair has a CRC to check)."""
+        i, start, end = self.parts[k]
+        a, a_span, b, b_span = self.pairs[i]
+        files = (
+            (self.fds[a.source], a.source, a.data_offset + a_span[0]),
+            (self.fds[b.source], b.source, b.data_offset + b_span[0]),
+        )
+        views, addrs = self._buffers()
+        memcmp = _memcmp()
+        want_crc = bool(self.checks[i])
+        crc = 0
+        for pos in range(start, end, self.block):
+            n = min(self.block, end - pos)
+            va, vb = views[0][:n], views[1][:n]
+            for (fd, path, base), view in zip(files, (va, vb)):
+                pread_exact(fd, view, base + pos, path)
+            differs = memcmp(addrs[0], addrs[1], n) != 0 if memcmp is not None else va != vb
+            if differs:
+                return False
+            if want_crc:
+                crc = zlib.crc32(va, crc)
+        self.part_crcs[k] = crc
+        return True
+
+    def _buffers(self) -> tuple[tuple[memoryview, memoryview], tuple[int, int]]:
+        """This thread's two read buffers (small enough to stay in its core's cache), their addresses."""
+        if not hasattr(self.local, "buffers"):
+            import ctypes
+
+            bufs = (bytearray(self.block), bytearray(self.block))
+            arrays = tuple((ctypes.c_char * self.block).from_buffer(buf) for buf in bufs)
+            self.local.arrays = arrays  # keeps the buffers exported: the addresses stay valid
+            self.local.buffers = (
+                (memoryview(bufs[0]), memoryview(bufs[1])),
+                (ctypes.addressof(arrays[0]), ctypes.addressof(arrays[1])),
+            )
+        return self.local.buffers
+
+
+def share_out(
+    count: int, work: Callable[[int], None], pool: Executor | None, *, after: Callable[[], None] | None = None
+) -> None:
+    """Call `work(i)` once for each i in range(count), in order of taking, on the calling thread
+    and, with `pool`, on one of its threads at the same time (for work that releases the GIL).
+
+    `after()` is called on the calling thread after each of its items. The first exception either
+    thread raises stops both and is re-raised here, once both are done (so that what they read
+    from may be closed or reused). Never call it from `pool`'s own thread.
+    """
+    taken = itertools.count()  # next() on a count is atomic: each item is taken once
+    failed = False
+
+    def loop(on_caller: bool) -> None:
+        nonlocal failed
+        try:
+            while not failed and (i := next(taken)) < count:
+                work(i)
+                if on_caller and after is not None:
+                    after()
+        except BaseException:
+            failed = True
+            raise
+
+    helper = pool.submit(loop, False) if pool is not None and count > 1 else None
+    try:
+        loop(True)
+    except BaseException:
+        if helper is not None:
+            from concurrent.futures import wait
+
+            wait([helper])
+        raise
+    if helper is not None:
+        helper.result()
+
+
+def iter_chunk_pairs(
+    a: StorageMeta,
+    a_span: tuple[int, int],
+    b: StorageMeta,
+    b_span: tuple[int, int],
+    chunk_size: int = DEFAULT_CHUNK,
+    *,
+    buffers: tuple[bytearray, ...] | None = None,
+    pool: Executor | None = None,
+) -> Iterator[tuple[memoryview, memoryview, bool]]:
+    """Yield bytes [a_span) of `a` and [b_span) of `b` (two spans of one length) side by side,
+    chunk by chunk, with whether the two chunks are equal.
+
+    As with iter_chunks, the chunks live in reused buffers (`buffers` when given: two, or four
+    with `pool`) and are valid until the next pair is requested; when a span is a whole record
+    with a CRC-32, the CRC is checked after the last chunk (a chunk equal in both files is
+    checksummed once for both). With `pool`, one of its threads reads, compares and checksums the
+    next pair while the caller works on the current one.
+    """
+    _check_span(a, *a_span)
+    _check_span(b, *b_span)
+    size = a_span[1] - a_span[0]
+    if b_span[1] - b_span[0] != size:
+        raise ValueError(f"byte spans of {size} and {b_span[1] - b_span[0]} bytes differ in length")
+    if chunk_size <= 0:
+        raise ValueError("chunk_size must be positive")
+    wanted = 4 if pool is not None else 2
+    if buffers is not None and (len(buffers) < wanted or min(len(x) for x in buffers[:wanted]) < min(chunk_size, size)):
+        raise ValueError(f"expected {wanted} buffers of a chunk each")
+    return _chunk_pairs(_PairReader(a, a_span, b, b_span, chunk_size), buffers, pool)
+
+
+class _PairReader:
+    """Reads two spans pair of chunks by pair of chunks, in order, moving both running CRCs on."""
+
+    def __init__(self, a: StorageMeta, a_span: tuple[int, int], b: StorageMeta, b_span: tuple[int, int], chunk_size: int) -> None:
+        self.a, self.b = a, b
+        self.bases = (a.data_offset + a_span[0], b.data_offset + b_span[0])
+        self.size = a_span[1] - a_span[0]
+        self.chunk_size = chunk_size
+        self.check_a, self.check_b = _whole_with_crc(a, a_span), _whole_with_crc(b, b_span)
+        self.crc_a = self.crc_b = 0
+        self.fds: tuple[int, int] = (-1, -1)
+
+    def read(self, pos: int, buf_a: bytearray, buf_b: bytearray) -> tuple[memoryview, memoryview, bool]:
+        """The pair of chunks at `pos`, read into the two buffers, and whether they are equal."""
+        n = min(self.chunk_size, self.size - pos)
+        va, vb = memoryview(buf_a)[:n], memoryview(buf_b)[:n]
+        pread_exact(self.fds[0], va, self.bases[0] + pos, self.a.source)
+        pread_exact(self.fds[1], vb, self.bases[1] + pos, self.b.source)
+        same = same_bytes(va, vb)
+        self._move_crcs(va, vb, same)
+        return va, vb, same
+
+    def _move_crcs(self, ba: memoryview, bb: memoryview, equal: bool) -> None:
+        """Move the running CRCs on over one pair of chunks (an equal pair is checksummed once)."""
+        if equal and self.check_a and self.check_b:
+            if self.crc_a == self.crc_b:
+                self.crc_a = self.crc_b = zlib.crc32(ba, self.crc_a)
+            else:  # an earlier chunk differed: one CRC of this chunk moves both on
+                crc = zlib.crc32(ba)
+                self.crc_a, self.crc_b = crc32_combine(self.crc_a, crc, len(ba)), crc32_combine(self.crc_b, crc, len(ba))
+        else:
+            if self.check_a:
+                self.crc_a = zlib.crc32(ba, self.crc_a)
+            if self.check_b:
+                self.crc_b = zlib.crc32(bb, self.crc_b)
+
+    def check(self) -> None:
+        if self.check_a:
+            _check_crc(self.a, self.crc_a)
+        if self.check_b:
+            _check_crc(self.b, self.crc_b)
+
+
+def _chunk_pairs(
+    reader: _PairReader, buffers: tuple[bytearray, ...] | None, pool: Executor | None
+) -> Iterator[tuple[memoryview, memoryview, bool]]:
+    if reader.size:
+        n = min(reader.chunk_size, reader.size)
+        bufs = buffers or tuple(bytearray(n) for _ in range(4 if pool is not None else 2))
+        fd_a, _ = open_regular(reader.a.source)
+        try:
+            fd_b, _ = open_regular(reader.b.source)
+            try:
+                reader.fds = (fd_a, fd_b)
+                if pool is None:
+                    for pos in range(0, reader.size, reader.chunk_size):
+                        yield reader.read(pos, bufs[0], bufs[1])
+                else:
+                    yield from _prefetched_pairs(reader, bufs, pool)
+            finally:
+                os.close(fd_b)
+        finally:
+            os.close(fd_a)
+    reader.check()
+
+
+def _prefetched_pairs(
+    reader: _PairReader, bufs: tuple[bytearray, ...], pool: Executor
+) -> Iterator[tuple[memoryview, memoryview, bool]]:
+    """The pairs of `reader`, each read on `pool` while the caller has the one before (the pairs
+    alternate between two pairs of buffers; reads stay in order, so the CRCs move on in order)."""
+    from concurrent.futures import wait
+
+    positions = range(0, reader.size, reader.chunk_size)
+    pending = pool.submit(reader.read, 0, bufs[0], bufs[1])
+    try:
+        for i in range(len(positions)):
+            current = pending.result()
+            k = 2 * ((i + 1) % 2)
+            pending = pool.submit(reader.read, positions[i + 1], bufs[k], bufs[k + 1]) if i + 1 < len(positions) else None
+            yield current
+    finally:
+        if pending is not None:  # the read must be done with the files before they are closed
+            wait([pending])
