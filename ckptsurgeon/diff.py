@@ -3,22 +3,23 @@
 Values are equal when `|a - b| <= atol + rtol * |b|` everywhere, NaNs in the same places count as
 equal; with the defaults `rtol = atol = 0` that is exact equality. Memory stays bounded: values are
 compared in fixed-size chunks (read with `pread` for engine TensorMeta tensors), bit-identical
-chunks take a fast path and statistics are computed only where chunks differ.
+chunks take a fast path and statistics are computed only where chunks differ: with numpy for the
+raw bytes of on-disk tensors of the dtypes numpy can widen exactly, with torch otherwise (both
+give the same numbers: the same float64 operations, element by element).
 """
 
 from __future__ import annotations
 
-import ctypes
-import functools
 import importlib
 import math
 import sys
 import threading
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor, ThreadPoolExecutor
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from .engine.data import compare_spans, iter_chunk_pairs, same_bytes, share_out
 from .engine.meta import TensorMeta
 from .tensors import dtype_name, shape_of
 
@@ -113,11 +114,11 @@ def diff_state_dicts(
     """
     if keys is None:
         keys = list(a) + [k for k in b if k not in a]
-    buffers = _Buffers()
+    workspace = _Workspace()
     try:
-        report = _diff(a, b, keys, rtol, atol, progress, buffers)
+        report = _diff(a, b, keys, rtol, atol, progress, workspace)
     finally:
-        buffers.close()
+        workspace.close()
     return report
 
 
@@ -128,62 +129,49 @@ def _diff(
     rtol: float,
     atol: float,
     progress: Progress | None,
-    buffers: _Buffers,
+    workspace: _Workspace,
 ) -> DiffReport:
     only_a = tuple(k for k in keys if k in a and k not in b)
     only_b = tuple(k for k in keys if k in b and k not in a)
     shapes: list[Mismatch] = []
     dtypes: list[Mismatch] = []
     results: dict[str, ValueMismatch | None] = {}
-    later: list[str] = []  # byte-different on-disk pairs: statistics once everything is compared
-    num_equal = 0
+    raw: list[str] = []  # on-disk pairs of one dtype: compared as bytes, all at once
     for key in keys:
         if key not in a or key not in b:
             continue
         x, y = a[key], b[key]
         if shape_of(x) != shape_of(y):
             shapes.append(Mismatch(key, shape_of(x), shape_of(y)))
-            continue
-        same_dtype = dtype_name(x) == dtype_name(y)
-        if not same_dtype:
+        elif dtype_name(x) != dtype_name(y):
             dtypes.append(Mismatch(key, dtype_name(x), dtype_name(y)))
-        if same_dtype and _on_disk(x) and _on_disk(y):
-            if _raw_equal(x, y, buffers, progress):
-                num_equal += 1
-            else:  # torch imports on another thread while the remaining tensors are compared
-                _import_torch_in_background()
-                later.append(key)
-            continue
-        results[key] = compare_values(key, x, y, rtol=rtol, atol=atol, progress=progress, buffers=buffers)
-        if results[key] is None and same_dtype:
-            num_equal += 1
-    for key in later:
-        results[key] = compare_values(key, a[key], b[key], rtol=rtol, atol=atol, buffers=buffers)
-        if results[key] is None:  # bytes differ but values are equal within the tolerance
-            num_equal += 1
+            results[key] = _compare(key, x, y, rtol, atol, _Counted(progress), workspace)
+        elif _on_disk(x) and _on_disk(y):
+            raw.append(key)
+        else:
+            results[key] = _compare(key, x, y, rtol, atol, _Counted(progress), workspace)
+
+    def started_to_differ(i: int) -> None:  # numpy (or torch) imports while the rest is compared
+        _import_in_background("numpy" if a[raw[i]].dtype in NUMPY_DTYPES else "torch")
+
+    pairs = [(a[k].storage, a[k].span, b[k].storage, b[k].span) for k in raw]
+    matches = compare_spans(pairs, pool=workspace.pool(), progress=progress, on_difference=started_to_differ)
+    for key, match in zip(raw, matches):  # statistics once all bytes are compared
+        if not match.equal:
+            results[key] = _compare(key, a[key], b[key], rtol, atol, _Counted(progress, match.reported), workspace, scan=False)
+    num_equal = sum(1 for k in results if results[k] is None and dtype_name(a[k]) == dtype_name(b[k]))
+    num_equal += sum(1 for match in matches if match.equal)
     values = tuple(m for k in keys if (m := results.get(k)) is not None)
     return DiffReport(only_a, only_b, tuple(shapes), tuple(dtypes), values, num_equal, rtol, atol)
 
 
-def _raw_equal(x: TensorMeta, y: TensorMeta, buffers: _Buffers, progress: Progress | None) -> bool:
-    """Whether two on-disk tensors hold the same bytes (stops at the first differing chunk; the
-    statistics pass then reads them whole, CRCs included)."""
-    for bx, by in _raw_chunk_pairs(x, y, buffers):
-        if progress is not None:
-            progress(len(bx))
-        if not _same_bytes(bx, by):
-            return False
-    return True
-
-
-def _import_torch_in_background() -> None:
-    """Start importing torch (1.5-3 s) on a second thread; `import torch` later waits for it."""
-    if "torch" in sys.modules or any(t.name == _IMPORT_THREAD for t in threading.enumerate()):
+def _import_in_background(module: str) -> None:
+    """Start importing `module` on a second thread (numpy 0.2 s, torch 1.5-3 s); `import` later
+    waits for it."""
+    name = f"ckptsurgeon-import-{module}"
+    if module in sys.modules or any(t.name == name for t in threading.enumerate()):
         return
-    threading.Thread(target=importlib.import_module, args=("torch",), name=_IMPORT_THREAD, daemon=True).start()
-
-
-_IMPORT_THREAD = "ckptsurgeon-import-torch"
+    threading.Thread(target=importlib.import_module, args=(module,), name=name, daemon=True).start()
 
 
 def compare_values(
@@ -194,35 +182,73 @@ def compare_values(
     rtol: float = 0.0,
     atol: float = 0.0,
     progress: Progress | None = None,
-    buffers: _Buffers | None = None,
 ) -> ValueMismatch | None:
     """None when the values are equal under the tolerance, else the statistics of the difference.
 
     Two contiguous on-disk tensors of one dtype are compared as raw bytes (memcmp speed, no torch;
-    the CRC-32 of every record streamed whole is checked on the way); torch computes statistics
-    only for chunks that differ.
+    the CRC-32 of every record streamed whole is checked on the way); statistics are computed
+    only for chunks that differ, with numpy where it widens the dtype exactly.
     """
+    workspace = _Workspace()
+    try:
+        return _compare(key, x, y, rtol, atol, _Counted(progress), workspace)
+    finally:
+        workspace.close()
+
+
+def _compare(
+    key: str,
+    x: Any,
+    y: Any,
+    rtol: float,
+    atol: float,
+    progress: _Counted,
+    workspace: _Workspace,
+    *,
+    scan: bool = True,
+) -> ValueMismatch | None:
+    """compare_values; `scan=False` when two on-disk tensors are known to differ in their bytes."""
     stats = _Stats()
     if _on_disk(x) and _on_disk(y) and dtype_name(x) == dtype_name(y):
-        for bx, by in _raw_chunk_pairs(x, y, buffers or _Buffers()):
-            if progress is not None:
-                progress(len(bx))
-            if _same_bytes(bx, by):
-                stats.numel += len(bx) // x.itemsize
-            else:
-                stats.add(_from_raw(bx, x.dtype), _from_raw(by, y.dtype), rtol, atol)
+        pool = workspace.pool()
+        if scan and compare_spans([(x.storage, x.span, y.storage, y.span)], pool=pool, progress=progress)[0].equal:
+            return None
+        raw_stats = workspace.numpy_stats(x.dtype).chunk if x.dtype in NUMPY_DTYPES else _torch_raw_stats(x.dtype)
+        step = CHUNK_BYTES - CHUNK_BYTES % x.itemsize
+        pairs = iter_chunk_pairs(x.storage, x.span, y.storage, y.span, step, buffers=workspace.chunks(), pool=pool)
+        for bx, by, same in pairs:
+            stats.numel += len(bx) // x.itemsize
+            progress.reach(stats.numel * x.itemsize)
+            if not same:
+                stats.add(*raw_stats(bx, by, rtol, atol))
     else:
         same_dtype = dtype_name(x) == dtype_name(y)
         for cx, cy in _chunk_pairs(x, y):
-            if progress is not None:
-                progress(cx.numel() * cx.element_size())
-            if same_dtype and _bitwise_equal(cx, cy):
-                stats.numel += cx.numel()
-            else:
-                stats.add(cx, cy, rtol, atol)
+            progress(cx.numel() * cx.element_size())
+            stats.numel += cx.numel()
+            if not (same_dtype and _bitwise_equal(cx, cy)):
+                stats.add(*_chunk_stats(cx, cy, rtol, atol))
     if stats.num_diff == 0:
         return None
     return ValueMismatch(key, stats.max_abs, stats.max_rel, stats.num_diff, stats.numel)
+
+
+class _Counted:
+    """A progress callback that counts the bytes reported through it (starting from `total`)."""
+
+    def __init__(self, progress: Progress | None, total: int = 0) -> None:
+        self.progress = progress
+        self.total = total
+
+    def __call__(self, n: int) -> None:
+        self.total += n
+        if self.progress is not None:
+            self.progress(n)
+
+    def reach(self, total: int) -> None:
+        """Report the bytes up to `total` not reported yet."""
+        if total > self.total:
+            self(total - self.total)
 
 
 class _Stats:
@@ -234,9 +260,8 @@ class _Stats:
         self.max_abs = 0.0
         self.max_rel = 0.0
 
-    def add(self, cx: Any, cy: Any, rtol: float, atol: float) -> None:
-        n, abs_d, rel_d = _chunk_stats(cx, cy, rtol, atol)
-        self.numel += cx.numel()
+    def add(self, n: int, abs_d: float, rel_d: float) -> None:
+        """Add the statistics of one chunk (its elements are counted in `numel` by the caller)."""
         self.num_diff += n
         self.max_abs = max(self.max_abs, abs_d)
         self.max_rel = max(self.max_rel, rel_d)
@@ -246,71 +271,41 @@ def _on_disk(t: Any) -> bool:
     return isinstance(t, TensorMeta) and t.is_contiguous
 
 
-class _Buffers:
-    """Two chunk buffers, allocated once per diff (a fresh 16 MiB buffer per tensor costs more
-    in page faults than the comparison itself)."""
+class _Workspace:
+    """What one diff reuses from tensor to tensor: a helper thread, four chunk buffers (the pair
+    compared and the pair read meanwhile; a fresh 16 MiB buffer per tensor costs more in page
+    faults than the comparison itself) and numpy's scratch arrays."""
 
     def __init__(self) -> None:
-        self._pair: tuple[bytearray, bytearray] | None = None
         self._pool: ThreadPoolExecutor | None = None
+        self._chunks: tuple[bytearray, ...] | None = None
+        self._numpy_stats: dict[str, _NumpyStats] = {}
 
     def pool(self) -> ThreadPoolExecutor:
         if self._pool is None:
             self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckptsurgeon-diff")
         return self._pool
 
+    def chunks(self) -> tuple[bytearray, ...]:
+        if self._chunks is None:
+            self._chunks = tuple(bytearray(CHUNK_BYTES) for _ in range(4))
+        return self._chunks
+
+    def numpy_stats(self, dtype: str) -> _NumpyStats:
+        if dtype not in self._numpy_stats:
+            self._numpy_stats[dtype] = _NumpyStats(dtype, self.pool())
+        return self._numpy_stats[dtype]
+
     def close(self) -> None:
         if self._pool is not None:
             self._pool.shutdown()
 
-    def pair(self) -> tuple[bytearray, bytearray]:
-        if self._pair is None:
-            self._pair = (bytearray(CHUNK_BYTES), bytearray(CHUNK_BYTES))
-        return self._pair
 
+def _torch_raw_stats(dtype: str) -> Callable[[memoryview, memoryview, float, float], tuple[int, float, float]]:
+    def raw_stats(bx: memoryview, by: memoryview, rtol: float, atol: float) -> tuple[int, float, float]:
+        return _chunk_stats(_from_raw(bx, dtype), _from_raw(by, dtype), rtol, atol)
 
-def _raw_chunk_pairs(x: TensorMeta, y: TensorMeta, buffers: _Buffers) -> Iterator[tuple[memoryview, memoryview]]:
-    """The bytes of two same-sized contiguous tensors, chunk by chunk (reused buffers)."""
-    from .engine.data import iter_chunks
-
-    step = CHUNK_BYTES - CHUNK_BYTES % x.itemsize
-    buf_a, buf_b = buffers.pair()
-    ita = iter_chunks(x.storage, *x.span, chunk_size=step, buffer=buf_a)
-    itb = iter_chunks(y.storage, *y.span, chunk_size=step, buffer=buf_b)
-    # B's chunk is read and CRC-checked on a second thread while A's is (pread and crc32
-    # release the GIL): the two files stream in parallel on two cores.
-    pool = buffers.pool()
-    while True:
-        pending = pool.submit(next, itb, None)
-        bx = next(ita, None)
-        by = pending.result()
-        if bx is None or by is None:
-            break
-        yield bx, by
-    for _ in itb:  # run B's generator to its end: that is where its CRC is checked
-        pass
-
-
-def _same_bytes(a: memoryview, b: memoryview) -> bool:
-    """Byte equality at memcmp speed (memoryview's own == goes element by element)."""
-    if len(a) != len(b):
-        return False
-    memcmp = _memcmp()
-    if memcmp is None:
-        return a.tobytes() == b.tobytes()
-    n = len(a)
-    return n == 0 or memcmp((ctypes.c_char * n).from_buffer(a), (ctypes.c_char * n).from_buffer(b), n) == 0
-
-
-@functools.lru_cache(maxsize=1)
-def _memcmp() -> Any:
-    try:
-        fn = ctypes.CDLL(None).memcmp
-    except (OSError, AttributeError):  # no C library handle on this platform
-        return None
-    fn.restype = ctypes.c_int
-    fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t]
-    return fn
+    return raw_stats
 
 
 def _from_raw(raw: memoryview, dtype: str) -> Any:
@@ -361,6 +356,119 @@ def _block_stats(cx: Any, cy: Any, rtol: float, atol: float) -> tuple[int, float
     with torch.no_grad():
         rel = torch.where(denom > 0, d / denom, torch.where(d > 0, torch.full_like(d, math.inf), torch.zeros_like(d)))
     return n, max_abs, float(rel.max())
+
+
+# engine dtype -> numpy dtype of its raw (little-endian) bytes, for the dtypes whose statistics numpy
+# computes exactly as torch does. Not complex: torch's |z| is not hypot everywhere (its vectorised
+# loop and its scalar tail round differently), so no elementwise formula reproduces it.
+NUMPY_DTYPES = {
+    "float64": "<f8",
+    "float32": "<f4",
+    "float16": "<f2",
+    "bfloat16": "<u2",  # the high half of a float32: widened through float32
+    "int64": "<i8",
+    "int32": "<i4",
+    "int16": "<i2",
+    "int8": "i1",
+    "uint64": "<u8",
+    "uint32": "<u4",
+    "uint16": "<u2",
+    "uint8": "u1",
+    "bool": "?",
+}
+
+NUMPY_PIECE = 1 << 17  # elements numpy works on at a time: its scratch arrays stay in cache
+
+
+class _NumpyStats:
+    """_chunk_stats of raw chunks with numpy: per block of STATS_BLOCK elements the same float64
+    operations as _block_stats, done piece by piece in reused scratch arrays (a block's maxima are
+    the maxima of its pieces', NaN included, as torch's max), the pieces shared out between the
+    calling thread and one of `pool`'s (numpy releases the GIL while it computes)."""
+
+    def __init__(self, dtype: str, pool: Executor | None = None) -> None:
+        import numpy as np
+
+        self.np = np
+        self.raw = np.dtype(NUMPY_DTYPES[dtype])
+        self.bf16 = dtype == "bfloat16"
+        self.pool = pool
+        self.local = threading.local()  # each thread's scratch arrays
+
+    def chunk(self, bx: memoryview, by: memoryview, rtol: float, atol: float) -> tuple[int, float, float]:
+        size = self.raw.itemsize
+        block, piece = STATS_BLOCK * size, NUMPY_PIECE * size
+        blocks = [
+            [(p, min(p + piece, b + block, len(bx))) for p in range(b, min(b + block, len(bx)), piece)]
+            for b in range(0, len(bx), block)
+        ]
+        spans = [span for pieces in blocks for span in pieces]
+        results: list[tuple[int, float, float]] = [(0, 0.0, 0.0)] * len(spans)
+
+        def work(i: int) -> None:
+            start, end = spans[i]
+            px, py = bx[start:end], by[start:end]
+            if not same_bytes(px, py):  # equal bytes: nothing differs, 0 to both maxima
+                results[i] = self._piece(px, py, rtol, atol)
+
+        share_out(len(spans), work, self.pool)
+        n, max_abs, max_rel = 0, 0.0, 0.0
+        done = 0
+        for pieces in blocks:
+            bn, babs, brel = 0, 0.0, 0.0
+            for pn, pabs, prel in results[done : done + len(pieces)]:
+                bn, babs, brel = bn + pn, _max_nan(babs, pabs), _max_nan(brel, prel)
+            done += len(pieces)
+            if bn == 0:  # as _block_stats: no maxima where nothing differs
+                babs = brel = 0.0
+            n, max_abs, max_rel = n + bn, max(max_abs, babs), max(max_rel, brel)
+        return n, max_abs, max_rel
+
+    def _piece(self, px: memoryview, py: memoryview, rtol: float, atol: float) -> tuple[int, float, float]:
+        """(number differing, max of d, max of rel) over one piece, d and rel as in _block_stats."""
+        np = self.np
+        k = len(px) // self.raw.itemsize
+        x, y, diff, ya, tol, same, ok, mask = (a[:k] for a in self._scratch())
+        with np.errstate(all="ignore"):
+            self._widen(px, x)
+            self._widen(py, y)
+            np.abs(np.subtract(x, y, out=diff), out=diff)
+            np.abs(y, out=ya)
+            np.equal(x, y, out=same)
+            same |= np.logical_and(np.isnan(x, out=ok), np.isnan(y, out=mask), out=ok)  # exact | both_nan
+            np.add(np.multiply(ya, rtol, out=tol), atol, out=tol)
+            np.less_equal(diff, tol, out=ok)
+            ok |= same
+            n = k - int(np.count_nonzero(ok))
+            np.copyto(diff, math.inf, where=np.isnan(diff, out=mask))  # d
+            np.copyto(diff, 0.0, where=same)
+            rel = np.divide(diff, ya, out=tol)
+            not_pos = np.logical_not(np.greater(ya, 0.0, out=mask), out=mask)
+            np.copyto(rel, 0.0, where=not_pos)
+            np.copyto(rel, math.inf, where=np.logical_and(not_pos, np.greater(diff, 0.0, out=ok), out=ok))
+            return n, float(diff.max()), float(rel.max())
+
+    def _scratch(self) -> tuple[Any, ...]:
+        """This thread's arrays: x, y, diff, ya, tol (float64) and same, ok, mask (bool)."""
+        if not hasattr(self.local, "arrays"):
+            np, k = self.np, NUMPY_PIECE
+            self.local.arrays = tuple(np.empty(k) for _ in range(5)) + tuple(np.empty(k, bool) for _ in range(3))
+            self.local.bits = np.empty(k, np.uint32)
+        return self.local.arrays
+
+    def _widen(self, raw: memoryview, out: Any) -> None:
+        values = self.np.frombuffer(raw, self.raw)
+        if self.bf16:
+            bits = self.local.bits[: len(values)]
+            self.np.copyto(bits, values)
+            bits <<= 16
+            values = bits.view(self.np.float32)
+        self.np.copyto(out, values)
+
+
+def _max_nan(a: float, b: float) -> float:
+    """max that propagates NaN, as torch's and numpy's max of a tensor do."""
+    return math.nan if math.isnan(a) or math.isnan(b) else max(a, b)
 
 
 def _chunk_pairs(x: Any, y: Any) -> Iterator[tuple[Any, Any]]:

@@ -3,14 +3,22 @@
 from __future__ import annotations
 
 import math
+import struct
+import subprocess
+import sys
+import zlib
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ckptsurgeon.diff import diff_state_dicts
+from ckptsurgeon.diff import NUMPY_PIECE, STATS_BLOCK, diff_state_dicts
+from ckptsurgeon.engine.meta import TensorMeta
+from ckptsurgeon.errors import BadCheckpointError
+from ckptsurgeon.io import load_checkpoint
 
 
 def test_identical_and_counts():
@@ -100,3 +108,298 @@ def test_chunked_comparison_counts_across_chunks(monkeypatch):
 def test_diff_of_x_with_itself_is_empty(values):
     t = torch.tensor(values, dtype=torch.float32)
     assert diff_state_dicts(OrderedDict(w=t), OrderedDict(w=t.clone())).identical
+
+
+# ------------------------------------------------------------- statistics with numpy (files)
+
+NUMPY_DTYPES = [
+    torch.float64, torch.float32, torch.float16, torch.bfloat16,
+    torch.int64, torch.int32, torch.int16, torch.int8, torch.uint64, torch.uint32, torch.uint16, torch.uint8, torch.bool,
+]
+TOLERANCES = [(0.0, 0.0), (1e-3, 0.0), (0.0, 1e-3), (0.1, 0.5), (1e-6, 1e-9), (0.0, math.inf), (math.inf, 0.0)]
+
+
+def _pair(dtype: torch.dtype, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two tensors that agree in most places and differ in every way a dtype allows: random bit
+    patterns (NaNs, infinities, subnormals, extreme integers), small relative changes, NaN in the
+    same place, signed zeros."""
+    g = torch.Generator().manual_seed(seed)
+    if dtype == torch.bool:
+        x = torch.randint(0, 2, (n,), generator=g).bool()
+        y = x.clone()
+        y[torch.randint(0, n, (n // 10,), generator=g)] ^= True
+        return x, y
+    size = torch.empty(0, dtype=dtype).element_size()
+    bits = lambda: torch.randint(0, 256, (n * size,), dtype=torch.uint8, generator=g).view(dtype)  # noqa: E731
+    x = bits()
+    if dtype.is_floating_point or dtype.is_complex:
+        normal = torch.randn(n, dtype=torch.float64, generator=g) * 10.0 ** torch.randint(-4, 5, (n,), generator=g)
+        specials = torch.tensor([0.0, -0.0, math.inf, -math.inf, math.nan, 1.0, -1.0], dtype=torch.float64)
+        x = torch.where(torch.rand(n, generator=g) < 0.6, normal.to(dtype), x)
+        x[torch.randint(0, n, (n // 20,), generator=g)] = specials[torch.randint(0, 7, (n // 20,), generator=g)].to(dtype)
+    kind = torch.randint(0, 6, (n,), generator=g)
+    y = torch.where(kind == 1, bits(), x)
+    if dtype.is_floating_point or dtype.is_complex:
+        wide = x.to(torch.complex128 if dtype.is_complex else torch.float64)
+        y = torch.where(kind == 2, (wide * (1 + 1e-4)).to(dtype), y)
+        y = torch.where(kind == 3, (wide + 1e-3).to(dtype), y)
+        y = torch.where(kind == 4, (-wide).to(dtype), y)
+    else:
+        low = x.view(torch.uint8).clone()
+        low[::size] ^= 1  # off by one in the lowest bit (little-endian)
+        y = torch.where(kind == 2, low.view(dtype), y)
+    return x, y
+
+
+def _raw(t: torch.Tensor) -> memoryview:
+    return memoryview(bytearray(t.contiguous().view(torch.uint8).numpy().tobytes()))
+
+
+def _same_numbers(a: tuple, b: tuple) -> bool:
+    """Equal bit for bit (NaN equals NaN: its sign and payload are not reported)."""
+    return len(a) == len(b) and all(
+        (isinstance(u, float) and isinstance(v, float) and math.isnan(u) and math.isnan(v))
+        or (type(u) is type(v) and struct.pack("<d", u) == struct.pack("<d", v) if isinstance(u, float) else u == v)
+        for u, v in zip(a, b)
+    )
+
+
+@pytest.mark.parametrize("blocks", [(STATS_BLOCK, NUMPY_PIECE), (300, 64), (256, 1000)], ids=["default", "small", "piece>block"])
+@pytest.mark.parametrize("dtype", NUMPY_DTYPES, ids=str)
+def test_numpy_statistics_are_torch_statistics_bit_for_bit(dtype, blocks, monkeypatch):
+    import ckptsurgeon.diff as d
+
+    monkeypatch.setattr(d, "STATS_BLOCK", blocks[0])
+    monkeypatch.setattr(d, "NUMPY_PIECE", blocks[1])
+    for seed in range(3):
+        x, y = _pair(dtype, 2000, seed)
+        for rtol, atol in TOLERANCES:
+            ours = d._NumpyStats(str(dtype).removeprefix("torch.")).chunk(_raw(x), _raw(y), rtol, atol)
+            theirs = d._chunk_stats(x, y, rtol, atol)
+            assert _same_numbers(ours, theirs), (seed, rtol, atol, ours, theirs)
+            assert ours[0] > 0 or (rtol, atol) != (0.0, 0.0)
+
+
+def test_numpy_statistics_of_equal_bytes_are_zero():
+    from ckptsurgeon.diff import _NumpyStats
+
+    x = torch.tensor([math.nan, 1.0, -0.0, math.inf])
+    assert _NumpyStats("float32").chunk(_raw(x), _raw(x), 0.0, 0.0) == (0, 0.0, 0.0)
+
+
+def _report_numbers(r) -> list[tuple]:
+    return [(m.key, m.num_different, m.numel, m.max_abs_diff, m.max_rel_diff) for m in r.value_mismatches]
+
+
+@pytest.mark.parametrize("rtol, atol", TOLERANCES[:5])
+def test_diff_of_files_equals_diff_of_tensors(tmp_path, monkeypatch, rtol, atol):
+    """Files go through the raw path (numpy, or torch for float8 and complex32), tensors through
+    torch: the reports are the same, chunk boundaries included."""
+    import ckptsurgeon.diff as d
+
+    monkeypatch.setattr(d, "CHUNK_BYTES", 4096)
+    monkeypatch.setattr(d, "STATS_BLOCK", 500)
+    pairs = {str(t): _pair(t, 3000, i) for i, t in enumerate(NUMPY_DTYPES)}
+    pairs["float8"] = tuple(v.to(torch.float8_e4m3fn) for v in _pair(torch.float32, 3000, 99))
+    pairs["complex64"] = _pair(torch.complex64, 3000, 98)
+    pairs["same"] = (torch.arange(5000.0), torch.arange(5000.0))
+    torch.save({k: v[0] for k, v in pairs.items()}, tmp_path / "a.pt")
+    torch.save({k: v[1] for k, v in pairs.items()}, tmp_path / "b.pt")
+    a, b = load_checkpoint(tmp_path / "a.pt"), load_checkpoint(tmp_path / "b.pt")
+    assert a.engine == "raw" and isinstance(a.state_dict["torch.float32"], TensorMeta)
+    ours = diff_state_dicts(a.state_dict, b.state_dict, rtol=rtol, atol=atol)
+    theirs = diff_state_dicts({k: v[0] for k, v in pairs.items()}, {k: v[1] for k, v in pairs.items()}, rtol=rtol, atol=atol)
+    assert ours.num_equal == theirs.num_equal and len(ours.value_mismatches) == len(theirs.value_mismatches) >= 10
+    for m, n in zip(_report_numbers(ours), _report_numbers(theirs)):
+        assert _same_numbers(m, n), (m, n)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.int16], ids=str)
+def test_numpy_statistics_shared_with_a_second_thread_are_the_same(dtype, monkeypatch):
+    import ckptsurgeon.diff as d
+
+    monkeypatch.setattr(d, "STATS_BLOCK", 300)
+    monkeypatch.setattr(d, "NUMPY_PIECE", 64)
+    x, y = _pair(dtype, 5000, 7)
+    name = str(dtype).removeprefix("torch.")
+    with ThreadPoolExecutor(1) as pool:
+        for rtol, atol in TOLERANCES:
+            alone = d._NumpyStats(name).chunk(_raw(x), _raw(y), rtol, atol)
+            shared = d._NumpyStats(name, pool).chunk(_raw(x), _raw(y), rtol, atol)
+            assert _same_numbers(alone, shared) and _same_numbers(alone, d._chunk_stats(x, y, rtol, atol))
+
+
+def test_progress_counts_every_byte_of_a_once(tmp_path, monkeypatch):
+    import ckptsurgeon.diff as d
+    import ckptsurgeon.engine.data as data
+
+    monkeypatch.setattr(data, "SCAN_TASK", 1024)
+    monkeypatch.setattr(d, "CHUNK_BYTES", 4096)
+    a = OrderedDict(same=torch.arange(3000.0), late=torch.arange(3000.0), early=torch.arange(3000.0), small=torch.ones(3))
+    b = OrderedDict((k, v.clone()) for k, v in a.items())
+    b["late"][-1] = -1.0
+    b["early"][0] = -1.0
+    torch.save(a, tmp_path / "a.pt")
+    torch.save(b, tmp_path / "b.pt")
+    seen: list[int] = []
+    r = diff_state_dicts(load_checkpoint(tmp_path / "a.pt").state_dict, load_checkpoint(tmp_path / "b.pt").state_dict, progress=seen.append)
+    assert [m.key for m in r.value_mismatches] == ["late", "early"] and r.num_equal == 2
+    assert sum(seen) == sum(t.numel() * 4 for t in a.values()) and min(seen) > 0
+
+
+# --------------------------------------------------------------------------- CRC-32 of the records
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.binary(max_size=300), st.binary(max_size=3000))
+def test_crc32_combine_is_the_crc_of_the_concatenation(first, second):
+    from ckptsurgeon.engine.data import crc32_combine
+
+    assert crc32_combine(zlib.crc32(first), zlib.crc32(second), len(second)) == zlib.crc32(first + second)
+
+
+def _flip(path, key: str, at: int) -> None:
+    """Flip one byte of `key`'s data in place (its stored CRC-32 stays as it was)."""
+    storage = load_checkpoint(path).state_dict[key].storage
+    with open(path, "r+b") as f:
+        f.seek(storage.data_offset + at)
+        byte = f.read(1)[0]
+        f.seek(storage.data_offset + at)
+        f.write(bytes([byte ^ 0x10]))
+
+
+def _store_crc(path, key: str, crc: int) -> None:
+    """Store `crc` as the CRC-32 of `key`'s record wherever torch's ZIP keeps it (data
+    descriptor, central directory)."""
+    storage = load_checkpoint(path).state_dict[key].storage
+    raw = bytearray(path.read_bytes())
+    old, new = struct.pack("<I", storage.crc32), struct.pack("<I", crc)
+    end = storage.data_offset + storage.nbytes
+    assert raw[end : end + 8] == b"PK\x07\x08" + old
+    raw[end + 4 : end + 8] = new
+    entry = raw.rindex(storage.record_name.encode()) - 46
+    assert raw[entry : entry + 4] == b"PK\x01\x02" and raw[entry + 16 : entry + 20] == old
+    raw[entry + 16 : entry + 20] = new
+    path.write_bytes(raw)
+
+
+def _record_crc(path, key: str) -> int:
+    """The CRC-32 of what `key`'s record holds now."""
+    storage = load_checkpoint(path).state_dict[key].storage
+    return zlib.crc32(path.read_bytes()[storage.data_offset : storage.data_offset + storage.nbytes])
+
+
+@pytest.fixture
+def pair_of_files(tmp_path):
+    """a.pt, and b.pt a byte-for-byte copy of it: 3 tensors of 40 KB and a small one."""
+    g = torch.Generator().manual_seed(3)
+    sd = OrderedDict((f"w{i}", torch.randn(10_000, generator=g)) for i in range(3))
+    sd["bias"] = torch.zeros(5)
+    a, b = tmp_path / "a.pt", tmp_path / "b.pt"
+    torch.save(sd, a)
+    b.write_bytes(a.read_bytes())
+    return a, b
+
+
+def _diff_files(a, b, **kw):
+    return diff_state_dicts(load_checkpoint(a).state_dict, load_checkpoint(b).state_dict, **kw)
+
+
+def test_identical_files_except_b_stored_crc(pair_of_files, capsys):
+    from ckptsurgeon.cli import main
+
+    a, b = pair_of_files
+    assert main(["diff", str(a), str(b)]) == 0
+    _store_crc(b, "w1", _record_crc(b, "w1") ^ 0x00FF0000)
+    capsys.readouterr()
+    assert main(["diff", str(a), str(b)]) == 2
+    err = capsys.readouterr().err
+    assert "CRC-32 mismatch" in err and "b.pt" in err and "a.pt" not in err
+    assert main(["diff", str(b), str(a), "--json"]) == 2
+
+
+def test_byte_flipped_in_a_of_an_identical_pair(pair_of_files, capsys):
+    from ckptsurgeon.cli import main
+
+    a, b = pair_of_files
+    _flip(a, "w2", 12345)
+    assert main(["diff", str(a), str(b)]) == 2
+    err = capsys.readouterr().err
+    assert "CRC-32 mismatch" in err and "a.pt" in err and "b.pt" not in err
+
+
+@pytest.mark.parametrize("threads", [False, True], ids=["one thread", "two threads"])
+def test_a_byte_flipped_alike_in_both_files_is_caught_part_by_part(pair_of_files, monkeypatch, threads):
+    """Equal bytes are checksummed once for both files, in parts whose CRCs are combined: damage
+    in one part (the same in A and B, so nothing differs) must still fail both records."""
+    import ckptsurgeon.diff as d
+    import ckptsurgeon.engine.data as data
+
+    monkeypatch.setattr(data, "SCAN_TASK", 4096)
+    monkeypatch.setattr(data, "SCAN_BLOCK", 1000)
+    if not threads:
+        monkeypatch.setattr(d._Workspace, "pool", lambda self: None)
+    a, b = pair_of_files
+    assert _diff_files(a, b).identical  # every part's CRC, combined, is the record's
+    for path in (a, b):
+        _flip(path, "w1", 30_000)
+    with pytest.raises(BadCheckpointError, match=r"a\.pt: CRC-32 mismatch in record a/data/1"):
+        _diff_files(a, b)
+
+
+@pytest.mark.parametrize("changed, damaged", [(100, 30_000), (35_000, 1_000)], ids=["damage after", "damage before"])
+def test_equal_chunks_around_a_difference_are_checked_once(pair_of_files, monkeypatch, changed, damaged):
+    """A chunk equal in A and B moves both running CRCs on with one crc32; after a chunk that
+    differs they part, and the one CRC moves both on through crc32_combine. Right files pass,
+    damage in an equal chunk (alike in both files, so nothing differs there) fails."""
+    import ckptsurgeon.diff as d
+
+    monkeypatch.setattr(d, "CHUNK_BYTES", 4096)
+    a, b = pair_of_files
+    _flip(b, "w0", changed)
+    _store_crc(b, "w0", _record_crc(b, "w0"))  # a valid B that differs from A in one chunk
+    (m,) = _diff_files(a, b).value_mismatches
+    assert m.key == "w0" and m.num_different == 1
+    for path in (a, b):
+        _flip(path, "w0", damaged)
+    with pytest.raises(BadCheckpointError, match=r"a\.pt: CRC-32 mismatch in record a/data/0"):
+        _diff_files(a, b)
+
+
+# ----------------------------------------------------------------------- what diff imports
+
+
+def _imports_of_diff(a, b) -> tuple[int, list[str]]:
+    code = (
+        "import sys\n"
+        "from ckptsurgeon.cli import main\n"
+        "rc = main(['diff', sys.argv[1], sys.argv[2], '--json'])\n"
+        "print(rc, sorted(m for m in ('numpy', 'torch') if m in sys.modules))\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code, str(a), str(b)], capture_output=True, text=True, timeout=120)
+    rc, modules = r.stdout.strip().splitlines()[-1].split(" ", 1)
+    return int(rc), eval(modules)  # noqa: S307 (our own printed list)
+
+
+def _dtype_zoo() -> OrderedDict:
+    g = torch.Generator().manual_seed(5)
+    return OrderedDict(
+        fp32=torch.randn(1000, generator=g),
+        fp16=torch.randn(1000, generator=g).half(),
+        bf16=torch.randn(1000, generator=g).bfloat16(),
+        int64=torch.randint(-100, 100, (1000,), generator=g),
+        uint8=torch.randint(0, 255, (1000,), generator=g, dtype=torch.uint8),
+    )
+
+
+def test_diff_of_identical_files_imports_neither_numpy_nor_torch(tmp_path):
+    torch.save(_dtype_zoo(), tmp_path / "a.pt")
+    (tmp_path / "b.pt").write_bytes((tmp_path / "a.pt").read_bytes())
+    assert _imports_of_diff(tmp_path / "a.pt", tmp_path / "b.pt") == (0, [])
+
+
+def test_diff_with_differences_imports_numpy_not_torch(tmp_path):
+    a = _dtype_zoo()
+    torch.save(a, tmp_path / "a.pt")
+    torch.save(OrderedDict((k, v + 1) for k, v in a.items()), tmp_path / "b.pt")
+    assert _imports_of_diff(tmp_path / "a.pt", tmp_path / "b.pt") == (1, ["numpy"])
