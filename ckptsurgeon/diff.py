@@ -11,15 +11,16 @@ give the same numbers: the same float64 operations, element by element).
 from __future__ import annotations
 
 import importlib
+import itertools
 import math
 import sys
 import threading
-from concurrent.futures import Executor, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from .engine.data import compare_spans, iter_chunk_pairs, same_bytes, share_out
+from .engine.data import compare_spans, map_chunk_pairs
 from .engine.meta import TensorMeta
 from .tensors import dtype_name, shape_of
 
@@ -210,17 +211,9 @@ def _compare(
     """compare_values; `scan=False` when two on-disk tensors are known to differ in their bytes."""
     stats = _Stats()
     if _on_disk(x) and _on_disk(y) and dtype_name(x) == dtype_name(y):
-        pool = workspace.pool()
-        if scan and compare_spans([(x.storage, x.span, y.storage, y.span)], pool=pool, progress=progress)[0].equal:
+        if scan and compare_spans([(x.storage, x.span, y.storage, y.span)], pool=workspace.pool(), progress=progress)[0].equal:
             return None
-        raw_stats = workspace.numpy_stats(x.dtype).chunk if x.dtype in NUMPY_DTYPES else _torch_raw_stats(x.dtype)
-        step = CHUNK_BYTES - CHUNK_BYTES % x.itemsize
-        pairs = iter_chunk_pairs(x.storage, x.span, y.storage, y.span, step, buffers=workspace.chunks(), pool=pool)
-        for bx, by, same in pairs:
-            stats.numel += len(bx) // x.itemsize
-            progress.reach(stats.numel * x.itemsize)
-            if not same:
-                stats.add(*raw_stats(bx, by, rtol, atol))
+        _raw_stats(stats, x, y, rtol, atol, progress, workspace)
     else:
         same_dtype = dtype_name(x) == dtype_name(y)
         for cx, cy in _chunk_pairs(x, y):
@@ -231,6 +224,57 @@ def _compare(
     if stats.num_diff == 0:
         return None
     return ValueMismatch(key, stats.max_abs, stats.max_rel, stats.num_diff, stats.numel)
+
+
+def _raw_stats(
+    stats: _Stats, x: TensorMeta, y: TensorMeta, rtol: float, atol: float, progress: _Counted, workspace: _Workspace
+) -> None:
+    """Statistics of two on-disk tensors of one dtype, from their bytes, piece by piece on two
+    threads (CRC-32s checked); numpy's where it widens the dtype exactly, else torch's."""
+    blocks = _stats_blocks(x.nbytes, x.itemsize, x.dtype in NUMPY_DTYPES)
+    bounds = [0] + [end for pieces in blocks for _, end in pieces]
+    piece_stats = workspace.numpy_stats(x.dtype).piece if x.dtype in NUMPY_DTYPES else _torch_raw_stats(x.dtype)
+
+    def work(bx: memoryview, by: memoryview, equal: bool) -> tuple[int, float, float]:
+        return (0, 0.0, 0.0) if equal else piece_stats(bx, by, rtol, atol)
+
+    done = 0
+
+    def count(n: int) -> None:  # reports only bytes beyond those the scan reported before
+        nonlocal done
+        done += n
+        progress.reach(done)
+
+    results = iter(
+        map_chunk_pairs(
+            x.storage, x.span, y.storage, y.span, bounds, work,
+            pool=workspace.pool(), buffers=workspace.buffers, progress=count,
+        )
+    )
+    for pieces in blocks:  # a block's numbers are its pieces' with NaN carried, as torch's max does
+        n, max_abs, max_rel = 0, 0.0, 0.0
+        for pn, pabs, prel in itertools.islice(results, len(pieces)):
+            n, max_abs, max_rel = n + pn, _max_nan(max_abs, pabs), _max_nan(max_rel, prel)
+        if n == 0:  # as _block_stats: no maxima where nothing differs
+            max_abs = max_rel = 0.0
+        stats.add(n, max_abs, max_rel)
+    stats.numel += x.numel
+
+
+def _stats_blocks(nbytes: int, itemsize: int, pieces: bool) -> list[list[tuple[int, int]]]:
+    """The byte spans of a tensor's statistics: chunks of CHUNK_BYTES, split as _chunk_stats splits
+    them into blocks of STATS_BLOCK elements, each block in pieces of NUMPY_PIECE elements (with
+    `pieces`; else a whole chunk is one block of one piece, for torch's _chunk_stats)."""
+    step = CHUNK_BYTES - CHUNK_BYTES % itemsize
+    if not pieces:
+        return [[(c, min(c + step, nbytes))] for c in range(0, nbytes, step)]
+    block, piece = STATS_BLOCK * itemsize, NUMPY_PIECE * itemsize
+    blocks = []
+    for c in range(0, nbytes, step):
+        for b in range(c, min(c + step, nbytes), block):
+            end = min(b + block, c + step, nbytes)
+            blocks.append([(p, min(p + piece, end)) for p in range(b, end, piece)])
+    return blocks
 
 
 class _Counted:
@@ -261,7 +305,7 @@ class _Stats:
         self.max_rel = 0.0
 
     def add(self, n: int, abs_d: float, rel_d: float) -> None:
-        """Add the statistics of one chunk (its elements are counted in `numel` by the caller)."""
+        """Add the statistics of one chunk or block (the caller counts its elements in `numel`)."""
         self.num_diff += n
         self.max_abs = max(self.max_abs, abs_d)
         self.max_rel = max(self.max_rel, rel_d)
@@ -272,13 +316,13 @@ def _on_disk(t: Any) -> bool:
 
 
 class _Workspace:
-    """What one diff reuses from tensor to tensor: a helper thread, four chunk buffers (the pair
-    compared and the pair read meanwhile; a fresh 16 MiB buffer per tensor costs more in page
-    faults than the comparison itself) and numpy's scratch arrays."""
+    """What one diff reuses from tensor to tensor: a helper thread, each thread's two read
+    buffers (a fresh 16 MiB buffer per tensor costs more in page faults than the comparison
+    itself) and numpy's scratch arrays."""
 
     def __init__(self) -> None:
         self._pool: ThreadPoolExecutor | None = None
-        self._chunks: tuple[bytearray, ...] | None = None
+        self._buffers = threading.local()
         self._numpy_stats: dict[str, _NumpyStats] = {}
 
     def pool(self) -> ThreadPoolExecutor:
@@ -286,14 +330,16 @@ class _Workspace:
             self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckptsurgeon-diff")
         return self._pool
 
-    def chunks(self) -> tuple[bytearray, ...]:
-        if self._chunks is None:
-            self._chunks = tuple(bytearray(CHUNK_BYTES) for _ in range(4))
-        return self._chunks
+    def buffers(self, size: int) -> tuple[bytearray, bytearray]:
+        """The calling thread's two buffers, of at least `size` bytes."""
+        pair = getattr(self._buffers, "pair", None)
+        if pair is None or len(pair[0]) < size:
+            pair = self._buffers.pair = (bytearray(size), bytearray(size))
+        return pair
 
     def numpy_stats(self, dtype: str) -> _NumpyStats:
         if dtype not in self._numpy_stats:
-            self._numpy_stats[dtype] = _NumpyStats(dtype, self.pool())
+            self._numpy_stats[dtype] = _NumpyStats(dtype)
         return self._numpy_stats[dtype]
 
     def close(self) -> None:
@@ -381,51 +427,20 @@ NUMPY_PIECE = 1 << 17  # elements numpy works on at a time: its scratch arrays s
 
 
 class _NumpyStats:
-    """_chunk_stats of raw chunks with numpy: per block of STATS_BLOCK elements the same float64
-    operations as _block_stats, done piece by piece in reused scratch arrays (a block's maxima are
-    the maxima of its pieces', NaN included, as torch's max), the pieces shared out between the
-    calling thread and one of `pool`'s (numpy releases the GIL while it computes)."""
+    """The statistics of pieces of raw bytes with numpy: the float64 operations of _block_stats, in
+    reused scratch arrays (each thread its own; numpy releases the GIL while it computes)."""
 
-    def __init__(self, dtype: str, pool: Executor | None = None) -> None:
+    def __init__(self, dtype: str) -> None:
         import numpy as np
 
         self.np = np
         self.raw = np.dtype(NUMPY_DTYPES[dtype])
         self.bf16 = dtype == "bfloat16"
-        self.pool = pool
         self.local = threading.local()  # each thread's scratch arrays
 
-    def chunk(self, bx: memoryview, by: memoryview, rtol: float, atol: float) -> tuple[int, float, float]:
-        size = self.raw.itemsize
-        block, piece = STATS_BLOCK * size, NUMPY_PIECE * size
-        blocks = [
-            [(p, min(p + piece, b + block, len(bx))) for p in range(b, min(b + block, len(bx)), piece)]
-            for b in range(0, len(bx), block)
-        ]
-        spans = [span for pieces in blocks for span in pieces]
-        results: list[tuple[int, float, float]] = [(0, 0.0, 0.0)] * len(spans)
-
-        def work(i: int) -> None:
-            start, end = spans[i]
-            px, py = bx[start:end], by[start:end]
-            if not same_bytes(px, py):  # equal bytes: nothing differs, 0 to both maxima
-                results[i] = self._piece(px, py, rtol, atol)
-
-        share_out(len(spans), work, self.pool)
-        n, max_abs, max_rel = 0, 0.0, 0.0
-        done = 0
-        for pieces in blocks:
-            bn, babs, brel = 0, 0.0, 0.0
-            for pn, pabs, prel in results[done : done + len(pieces)]:
-                bn, babs, brel = bn + pn, _max_nan(babs, pabs), _max_nan(brel, prel)
-            done += len(pieces)
-            if bn == 0:  # as _block_stats: no maxima where nothing differs
-                babs = brel = 0.0
-            n, max_abs, max_rel = n + bn, max(max_abs, babs), max(max_rel, brel)
-        return n, max_abs, max_rel
-
-    def _piece(self, px: memoryview, py: memoryview, rtol: float, atol: float) -> tuple[int, float, float]:
-        """(number differing, max of d, max of rel) over one piece, d and rel as in _block_stats."""
+    def piece(self, px: memoryview, py: memoryview, rtol: float, atol: float) -> tuple[int, float, float]:
+        """(number differing, max of d, max of rel) over a piece of at most NUMPY_PIECE elements,
+        d and rel as in _block_stats (before its `n == 0` shortcut)."""
         np = self.np
         k = len(px) // self.raw.itemsize
         x, y, diff, ya, tol, same, ok, mask = (a[:k] for a in self._scratch())

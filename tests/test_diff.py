@@ -8,14 +8,13 @@ import subprocess
 import sys
 import zlib
 from collections import OrderedDict
-from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ckptsurgeon.diff import NUMPY_PIECE, STATS_BLOCK, diff_state_dicts
+from ckptsurgeon.diff import CHUNK_BYTES, NUMPY_PIECE, STATS_BLOCK, diff_state_dicts
 from ckptsurgeon.engine.meta import TensorMeta
 from ckptsurgeon.errors import BadCheckpointError
 from ckptsurgeon.io import load_checkpoint
@@ -110,7 +109,7 @@ def test_diff_of_x_with_itself_is_empty(values):
     assert diff_state_dicts(OrderedDict(w=t), OrderedDict(w=t.clone())).identical
 
 
-# ------------------------------------------------------------- statistics with numpy (files)
+# --------------------------------------------------- statistics from files (numpy) against torch
 
 NUMPY_DTYPES = [
     torch.float64, torch.float32, torch.float16, torch.bfloat16,
@@ -151,10 +150,6 @@ def _pair(dtype: torch.dtype, n: int, seed: int) -> tuple[torch.Tensor, torch.Te
     return x, y
 
 
-def _raw(t: torch.Tensor) -> memoryview:
-    return memoryview(bytearray(t.contiguous().view(torch.uint8).numpy().tobytes()))
-
-
 def _same_numbers(a: tuple, b: tuple) -> bool:
     """Equal bit for bit (NaN equals NaN: its sign and payload are not reported)."""
     return len(a) == len(b) and all(
@@ -164,37 +159,63 @@ def _same_numbers(a: tuple, b: tuple) -> bool:
     )
 
 
-@pytest.mark.parametrize("blocks", [(STATS_BLOCK, NUMPY_PIECE), (300, 64), (256, 1000)], ids=["default", "small", "piece>block"])
+def _assert_same_reports(ours, theirs) -> None:
+    assert ours.num_equal == theirs.num_equal and len(ours.value_mismatches) == len(theirs.value_mismatches)
+    for m, n in zip(ours.value_mismatches, theirs.value_mismatches):
+        ours_numbers = (m.key, m.num_different, m.numel, m.max_abs_diff, m.max_rel_diff)
+        theirs_numbers = (n.key, n.num_different, n.numel, n.max_abs_diff, n.max_rel_diff)
+        assert _same_numbers(ours_numbers, theirs_numbers), (ours_numbers, theirs_numbers)
+
+
+def _files_and_tensors(tmp_path, pairs: dict) -> tuple[tuple, tuple]:
+    """(A, B) read from files by the engine, and (A, B) as torch tensors."""
+    a, b = OrderedDict((k, v[0]) for k, v in pairs.items()), OrderedDict((k, v[1]) for k, v in pairs.items())
+    torch.save(a, tmp_path / "a.pt")
+    torch.save(b, tmp_path / "b.pt")
+    files = load_checkpoint(tmp_path / "a.pt"), load_checkpoint(tmp_path / "b.pt")
+    assert all(isinstance(t, TensorMeta) for f in files for t in f.state_dict.values())
+    return (files[0].state_dict, files[1].state_dict), (a, b)
+
+
+SIZES = {  # CHUNK_BYTES, STATS_BLOCK, NUMPY_PIECE
+    "default": (CHUNK_BYTES, STATS_BLOCK, NUMPY_PIECE),
+    "small": (4096, 300, 64),
+    "piece>block": (4096, 256, 1000),
+    "block>chunk": (2048, 1 << 20, 50),
+}
+
+
+@pytest.mark.parametrize("sizes", SIZES.values(), ids=SIZES.keys())
 @pytest.mark.parametrize("dtype", NUMPY_DTYPES, ids=str)
-def test_numpy_statistics_are_torch_statistics_bit_for_bit(dtype, blocks, monkeypatch):
+def test_statistics_of_files_are_torch_statistics_bit_for_bit(dtype, sizes, tmp_path, monkeypatch):
+    """Files go through the raw path (numpy, in pieces on two threads), tensors through torch's
+    _block_stats: the numbers are the same bit for bit, for every tolerance, NaN and inf included."""
     import ckptsurgeon.diff as d
 
-    monkeypatch.setattr(d, "STATS_BLOCK", blocks[0])
-    monkeypatch.setattr(d, "NUMPY_PIECE", blocks[1])
-    for seed in range(3):
-        x, y = _pair(dtype, 2000, seed)
-        for rtol, atol in TOLERANCES:
-            ours = d._NumpyStats(str(dtype).removeprefix("torch.")).chunk(_raw(x), _raw(y), rtol, atol)
-            theirs = d._chunk_stats(x, y, rtol, atol)
-            assert _same_numbers(ours, theirs), (seed, rtol, atol, ours, theirs)
-            assert ours[0] > 0 or (rtol, atol) != (0.0, 0.0)
+    for name, value in zip(("CHUNK_BYTES", "STATS_BLOCK", "NUMPY_PIECE"), sizes):
+        monkeypatch.setattr(d, name, value)
+    (fa, fb), (ta, tb) = _files_and_tensors(tmp_path, {f"w{seed}": _pair(dtype, 3000, seed) for seed in range(3)})
+    for rtol, atol in TOLERANCES:
+        ours = diff_state_dicts(fa, fb, rtol=rtol, atol=atol)
+        _assert_same_reports(ours, diff_state_dicts(ta, tb, rtol=rtol, atol=atol))
+        assert len(ours.value_mismatches) == 3 or (rtol, atol) != (0.0, 0.0)
 
 
-def test_numpy_statistics_of_equal_bytes_are_zero():
-    from ckptsurgeon.diff import _NumpyStats
+def test_statistics_on_one_thread_are_the_same(tmp_path, monkeypatch):
+    import ckptsurgeon.diff as d
 
-    x = torch.tensor([math.nan, 1.0, -0.0, math.inf])
-    assert _NumpyStats("float32").chunk(_raw(x), _raw(x), 0.0, 0.0) == (0, 0.0, 0.0)
-
-
-def _report_numbers(r) -> list[tuple]:
-    return [(m.key, m.num_different, m.numel, m.max_abs_diff, m.max_rel_diff) for m in r.value_mismatches]
+    for name, value in zip(("CHUNK_BYTES", "STATS_BLOCK", "NUMPY_PIECE"), SIZES["small"]):
+        monkeypatch.setattr(d, name, value)
+    monkeypatch.setattr(d._Workspace, "pool", lambda self: None)
+    (fa, fb), (ta, tb) = _files_and_tensors(tmp_path, {str(t): _pair(t, 3000, 1) for t in (torch.float32, torch.bfloat16)})
+    for rtol, atol in TOLERANCES:
+        _assert_same_reports(diff_state_dicts(fa, fb, rtol=rtol, atol=atol), diff_state_dicts(ta, tb, rtol=rtol, atol=atol))
 
 
 @pytest.mark.parametrize("rtol, atol", TOLERANCES[:5])
-def test_diff_of_files_equals_diff_of_tensors(tmp_path, monkeypatch, rtol, atol):
-    """Files go through the raw path (numpy, or torch for float8 and complex32), tensors through
-    torch: the reports are the same, chunk boundaries included."""
+def test_files_of_every_dtype_at_once(tmp_path, monkeypatch, rtol, atol):
+    """One file of every dtype, the ones numpy does not widen (float8, complex) included: they
+    take torch's statistics over the same raw path."""
     import ckptsurgeon.diff as d
 
     monkeypatch.setattr(d, "CHUNK_BYTES", 4096)
@@ -203,30 +224,10 @@ def test_diff_of_files_equals_diff_of_tensors(tmp_path, monkeypatch, rtol, atol)
     pairs["float8"] = tuple(v.to(torch.float8_e4m3fn) for v in _pair(torch.float32, 3000, 99))
     pairs["complex64"] = _pair(torch.complex64, 3000, 98)
     pairs["same"] = (torch.arange(5000.0), torch.arange(5000.0))
-    torch.save({k: v[0] for k, v in pairs.items()}, tmp_path / "a.pt")
-    torch.save({k: v[1] for k, v in pairs.items()}, tmp_path / "b.pt")
-    a, b = load_checkpoint(tmp_path / "a.pt"), load_checkpoint(tmp_path / "b.pt")
-    assert a.engine == "raw" and isinstance(a.state_dict["torch.float32"], TensorMeta)
-    ours = diff_state_dicts(a.state_dict, b.state_dict, rtol=rtol, atol=atol)
-    theirs = diff_state_dicts({k: v[0] for k, v in pairs.items()}, {k: v[1] for k, v in pairs.items()}, rtol=rtol, atol=atol)
-    assert ours.num_equal == theirs.num_equal and len(ours.value_mismatches) == len(theirs.value_mismatches) >= 10
-    for m, n in zip(_report_numbers(ours), _report_numbers(theirs)):
-        assert _same_numbers(m, n), (m, n)
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.int16], ids=str)
-def test_numpy_statistics_shared_with_a_second_thread_are_the_same(dtype, monkeypatch):
-    import ckptsurgeon.diff as d
-
-    monkeypatch.setattr(d, "STATS_BLOCK", 300)
-    monkeypatch.setattr(d, "NUMPY_PIECE", 64)
-    x, y = _pair(dtype, 5000, 7)
-    name = str(dtype).removeprefix("torch.")
-    with ThreadPoolExecutor(1) as pool:
-        for rtol, atol in TOLERANCES:
-            alone = d._NumpyStats(name).chunk(_raw(x), _raw(y), rtol, atol)
-            shared = d._NumpyStats(name, pool).chunk(_raw(x), _raw(y), rtol, atol)
-            assert _same_numbers(alone, shared) and _same_numbers(alone, d._chunk_stats(x, y, rtol, atol))
+    (fa, fb), (ta, tb) = _files_and_tensors(tmp_path, pairs)
+    ours = diff_state_dicts(fa, fb, rtol=rtol, atol=atol)
+    _assert_same_reports(ours, diff_state_dicts(ta, tb, rtol=rtol, atol=atol))
+    assert len(ours.value_mismatches) >= 10
 
 
 def test_progress_counts_every_byte_of_a_once(tmp_path, monkeypatch):

@@ -16,7 +16,7 @@ import threading
 import zlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from ..errors import BadCheckpointError
 from .meta import StorageMeta
@@ -202,6 +202,7 @@ def verify_crc(storage: StorageMeta) -> None:
 
 SCAN_BLOCK = 128 << 10  # bytes per pread when comparing: a pair of such buffers stays in a core's cache
 SCAN_TASK = 1 << 20  # bytes of a span that one thread compares before taking the next part
+T = TypeVar("T")
 
 
 def same_bytes(a: bytes | bytearray | memoryview, b: bytes | bytearray | memoryview) -> bool:
@@ -389,24 +390,24 @@ class _SpanScan:
         """Compare part k (and checksum it while it is equal, when the pair has a CRC to check)."""
         i, start, end = self.parts[k]
         a, a_span, b, b_span = self.pairs[i]
-        files = (
-            (self.fds[a.source], a.source, a.data_offset + a_span[0]),
-            (self.fds[b.source], b.source, b.data_offset + b_span[0]),
-        )
-        views, addrs = self._buffers()
+        fd_a, fd_b = self.fds[a.source], self.fds[b.source]
+        base_a, base_b = a.data_offset + a_span[0], b.data_offset + b_span[0]
+        (va, vb), (addr_a, addr_b) = self._buffers()
         memcmp = _memcmp()
         want_crc = bool(self.checks[i])
+        block = self.block
         crc = 0
-        for pos in range(start, end, self.block):
-            n = min(self.block, end - pos)
-            va, vb = views[0][:n], views[1][:n]
-            for (fd, path, base), view in zip(files, (va, vb)):
-                pread_exact(fd, view, base + pos, path)
-            differs = memcmp(addrs[0], addrs[1], n) != 0 if memcmp is not None else va != vb
-            if differs:
+        for pos in range(start, end, block):
+            n = min(block, end - pos)
+            ra, rb = (va, vb) if n == block else (va[:n], vb[:n])
+            if os.preadv(fd_a, [ra], base_a + pos) != n:  # a short read: pread_exact tells why
+                pread_exact(fd_a, ra, base_a + pos, a.source)
+            if os.preadv(fd_b, [rb], base_b + pos) != n:
+                pread_exact(fd_b, rb, base_b + pos, b.source)
+            if memcmp(addr_a, addr_b, n) if memcmp is not None else ra != rb:
                 return False
             if want_crc:
-                crc = zlib.crc32(va, crc)
+                crc = zlib.crc32(ra, crc)
         self.part_crcs[k] = crc
         return True
 
@@ -462,119 +463,83 @@ def share_out(
         helper.result()
 
 
-def iter_chunk_pairs(
+def map_chunk_pairs(
     a: StorageMeta,
     a_span: tuple[int, int],
     b: StorageMeta,
     b_span: tuple[int, int],
-    chunk_size: int = DEFAULT_CHUNK,
+    bounds: Sequence[int],
+    work: Callable[[memoryview, memoryview, bool], T],
     *,
-    buffers: tuple[bytearray, ...] | None = None,
     pool: Executor | None = None,
-) -> Iterator[tuple[memoryview, memoryview, bool]]:
-    """Yield bytes [a_span) of `a` and [b_span) of `b` (two spans of one length) side by side,
-    chunk by chunk, with whether the two chunks are equal.
+    buffers: Callable[[int], tuple[bytearray, bytearray]] | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> list[T]:
+    """`work(chunk_a, chunk_b, equal)` for each pair of chunks [bounds[i], bounds[i + 1]) of two
+    spans of one length (offsets within the spans, from 0 to their length), in a list in order.
 
-    As with iter_chunks, the chunks live in reused buffers (`buffers` when given: two, or four
-    with `pool`) and are valid until the next pair is requested; when a span is a whole record
-    with a CRC-32, the CRC is checked after the last chunk (a chunk equal in both files is
-    checksummed once for both). With `pool`, one of its threads reads, compares and checksums the
-    next pair while the caller works on the current one.
+    The chunks are shared out between the calling thread and, with `pool`, one of its threads
+    (work that releases the GIL runs on both cores); each thread reads its chunks into its own
+    two buffers (`buffers(size)` gives the calling thread's, at least `size` bytes each), valid
+    during the call. When a span is a whole record with a CRC-32, the CRC is checked once all
+    chunks are done; a chunk equal in both files is checksummed once for both. `progress` is
+    called on the calling thread with numbers of bytes of `a` done.
     """
     _check_span(a, *a_span)
     _check_span(b, *b_span)
     size = a_span[1] - a_span[0]
     if b_span[1] - b_span[0] != size:
         raise ValueError(f"byte spans of {size} and {b_span[1] - b_span[0]} bytes differ in length")
-    if chunk_size <= 0:
-        raise ValueError("chunk_size must be positive")
-    wanted = 4 if pool is not None else 2
-    if buffers is not None and (len(buffers) < wanted or min(len(x) for x in buffers[:wanted]) < min(chunk_size, size)):
-        raise ValueError(f"expected {wanted} buffers of a chunk each")
-    return _chunk_pairs(_PairReader(a, a_span, b, b_span, chunk_size), buffers, pool)
+    if not bounds or bounds[0] != 0 or bounds[-1] != size or any(x >= y for x, y in zip(bounds, bounds[1:])):
+        raise ValueError(f"chunk bounds must rise from 0 to {size}")
+    check_a, check_b = _whole_with_crc(a, a_span), _whole_with_crc(b, b_span)
+    count = len(bounds) - 1
+    largest = max((y - x for x, y in zip(bounds, bounds[1:])), default=0)
+    results: list[Any] = [None] * count
+    crcs = [(0, 0)] * count
+    own = threading.local()
+    lock = threading.Lock()
+    unreported = 0
 
-
-class _PairReader:
-    """Reads two spans pair of chunks by pair of chunks, in order, moving both running CRCs on."""
-
-    def __init__(self, a: StorageMeta, a_span: tuple[int, int], b: StorageMeta, b_span: tuple[int, int], chunk_size: int) -> None:
-        self.a, self.b = a, b
-        self.bases = (a.data_offset + a_span[0], b.data_offset + b_span[0])
-        self.size = a_span[1] - a_span[0]
-        self.chunk_size = chunk_size
-        self.check_a, self.check_b = _whole_with_crc(a, a_span), _whole_with_crc(b, b_span)
-        self.crc_a = self.crc_b = 0
-        self.fds: tuple[int, int] = (-1, -1)
-
-    def read(self, pos: int, buf_a: bytearray, buf_b: bytearray) -> tuple[memoryview, memoryview, bool]:
-        """The pair of chunks at `pos`, read into the two buffers, and whether they are equal."""
-        n = min(self.chunk_size, self.size - pos)
-        va, vb = memoryview(buf_a)[:n], memoryview(buf_b)[:n]
-        pread_exact(self.fds[0], va, self.bases[0] + pos, self.a.source)
-        pread_exact(self.fds[1], vb, self.bases[1] + pos, self.b.source)
-        same = same_bytes(va, vb)
-        self._move_crcs(va, vb, same)
-        return va, vb, same
-
-    def _move_crcs(self, ba: memoryview, bb: memoryview, equal: bool) -> None:
-        """Move the running CRCs on over one pair of chunks (an equal pair is checksummed once)."""
-        if equal and self.check_a and self.check_b:
-            if self.crc_a == self.crc_b:
-                self.crc_a = self.crc_b = zlib.crc32(ba, self.crc_a)
-            else:  # an earlier chunk differed: one CRC of this chunk moves both on
-                crc = zlib.crc32(ba)
-                self.crc_a, self.crc_b = crc32_combine(self.crc_a, crc, len(ba)), crc32_combine(self.crc_b, crc, len(ba))
+    def one(i: int) -> None:
+        nonlocal unreported
+        start, end = bounds[i], bounds[i + 1]
+        if buffers is not None:
+            buf_a, buf_b = buffers(largest)
         else:
-            if self.check_a:
-                self.crc_a = zlib.crc32(ba, self.crc_a)
-            if self.check_b:
-                self.crc_b = zlib.crc32(bb, self.crc_b)
+            if not hasattr(own, "buffers"):
+                own.buffers = (bytearray(largest), bytearray(largest))
+            buf_a, buf_b = own.buffers
+        va, vb = memoryview(buf_a)[: end - start], memoryview(buf_b)[: end - start]
+        pread_exact(fd_a, va, a.data_offset + a_span[0] + start, a.source)
+        pread_exact(fd_b, vb, b.data_offset + b_span[0] + start, b.source)
+        equal = same_bytes(va, vb)
+        crc_a = zlib.crc32(va) if check_a or (equal and check_b) else 0
+        crc_b = crc_a if equal else zlib.crc32(vb) if check_b else 0
+        crcs[i] = (crc_a, crc_b)
+        results[i] = work(va, vb, equal)
+        with lock:
+            unreported += end - start
 
-    def check(self) -> None:
-        if self.check_a:
-            _check_crc(self.a, self.crc_a)
-        if self.check_b:
-            _check_crc(self.b, self.crc_b)
+    def report() -> None:
+        nonlocal unreported
+        with lock:
+            n, unreported = unreported, 0
+        if progress is not None and n:
+            progress(n)
 
-
-def _chunk_pairs(
-    reader: _PairReader, buffers: tuple[bytearray, ...] | None, pool: Executor | None
-) -> Iterator[tuple[memoryview, memoryview, bool]]:
-    if reader.size:
-        n = min(reader.chunk_size, reader.size)
-        bufs = buffers or tuple(bytearray(n) for _ in range(4 if pool is not None else 2))
-        fd_a, _ = open_regular(reader.a.source)
-        try:
-            fd_b, _ = open_regular(reader.b.source)
-            try:
-                reader.fds = (fd_a, fd_b)
-                if pool is None:
-                    for pos in range(0, reader.size, reader.chunk_size):
-                        yield reader.read(pos, bufs[0], bufs[1])
-                else:
-                    yield from _prefetched_pairs(reader, bufs, pool)
-            finally:
-                os.close(fd_b)
-        finally:
-            os.close(fd_a)
-    reader.check()
-
-
-def _prefetched_pairs(
-    reader: _PairReader, bufs: tuple[bytearray, ...], pool: Executor
-) -> Iterator[tuple[memoryview, memoryview, bool]]:
-    """The pairs of `reader`, each read on `pool` while the caller has the one before (the pairs
-    alternate between two pairs of buffers; reads stay in order, so the CRCs move on in order)."""
-    from concurrent.futures import wait
-
-    positions = range(0, reader.size, reader.chunk_size)
-    pending = pool.submit(reader.read, 0, bufs[0], bufs[1])
-    try:
-        for i in range(len(positions)):
-            current = pending.result()
-            k = 2 * ((i + 1) % 2)
-            pending = pool.submit(reader.read, positions[i + 1], bufs[k], bufs[k + 1]) if i + 1 < len(positions) else None
-            yield current
-    finally:
-        if pending is not None:  # the read must be done with the files before they are closed
-            wait([pending])
+    if count:
+        with contextlib.ExitStack() as files:
+            fd_a, _ = open_regular(a.source)
+            files.callback(os.close, fd_a)
+            fd_b, _ = open_regular(b.source)
+            files.callback(os.close, fd_b)
+            share_out(count, one, pool, after=report)
+        report()
+    for check, storage, side in ((check_a, a, 0), (check_b, b, 1)):
+        if check:
+            crc = 0
+            for (start, end), pair in zip(zip(bounds, bounds[1:]), crcs):
+                crc = crc32_combine(crc, pair[side], end - start)
+            _check_crc(storage, crc)
+    return results
