@@ -159,7 +159,8 @@ def _diff(
     matches = compare_spans(pairs, pool=workspace.pool(), progress=progress, on_difference=started_to_differ)
     for key, match in zip(raw, matches):  # statistics once all bytes are compared
         if not match.equal:
-            results[key] = _compare(key, a[key], b[key], rtol, atol, _Counted(progress, match.reported), workspace, scan=False)
+            counted = _Counted(progress, match.reported)
+            results[key] = _compare(key, a[key], b[key], rtol, atol, counted, workspace, scan=False)
     num_equal = sum(1 for k in results if results[k] is None and dtype_name(a[k]) == dtype_name(b[k]))
     num_equal += sum(1 for match in matches if match.equal)
     values = tuple(m for k in keys if (m := results.get(k)) is not None)
@@ -211,7 +212,8 @@ def _compare(
     """compare_values; `scan=False` when two on-disk tensors are known to differ in their bytes."""
     stats = _Stats()
     if _on_disk(x) and _on_disk(y) and dtype_name(x) == dtype_name(y):
-        if scan and compare_spans([(x.storage, x.span, y.storage, y.span)], pool=workspace.pool(), progress=progress)[0].equal:
+        pair = (x.storage, x.span, y.storage, y.span)
+        if scan and compare_spans([pair], pool=workspace.pool(), progress=progress)[0].equal:
             return None
         _raw_stats(stats, x, y, rtol, atol, progress, workspace)
     else:

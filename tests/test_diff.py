@@ -113,7 +113,8 @@ def test_diff_of_x_with_itself_is_empty(values):
 
 NUMPY_DTYPES = [
     torch.float64, torch.float32, torch.float16, torch.bfloat16,
-    torch.int64, torch.int32, torch.int16, torch.int8, torch.uint64, torch.uint32, torch.uint16, torch.uint8, torch.bool,
+    torch.int64, torch.int32, torch.int16, torch.int8,
+    torch.uint64, torch.uint32, torch.uint16, torch.uint8, torch.bool,
 ]
 TOLERANCES = [(0.0, 0.0), (1e-3, 0.0), (0.0, 1e-3), (0.1, 0.5), (1e-6, 1e-9), (0.0, math.inf), (math.inf, 0.0)]
 
@@ -135,7 +136,8 @@ def _pair(dtype: torch.dtype, n: int, seed: int) -> tuple[torch.Tensor, torch.Te
         normal = torch.randn(n, dtype=torch.float64, generator=g) * 10.0 ** torch.randint(-4, 5, (n,), generator=g)
         specials = torch.tensor([0.0, -0.0, math.inf, -math.inf, math.nan, 1.0, -1.0], dtype=torch.float64)
         x = torch.where(torch.rand(n, generator=g) < 0.6, normal.to(dtype), x)
-        x[torch.randint(0, n, (n // 20,), generator=g)] = specials[torch.randint(0, 7, (n // 20,), generator=g)].to(dtype)
+        where = torch.randint(0, n, (n // 20,), generator=g)
+        x[where] = specials[torch.randint(0, 7, (n // 20,), generator=g)].to(dtype)
     kind = torch.randint(0, 6, (n,), generator=g)
     y = torch.where(kind == 1, bits(), x)
     if dtype.is_floating_point or dtype.is_complex:
@@ -207,9 +209,11 @@ def test_statistics_on_one_thread_are_the_same(tmp_path, monkeypatch):
     for name, value in zip(("CHUNK_BYTES", "STATS_BLOCK", "NUMPY_PIECE"), SIZES["small"]):
         monkeypatch.setattr(d, name, value)
     monkeypatch.setattr(d._Workspace, "pool", lambda self: None)
-    (fa, fb), (ta, tb) = _files_and_tensors(tmp_path, {str(t): _pair(t, 3000, 1) for t in (torch.float32, torch.bfloat16)})
+    pairs = {str(t): _pair(t, 3000, 1) for t in (torch.float32, torch.bfloat16)}
+    (fa, fb), (ta, tb) = _files_and_tensors(tmp_path, pairs)
     for rtol, atol in TOLERANCES:
-        _assert_same_reports(diff_state_dicts(fa, fb, rtol=rtol, atol=atol), diff_state_dicts(ta, tb, rtol=rtol, atol=atol))
+        ours = diff_state_dicts(fa, fb, rtol=rtol, atol=atol)
+        _assert_same_reports(ours, diff_state_dicts(ta, tb, rtol=rtol, atol=atol))
 
 
 @pytest.mark.parametrize("rtol, atol", TOLERANCES[:5])
@@ -236,14 +240,15 @@ def test_progress_counts_every_byte_of_a_once(tmp_path, monkeypatch):
 
     monkeypatch.setattr(data, "SCAN_TASK", 1024)
     monkeypatch.setattr(d, "CHUNK_BYTES", 4096)
-    a = OrderedDict(same=torch.arange(3000.0), late=torch.arange(3000.0), early=torch.arange(3000.0), small=torch.ones(3))
+    a = OrderedDict((k, torch.arange(3000.0)) for k in ("same", "late", "early"))
+    a["small"] = torch.ones(3)
     b = OrderedDict((k, v.clone()) for k, v in a.items())
     b["late"][-1] = -1.0
     b["early"][0] = -1.0
     torch.save(a, tmp_path / "a.pt")
     torch.save(b, tmp_path / "b.pt")
     seen: list[int] = []
-    r = diff_state_dicts(load_checkpoint(tmp_path / "a.pt").state_dict, load_checkpoint(tmp_path / "b.pt").state_dict, progress=seen.append)
+    r = _diff_files(tmp_path / "a.pt", tmp_path / "b.pt", progress=seen.append)
     assert [m.key for m in r.value_mismatches] == ["late", "early"] and r.num_equal == 2
     assert sum(seen) == sum(t.numel() * 4 for t in a.values()) and min(seen) > 0
 

@@ -235,10 +235,8 @@ def _memcmp() -> Any:
 
 
 def crc32_combine(crc1: int, crc2: int, len2: int) -> int:
-    """The CRC-32 of `first + second` from crc1 = crc32(first), crc2 = crc32(second), len2 = len(second).
-
-    zlib's crc32_combine, which Python's zlib module does not expose.
-    """
+    """The CRC-32 of `first + second` from crc1 = crc32(first), crc2 = crc32(second) and
+    len2 = len(second): zlib's crc32_combine, which Python's zlib module does not expose."""
     return _multmodp(_x8nmodp(len2), crc1) ^ crc2
 
 
@@ -340,7 +338,9 @@ class _SpanScan:
         self.pairs = pairs
         sizes = [a_span[1] - a_span[0] for _, a_span, _, _ in pairs]
         self.equal = [size == b_span[1] - b_span[0] for size, (_, _, _, b_span) in zip(sizes, pairs)]
-        self.checks = [[s for s, span in ((a, a_span), (b, b_span)) if _whole_with_crc(s, span)] for a, a_span, b, b_span in pairs]
+        self.checks = [  # per pair, the storages whose CRC-32 to check
+            [s for s, span in ((a, a_span), (b, b_span)) if _whole_with_crc(s, span)] for a, a_span, b, b_span in pairs
+        ]
         self.parts = [
             (i, start, min(start + SCAN_TASK, size))
             for i, size in enumerate(sizes)
