@@ -145,11 +145,11 @@ def _read_central(fd: int, file_size: int, path: str) -> tuple[list[_Entry], int
             name = raw.decode("utf-8")
         except UnicodeDecodeError:
             raise _bad(path, f"a ZIP member name is not UTF-8: {raw!r:.60}") from None
-        wanted = [f for f, v in (("usize", usize), ("csize", csize), ("offset", offset))
-                  if v == _U32_MAX]
-        if disk == _U16_MAX:
-            wanted.append("disk")
-        if wanted:
+        if usize == _U32_MAX or csize == _U32_MAX or offset == _U32_MAX or disk == _U16_MAX:
+            wanted = [f for f, v in (("usize", usize), ("csize", csize), ("offset", offset))
+                      if v == _U32_MAX]
+            if disk == _U16_MAX:
+                wanted.append("disk")
             z64 = _zip64_values(extra, wanted, path, name)
             usize = z64.get("usize", usize)
             csize = z64.get("csize", csize)
@@ -205,7 +205,7 @@ def _check_local_headers(
     fd: int, members: list[ZipMember], raw_names: list[bytes], cd_offset: int, path: str
 ) -> list[ZipMember]:
     """Read every local header (and data descriptor), fill in data offsets, check agreement."""
-    order = sorted(range(len(members)), key=lambda i: members[i].header_offset)
+    order = sorted(range(len(members)), key=[m.header_offset for m in members].__getitem__)
     located: list[ZipMember | None] = [None] * len(members)
     window = _Window(fd)
     pending: tuple[ZipMember, int] | None = None  # member whose data descriptor is unchecked
