@@ -11,7 +11,6 @@ give the same numbers: the same float64 operations, element by element).
 from __future__ import annotations
 
 import importlib
-import itertools
 import math
 import sys
 import threading
@@ -233,8 +232,7 @@ def _raw_stats(
 ) -> None:
     """Statistics of two on-disk tensors of one dtype, from their bytes, piece by piece on two
     threads (CRC-32s checked); numpy's where it widens the dtype exactly, else torch's."""
-    blocks = _stats_blocks(x.nbytes, x.itemsize, x.dtype in NUMPY_DTYPES)
-    bounds = [0] + [end for pieces in blocks for _, end in pieces]
+    bounds = _piece_bounds(x.nbytes, x.itemsize, x.dtype in NUMPY_DTYPES)
     piece_stats = workspace.numpy_stats(x.dtype).piece if x.dtype in NUMPY_DTYPES else _torch_raw_stats(x.dtype)
 
     def work(bx: memoryview, by: memoryview, equal: bool) -> tuple[int, float, float]:
@@ -253,30 +251,16 @@ def _raw_stats(
             pool=workspace.pool(), buffers=workspace.buffers, progress=count,
         )
     )
-    for pieces in blocks:  # a block's numbers are its pieces' with NaN carried, as torch's max does
-        n, max_abs, max_rel = 0, 0.0, 0.0
-        for pn, pabs, prel in itertools.islice(results, len(pieces)):
-            n, max_abs, max_rel = n + pn, _max_nan(max_abs, pabs), _max_nan(max_rel, prel)
-        if n == 0:  # as _block_stats: no maxima where nothing differs
-            max_abs = max_rel = 0.0
+    for n, max_abs, max_rel in results:
         stats.add(n, max_abs, max_rel)
     stats.numel += x.numel
 
 
-def _stats_blocks(nbytes: int, itemsize: int, pieces: bool) -> list[list[tuple[int, int]]]:
-    """The byte spans of a tensor's statistics: chunks of CHUNK_BYTES, split as _chunk_stats splits
-    them into blocks of STATS_BLOCK elements, each block in pieces of NUMPY_PIECE elements (with
-    `pieces`; else a whole chunk is one block of one piece, for torch's _chunk_stats)."""
-    step = CHUNK_BYTES - CHUNK_BYTES % itemsize
-    if not pieces:
-        return [[(c, min(c + step, nbytes))] for c in range(0, nbytes, step)]
-    block, piece = STATS_BLOCK * itemsize, NUMPY_PIECE * itemsize
-    blocks = []
-    for c in range(0, nbytes, step):
-        for b in range(c, min(c + step, nbytes), block):
-            end = min(b + block, c + step, nbytes)
-            blocks.append([(p, min(p + piece, end)) for p in range(b, end, piece)])
-    return blocks
+def _piece_bounds(nbytes: int, itemsize: int, numpy: bool) -> list[int]:
+    """Byte offsets that cut a tensor into the pieces its statistics are computed on: NUMPY_PIECE
+    elements for numpy, CHUNK_BYTES for torch (maxima and counts do not depend on the cut)."""
+    step = NUMPY_PIECE * itemsize if numpy else CHUNK_BYTES - CHUNK_BYTES % itemsize
+    return list(range(0, nbytes, step)) + [nbytes]
 
 
 class _Counted:
@@ -395,14 +379,13 @@ def _block_stats(cx: Any, cy: Any, rtol: float, atol: float) -> tuple[int, float
     ok = exact | both_nan | (diff <= tol)
     bad = ~ok
     n = int(bad.sum())
-    if n == 0:
-        return 0, 0.0, 0.0
     d = torch.where(torch.isnan(diff), torch.full_like(diff, math.inf), diff)
     d = torch.where(exact | both_nan, torch.zeros_like(d), d)
     max_abs = float(d.max())
     denom = ya.abs()
     with torch.no_grad():
         rel = torch.where(denom > 0, d / denom, torch.where(d > 0, torch.full_like(d, math.inf), torch.zeros_like(d)))
+        rel = torch.where(torch.isinf(d), torch.full_like(d, math.inf), rel)  # inf / inf: infinite, not NaN
     return n, max_abs, float(rel.max())
 
 
@@ -442,7 +425,7 @@ class _NumpyStats:
 
     def piece(self, px: memoryview, py: memoryview, rtol: float, atol: float) -> tuple[int, float, float]:
         """(number differing, max of d, max of rel) over a piece of at most NUMPY_PIECE elements,
-        d and rel as in _block_stats (before its `n == 0` shortcut)."""
+        d and rel as in _block_stats."""
         np = self.np
         k = len(px) // self.raw.itemsize
         x, y, diff, ya, tol, same, ok, mask = (a[:k] for a in self._scratch())
@@ -463,6 +446,7 @@ class _NumpyStats:
             not_pos = np.logical_not(np.greater(ya, 0.0, out=mask), out=mask)
             np.copyto(rel, 0.0, where=not_pos)
             np.copyto(rel, math.inf, where=np.logical_and(not_pos, np.greater(diff, 0.0, out=ok), out=ok))
+            np.copyto(rel, math.inf, where=np.isinf(diff, out=mask))  # inf / inf: infinite, not NaN
             return n, float(diff.max()), float(rel.max())
 
     def _scratch(self) -> tuple[Any, ...]:
@@ -481,11 +465,6 @@ class _NumpyStats:
             bits <<= 16
             values = bits.view(self.np.float32)
         self.np.copyto(out, values)
-
-
-def _max_nan(a: float, b: float) -> float:
-    """max that propagates NaN, as torch's and numpy's max of a tensor do."""
-    return math.nan if math.isnan(a) or math.isnan(b) else max(a, b)
 
 
 def _chunk_pairs(x: Any, y: Any) -> Iterator[tuple[Any, Any]]:

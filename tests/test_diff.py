@@ -409,3 +409,37 @@ def test_diff_with_differences_imports_numpy_not_torch(tmp_path):
     torch.save(a, tmp_path / "a.pt")
     torch.save(OrderedDict((k, v + 1) for k, v in a.items()), tmp_path / "b.pt")
     assert _imports_of_diff(tmp_path / "a.pt", tmp_path / "b.pt") == (1, ["numpy"])
+
+
+def _both_ways(tmp_path, a, b, **tol):
+    """The value mismatch of key "w" computed from files (raw bytes, numpy) and from tensors (torch)."""
+    torch.save({"w": a}, tmp_path / "a.pt")
+    torch.save({"w": b}, tmp_path / "b.pt")
+    on_disk = diff_state_dicts(load_checkpoint(tmp_path / "a.pt").state_dict, load_checkpoint(tmp_path / "b.pt").state_dict, **tol)
+    in_memory = diff_state_dicts({"w": a}, {"w": b}, **tol)
+    return on_disk.value_mismatches, in_memory.value_mismatches
+
+
+@pytest.mark.parametrize("gap", [1, STATS_BLOCK + 7, 2 * STATS_BLOCK])
+def test_max_abs_diff_is_over_the_whole_tensor_wherever_the_difference_lies(tmp_path, gap):
+    """A difference within tolerance counts in max_abs_diff wherever it lies (before, the maximum
+    skipped 1M-element blocks without a real difference, so the answer depended on the layout)."""
+    b = torch.ones(2 * STATS_BLOCK + 10)
+    a = b.clone()
+    b[0], a[0] = 1000.0, 1100.0  # |diff| 100, within rtol 0.2
+    a[gap] = 3.0  # |diff| 2, beyond it
+    for found in _both_ways(tmp_path, a, b, rtol=0.2):
+        (m,) = found
+        assert (m.num_different, m.max_abs_diff) == (1, 100.0)
+        assert m.max_rel_diff == pytest.approx(2.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+def test_an_infinite_b_against_a_finite_a_is_an_infinite_relative_difference(tmp_path, dtype):
+    """|a - b| / |b| with b = inf is inf / inf: reported as infinite, never dropped as NaN."""
+    a = torch.zeros(10, dtype=dtype)
+    b = a.clone()
+    b[3] = math.inf
+    for found in _both_ways(tmp_path, a, b):
+        (m,) = found
+        assert m.num_different == 1 and m.max_abs_diff == math.inf and m.max_rel_diff == math.inf
