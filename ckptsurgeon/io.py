@@ -474,8 +474,8 @@ class TensorStage:
 
     def add(self, tensor: Any) -> TensorMeta:
         import ctypes
-        import zlib
 
+        from .engine.crc import crc32
         from .engine.meta import StorageMeta
         from .tensors import dtype_name, is_parameter
 
@@ -485,7 +485,7 @@ class TensorStage:
         crc = 0
         if nbytes:
             view = memoryview((ctypes.c_char * nbytes).from_address(data.data_ptr())).cast("B")
-            crc = zlib.crc32(view)
+            crc = crc32(view)
             done = 0
             while done < nbytes:
                 done += os.pwrite(self._fd, view[done:], offset + done)

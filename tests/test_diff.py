@@ -259,7 +259,7 @@ def test_progress_counts_every_byte_of_a_once(tmp_path, monkeypatch):
 @settings(max_examples=50, deadline=None)
 @given(st.binary(max_size=300), st.binary(max_size=3000))
 def test_crc32_combine_is_the_crc_of_the_concatenation(first, second):
-    from ckptsurgeon.engine.data import crc32_combine
+    from ckptsurgeon.engine.crc import crc32_combine
 
     assert crc32_combine(zlib.crc32(first), zlib.crc32(second), len(second)) == zlib.crc32(first + second)
 

@@ -32,7 +32,8 @@ from ckptsurgeon.engine.meta import (
     TorchSize,
 )
 from ckptsurgeon.engine.pickle_write import V3_DTYPES, pickle_graph, plan_storages
-from ckptsurgeon.engine.zipwrite import crc32_zeros, write_torch_zip
+from ckptsurgeon.engine.crc import crc32_zeros
+from ckptsurgeon.engine.zipwrite import write_torch_zip
 from ckptsurgeon.errors import BadCheckpointError, EngineUnsupported, OutputError
 
 # -- helpers ------------------------------------------------------------------------------------
@@ -862,3 +863,13 @@ def test_serialization_id_is_torchs_shape(tmp_path: Path) -> None:
     ids = zipfile.ZipFile(out).read("b/.data/serialization_id").decode()
     assert len(ids) == 40 and ids.isdigit()
     assert torch.equal(torch.load(out, weights_only=True)["w"], torch.arange(4.0))
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(max_size=5000), st.integers(min_value=0, max_value=2**32 - 1))
+def test_the_engines_crc32_is_zlibs(data: bytes, start: int) -> None:
+    """Whichever implementation is installed (ISA-L or zlib), the CRC is the zip CRC-32."""
+    from ckptsurgeon.engine.crc import crc32
+
+    assert crc32(data, start) == zlib.crc32(data, start)
+    assert crc32(memoryview(bytearray(data))) == zlib.crc32(data)

@@ -13,12 +13,11 @@ import itertools
 import os
 import stat
 import threading
-import zlib
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
 
 from ..errors import BadCheckpointError
+from .crc import crc32, crc32_combine
 from .meta import StorageMeta
 
 if TYPE_CHECKING:
@@ -156,7 +155,7 @@ def _chunks(
                 chunk = view[:n]
                 pread_exact(fd, chunk, storage.data_offset + pos, storage.source)
                 if check:
-                    crc = zlib.crc32(chunk, crc)
+                    crc = crc32(chunk, crc)
                 pos += n
                 yield chunk
         finally:
@@ -234,50 +233,6 @@ def _memcmp() -> Any:
     return fn
 
 
-def crc32_combine(crc1: int, crc2: int, len2: int) -> int:
-    """The CRC-32 of `first + second` from crc1 = crc32(first), crc2 = crc32(second) and
-    len2 = len(second): zlib's crc32_combine, which Python's zlib module does not expose."""
-    return _multmodp(_x8nmodp(len2), crc1) ^ crc2
-
-
-_CRC_POLY = 0xEDB88320  # CRC-32 polynomial, bit-reversed (as zlib)
-
-
-def _multmodp(a: int, b: int) -> int:
-    """a(x) * b(x) modulo the CRC-32 polynomial (bit-reversed representation)."""
-    p = 0
-    m = 1 << 31
-    while m:
-        if a & m:
-            p ^= b
-        m >>= 1
-        b = (b >> 1) ^ _CRC_POLY if b & 1 else b >> 1
-    return p
-
-
-def _x2n_table() -> list[int]:
-    table = [1 << 30]  # x^1
-    for _ in range(31):
-        table.append(_multmodp(table[-1], table[-1]))
-    return table  # table[k] = x^(2^k)
-
-
-_X2N = _x2n_table()
-
-
-@functools.lru_cache(maxsize=64)
-def _x8nmodp(n: int) -> int:
-    """x^(8n) modulo the CRC-32 polynomial: the operator that moves a CRC past n zero bytes."""
-    p = 1 << 31  # x^0
-    k = 3
-    while n:
-        if n & 1:
-            p = _multmodp(_X2N[k & 31], p)
-        n >>= 1
-        k += 1
-    return p
-
-
 def _whole_with_crc(storage: StorageMeta, span: tuple[int, int]) -> bool:
     return storage.crc32 is not None and span == (0, storage.nbytes)
 
@@ -290,8 +245,7 @@ def _check_crc(storage: StorageMeta, actual: int) -> None:
 SpanPair = tuple[StorageMeta, tuple[int, int], StorageMeta, tuple[int, int]]  # (a, a_span, b, b_span)
 
 
-@dataclass(frozen=True, slots=True)
-class SpanMatch:
+class SpanMatch(NamedTuple):
     """What compare_spans found for one pair of spans."""
 
     equal: bool
@@ -407,7 +361,7 @@ class _SpanScan:
             if memcmp(addr_a, addr_b, n) if memcmp is not None else ra != rb:
                 return False
             if want_crc:
-                crc = zlib.crc32(ra, crc)
+                crc = crc32(ra, crc)
         self.part_crcs[k] = crc
         return True
 
@@ -514,8 +468,8 @@ def map_chunk_pairs(
         pread_exact(fd_a, va, a.data_offset + a_span[0] + start, a.source)
         pread_exact(fd_b, vb, b.data_offset + b_span[0] + start, b.source)
         equal = same_bytes(va, vb)
-        crc_a = zlib.crc32(va) if check_a or (equal and check_b) else 0
-        crc_b = crc_a if equal else zlib.crc32(vb) if check_b else 0
+        crc_a = crc32(va) if check_a or (equal and check_b) else 0
+        crc_b = crc_a if equal else crc32(vb) if check_b else 0
         crcs[i] = (crc_a, crc_b)
         results[i] = work(va, vb, equal)
         with lock:

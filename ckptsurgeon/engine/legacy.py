@@ -16,7 +16,7 @@ from ..errors import BadCheckpointError, EngineUnsupported, UnsafeCheckpointErro
 from .data import pread_bytes
 from .meta import DTYPE_ITEMSIZE, RawCheckpoint, StorageMeta
 from .sniff import MAGIC_NUMBER
-from .unpickle import Malformed, PickleTruncated, StorageClass, Unsupported, container_budget, resolve_storage_id, unpickle
+from .unpickle import PickleTruncated, Unsupported, container_budget, resolve_storage_id, unpickle
 
 PROTOCOL_VERSION = 1001
 _FIRST_READ = 1 << 20

@@ -9,11 +9,11 @@ from __future__ import annotations
 import collections
 import ctypes
 import os
-import zlib
 from typing import Any
 
 import torch
 
+from ckptsurgeon.engine.crc import crc32
 from ckptsurgeon.engine.data import check_read_crc, open_regular, pread_exact
 from ckptsurgeon.engine.meta import TensorMeta, TorchDevice, TorchDtype, TorchSize
 from ckptsurgeon.engine.pickle_write import PlannedStorage, plan_storages
@@ -72,7 +72,7 @@ def _read_storage(planned: PlannedStorage, fds: dict[str, int]) -> torch.Untyped
         buf = memoryview((ctypes.c_char * planned.nbytes).from_address(data.data_ptr())).cast("B")
         pread_exact(fd, buf, planned.data_offset, path)
         # torch never checks a record's CRC; we do, for every record whose bytes we read
-        check_read_crc(planned.source, whole=planned.is_whole, crc=lambda: zlib.crc32(buf))
+        check_read_crc(planned.source, whole=planned.is_whole, crc=lambda: crc32(buf))
     return data.untyped_storage()
 
 

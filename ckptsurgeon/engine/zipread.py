@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import os
 import struct
-import zlib
 from typing import Any, NamedTuple
 
 from ..errors import BadCheckpointError, EngineUnsupported
+from .crc import crc32
 from .data import pread_bytes
 from .meta import DTYPE_ITEMSIZE, RawCheckpoint, StorageMeta
 from .unpickle import Malformed, container_budget, resolve_storage_id, unpickle
@@ -274,7 +274,7 @@ def _check_descriptor(m: ZipMember, raw: bytes, path: str) -> None:
 
 def _record_bytes(fd: int, m: ZipMember, path: str) -> bytes:
     data = pread_bytes(fd, m.data_offset, m.size, path)
-    if zlib.crc32(data) != m.crc32:
+    if crc32(data) != m.crc32:
         raise _bad(path, f"CRC-32 mismatch in record {m.name}: the file is corrupt")
     return data
 

@@ -18,10 +18,10 @@ import errno
 import os
 import struct
 import threading
-import zlib
 from collections.abc import Callable, Iterator
 from typing import Any, BinaryIO
 
+from ckptsurgeon.engine.crc import crc32, crc32_zeros
 from ckptsurgeon.engine.data import check_read_crc, open_regular
 from ckptsurgeon.engine.pickle_write import PlannedStorage, pickle_graph
 from ckptsurgeon.errors import BadCheckpointError, EngineUnsupported, OutputError
@@ -185,7 +185,7 @@ class _ZipWriter:
         header_offset = self.pos
         self.write(_local_header(name.encode("utf-8"), len(data), header_offset))
         self.write(data)
-        crc = zlib.crc32(data)
+        crc = crc32(data)
         if data:
             self.write(_descriptor(crc, len(data), header_offset))
         self.entries.append((name.encode("utf-8"), len(data), header_offset, crc))
@@ -302,7 +302,7 @@ class _ZipWriter:
             n = _pread(src, buf[: min(_CHUNK, length - done)], offset + done)
             if n == 0:
                 raise BadCheckpointError(f"{src.path}: file is truncated at byte {offset + done}")
-            crc = zlib.crc32(buf[:n], crc)
+            crc = crc32(buf[:n], crc)
             _pwrite_all(self.fd, buf[:n], out_pos + done)
             done += n
         return crc
@@ -336,7 +336,7 @@ def _crc32_range(src: _Source, offset: int, length: int, crc: int, buf: memoryvi
         n = _pread(src, buf[: min(len(buf), length - done)], offset + done)
         if n == 0:
             raise BadCheckpointError(f"{src.path}: file is truncated at byte {offset + done}")
-        crc = zlib.crc32(buf[:n], crc)
+        crc = crc32(buf[:n], crc)
         done += n
     return crc
 
@@ -419,45 +419,3 @@ def _central_entry(name: bytes, size: int, offset: int, crc: int) -> bytes:
         + name
         + extra
     )
-
-
-# -- CRC-32 of zeros ----------------------------------------------------------------------------
-
-_ZERO_BYTE_OPERATORS: list[list[int]] = []  # [k]: GF(2) matrix advancing the CRC by 2**k zero bytes
-
-
-def _gf2_times(matrix: list[int], vector: int) -> int:
-    total = 0
-    i = 0
-    while vector:
-        if vector & 1:
-            total ^= matrix[i]
-        vector >>= 1
-        i += 1
-    return total
-
-
-def _gf2_square(matrix: list[int]) -> list[int]:
-    return [_gf2_times(matrix, matrix[n]) for n in range(32)]
-
-
-def crc32_zeros(crc: int, n: int) -> int:
-    """`zlib.crc32(bytes(n), crc)` in O(log n) time, for holes of sparse files."""
-    if n <= 0:
-        return crc
-    if not _ZERO_BYTE_OPERATORS:
-        one_bit = [0xEDB88320] + [1 << (i - 1) for i in range(1, 32)]
-        op = one_bit
-        for _ in range(3):  # 1 -> 2 -> 4 -> 8 zero bits: one zero byte
-            op = _gf2_square(op)
-        _ZERO_BYTE_OPERATORS.append(op)
-    register = crc ^ 0xFFFFFFFF
-    k = 0
-    while n:
-        while len(_ZERO_BYTE_OPERATORS) <= k:
-            _ZERO_BYTE_OPERATORS.append(_gf2_square(_ZERO_BYTE_OPERATORS[-1]))
-        if n & 1:
-            register = _gf2_times(_ZERO_BYTE_OPERATORS[k], register)
-        n >>= 1
-        k += 1
-    return register ^ 0xFFFFFFFF
