@@ -160,8 +160,8 @@ def _chunks(
                 yield chunk
         finally:
             os.close(fd)
-    if check and crc != storage.crc32:
-        raise crc_mismatch(storage, crc)
+    if check:
+        _check_crc(storage, crc)
 
 
 def crc_mismatch(storage: StorageMeta, actual: int) -> BadCheckpointError:
@@ -171,6 +171,12 @@ def crc_mismatch(storage: StorageMeta, actual: int) -> BadCheckpointError:
         f"{storage.source}: CRC-32 mismatch in record {record} "
         f"(stored {storage.crc32:08x}, computed {actual:08x}): the data is corrupt"
     )
+
+
+def _check_crc(storage: StorageMeta, actual: int) -> None:
+    """The one comparison of computed and stored CRC-32."""
+    if actual != storage.crc32:
+        raise crc_mismatch(storage, actual)
 
 
 def check_read_crc(storage: StorageMeta, *, whole: bool, crc: Callable[[], int]) -> None:
@@ -184,9 +190,7 @@ def check_read_crc(storage: StorageMeta, *, whole: bool, crc: Callable[[], int])
     if not whole:
         verify_crc(storage)
         return
-    actual = crc()
-    if actual != storage.crc32:
-        raise crc_mismatch(storage, actual)
+    _check_crc(storage, crc())
 
 
 def verify_crc(storage: StorageMeta) -> None:
@@ -235,11 +239,6 @@ def _memcmp() -> Any:
 
 def _whole_with_crc(storage: StorageMeta, span: tuple[int, int]) -> bool:
     return storage.crc32 is not None and span == (0, storage.nbytes)
-
-
-def _check_crc(storage: StorageMeta, actual: int) -> None:
-    if actual != storage.crc32:
-        raise crc_mismatch(storage, actual)
 
 
 SpanPair = tuple[StorageMeta, tuple[int, int], StorageMeta, tuple[int, int]]  # (a, a_span, b, b_span)
