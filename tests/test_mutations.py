@@ -110,3 +110,65 @@ def test_damage_gives_a_clean_error_or_torchs_values(originals, tmp_path, name, 
         _assert_same(ours, _torch_read(original), name)
     except AssertionError:
         _assert_same(ours, _torch_read(path), name)  # a change that is really in the content
+
+
+@pytest.fixture(scope="module")
+def many_small(tmp_path_factory: pytest.TempPathFactory) -> bytes:
+    """Enough tiny records that their local headers share read-ahead windows."""
+    path = tmp_path_factory.mktemp("many") / "many.pt"
+    torch.save(OrderedDict((f"t{i}", torch.full((i % 5,), float(i))) for i in range(40)), path)
+    return path.read_bytes()
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(op=st.sampled_from(["flip", "set"]), pos=st.floats(0, 1, exclude_max=True), value=st.integers(0, 255))
+def test_fast_local_header_loop_accepts_only_what_the_checked_loop_accepts(many_small, tmp_path, op, pos, value):
+    """zipread reads local headers with a tight loop for torch.save's own layout and falls back
+    to the checked loop for anything else: where the tight loop answers, it must give exactly the
+    checked loop's members, and it must never accept what the checked loop refuses."""
+    import os
+
+    from ckptsurgeon.engine import zipread
+
+    data = bytearray(many_small)
+    at = int(pos * len(data))
+    data[at] = data[at] ^ 0xFF if op == "flip" else value
+    path = tmp_path / "m.pt"
+    path.write_bytes(bytes(data))
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        try:
+            entries, cd_offset = zipread._read_central(fd, len(data), str(path))
+        except CheckpointError:
+            return  # damage to the central directory: neither loop runs
+        members = [e[0] for e in entries]
+        raws = [e[1] for e in entries]
+        fast = zipread._locate_plain(fd, members, raws, cd_offset)
+        try:
+            checked = zipread._locate_checked(fd, members, raws, cd_offset, str(path))
+        except CheckpointError:
+            assert fast is None, f"the tight loop accepted what the checked loop refuses (byte {at})"
+            return
+        assert fast is None or fast == checked
+    finally:
+        os.close(fd)
+
+
+def test_fast_local_header_loop_reads_torch_save_archives(many_small, tmp_path):
+    """The tight loop is the one that serves an undamaged torch.save file (not the fallback)."""
+    import os
+
+    from ckptsurgeon.engine import zipread
+
+    path = tmp_path / "m.pt"
+    path.write_bytes(many_small)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        entries, cd_offset = zipread._read_central(fd, len(many_small), str(path))
+        members, raws = [e[0] for e in entries], [e[1] for e in entries]
+        fast = zipread._locate_plain(fd, members, raws, cd_offset)
+        assert fast is not None
+        assert fast == zipread._locate_checked(fd, members, raws, cd_offset, str(path))
+        assert [m.data_offset % 64 for m in fast if "/data/" in m.name] == [0] * 40
+    finally:
+        os.close(fd)
