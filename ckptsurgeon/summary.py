@@ -104,7 +104,8 @@ def inspect_state_dict(
     other_entries: Sequence[tuple[str, str]] = (),
 ) -> InspectReport:
     """Summarise the tensors of `state_dict` named by `keys` (a selection, in order)."""
-    rows = tuple(map(_row, keys, [state_dict[k] for k in keys]))
+    values = [state_dict[k] for k in keys]
+    rows = tuple(map(_row, keys, values))
     totals: dict[str, list[int]] = {}
     for r in rows:
         acc = totals.setdefault(r.dtype, [0, 0, 0])
@@ -112,7 +113,7 @@ def inspect_state_dict(
         acc[1] += r.numel
         acc[2] += r.nbytes
     dtypes = tuple(DtypeTotal(d, *v) for d, v in sorted(totals.items(), key=lambda kv: -kv[1][2]))
-    shared = shared_storage_groups({k: state_dict[k] for k in keys})
+    shared = shared_storage_groups(dict(zip(keys, values)))
     return InspectReport(
         format=format,
         state_dict_key=state_dict_key,

@@ -82,11 +82,22 @@ def inspect_table(
 ) -> TableData:
     title = "state_dict" + (f" at key {safe(report.state_dict_key)!r}" if report.state_dict_key else "")
     headers = ("key", "shape", "dtype", "numel", "bytes") + (("model",) if kinds is not None else ())
+    # tens of thousands of rows with a few hundred distinct shapes and sizes: format each once
+    shapes: dict[tuple[int, ...], str] = {}
+    sizes: dict[int, str] = {}
     rows = [
-        [safe(r.key), shape_text(r.shape), r.dtype, f"{r.numel:,}", human_bytes(r.nbytes)]
-        + ([kinds.get(r.key, "").replace("_", " ")] if kinds is not None else [])
-        for r in report.tensors
+        [
+            key if key.isprintable() else safe(key),
+            shapes.get(shape) or shapes.setdefault(shape, shape_text(shape)),
+            dtype,
+            f"{numel:,}",
+            sizes.get(nbytes) or sizes.setdefault(nbytes, human_bytes(nbytes)),
+        ]
+        for key, shape, dtype, numel, nbytes in report.tensors
     ]
+    if kinds is not None:
+        for row, r in zip(rows, report.tensors):
+            row.append(kinds.get(r.key, "").replace("_", " "))
     if kinds is not None and model is not None:
         rows += [[safe(k), "", "", "", "", "missing"] for k in model.get("missing_keys", [])]
     styles = {(i, 5): KIND_STYLE.get(row[5], "green") for i, row in enumerate(rows)} if kinds is not None else {}

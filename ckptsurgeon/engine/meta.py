@@ -8,6 +8,7 @@ lie in the source file. Nothing here imports torch or touches tensor data.
 
 from __future__ import annotations
 
+from math import prod
 from typing import Any
 
 # dtype name (as torch names it, without "torch.") -> bytes per element
@@ -146,10 +147,7 @@ class TensorMeta(_Value):
 
     @property
     def numel(self) -> int:
-        n = 1
-        for s in self.shape:
-            n *= s
-        return n
+        return prod(self.shape)
 
     @property
     def nbytes(self) -> int:
