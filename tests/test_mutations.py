@@ -172,3 +172,61 @@ def test_fast_local_header_loop_reads_torch_save_archives(many_small, tmp_path):
         assert [m.data_offset % 64 for m in fast if "/data/" in m.name] == [0] * 40
     finally:
         os.close(fd)
+
+
+def _deferred_member(name: bytes, data: bytes) -> bytes:
+    """A local header that defers CRC and sizes to a signed data descriptor, as torch.save writes."""
+    import struct
+    import zlib
+
+    crc = zlib.crc32(data)
+    header = struct.pack("<4s5H3I2H", b"PK\x03\x04", 20, 0x08, 0, 0, 0, 0, 0, 0, len(name), 0)
+    return header + name + data + struct.pack("<4sIQQ", b"PK\x07\x08", crc, len(data), len(data))
+
+
+def test_a_long_gap_after_a_data_descriptor_is_not_read_into_memory(tmp_path, monkeypatch):
+    """The gap between a data descriptor and the next header is sized by the file: the tight
+    loop gives up before reading it (the checked loop, which allows junk there, reads 24 bytes)."""
+    import os
+    import zlib
+
+    from ckptsurgeon.engine import zipread
+
+    first = _deferred_member(b"a/x", b"hi")
+    gap = 8 << 20
+    second_at = len(first) + gap
+    path = tmp_path / "gap.zip"
+    path.write_bytes(first + b"\0" * gap + _deferred_member(b"a/y", b"yo"))
+    members = [
+        zipread.ZipMember("a/x", 0, -1, 2, zlib.crc32(b"hi"), 0x08),
+        zipread.ZipMember("a/y", second_at, -1, 2, zlib.crc32(b"yo"), 0x08),
+    ]
+    largest = []
+    real_pread = os.pread
+    monkeypatch.setattr(zipread.os, "pread", lambda fd, n, at: largest.append(n) or real_pread(fd, n, at))
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        located = zipread._check_local_headers(fd, members, [b"a/x", b"a/y"], path.stat().st_size, str(path))
+    finally:
+        os.close(fd)
+    assert [m.data_offset for m in located] == [33, second_at + 33]
+    assert max(largest) <= zipread._Window.READ_AHEAD
+
+
+def test_a_member_offset_past_the_central_directory_is_a_clean_error(tmp_path):
+    """A ZIP64 extra field can give a member any 64-bit offset (2**63 made os.pread overflow)."""
+    import os
+    import zlib
+
+    from ckptsurgeon.engine import zipread
+
+    path = tmp_path / "far.zip"
+    path.write_bytes(_deferred_member(b"a/x", b"hi"))
+    for far in (path.stat().st_size, 1 << 45, 1 << 63, (1 << 64) - 1):
+        entries = [(zipread.ZipMember("a/x", far, -1, 2, zlib.crc32(b"hi"), 0x08), b"a/x", 0, 2)]
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            with pytest.raises(CheckpointError, match="past the central directory"):
+                zipread._validate(fd, entries, path.stat().st_size, str(path))
+        finally:
+            os.close(fd)

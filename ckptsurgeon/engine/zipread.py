@@ -167,6 +167,8 @@ def _validate(fd: int, entries: list[_Entry], cd_offset: int, path: str) -> list
         if m.name in seen:
             raise _bad(path, f"duplicate ZIP member {m.name!r}")
         seen.add(m.name)
+        if m.header_offset >= cd_offset:  # a ZIP64 offset can be any 64-bit number
+            raise _bad(path, f"ZIP member {m.name!r} starts past the central directory (corrupt file)")
         if m.flags & 0x41:
             raise _bad(path, f"ZIP member {m.name!r} is encrypted")
         if method != 0:
@@ -231,7 +233,11 @@ def _locate_plain(
         raw = raw_names[i]
         offset = m.header_offset
         limit = members[order[rank + 1]].header_offset if rank + 1 < len(order) else cd_offset
-        first = pending_at if pending is not None else offset
+        first = offset
+        if pending is not None:
+            if offset - pending_at > 64:  # before any read: the gap's size comes from the file
+                return None
+            first = pending_at
         need = offset + 30 + len(raw) - first
         if first < start or first + need > end_of_buf:
             ahead = _Window.READ_AHEAD if limit - offset < 1 << 16 else 0
@@ -241,8 +247,7 @@ def _locate_plain(
             if len(buf) < need:
                 return None
         if pending is not None:
-            gap = offset - pending_at
-            if gap > 64 or not _signed_descriptor(buf, pending_at - start, gap, pending):
+            if not _signed_descriptor(buf, pending_at - start, offset - pending_at, pending):
                 return None
             pending = None
         at = offset - start
