@@ -702,11 +702,11 @@ def test_fast_inspect_matches_typer(template, train_ckpt, tied_file, tmp_path, m
     """The Typer-free parser answers the everyday `inspect` command lines exactly as Typer does:
     same exit code, same stdout, same stderr."""
     from ckptsurgeon.cli.commands import run
-    from ckptsurgeon.cli.fast import parse_inspect, run_fast
+    from ckptsurgeon.cli.fast import parse, run_fast
 
     monkeypatch.delenv("CKPTSURGEON_DEBUG", raising=False)
     args = _argv(template, f=str(train_ckpt), tied=str(tied_file), missing=str(tmp_path / "missing.pt"))
-    assert parse_inspect(args) is not None
+    assert parse(args) is not None
     fast = _run_captured(run_fast, args)
     assert fast == _run_captured(run, args)
     if fast[0] == 0 and "--json" in args:
@@ -715,10 +715,10 @@ def test_fast_inspect_matches_typer(template, train_ckpt, tied_file, tmp_path, m
 
 @pytest.mark.parametrize("template", TYPER_ONLY_ARGVS, ids=lambda t: " ".join(t) or "(none)")
 def test_fast_inspect_declines_the_rest(template, train_ckpt):
-    from ckptsurgeon.cli.fast import parse_inspect, run_fast
+    from ckptsurgeon.cli.fast import parse, run_fast
 
     args = _argv(template, f=str(train_ckpt))
-    assert parse_inspect(args) is None
+    assert parse(args) is None
     assert run_fast(args) is None
 
 
@@ -745,10 +745,158 @@ _TOKENS = ["--json", "--regex", "--verify", "-i", "-x", "--include", "--exclude"
 def test_fast_inspect_agrees_with_typer_on_any_command_line(tokens, train_ckpt, monkeypatch):
     """Random command lines: whenever the fast parser takes one, Typer gives the same result."""
     from ckptsurgeon.cli.commands import run
-    from ckptsurgeon.cli.fast import parse_inspect, run_fast
+    from ckptsurgeon.cli.fast import parse, run_fast
 
     monkeypatch.delenv("CKPTSURGEON_DEBUG", raising=False)
     args = _argv(tokens, f=str(train_ckpt))
-    if parse_inspect(args) is None:
+    if parse(args) is None:
         return
     assert _run_captured(run_fast, args) == _run_captured(run, args)
+
+
+# ------------------------------------------------------------------------------- fast extract
+
+EXTRACT_FAST_ARGVS = [
+    ["{f}", "-o", "{o}"],
+    ["{f}", "-o", "{o}", "--json"],
+    ["{f}", "--output={o}", "-i", "conv1", "--json"],
+    ["-o{o}", "{f}", "-x", "fc"],
+    ["{f}", "-o", "{o}", "--dry-run"],
+    ["{f}", "-o", "{o}", "--dry-run", "--json"],
+    ["{f}", "-o", "{o}", "--key", "model_state_dict", "--verify"],
+    ["{f}", "-o", "{o}", "-i", "nomatch"],
+    ["{f}", "-o", "{o}", "-i", "conv1", "-i", "nomatch", "--json"],
+    ["{f}", "-o", "{o}", "--regex", "-i", "^conv", "--json"],
+    ["{f}", "-o", "{o}", "--regex", "-i", "["],
+    ["{f}", "-o", "{st}", "--json"],
+    ["{f}", "-o", "{exists}"],
+    ["{f}", "-o", "{exists}", "-f", "--json"],
+    ["{f}", "-o", "{f}", "-f"],
+    ["{f}", "-o", "{o}", "-o", "{st}"],
+    ["{missing}", "-o", "{o}"],
+    ["{tied}", "-o", "{o}", "--json"],
+    ["{tied}", "-o", "{o}", "-i", "embed.*"],
+]
+EXTRACT_TYPER_ONLY_ARGVS = [
+    ["{f}"],
+    ["{f}", "-o"],
+    ["{f}", "--help"],
+    ["{f}", "-o", "{o}", "--model", "sample_models.models:SmallCNN"],
+    ["{f}", "-o", "{o}", "--unsafe"],
+    ["{f}", "-o", "{o}", "-fv"],
+    ["{f}", "-o", "{o}", "--force=1"],
+    ["{f}", "{f}", "-o", "{o}"],
+    ["{f}", "-o", "{o}", "--strip-prefix", "x"],
+]
+
+
+def _extract_paths(tmp_path, train_ckpt, tied_file):
+    """Fresh inputs for each run: `-o {f} -f` replaces the input itself."""
+    import shutil
+
+    d = tmp_path / f"run{len(list(tmp_path.glob('run*')))}"
+    d.mkdir()
+    exists = d / "exists.pt"
+    exists.write_bytes(b"an old output")
+    return dict(
+        f=str(shutil.copy(train_ckpt, d / "train.ckpt")), tied=str(shutil.copy(tied_file, d / "tied.pt")),
+        o=str(d / "out.pt"), st=str(d / "out.safetensors"), exists=str(exists), missing=str(d / "missing.pt"),
+    )
+
+
+def _extract_run(fn, template, paths):
+    """(exit code, stdout, stderr, bytes of every file in the run's folder) with the run's own folder
+    name replaced, so that two runs in two folders compare equal."""
+    from pathlib import Path
+
+    args = ["extract"] + [t.format(**paths) for t in template]
+    rc, out, err = _run_captured(fn, args)
+    folder = Path(paths["o"]).parent
+    files = {p.name: _comparable(p.read_bytes()) for p in sorted(folder.iterdir())}
+    return rc, out.replace(str(folder), "DIR"), err.replace(str(folder), "DIR"), files
+
+
+def _comparable(data: bytes):
+    """A file's bytes; for a torch zip, its members but the random `.data/serialization_id` (a
+    new one per save, as torch.save writes)."""
+    import io as std_io
+    import zipfile
+
+    if not data.startswith(b"PK\x03\x04"):
+        return data
+    with zipfile.ZipFile(std_io.BytesIO(data)) as z:
+        return {i.filename: (i.header_offset, z.read(i)) for i in z.infolist() if not i.filename.endswith("serialization_id")}
+
+
+@pytest.mark.parametrize("template", EXTRACT_FAST_ARGVS, ids=lambda t: " ".join(t))
+def test_fast_extract_matches_typer(template, train_ckpt, tied_file, tmp_path, monkeypatch):
+    """The Typer-free parser runs the everyday `extract` command lines exactly as Typer does: same
+    exit code, stdout and stderr, and the same files left behind, byte for byte."""
+    from ckptsurgeon.cli.commands import run
+    from ckptsurgeon.cli.fast import parse, run_fast
+
+    monkeypatch.delenv("CKPTSURGEON_DEBUG", raising=False)
+    fast_paths = _extract_paths(tmp_path, train_ckpt, tied_file)
+    assert parse(["extract"] + [t.format(**fast_paths) for t in template]) is not None
+    fast = _extract_run(run_fast, template, fast_paths)
+    typer_run = _extract_run(run, template, _extract_paths(tmp_path, train_ckpt, tied_file))
+    assert fast == typer_run
+    if fast[0] == 0 and "--dry-run" not in template:
+        written = [n for n in fast[3] if n.startswith("out.") or (n == "exists.pt" and "-f" in template)]
+        assert written, "a successful extract writes its output"
+
+
+@pytest.mark.parametrize("template", EXTRACT_TYPER_ONLY_ARGVS, ids=lambda t: " ".join(t))
+def test_fast_extract_declines_the_rest(template, train_ckpt, tmp_path):
+    from ckptsurgeon.cli.fast import parse, run_fast
+
+    args = ["extract"] + [t.format(f=str(train_ckpt), o=str(tmp_path / "o.pt")) for t in template]
+    assert parse(args) is None
+    assert run_fast(args) is None
+
+
+def test_fast_extract_output_loads_in_torch(train_ckpt, tmp_path):
+    """What the fast path writes is the selected tensors, loaded by torch bit for bit."""
+    from ckptsurgeon.cli.fast import run_fast
+
+    out = tmp_path / "conv.pt"
+    rc, _, err = _run_captured(run_fast, ["extract", str(train_ckpt), "-o", str(out), "-i", "conv1"])
+    assert rc == 0, err
+    want = torch.load(train_ckpt, weights_only=True)["model_state_dict"]
+    got = torch.load(out, weights_only=True)
+    assert list(got) == ["conv1.weight", "conv1.bias"]
+    for k, v in got.items():
+        assert v.dtype == want[k].dtype and torch.equal(v, want[k])
+
+
+def test_extract_process_imports_neither_typer_nor_rich_nor_torch(train_ckpt, tmp_path):
+    out = tmp_path / "o.pt"
+    code = (
+        "import sys\n"
+        "from ckptsurgeon.cli import main\n"
+        f"rc = main(['extract', {str(train_ckpt)!r}, '-o', {str(out)!r}, '--json'])\n"
+        "print(rc, sorted(m for m in ('typer', 'rich', 'torch', 'click') if m in sys.modules), file=sys.stderr)\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.stderr.strip().splitlines()[-1] == "0 []", r.stderr
+    assert json.loads(r.stdout)["num_tensors"] > 0 and out.exists()
+
+
+_EXTRACT_TOKENS = ["--json", "--regex", "--verify", "--dry-run", "-f", "--force", "-i", "-x", "--key",
+                   "--key=model_state_dict", "-iconv1", "conv1", "fc", "-o", "{o}", "-o{o}", "--output={st}",
+                   "{exists}", "--", "-", "--unknown", "{f}", "{f}"]
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(tokens=st.lists(st.sampled_from(_EXTRACT_TOKENS), min_size=1, max_size=6))
+def test_fast_extract_agrees_with_typer_on_any_command_line(tokens, train_ckpt, tied_file, tmp_path, monkeypatch):
+    """Random command lines: whenever the fast parser takes one, Typer gives the same result."""
+    from ckptsurgeon.cli.commands import run
+    from ckptsurgeon.cli.fast import parse, run_fast
+
+    monkeypatch.delenv("CKPTSURGEON_DEBUG", raising=False)
+    fast_paths = _extract_paths(tmp_path, train_ckpt, tied_file)
+    if parse(["extract"] + [t.format(**fast_paths) for t in tokens]) is None:
+        return
+    fast = _extract_run(run_fast, tokens, fast_paths)
+    assert fast == _extract_run(run, tokens, _extract_paths(tmp_path, train_ckpt, tied_file))

@@ -1,7 +1,9 @@
-"""The steps every command shares (load, select, --model check) and the body of `inspect`.
+"""The steps every command shares (load, select, --model check, write) and the bodies of
+`inspect` and `extract`.
 
-No typer here: `inspect`, the command run most often, can be answered from a plain argv parse
-(see `fast`) without paying for Typer's import; `commands` declares the same body to Typer.
+No typer here: `inspect` and `extract`, the commands run most often, can be answered from a plain
+argv parse (see `fast`) without paying for Typer's import; `commands` declares the same bodies to
+Typer.
 """
 
 from __future__ import annotations
@@ -148,4 +150,117 @@ def inspect(
                 say(line)
     if model_data is not None and not model_data["compatible_allowed"]:
         return EXIT_DIFFERENT
+    return EXIT_OK
+
+
+def refuse_incompatible(model: Optional[dict[str, Any]], allow_missing: bool, allow_unexpected: bool) -> bool:
+    """With --model: say why nothing is written and return True when the result does not fit."""
+    if model is None or model["compatible_allowed"]:
+        return False
+    for line in text.model_lines(model, allow_missing, allow_unexpected):
+        notice(line.text, line.style)
+    notice("nothing written: the result does not fit the model (see --allow-missing / --allow-unexpected)", style="red")
+    return True
+
+
+def write_output(
+    obj: Any,
+    output: Path,
+    inputs: Sequence[Path],
+    *,
+    force: bool,
+    verify: bool,
+    safetensors_metadata: Any = None,
+    unsafe: bool = False,
+    allow_global: Optional[list[str]] = None,
+) -> list[str]:
+    """Write `obj` to `output` (atomically, with a progress bar on a terminal); returns the notes."""
+    from ..io import check_output, iter_tensors, save_checkpoint
+
+    check_output(output, inputs, force=force)
+    with progress("writing", total_bytes(iter_tensors(obj))) as advance:
+        notes = save_checkpoint(
+            obj, output, safetensors_metadata=safetensors_metadata, verify=verify, progress=advance,
+            unsafe=unsafe, allow_globals=tuple(allow_global or ()),
+        )
+    for n in notes:
+        notice(f"note: {n}")
+    return notes
+
+
+def writer_report(command: str, output: Path, state_dict: Mapping[str, Any], *, dry_run: bool, notes: Sequence[str], **extra: Any) -> dict[str, Any]:
+    return {
+        "schema_version": JSON_SCHEMA_VERSION,
+        "command": command,
+        "output": str(output),
+        "dry_run": dry_run,
+        "written": not dry_run,
+        "keys": list(state_dict),
+        "num_tensors": len(state_dict),
+        "total_bytes": total_bytes(state_dict.values()),
+        "notes": list(notes),
+        **extra,
+    }
+
+
+def report_done(output: Path, state_dict: Mapping[str, Any]) -> None:
+    total = total_bytes(state_dict.values())
+    notice(f"wrote {len(state_dict)} tensors ({text.human_bytes(total)}) to {output}")
+
+
+def model_extra(model_data: Optional[dict[str, Any]]) -> dict[str, Any]:
+    return {"model": public_model(model_data)} if model_data is not None else {}
+
+
+def safetensors_meta(ckpt_obj: Any) -> Any:
+    return ckpt_obj.safetensors_metadata if ckpt_obj.format == "safetensors" else None
+
+
+def extract(
+    ckpt: Path,
+    output: Path,
+    *,
+    include: Optional[list[str]] = None,
+    exclude: Optional[list[str]] = None,
+    regex: bool = False,
+    key: Optional[str] = None,
+    force: bool = False,
+    dry_run: bool = False,
+    verify: bool = False,
+    as_json: bool = False,
+    model: Optional[str] = None,
+    model_kwargs: Optional[str] = None,
+    allow_missing: bool = False,
+    allow_unexpected: bool = False,
+    unsafe: bool = False,
+    allow_global: Optional[list[str]] = None,
+) -> int:
+    """The `extract` command; returns its exit code (see `commands.extract` for the options)."""
+    from ..surgery import extract_state_dict
+
+    ckpt_obj = load(ckpt, key=key, unsafe=unsafe, allow_global=allow_global)
+    note_container(ckpt_obj)
+    keys = select(list(ckpt_obj.state_dict), include, exclude, regex)
+    result = extract_state_dict(ckpt_obj.state_dict, keys)
+    model_data = model_check(
+        result, model, model_kwargs, allow_missing=allow_missing, allow_unexpected=allow_unexpected,
+        ckpt_path=str(ckpt), out_path=str(output),
+    )
+    if refuse_incompatible(model_data, allow_missing, allow_unexpected):
+        return EXIT_DIFFERENT
+    notes: list[str] = []
+    if not dry_run:
+        notes = write_output(
+            result, output, [ckpt], force=force, verify=verify, safetensors_metadata=safetensors_meta(ckpt_obj),
+            unsafe=unsafe, allow_global=allow_global,
+        )
+    if as_json:
+        print_json(
+            writer_report("extract", output, result, dry_run=dry_run, notes=notes,
+                          state_dict_key=ckpt_obj.state_dict_key, **model_extra(model_data))
+        )
+    elif dry_run:
+        show(text.keys_table(((k, str(ckpt)) for k in result), f"would write {len(result)} tensors to {output}"))
+    else:
+        report_done(output, result)
     return EXIT_OK

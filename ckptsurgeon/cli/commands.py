@@ -6,7 +6,7 @@ import contextlib
 import json
 import os
 import sys
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -122,60 +122,6 @@ def _root(
 # --------------------------------------------------------------------------- helpers
 
 
-def _refuse_incompatible(model: Optional[dict[str, Any]], allow_missing: bool, allow_unexpected: bool) -> None:
-    if model is not None and not model["compatible_allowed"]:
-        for line in text.model_lines(model, allow_missing, allow_unexpected):
-            notice(line.text, line.style)
-        notice("nothing written: the result does not fit the model (see --allow-missing / --allow-unexpected)", style="red")
-        raise typer.Exit(EXIT_DIFFERENT)
-
-
-def _write(
-    obj: Any,
-    output: Path,
-    inputs: Sequence[Path],
-    *,
-    force: bool,
-    verify: bool,
-    safetensors_metadata: Any = None,
-    unsafe: bool = False,
-    allow_global: Optional[list[str]] = None,
-) -> list[str]:
-    from ..io import check_output, save_checkpoint
-
-    from ..io import iter_tensors
-
-    check_output(output, inputs, force=force)
-    with progress("writing", total_bytes(iter_tensors(obj))) as advance:
-        notes = save_checkpoint(
-            obj, output, safetensors_metadata=safetensors_metadata, verify=verify, progress=advance,
-            unsafe=unsafe, allow_globals=tuple(allow_global or ()),
-        )
-    for n in notes:
-        notice(f"note: {n}")
-    return notes
-
-
-def _writer_report(command: str, output: Path, state_dict: Mapping[str, Any], *, dry_run: bool, notes: Sequence[str], **extra: Any) -> dict[str, Any]:
-    return {
-        "schema_version": actions.JSON_SCHEMA_VERSION,
-        "command": command,
-        "output": str(output),
-        "dry_run": dry_run,
-        "written": not dry_run,
-        "keys": list(state_dict),
-        "num_tensors": len(state_dict),
-        "total_bytes": total_bytes(state_dict.values()),
-        "notes": list(notes),
-        **extra,
-    }
-
-
-def _done(output: Path, state_dict: Mapping[str, Any]) -> None:
-    total = total_bytes(state_dict.values())
-    notice(f"wrote {len(state_dict)} tensors ({text.human_bytes(total)}) to {output}")
-
-
 # --------------------------------------------------------------------------- commands
 
 
@@ -233,37 +179,11 @@ def extract(
 
     With no pattern the whole state_dict is written, which unwraps a training checkpoint.
     """
-    from ..surgery import extract_state_dict
-
-    ckpt_obj = actions.load(ckpt, key=key, unsafe=unsafe, allow_global=allow_global)
-    actions.note_container(ckpt_obj)
-    keys = actions.select(list(ckpt_obj.state_dict), include, exclude, regex)
-    result = extract_state_dict(ckpt_obj.state_dict, keys)
-    model_data = actions.model_check(
-        result, model, model_kwargs, allow_missing=allow_missing, allow_unexpected=allow_unexpected,
-        ckpt_path=str(ckpt), out_path=str(output),
+    return actions.extract(
+        ckpt, output, include=include, exclude=exclude, regex=regex, key=key, force=force, dry_run=dry_run,
+        verify=verify, as_json=as_json, model=model, model_kwargs=model_kwargs, allow_missing=allow_missing,
+        allow_unexpected=allow_unexpected, unsafe=unsafe, allow_global=allow_global,
     )
-    _refuse_incompatible(model_data, allow_missing, allow_unexpected)
-    notes: list[str] = []
-    if not dry_run:
-        notes = _write(result, output, [ckpt], force=force, verify=verify, safetensors_metadata=_st_meta(ckpt_obj), unsafe=unsafe, allow_global=allow_global)
-    if as_json:
-        print_json(
-            _writer_report("extract", output, result, dry_run=dry_run, notes=notes, state_dict_key=ckpt_obj.state_dict_key, **_model_extra(model_data))
-        )
-    elif dry_run:
-        show(text.keys_table(((k, str(ckpt)) for k in result), f"would write {len(result)} tensors to {output}"))
-    else:
-        _done(output, result)
-    return EXIT_OK
-
-
-def _model_extra(model_data: Optional[dict[str, Any]]) -> dict[str, Any]:
-    return {"model": actions.public_model(model_data)} if model_data is not None else {}
-
-
-def _st_meta(ckpt_obj: Any) -> Any:
-    return ckpt_obj.safetensors_metadata if ckpt_obj.format == "safetensors" else None
 
 
 @app.command()
@@ -310,7 +230,8 @@ def rename(
         renamed, model, model_kwargs, allow_missing=allow_missing, allow_unexpected=allow_unexpected,
         ckpt_path=str(ckpt), out_path=str(output),
     )
-    _refuse_incompatible(model_data, allow_missing, allow_unexpected)
+    if actions.refuse_incompatible(model_data, allow_missing, allow_unexpected):
+        return EXIT_DIFFERENT
     changed = sum(1 for old, new in plan.items() if old != new)
     if changed == 0:
         notice("warning: no key changed", style="yellow")
@@ -319,19 +240,19 @@ def rename(
         target = renamed if output.suffix.lower() == ".safetensors" else with_state_dict(ckpt_obj, renamed)
         if target is renamed and ckpt_obj.state_dict_path:
             notice("note: a .safetensors output holds the state_dict only; the container's other entries are dropped")
-        notes = _write(target, output, [ckpt], force=force, verify=verify, safetensors_metadata=_st_meta(ckpt_obj), unsafe=unsafe, allow_global=allow_global)
+        notes = actions.write_output(target, output, [ckpt], force=force, verify=verify, safetensors_metadata=actions.safetensors_meta(ckpt_obj), unsafe=unsafe, allow_global=allow_global)
     if as_json:
         print_json(
-            _writer_report(
+            actions.writer_report(
                 "rename", output, renamed, dry_run=dry_run, notes=notes, state_dict_key=ckpt_obj.state_dict_key,
-                renamed={old: new for old, new in plan.items()}, num_changed=changed, **_model_extra(model_data),
+                renamed={old: new for old, new in plan.items()}, num_changed=changed, **actions.model_extra(model_data),
             )
         )
     elif dry_run:
         show(text.rename_table(plan))
     else:
         notice(f"renamed {changed} of {len(plan)} keys")
-        _done(output, renamed)
+        actions.report_done(output, renamed)
     return EXIT_OK
 
 
@@ -399,28 +320,29 @@ def merge(
             result, model, model_kwargs, allow_missing=allow_missing, allow_unexpected=allow_unexpected,
             ckpt_path=str(ckpts[0]), out_path=str(output),
         )
-        _refuse_incompatible(model_data, allow_missing, allow_unexpected)
+        if actions.refuse_incompatible(model_data, allow_missing, allow_unexpected):
+            return EXIT_DIFFERENT
         sources = report.sources if report is not None else {k: 0 for k in result}
         for w in report.warnings if report is not None else ():
             notice(f"warning: {w}", style="yellow")
         notes: list[str] = []
         if not dry_run:
-            notes = _write(result, output, ckpts, force=force, verify=verify, unsafe=unsafe, allow_global=allow_global)
+            notes = actions.write_output(result, output, ckpts, force=force, verify=verify, unsafe=unsafe, allow_global=allow_global)
     if as_json:
         print_json(
-            _writer_report(
+            actions.writer_report(
                 "merge", output, result, dry_run=dry_run, notes=notes, average=average,
                 sources={k: str(ckpts[i]) for k, i in sources.items()},
                 conflicts=list(report.conflicts) if report else [],
                 warnings=list(report.warnings) if report else [],
-                **_model_extra(model_data),
+                **actions.model_extra(model_data),
             )
         )
     elif dry_run:
         rows = ((k, "mean of all inputs" if average else str(ckpts[i])) for k, i in sources.items())
         show(text.keys_table(rows, f"would write {len(result)} tensors to {output}"))
     else:
-        _done(output, result)
+        actions.report_done(output, result)
     return EXIT_OK
 
 

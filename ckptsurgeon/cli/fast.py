@@ -1,30 +1,47 @@
-"""`inspect` without Typer: the command users and CI steps run most, answered in the time of
-Python's own start-up.
+"""`inspect` and `extract` without Typer: the commands users and CI steps run most, answered in
+little more than the time of Python's own start-up.
 
 Typer (and the click it vendors) takes longer to import than `inspect` takes to read the metadata
-of a 100 GB checkpoint. `parse_inspect` reads the everyday forms of `ckptsurgeon inspect` (one
-checkpoint; --include/-i, --exclude/-x, --regex, --key, --json, --verify; `--opt=value`, `-iVALUE`)
-and declines anything else (help, --model, --unsafe, unknown options, a missing value, `--`, extra
-arguments), which then goes to Typer, the reference parser, with its own messages. Both run the
-same body (`actions.inspect`); tests compare their outputs argv by argv.
+of a 100 GB checkpoint. `parse` reads the everyday forms of these two commands (one checkpoint;
+--include/-i, --exclude/-x, --regex, --key, --json, --verify, and for extract --output/-o,
+--force/-f, --dry-run; `--opt=value`, `-iVALUE`) and declines anything else (help, --model,
+--unsafe, unknown options, a missing value or output, `--`, extra arguments), which then goes to
+Typer, the reference parser, with its own messages. Both run the same bodies (`actions.inspect`,
+`actions.extract`); tests compare their outputs argv by argv.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from typing import Any, Optional
+from typing import Any, NamedTuple, Optional
 
-_VALUED = {"--include": "include", "-i": "include", "--exclude": "exclude", "-x": "exclude", "--key": "key"}
-_FLAGS = {"--json": "as_json", "--regex": "regex", "--verify": "verify"}
+
+class _Spec(NamedTuple):
+    valued: dict[str, str]  # option -> keyword
+    flags: dict[str, str]
+    required: frozenset[str] = frozenset()
+
+
+_SELECT = {"--include": "include", "-i": "include", "--exclude": "exclude", "-x": "exclude", "--key": "key"}
 _LISTS = frozenset({"include", "exclude"})
+_SPECS = {
+    "inspect": _Spec(_SELECT, {"--json": "as_json", "--regex": "regex", "--verify": "verify"}),
+    "extract": _Spec(
+        {**_SELECT, "--output": "output", "-o": "output"},
+        {"--json": "as_json", "--regex": "regex", "--verify": "verify", "--force": "force", "-f": "force",
+         "--dry-run": "dry_run"},
+        frozenset({"output"}),
+    ),
+}
 
 
-def parse_inspect(args: Sequence[str]) -> Optional[dict[str, Any]]:
-    """`inspect`'s keyword arguments for `args` (a whole command line after the program name), or
-    None when the command line is not one this parser takes (Typer then parses it)."""
-    if len(args) < 2 or args[0] != "inspect" or os.environ.get("CKPTSURGEON_DEBUG"):
+def parse(args: Sequence[str]) -> Optional[tuple[str, dict[str, Any]]]:
+    """(command, its keyword arguments) for `args` (a whole command line after the program name),
+    or None when the command line is not one this parser takes (Typer then parses it)."""
+    if len(args) < 2 or args[0] not in _SPECS or os.environ.get("CKPTSURGEON_DEBUG"):
         return None
+    spec = _SPECS[args[0]]
     opts: dict[str, Any] = {}
     positional: list[str] = []
     i = 1
@@ -42,48 +59,52 @@ def parse_inspect(args: Sequence[str]) -> Optional[dict[str, Any]]:
         else:  # -n or -nVALUE
             name, attached = token[:2], token[2:]
             has_value = bool(attached)
-        if name in _FLAGS and not has_value:
-            opts[_FLAGS[name]] = True
-        elif name in _VALUED:
+        if name in spec.flags and not has_value:
+            opts[spec.flags[name]] = True
+        elif name in spec.valued:
             if has_value:
                 value = attached
             elif i < len(args):  # the next token, whatever it looks like (as click does)
                 value, i = args[i], i + 1
             else:
                 return None  # a missing value: Typer says so
-            dest = _VALUED[name]
+            dest = spec.valued[name]
             if dest in _LISTS:
                 opts.setdefault(dest, []).append(value)
             else:
                 opts[dest] = value
         else:
             return None
-    if len(positional) != 1:
+    if len(positional) != 1 or not spec.required <= opts.keys():
         return None
     opts["ckpt"] = positional[0]
-    return opts
+    return args[0], opts
 
 
 def run_fast(args: Sequence[str]) -> Optional[int]:
-    """Run `inspect` for `args` if `parse_inspect` takes them and return the exit code; else None."""
-    opts = parse_inspect(args)
-    if opts is None:
+    """Run the command of `args` if `parse` takes them and return the exit code; else None."""
+    parsed = parse(args)
+    if parsed is None:
         return None
+    command, opts = parsed
     import gc
     from pathlib import Path
 
     from .console import exit_code_for, notice
 
-    # inspect makes no reference cycles, but its tens of thousands of rows would set the cyclic
-    # collector off again and again over the whole graph of the checkpoint
+    # neither command makes reference cycles, but tens of thousands of tensors would set the
+    # cyclic collector off again and again over the whole graph of the checkpoint
     collecting = gc.isenabled()
     gc.disable()
     try:
         from ..safety import check_torch_version
-        from .actions import inspect
+        from . import actions
 
         check_torch_version()
-        return inspect(Path(opts.pop("ckpt")), **opts)
+        ckpt = Path(opts.pop("ckpt"))
+        if command == "extract":
+            return actions.extract(ckpt, Path(opts.pop("output")), **opts)
+        return actions.inspect(ckpt, **opts)
     except KeyboardInterrupt:
         notice("interrupted")
         return 130
