@@ -1,7 +1,8 @@
 """The ckptsurgeon command line (the only part of the package that imports typer and rich).
 
-`main` answers the everyday `inspect` calls through `fast` (no Typer import: the whole process is
-then little more than Python's own start-up) and hands everything else to Typer (`commands`).
+`main` answers the everyday `inspect` and `extract` calls through `fast` (no Typer import: the
+whole process is then little more than Python's own start-up and the work itself) and hands
+everything else to Typer (`commands`).
 """
 
 from __future__ import annotations
