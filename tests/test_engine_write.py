@@ -873,3 +873,23 @@ def test_the_engines_crc32_is_zlibs(data: bytes, start: int) -> None:
 
     assert crc32(data, start) == zlib.crc32(data, start)
     assert crc32(memoryview(bytearray(data))) == zlib.crc32(data)
+
+
+def test_records_past_the_writeback_step_start_the_disk_and_stay_exact(tmp_path: Path, monkeypatch) -> None:
+    """Every 16 MiB of copied records the writer asks the kernel to start writing them out; the
+    file is still byte for byte what torch.save writes (but the random serialization id)."""
+    from ckptsurgeon.engine import zipwrite
+
+    calls: list[tuple[int, int, int]] = []
+    real = os.posix_fadvise
+    monkeypatch.setattr(zipwrite.os, "posix_fadvise", lambda fd, off, n, advice: calls.append((off, n, advice)) or real(fd, off, n, advice))
+    torch.manual_seed(0)
+    sd = collections.OrderedDict((f"w{i}", torch.randn(1_500_000)) for i in range(4))  # 4 x 6 MB
+    torch.save(sd, tmp_path / "ref.pt")
+    (tmp_path / "mine").mkdir()
+    out = write(to_meta(sd, Blob(tmp_path / "blob.bin")), tmp_path / "mine" / "ref.pt")
+    assert masked_serialization_id(out) == masked_serialization_id(tmp_path / "ref.pt")
+    assert_same(sd, torch.load(out, weights_only=True))
+    assert [advice for _, _, advice in calls] == [os.POSIX_FADV_DONTNEED]  # after 18 of 24 MB
+    off, n, _ = calls[0]
+    assert off == 0 and zipwrite._WRITEBACK_STEP <= n < out.stat().st_size

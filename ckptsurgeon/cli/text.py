@@ -87,7 +87,7 @@ def inspect_table(
     sizes: dict[int, str] = {}
     rows = [
         [
-            key if key.isprintable() else safe(key),
+            safe(key),
             shapes.get(shape) or shapes.setdefault(shape, shape_text(shape)),
             dtype,
             f"{numel:,}",

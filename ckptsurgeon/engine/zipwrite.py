@@ -14,8 +14,8 @@ POSIX only (pread/pwrite); elsewhere it raises EngineUnsupported.
 
 from __future__ import annotations
 
-import errno
 import contextlib
+import errno
 import os
 import struct
 import threading
