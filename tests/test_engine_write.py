@@ -893,3 +893,24 @@ def test_records_past_the_writeback_step_start_the_disk_and_stay_exact(tmp_path:
     assert [advice for _, _, advice in calls] == [os.POSIX_FADV_DONTNEED]  # after 18 of 24 MB
     off, n, _ = calls[0]
     assert off == 0 and zipwrite._WRITEBACK_STEP <= n < out.stat().st_size
+
+
+def test_writeback_starts_inside_one_large_record(tmp_path: Path, monkeypatch) -> None:
+    """A single big tensor does not wait for its last byte: writeback is started between the
+    kernel copies of one record, over consecutive ranges of the output."""
+    from ckptsurgeon.engine import zipwrite
+
+    calls: list[tuple[int, int]] = []
+    real = os.posix_fadvise
+    monkeypatch.setattr(zipwrite.os, "posix_fadvise", lambda fd, off, n, advice: calls.append((off, n)) or real(fd, off, n, advice))
+    monkeypatch.setattr(zipwrite, "_KERNEL_COPY_CHUNK", 8 << 20)
+    torch.manual_seed(0)
+    sd = collections.OrderedDict(big=torch.randn(10_000_000))  # one 40 MB record
+    torch.save(sd, tmp_path / "ref.pt")
+    (tmp_path / "mine").mkdir()
+    out = write(to_meta(sd, Blob(tmp_path / "blob.bin")), tmp_path / "mine" / "ref.pt")
+    assert masked_serialization_id(out) == masked_serialization_id(tmp_path / "ref.pt")
+    assert_same(sd, torch.load(out, weights_only=True))
+    assert len(calls) >= 2, calls
+    assert calls[0][0] == 0 and all(a + n == b for (a, n), (b, _) in zip(calls, calls[1:]))
+    assert calls[-1][0] + calls[-1][1] < out.stat().st_size

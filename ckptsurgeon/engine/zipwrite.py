@@ -30,7 +30,7 @@ from ckptsurgeon.errors import BadCheckpointError, EngineUnsupported, OutputErro
 _ZIP64_LIMIT = 0xFFFFFFFF  # miniz switches to zip64 fields at sizes/offsets >= this
 _ALIGNMENT = 64  # torch's storage alignment
 _CHUNK = 16 << 20
-_MAX_KERNEL_COPY = 1 << 30
+_KERNEL_COPY_CHUNK = 64 << 20  # one copy_file_range call; writeback is started between calls
 _WRITEBACK_STEP = 16 << 20  # start writing the output to disk every this many bytes
 _THREADED_CRC_MIN = 8 << 20  # below this a thread costs more than it saves
 _LOCAL_SIG = 0x04034B50
@@ -204,19 +204,17 @@ class _ZipWriter:
             crc = self.copy(src, planned.data_offset, size, want_crc=True)
             check_read_crc(planned.source, whole=planned.is_whole, crc=lambda: crc)
             self.write(_descriptor(crc, size, header_offset))
-            self.start_writeback()
         self.entries.append((name.encode("utf-8"), size, header_offset, crc))
 
-    def start_writeback(self) -> None:
-        """Have the kernel start writing the records copied so far to disk (this returns at once):
-        the disk works while later records are copied, and the fsync that makes the output durable
+    def start_writeback(self, end: int) -> None:
+        """Have the kernel start writing the output up to `end` to disk (this returns at once):
+        the disk works while later bytes are copied, and the fsync that makes the output durable
         waits only for the rest. (POSIX_FADV_DONTNEED starts writeback on Linux; dirty pages stay
-        cached.)"""
-        issued = self.pos - len(self.pending)
-        if issued - self.written_back >= _WRITEBACK_STEP and hasattr(os, "posix_fadvise"):
+        cached.) Called as copies progress, so a 1 GB tensor does not wait for its last byte."""
+        if end - self.written_back >= _WRITEBACK_STEP and hasattr(os, "posix_fadvise"):
             with contextlib.suppress(OSError):
-                os.posix_fadvise(self.fd, self.written_back, issued - self.written_back, os.POSIX_FADV_DONTNEED)
-            self.written_back = issued
+                os.posix_fadvise(self.fd, self.written_back, end - self.written_back, os.POSIX_FADV_DONTNEED)
+            self.written_back = end
 
     def finish(self) -> None:
         cd_offset = self.pos
@@ -320,6 +318,7 @@ class _ZipWriter:
             crc = crc32(buf[:n], crc)
             _pwrite_all(self.fd, buf[:n], out_pos + done)
             done += n
+            self.start_writeback(out_pos + done)
         return crc
 
     def _copy_plain(self, src: _Source, offset: int, length: int, out_pos: int) -> None:
@@ -329,7 +328,7 @@ class _ZipWriter:
                 n = os.copy_file_range(
                     src.fd,
                     self.fd,
-                    min(_MAX_KERNEL_COPY, length - done),
+                    min(_KERNEL_COPY_CHUNK, length - done),
                     offset + done,
                     out_pos + done,
                 )
@@ -341,6 +340,7 @@ class _ZipWriter:
             if n == 0:
                 raise BadCheckpointError(f"{src.path}: file is truncated at byte {offset + done}")
             done += n
+            self.start_writeback(out_pos + done)
         if done < length:
             self._copy_with_crc(src, offset + done, length - done, out_pos + done, 0)  # CRC unused
 
