@@ -35,6 +35,7 @@ from ckptsurgeon.engine.pickle_write import V3_DTYPES, pickle_graph, plan_storag
 from ckptsurgeon.engine.crc import crc32_zeros
 from ckptsurgeon.engine.zipwrite import write_torch_zip
 from ckptsurgeon.errors import BadCheckpointError, EngineUnsupported, OutputError
+from zoo import data_start, masked_serialization_id
 
 # -- helpers ------------------------------------------------------------------------------------
 
@@ -209,26 +210,6 @@ def zoo_state_dict() -> collections.OrderedDict[str, torch.Tensor]:
     return model.state_dict()
 
 
-def masked_serialization_id(path: Path) -> bytes:
-    """The file's bytes with the random `.data/serialization_id` content and CRCs zeroed."""
-    data = bytearray(path.read_bytes())
-    z = zipfile.ZipFile(path)
-    for info in z.infolist():
-        if info.filename.endswith("/.data/serialization_id"):
-            start = _data_start(data, info.header_offset)
-            data[start : start + info.file_size] = bytes(info.file_size)
-            data[start + info.file_size + 4 : start + info.file_size + 8] = bytes(4)
-            cd = data.rfind(info.filename.encode()) - 46  # its central directory entry
-            assert data[cd : cd + 4] == b"PK\x01\x02"
-            data[cd + 16 : cd + 20] = bytes(4)
-    return bytes(data)
-
-
-def _data_start(data: bytes | bytearray, header_offset: int) -> int:
-    name_len, extra_len = struct.unpack_from("<HH", data, header_offset + 26)
-    return header_offset + 30 + name_len + extra_len
-
-
 # -- byte identity with torch.save --------------------------------------------------------------
 
 
@@ -299,7 +280,7 @@ def test_record_order_and_fixed_records(tmp_path: Path) -> None:
     ]
     assert [z.read(n) for n in z.namelist()[1:4]] == [b"1", b"64", b"little"]
     assert z.read("model.v2/version") == b"3\n"
-    assert all(_data_start(out.read_bytes(), i.header_offset) % 64 == 0 for i in z.infolist())
+    assert all(data_start(out.read_bytes(), i.header_offset) % 64 == 0 for i in z.infolist())
 
 
 # -- round trips --------------------------------------------------------------------------------

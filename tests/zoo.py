@@ -24,6 +24,7 @@ import collections
 import contextlib
 import io
 import pickle
+import struct
 import zipfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -339,3 +340,23 @@ def torch_zip(path: Path, obj: Any, records: dict[str, bytes], *, prefix: str = 
     members += [(f"{prefix}/data/{k}", v) for k, v in records.items()]
     members += [(f"{prefix}/version", b"3\n")] + (extra or [])
     return craft_zip(path, members)
+
+
+def masked_serialization_id(path: Path) -> bytes:
+    """The file's bytes with the random `.data/serialization_id` content and CRCs zeroed."""
+    data = bytearray(path.read_bytes())
+    z = zipfile.ZipFile(path)
+    for info in z.infolist():
+        if info.filename.endswith("/.data/serialization_id"):
+            start = data_start(data, info.header_offset)
+            data[start : start + info.file_size] = bytes(info.file_size)
+            data[start + info.file_size + 4 : start + info.file_size + 8] = bytes(4)
+            cd = data.rfind(info.filename.encode()) - 46  # its central directory entry
+            assert data[cd : cd + 4] == b"PK\x01\x02"
+            data[cd + 16 : cd + 20] = bytes(4)
+    return bytes(data)
+
+
+def data_start(data: bytes | bytearray, header_offset: int) -> int:
+    name_len, extra_len = struct.unpack_from("<HH", data, header_offset + 26)
+    return header_offset + 30 + name_len + extra_len
