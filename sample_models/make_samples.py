@@ -1,7 +1,8 @@
 """Write the sample checkpoints in sample_models/ (deterministic: same bytes on every run).
 
 Run as ``python sample_models/make_samples.py`` or ``python -m sample_models.make_samples``;
-``--out DIR`` writes them elsewhere. Trains SmallCNN for a few steps on synthetic data, then saves:
+``--out DIR`` writes them elsewhere. Every value is a seeded multiple of 2**-12 made by integer
+arithmetic (no training, no floating-point computation), so the bytes are the same on every CPU:
 
 ==========================  ====================================================================
 smallcnn.pt                 bare state_dict (torch zip format)
@@ -17,6 +18,7 @@ buffernet.pt                BufferNet: a persistent buffer and BatchNorm statist
 from __future__ import annotations
 
 import argparse
+import random
 import sys
 from pathlib import Path
 
@@ -29,6 +31,7 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
 from sample_models.models import BufferNet, SmallCNN, TiedLM  # noqa: E402
 
 SEED = 0
+LOSS = 0.525828  # the recorded "last training loss" of smallcnn_train.ckpt
 HERE = Path(__file__).resolve().parent
 FILES = (
     "smallcnn.pt",
@@ -41,24 +44,53 @@ FILES = (
 )
 
 
-def train_smallcnn(steps: int = 12, epochs: int = 3) -> tuple[SmallCNN, torch.optim.Optimizer, float]:
-    """SmallCNN after `epochs` x `steps` Adam steps on a fixed synthetic task; returns the last loss."""
-    torch.manual_seed(SEED)
+def _grid_values(rng: random.Random, numel: int, low: int, high: int) -> list[float]:
+    """`numel` multiples of 2**-12 drawn from [low, high] * 2**-12: exact in every float dtype used
+    here, and made by integer arithmetic only, so the same on every CPU."""
+    return [rng.randint(low, high) / 4096 for _ in range(numel)]
+
+
+def _fill(module: nn.Module, rng: random.Random) -> None:
+    """Give every floating-point parameter and buffer of `module` seeded grid values.
+
+    BatchNorm running variances and weights stay positive and near 1, as after training; each
+    storage is filled once (a tied weight keeps one set of values).
+    """
+    seen: set[int] = set()
+    with torch.no_grad():
+        for name, tensor in [*module.named_parameters(), *module.named_buffers()]:
+            if not tensor.is_floating_point() or id(tensor) in seen:
+                continue
+            seen.add(id(tensor))
+            positive = name.endswith("running_var") or (name.startswith("bn") and name.endswith("weight"))
+            low, high = (2048, 6144) if positive else (-1024, 1024)
+            values = _grid_values(rng, tensor.numel(), low, high)
+            tensor.copy_(torch.tensor(values, dtype=tensor.dtype).reshape(tensor.shape))
+
+
+def trained_smallcnn() -> tuple[SmallCNN, torch.optim.Optimizer, float]:
+    """SmallCNN as after 3 epochs of 12 Adam steps, with its optimizer state and last loss.
+
+    No training is run: floating-point results of training differ between CPUs (AVX2 against
+    AVX-512, thread counts), and these files must come out byte for byte the same on any machine.
+    Weights, statistics and Adam moments are seeded grid values; the loss is a recorded number.
+    """
+    rng = random.Random(SEED)
     model = SmallCNN(num_classes=10)
+    _fill(model, rng)
+    steps = 36
+    for module in model.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            module.num_batches_tracked.fill_(steps)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
-    images = torch.randn(64, 3, 16, 16)
-    labels = (images.mean(dim=(2, 3)) @ torch.randn(3, 10)).argmax(dim=1)
-    loss = torch.tensor(0.0)
-    model.train()
-    for _ in range(epochs):
-        for step in range(steps):
-            batch = slice((step * 16) % 64, (step * 16) % 64 + 16)
-            optimizer.zero_grad()
-            loss = nn.functional.cross_entropy(model(images[batch]), labels[batch])
-            loss.backward()
-            optimizer.step()
+    for p in model.parameters():
+        optimizer.state[p] = {
+            "step": torch.tensor(float(steps)),
+            "exp_avg": torch.tensor(_grid_values(rng, p.numel(), -64, 64)).reshape(p.shape),
+            "exp_avg_sq": torch.tensor(_grid_values(rng, p.numel(), 0, 16)).reshape(p.shape),
+        }
     model.eval()
-    return model, optimizer, float(loss.detach())
+    return model, optimizer, LOSS
 
 
 def save_legacy(obj: object, path: Path) -> None:
@@ -108,20 +140,13 @@ def make_samples(out: Path = HERE) -> list[Path]:
     from safetensors.torch import save_file
 
     out.mkdir(parents=True, exist_ok=True)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # identical floating-point results on any machine
-    try:
-        model, optimizer, loss = train_smallcnn()
-        torch.manual_seed(SEED)
-        tied = TiedLM()
-        torch.manual_seed(SEED)
-        buffers = BufferNet()
-        buffers.train()
-        with torch.no_grad():
-            buffers(torch.randn(8, 4))  # non-trivial running stats, num_batches_tracked == 1
-        buffers.eval()
-    finally:
-        torch.set_num_threads(threads)
+    model, optimizer, loss = trained_smallcnn()
+    tied = TiedLM()
+    _fill(tied, random.Random(SEED + 1))
+    buffers = BufferNet()
+    _fill(buffers, random.Random(SEED + 2))
+    buffers.bn.num_batches_tracked.fill_(1)
+    buffers.eval()
 
     state = model.state_dict()
     torch.save(state, out / "smallcnn.pt")
