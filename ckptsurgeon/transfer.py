@@ -22,13 +22,14 @@ from __future__ import annotations
 
 import logging
 import os
+import weakref
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from .containers import find_state_dict, format_key_path
-from .errors import BadCheckpointError, ConflictError, SelectionError, sorted_list
+from .errors import BadCheckpointError, ConflictError, SelectionError, UsageError, sorted_list
 from .io import Checkpoint, as_torch, load_checkpoint
 from .patterns import select_keys, unmatched_includes
 from .rename import RenameRules
@@ -59,8 +60,8 @@ class TransplantReport:
     `frozen_norm_modules`: normalisation modules kept in eval mode. `state_dict_key`: where the
     state_dict was found in its container (None for a bare state_dict).
 
-    The report holds names only, never the model: `trainable_parameters(model)` asks the model
-    each time, so it stays right after `unfreeze`.
+    The report holds names and a weak reference to the model (it never keeps a model alive):
+    `trainable_parameters()` asks the model each time, so it stays right after `unfreeze`.
     """
 
     loaded: tuple[str, ...]
@@ -70,12 +71,18 @@ class TransplantReport:
     frozen: tuple[str, ...]
     frozen_norm_modules: tuple[str, ...]
     state_dict_key: str | None
+    model_ref: weakref.ref[nn.Module] | None = field(default=None, repr=False, compare=False)
 
-    def trainable_parameters(self, model: nn.Module) -> list[torch.nn.Parameter]:
-        """The model's parameters that still require grad (each tied parameter once), for an optimizer.
+    def trainable_parameters(self, model: nn.Module | None = None) -> list[torch.nn.Parameter]:
+        """The parameters of the transplanted model (or of `model`) that still require grad, each
+        tied parameter once: hand them to an optimizer as they are.
 
-        >>> optimizer = torch.optim.SGD(report.trainable_parameters(model), lr=0.1)  # doctest: +SKIP
+        >>> optimizer = torch.optim.SGD(report.trainable_parameters(), lr=0.1)  # doctest: +SKIP
         """
+        if model is None:
+            model = self.model_ref() if self.model_ref is not None else None
+            if model is None:
+                raise UsageError("trainable_parameters(): the transplanted model no longer exists; pass the model")
         return [p for p in model.parameters() if p.requires_grad]
 
     def to_dict(self) -> dict[str, Any]:
@@ -282,7 +289,7 @@ def transplant(
     ['2.weight', '2.bias']
     >>> model.train().training, model[1].training
     (True, False)
-    >>> optimizer = torch.optim.SGD(report.trainable_parameters(model), lr=0.1)
+    >>> optimizer = torch.optim.SGD(report.trainable_parameters(), lr=0.1)
     """
     from .model import check_model
 
@@ -379,6 +386,7 @@ def transplant(
         frozen=frozen,
         frozen_norm_modules=tuple(locked),
         state_dict_key=where,
+        model_ref=weakref.ref(model),
     )
 
 

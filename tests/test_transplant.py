@@ -515,3 +515,26 @@ def test_docstring_examples_run() -> None:
 
     result = doctest.testmod(ckptsurgeon.transfer)
     assert result.attempted >= 10 and result.failed == 0
+
+
+def test_trainable_parameters_needs_no_argument_and_keeps_no_model_alive(bare_path: Path) -> None:
+    """`report.trainable_parameters()` goes straight to an optimizer; the report only holds a weak
+    reference, so it never keeps a model (and its weights) alive."""
+    import gc
+    import weakref
+
+    from ckptsurgeon.errors import UsageError
+
+    new = TransferCNN(num_classes=3)
+    report = transplant(new, bare_path)
+    no_arg = report.trainable_parameters()
+    assert [id(p) for p in no_arg] == [id(p) for p in new.head.parameters()]
+    assert [id(p) for p in report.trainable_parameters(new)] == [id(p) for p in no_arg]
+    unfreeze(new, include="bn3")
+    assert {id(p) for p in new.bn3.parameters()} <= {id(p) for p in report.trainable_parameters()}
+    ref = weakref.ref(new)
+    del new, no_arg
+    gc.collect()
+    assert ref() is None
+    with pytest.raises(UsageError, match="no longer exists"):
+        report.trainable_parameters()
