@@ -1,9 +1,12 @@
 """All checkpoint file I/O: safe loading, finding the state_dict, atomic saving.
 
-Nothing else in ckptsurgeon opens a checkpoint file. Loading tries the torch-free engine first
-(metadata only: tensors are TensorMeta leaves whose bytes stay on disk) and falls back to
-`torch.load(weights_only=True, mmap=True, map_location="cpu")` for what the engine does not model.
-`unsafe=True` is the only way to reach `weights_only=False`.
+Nothing else in ckptsurgeon opens a checkpoint file. A checkpoint is opened once, as an engine
+:class:`~ckptsurgeon.engine.source.Source` (an open handle plus the identity that was validated),
+and every later read goes through that handle: a file renamed onto the path afterwards is never
+read, one changed in place is refused. Loading tries the torch-free engine first (metadata only:
+tensors are TensorMeta leaves whose bytes stay on disk) and falls back to
+`torch.load(weights_only=True, mmap=True, map_location="cpu")` of the same open file for what the
+engine does not model. `unsafe=True` is the only way to reach `weights_only=False`.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from typing import Any, BinaryIO
 
 from .containers import KeyPath, find_state_dict, format_key_path, replace_at
 from .engine.meta import RawCheckpoint, TensorMeta
+from .engine.source import Source
 from .errors import (
     BadCheckpointError,
     CheckpointError,
@@ -42,7 +46,12 @@ TMP_MARK = ".ckptsurgeon-tmp"
 
 
 class Checkpoint:
-    """A loaded checkpoint: the whole container plus the state_dict found inside it."""
+    """A loaded checkpoint: the whole container plus the state_dict found inside it.
+
+    It owns the open file its tensors are read from (`source`): use it as a context manager, or
+    call `close()`, when done (a Checkpoint nobody references closes it too). Reading tensor bytes
+    after `close()` is a BadCheckpointError.
+    """
 
     def __init__(
         self,
@@ -53,8 +62,10 @@ class Checkpoint:
         state_dict: Mapping[str, Any],
         engine: str,  # "raw" (torch-free, TensorMeta leaves) or "torch"
         safetensors_metadata: dict[str, str] | None = None,
+        source: Source | None = None,
     ) -> None:
         self.path = path
+        self.source = source
         self.format = format
         self.container = container
         self.state_dict_path = state_dict_path
@@ -64,6 +75,17 @@ class Checkpoint:
 
     def __repr__(self) -> str:
         return f"Checkpoint(path={self.path!r}, format={self.format!r}, state_dict_key={self.state_dict_key!r}, engine={self.engine!r})"
+
+    def close(self) -> None:
+        """Close the checkpoint's file (tensors read lazily can then no longer be read)."""
+        if self.source is not None:
+            self.source.close()
+
+    def __enter__(self) -> Checkpoint:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     @property
     def state_dict_key(self) -> str | None:
@@ -79,22 +101,26 @@ class Checkpoint:
 # ----------------------------------------------------------------------------------------- load
 
 
-def _read_raw(path: Path, allow_globals: frozenset[str]) -> RawCheckpoint | None:
+def _read_raw(src: Source, allow_globals: frozenset[str]) -> RawCheckpoint | None:
     """The engine's reading, or None where it does not model the file (torch decides then).
 
-    The engine also decides what the file is before anything parses it: a missing, unreadable or
-    non-regular file (a FIFO is never opened), or a non-checkpoint, is a BadCheckpointError here.
+    The engine also decides what the file is before anything parses it: a non-checkpoint is a
+    BadCheckpointError here.
     """
-    from .engine.read import read_checkpoint
+    from .engine.read import read_source
 
     try:
-        return read_checkpoint(path, allow_globals=allow_globals)
+        return read_source(src, allow_globals=allow_globals)
     except EngineUnsupported as exc:
-        _debug("engine fallback for %s: %s", path, exc)
+        _debug("engine fallback for %s: %s", src, exc)
         return None
 
 
-def _torch_load(path: Path, fmt: str, *, unsafe: bool, allow_globals: frozenset[str]) -> Any:
+def _torch_load(src: Source, fmt: str, *, unsafe: bool, allow_globals: frozenset[str]) -> Any:
+    """torch's own loading of the open file `src` (by `/proc/self/fd`, never by its name again),
+    for what the engine does not model."""
+    path = src.name
+    opened = src.proc_path
     from .safety import check_torch_version
 
     check_torch_version()  # weights_only is only as safe as the torch that implements it
@@ -104,7 +130,7 @@ def _torch_load(path: Path, fmt: str, *, unsafe: bool, allow_globals: frozenset[
         from safetensors import safe_open
 
         try:
-            with safe_open(str(path), framework="pt") as f:
+            with safe_open(opened, framework="pt") as f:
                 return OrderedDict((k, f.get_tensor(k)) for k in f.keys())
         except Exception as exc:
             raise BadCheckpointError(f"{path}: not a readable safetensors file: {_one_line(exc)}") from None
@@ -116,12 +142,12 @@ def _torch_load(path: Path, fmt: str, *, unsafe: bool, allow_globals: frozenset[
     extra = resolve_allowed_globals(allow_globals) if allow_globals and not unsafe else []
     try:
         with torch.serialization.safe_globals(extra):
-            obj = torch.load(path, **kwargs)
+            obj = torch.load(opened, **kwargs)
     except CheckpointError:
         raise
     except Exception as exc:
         if not unsafe:
-            unsafe_names = _unsafe_globals(path, fmt)
+            unsafe_names = _unsafe_globals(opened, fmt)
             if unsafe_names:
                 raise UnsafeCheckpointError(str(path), unsafe_names) from None
         raise BadCheckpointError(f"{path}: not a readable checkpoint: {_one_line(exc)}") from None
@@ -130,7 +156,7 @@ def _torch_load(path: Path, fmt: str, *, unsafe: bool, allow_globals: frozenset[
     return obj
 
 
-def _unsafe_globals(path: Path, fmt: str) -> list[str]:
+def _unsafe_globals(path: str, fmt: str) -> list[str]:
     """Globals the pickle references outside torch's allowlist (read without executing)."""
     import torch
 
@@ -171,14 +197,20 @@ def load_checkpoint(
     """Load a checkpoint safely and locate its state_dict (see containers.find_state_dict).
 
     Tensors are engine TensorMeta leaves when the torch-free engine can read the file (no tensor
-    data is read), torch tensors (mmap-backed where possible) otherwise.
+    data is read), torch tensors (mmap-backed where possible) otherwise. The returned Checkpoint
+    holds the file open (see `Checkpoint.close`).
     """
     path = Path(path)
-    fmt, container, engine, st_meta = _read_container(path, unsafe=unsafe, allow_globals=frozenset(allow_globals))
+    src = Source(path)
     try:
+        fmt, container, engine, st_meta = _read_source(src, unsafe=unsafe, allow_globals=frozenset(allow_globals))
         sd_path, state_dict = find_state_dict(container, key)
     except ContainerError as exc:
+        src.close()
         raise ContainerError(f"{path}: {exc}") from None
+    except BaseException:
+        src.close()
+        raise
     return Checkpoint(
         path=path,
         format=fmt,
@@ -187,14 +219,15 @@ def load_checkpoint(
         state_dict=state_dict,
         engine=engine,
         safetensors_metadata=st_meta,
+        source=src,
     )
 
 
-def _read_container(path: Path, *, unsafe: bool, allow_globals: frozenset[str]) -> tuple[str, Any, str, Any]:
-    """(format, whole object, engine used, safetensors metadata) of a checkpoint file."""
+def _read_source(src: Source, *, unsafe: bool, allow_globals: frozenset[str]) -> tuple[str, Any, str, Any]:
+    """(format, whole object, engine used, safetensors metadata) of an open checkpoint file."""
     raw: RawCheckpoint | None = None
     try:
-        raw = _read_raw(path, allow_globals)
+        raw = _read_raw(src, allow_globals)
     except UnsafeCheckpointError:
         if not unsafe:
             raise
@@ -202,8 +235,10 @@ def _read_container(path: Path, *, unsafe: bool, allow_globals: frozenset[str]) 
         return raw.format, raw.obj, "raw", raw.metadata
     from .engine.read import detect_format
 
-    fmt = detect_format(path)
-    return fmt, _torch_load(path, fmt, unsafe=unsafe, allow_globals=allow_globals), "torch", None
+    fmt = detect_format(src)
+    obj = _torch_load(src, fmt, unsafe=unsafe, allow_globals=allow_globals)
+    src.check_unchanged()  # torch read (or mapped) the file that was validated, as it was
+    return fmt, obj, "torch", None
 
 
 def verify_data(ckpt: Checkpoint, progress: Callable[[int], None] | None = None) -> int:
@@ -331,23 +366,25 @@ def _verify_written(
     from .diff import compare_values
     from .tensors import dtype_name, shape_of
 
-    try:
-        _, container, _, _ = _read_container(written, unsafe=unsafe, allow_globals=allow_globals)
-    except CheckpointError as exc:
-        reason = str(exc).replace(str(written), str(output))
-        raise OutputError(f"{output}: --verify failed: the written file does not read back: {reason}") from None
-    if by_key:
-        names = list(intended)
-        want = [intended[k] for k in names]
-        got = [container.get(k) for k in names] if isinstance(container, Mapping) else []
-    else:
-        names = [str(i) for i in range(len(list(iter_tensors(intended))))]
-        want, got = list(iter_tensors(intended)), list(iter_tensors(container))
-    if len(want) != len(got) or any(g is None for g in got):
-        raise OutputError(f"{output}: --verify failed: the written file holds {len(got)} tensors, not {len(want)}")
-    for name, w, g in zip(names, want, got):
-        if shape_of(w) != shape_of(g) or dtype_name(w) != dtype_name(g) or compare_values(name, w, g) is not None:
-            raise OutputError(f"{output}: --verify failed: tensor {name!r} reads back different from what was meant")
+    with contextlib.ExitStack() as stack:
+        try:
+            src = stack.enter_context(Source(written))
+            _, container, _, _ = _read_source(src, unsafe=unsafe, allow_globals=allow_globals)
+        except CheckpointError as exc:
+            reason = str(exc).replace(str(written), str(output))
+            raise OutputError(f"{output}: --verify failed: the written file does not read back: {reason}") from None
+        if by_key:
+            names = list(intended)
+            want = [intended[k] for k in names]
+            got = [container.get(k) for k in names] if isinstance(container, Mapping) else []
+        else:
+            names = [str(i) for i in range(len(list(iter_tensors(intended))))]
+            want, got = list(iter_tensors(intended)), list(iter_tensors(container))
+        if len(want) != len(got) or any(g is None for g in got):
+            raise OutputError(f"{output}: --verify failed: the written file holds {len(got)} tensors, not {len(want)}")
+        for name, w, g in zip(names, want, got):
+            if shape_of(w) != shape_of(g) or dtype_name(w) != dtype_name(g) or compare_values(name, w, g) is not None:
+                raise OutputError(f"{output}: --verify failed: tensor {name!r} reads back different from what was meant")
 
 
 def _try_raw_write(obj: Any, f: BinaryIO, output: Path, progress: Callable[[int], None] | None = None) -> bool:
@@ -468,7 +505,7 @@ class TensorStage:
 
     def __init__(self, fd: int, path: str):
         self._fd = fd
-        self._path = path
+        self._source = Source.scratch(fd, path)
         self._end = 0
         self._count = 0
 
@@ -492,7 +529,7 @@ class TensorStage:
         self._end += nbytes
         key = str(self._count)
         self._count += 1
-        storage = StorageMeta(self._path, key, dtype_name(data), nbytes, offset, crc32=crc, record_name=f"staged/{key}")
+        storage = StorageMeta(self._source, key, dtype_name(data), nbytes, offset, crc32=crc, record_name=f"staged/{key}")
         strides = tuple(int(s) for s in data.stride())
         return TensorMeta(
             storage, dtype_name(data), tuple(data.shape), strides, 0, bool(tensor.requires_grad), is_parameter(tensor)

@@ -1,17 +1,15 @@
 """Reading the bytes of storages described by :class:`StorageMeta`, without torch.
 
-Every read is a positioned read (`pread`) of the source file: nothing is mapped, nothing is read
-twice, and memory stays bounded by the span or chunk asked for. Files are opened only after
-`os.stat` says they are regular files, so a FIFO or a device never blocks or misbehaves.
+Every read is a positioned read (`pread`) through the storage's open
+:class:`~ckptsurgeon.engine.source.Source`: nothing is mapped, nothing is read twice, no file is
+opened by name again, and memory stays bounded by the span or chunk asked for.
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import itertools
 import os
-import stat
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
@@ -24,46 +22,6 @@ if TYPE_CHECKING:
     from concurrent.futures import Executor
 
 DEFAULT_CHUNK = 16 << 20
-
-
-def open_regular(path: str | os.PathLike[str]) -> tuple[int, int]:
-    """Open `path` read-only if it is a regular file; return (fd, size). The caller closes fd.
-
-    Raises BadCheckpointError for a missing, unreadable or non-regular file (directory, FIFO,
-    device, socket) without ever opening a non-regular one.
-    """
-    name = os.fspath(path)
-    try:
-        st = os.stat(name)
-    except FileNotFoundError:
-        raise BadCheckpointError(f"{name}: no such file") from None
-    except OSError as e:
-        raise BadCheckpointError(f"{name}: cannot stat: {e.strerror}") from None
-    if not stat.S_ISREG(st.st_mode):
-        raise BadCheckpointError(f"{name}: not a regular file ({_kind(st.st_mode)})")
-    try:
-        # O_NONBLOCK: should the path be swapped for a FIFO after the stat, open does not block
-        fd = os.open(name, os.O_RDONLY | os.O_CLOEXEC | getattr(os, "O_NONBLOCK", 0))
-    except OSError as e:
-        raise BadCheckpointError(f"{name}: cannot open: {e.strerror}") from None
-    st = os.fstat(fd)
-    if not stat.S_ISREG(st.st_mode):
-        os.close(fd)
-        raise BadCheckpointError(f"{name}: not a regular file ({_kind(st.st_mode)})")
-    return fd, st.st_size
-
-
-def _kind(mode: int) -> str:
-    for test, what in (
-        (stat.S_ISDIR, "a directory"),
-        (stat.S_ISFIFO, "a FIFO"),
-        (stat.S_ISCHR, "a character device"),
-        (stat.S_ISBLK, "a block device"),
-        (stat.S_ISSOCK, "a socket"),
-    ):
-        if test(mode):
-            return what
-    return "not a regular file"
 
 
 def pread_exact(fd: int, buf: bytearray | memoryview, offset: int, path: str) -> None:
@@ -107,11 +65,7 @@ def read_bytes(storage: StorageMeta, start: int, end: int) -> bytearray:
         return bytearray()
     _check_span(storage, start, end)
     buf = bytearray(end - start)
-    fd, _ = open_regular(storage.source)
-    try:
-        pread_exact(fd, buf, storage.data_offset + start, storage.source)
-    finally:
-        os.close(fd)
+    storage.source.readinto(buf, storage.data_offset + start)
     return buf
 
 
@@ -147,19 +101,16 @@ def _chunks(
         size = min(chunk_size, end - start)
         buf = buffer if buffer is not None else bytearray(size)
         view = memoryview(buf)[:size]
-        fd, _ = open_regular(storage.source)
-        try:
-            pos = start
-            while pos < end:
-                n = min(len(buf), end - pos)
-                chunk = view[:n]
-                pread_exact(fd, chunk, storage.data_offset + pos, storage.source)
-                if check:
-                    crc = crc32(chunk, crc)
-                pos += n
-                yield chunk
-        finally:
-            os.close(fd)
+        source = storage.source
+        pos = start
+        while pos < end:
+            n = min(len(buf), end - pos)
+            chunk = view[:n]
+            source.readinto(chunk, storage.data_offset + pos)
+            if check:
+                crc = crc32(chunk, crc)
+            pos += n
+            yield chunk
     if check:
         _check_crc(storage, crc)
 
@@ -272,12 +223,7 @@ def compare_spans(
         _check_span(a, *a_span)
         _check_span(b, *b_span)
     scan = _SpanScan(pairs, on_difference)
-    sources = dict.fromkeys(s.source for a, _, b, _ in pairs for s in (a, b)) if scan.parts else {}
-    with contextlib.ExitStack() as files:
-        for source in sources:
-            fd, _ = open_regular(source)
-            files.callback(os.close, fd)
-            scan.fds[source] = fd
+    if scan.parts:
         share_out(len(scan.parts), scan.part, pool, after=lambda: scan.report(progress))
     scan.report(progress)
     scan.check_crcs()
@@ -304,7 +250,6 @@ class _SpanScan:
         self.reported = [0] * len(pairs)
         self.unreported = 0
         self.on_difference = on_difference
-        self.fds: dict[str, int] = {}
         self.lock = threading.Lock()
         self.local = threading.local()
         self.block = min(SCAN_BLOCK, max(sizes, default=0))
@@ -343,7 +288,7 @@ class _SpanScan:
         """Compare part k (and checksum it while it is equal, when the pair has a CRC to check)."""
         i, start, end = self.parts[k]
         a, a_span, b, b_span = self.pairs[i]
-        fd_a, fd_b = self.fds[a.source], self.fds[b.source]
+        fd_a, fd_b = a.source.fd, b.source.fd
         base_a, base_b = a.data_offset + a_span[0], b.data_offset + b_span[0]
         (va, vb), (addr_a, addr_b) = self._buffers()
         memcmp = _memcmp()
@@ -354,9 +299,9 @@ class _SpanScan:
             n = min(block, end - pos)
             ra, rb = (va, vb) if n == block else (va[:n], vb[:n])
             if os.preadv(fd_a, [ra], base_a + pos) != n:  # a short read: pread_exact tells why
-                pread_exact(fd_a, ra, base_a + pos, a.source)
+                a.source.readinto(ra, base_a + pos)
             if os.preadv(fd_b, [rb], base_b + pos) != n:
-                pread_exact(fd_b, rb, base_b + pos, b.source)
+                b.source.readinto(rb, base_b + pos)
             if memcmp(addr_a, addr_b, n) if memcmp is not None else ra != rb:
                 return False
             if want_crc:
@@ -464,8 +409,8 @@ def map_chunk_pairs(
                 own.buffers = (bytearray(largest), bytearray(largest))
             buf_a, buf_b = own.buffers
         va, vb = memoryview(buf_a)[: end - start], memoryview(buf_b)[: end - start]
-        pread_exact(fd_a, va, a.data_offset + a_span[0] + start, a.source)
-        pread_exact(fd_b, vb, b.data_offset + b_span[0] + start, b.source)
+        a.source.readinto(va, a.data_offset + a_span[0] + start)
+        b.source.readinto(vb, b.data_offset + b_span[0] + start)
         equal = same_bytes(va, vb)
         crc_a = crc32(va) if check_a or (equal and check_b) else 0
         crc_b = crc_a if equal else crc32(vb) if check_b else 0
@@ -482,12 +427,7 @@ def map_chunk_pairs(
             progress(n)
 
     if count:
-        with contextlib.ExitStack() as files:
-            fd_a, _ = open_regular(a.source)
-            files.callback(os.close, fd_a)
-            fd_b, _ = open_regular(b.source)
-            files.callback(os.close, fd_b)
-            share_out(count, one, pool, after=report)
+        share_out(count, one, pool, after=report)
         report()
     for check, storage, side in ((check_a, a, 0), (check_b, b, 1)):
         if check:

@@ -15,6 +15,7 @@ from typing import Any
 from ..errors import BadCheckpointError, EngineUnsupported, UnsafeCheckpointError
 from .data import pread_bytes
 from .meta import DTYPE_ITEMSIZE, RawCheckpoint, StorageMeta
+from .source import Source
 from .sniff import MAGIC_NUMBER
 from .unpickle import PickleTruncated, Unsupported, container_budget, resolve_storage_id, unpickle
 
@@ -69,10 +70,9 @@ class _Pickles:
             return obj
 
 
-def read_torch_legacy(
-    fd: int, file_size: int, path: str, *, allow_globals: frozenset[str] = frozenset()
-) -> RawCheckpoint:
-    """Read the checkpoint in torch's legacy format open as `fd` (the caller closes it)."""
+def read_torch_legacy(src: Source, *, allow_globals: frozenset[str] = frozenset()) -> RawCheckpoint:
+    """Read the checkpoint in torch's legacy format from `src` (the caller owns it)."""
+    fd, file_size, path = src.fd, src.size, src.name
     pickles = _Pickles(fd, file_size, path, allow_globals)
     if pickles.load("the magic number") != MAGIC_NUMBER:
         raise _bad(path, "not a legacy torch checkpoint: wrong magic number")
@@ -85,7 +85,6 @@ def read_torch_legacy(
     if sys_info.get("little_endian", True) is not True:
         raise EngineUnsupported(f"{path}: a big-endian legacy checkpoint")
 
-    source = os.path.abspath(path)
     # Offsets are known only once the key list after the object is read: the StorageMetas are
     # created with data_offset -1 and completed below, before anyone else sees them.
     storages: dict[str, StorageMeta] = {}
@@ -96,7 +95,7 @@ def read_torch_legacy(
             raise Unsupported("a legacy storage view")
         if known is not None:
             return known
-        meta = StorageMeta(source, key, cls.dtype, nbytes, -1, location)
+        meta = StorageMeta(src, key, cls.dtype, nbytes, -1, location)
         storages[key] = meta
         return meta
 
@@ -133,4 +132,6 @@ def read_torch_legacy(
         pos += 8 + meta.nbytes
     if pos != file_size:
         raise _bad(path, f"{file_size - pos} unexpected bytes after the last storage")
-    return RawCheckpoint(path=source, format="torch-legacy", obj=obj, extras={"storages": storages})
+    return RawCheckpoint(
+        path=os.path.abspath(path), format="torch-legacy", obj=obj, extras={"storages": storages}, source=src
+    )

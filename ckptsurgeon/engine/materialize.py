@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import collections
 import ctypes
-import os
 from typing import Any
 
 import torch
 
 from ckptsurgeon.engine.crc import crc32
-from ckptsurgeon.engine.data import check_read_crc, open_regular, pread_exact
-from ckptsurgeon.engine.meta import TensorMeta, TorchDevice, TorchDtype, TorchSize
+from ckptsurgeon.engine.data import check_read_crc
+from ckptsurgeon.engine.meta import StorageId, TensorMeta, TorchDevice, TorchDtype, TorchSize
 from ckptsurgeon.engine.pickle_write import PlannedStorage, plan_storages
 from ckptsurgeon.errors import EngineUnsupported
 
@@ -31,14 +30,7 @@ def to_torch(obj: Any) -> Any:
     EngineUnsupported for values it does not model.
     """
     plan = plan_storages(obj)
-    storages: dict[tuple[str, str], torch.UntypedStorage] = {}
-    fds: dict[str, int] = {}
-    try:
-        for ident, planned in plan.items():
-            storages[ident] = _read_storage(planned, fds)
-    finally:
-        for fd in fds.values():
-            os.close(fd)
+    storages = {ident: _read_storage(planned) for ident, planned in plan.items()}
     return _Converter(plan, storages).convert(obj)
 
 
@@ -50,27 +42,18 @@ def tensor_from_meta(t: TensorMeta) -> torch.Tensor:
     """
     plan = plan_storages(t)
     (planned,) = plan.values()
-    fds: dict[str, int] = {}
-    try:
-        storage = _read_storage(planned, fds)
-    finally:
-        for fd in fds.values():
-            os.close(fd)
+    storage = _read_storage(planned)
     view = _view(storage, t, planned)
     if view.is_contiguous() and view.untyped_storage().nbytes() == view.nbytes:
         return view
     return view.clone(memory_format=torch.contiguous_format)
 
 
-def _read_storage(planned: PlannedStorage, fds: dict[str, int]) -> torch.UntypedStorage:
-    path = planned.source.source
-    fd = fds.get(path)
-    if fd is None:
-        fd = fds[path] = open_regular(path)[0]
+def _read_storage(planned: PlannedStorage) -> torch.UntypedStorage:
     data = torch.empty(planned.nbytes, dtype=torch.uint8)
     if planned.nbytes:
         buf = memoryview((ctypes.c_char * planned.nbytes).from_address(data.data_ptr())).cast("B")
-        pread_exact(fd, buf, planned.data_offset, path)
+        planned.source.source.readinto(buf, planned.data_offset)
         # torch never checks a record's CRC; we do, for every record whose bytes we read
         check_read_crc(planned.source, whole=planned.is_whole, crc=lambda: crc32(buf))
     return data.untyped_storage()
@@ -92,8 +75,8 @@ def _dtype(name: str) -> torch.dtype:
 class _Converter:
     def __init__(
         self,
-        plan: dict[tuple[str, str], PlannedStorage],
-        storages: dict[tuple[str, str], torch.UntypedStorage],
+        plan: dict[StorageId, PlannedStorage],
+        storages: dict[StorageId, torch.UntypedStorage],
     ):
         self.plan = plan
         self.storages = storages

@@ -9,7 +9,10 @@ lie in the source file. Nothing here imports torch or touches tensor data.
 from __future__ import annotations
 
 from math import prod
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .source import Source
 
 # dtype name (as torch names it, without "torch.") -> bytes per element
 DTYPE_ITEMSIZE: dict[str, int] = {
@@ -83,19 +86,24 @@ class _Value:
         return f"{type(self).__name__}({shown})"
 
 
+StorageId = tuple[tuple[int, int], str]  # (device and inode of the file, storage key)
+
+
 class StorageMeta(_Value):
     """One storage: a run of raw bytes in a source file.
 
-    `key` is the storage key inside the source file; two tensors that share a storage share one
-    StorageMeta (compare with `is` or by `(source, key)`). `dtype` is the element type the storage
-    was pickled with ("uint8" for an UntypedStorage).
+    `source` is the open :class:`~ckptsurgeon.engine.source.Source` the bytes are read through
+    (never a path: nothing reopens a file by name). `key` is the storage key inside the source
+    file; two tensors that share a storage share one StorageMeta (compare with `is` or by
+    `identity`). `dtype` is the element type the storage was pickled with ("uint8" for an
+    UntypedStorage).
     """
 
     __slots__ = ("source", "key", "dtype", "nbytes", "data_offset", "location", "crc32", "record_name")
 
     def __init__(
         self,
-        source: str,  # path of the file the bytes live in
+        source: Source,  # the open file the bytes live in
         key: str,
         dtype: str,
         nbytes: int,
@@ -114,8 +122,9 @@ class StorageMeta(_Value):
         self.record_name = record_name
 
     @property
-    def identity(self) -> tuple[str, str]:
-        return (self.source, self.key)
+    def identity(self) -> StorageId:
+        """(file, key): the same storage of the same file, however often the file was opened."""
+        return (self.source.file_id, self.key)
 
 
 class TensorMeta(_Value):
@@ -199,7 +208,7 @@ class TorchSize(tuple):
 class RawCheckpoint(_Value):
     """What the engine read from one file: its format and its object graph."""
 
-    __slots__ = ("path", "format", "obj", "metadata", "extras")
+    __slots__ = ("path", "format", "obj", "metadata", "extras", "source")
 
     def __init__(
         self,
@@ -208,8 +217,10 @@ class RawCheckpoint(_Value):
         obj: Any,
         metadata: dict[str, str] | None = None,  # safetensors __metadata__
         extras: dict[str, Any] | None = None,
+        source: Source | None = None,  # the open file the checkpoint was read from
     ) -> None:
         self.path = path
+        self.source = source
         self.format = format
         self.obj = obj
         self.metadata = metadata

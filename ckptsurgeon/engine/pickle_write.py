@@ -21,6 +21,7 @@ from typing import Any
 from ckptsurgeon.engine.meta import (
     DTYPE_ITEMSIZE,
     DTYPE_STORAGE,
+    StorageId,
     StorageMeta,
     TensorMeta,
     TorchDevice,
@@ -142,7 +143,7 @@ def iter_tensors(obj: Any) -> Iterator[TensorMeta]:
         stack.extend(children)
 
 
-def plan_storages(obj: Any) -> dict[tuple[str, str], PlannedStorage]:
+def plan_storages(obj: Any) -> dict[StorageId, PlannedStorage]:
     """Group the graph's tensors by source storage and plan the bytes each output storage holds.
 
     A storage is cut down to the union of its tensors' byte spans (a view of one row brings one
@@ -150,7 +151,7 @@ def plan_storages(obj: Any) -> dict[tuple[str, str], PlannedStorage]:
     negative strides or offsets, a span outside its storage, two dtypes on one storage, or two
     different StorageMeta under one identity.
     """
-    plan: dict[tuple[str, str], PlannedStorage] = {}
+    plan: dict[StorageId, PlannedStorage] = {}
     extents: dict[tuple[tuple[int, ...], tuple[int, ...]], int | None] = {}  # checked layouts
     for t in iter_tensors(obj):
         storage = t.storage
@@ -239,13 +240,13 @@ def pickle_graph(obj: Any) -> PickledGraph:
 class _Pickler:
     """Protocol-2 emitter with CPython's memo rules: objects are memoized by identity."""
 
-    def __init__(self, plan: dict[tuple[str, str], PlannedStorage]):
+    def __init__(self, plan: dict[StorageId, PlannedStorage]):
         self.plan = plan
         self.parts: list[bytes] = []
         self.memo: dict[Any, int] = {}
         self.memo_size = 0
         self.keep: list[Any] = []  # keeps memoized graph objects alive so ids stay unique
-        self.keys: dict[tuple[str, str], str] = {}
+        self.keys: dict[StorageId, str] = {}
         self.order: list[PlannedStorage] = []
         self.tuples_in_progress: set[int] = set()
         self.write = self.parts.append

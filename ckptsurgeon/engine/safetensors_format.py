@@ -16,6 +16,7 @@ from ..errors import BadCheckpointError, EngineUnsupported
 from .data import pread_bytes
 from .limits import MAX_DIM_SIZE, MAX_DIMS, brief
 from .meta import DTYPE_ITEMSIZE, RawCheckpoint, StorageMeta, TensorMeta
+from .source import Source
 
 MAX_HEADER_BYTES = 100_000_000  # the library's limit
 
@@ -59,7 +60,7 @@ def _pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def parse_header(header: bytes, data_size: int, path: str, source: str, data_start: int
+def parse_header(header: bytes, data_size: int, path: str, source: Source, data_start: int
                  ) -> tuple[OrderedDict[str, TensorMeta], dict[str, str] | None]:
     """Tensors (in data-offset order, as `safetensors.torch.load_file` returns them) and
     `__metadata__` of a safetensors header whose data region holds `data_size` bytes."""
@@ -135,8 +136,9 @@ def parse_header(header: bytes, data_size: int, path: str, source: str, data_sta
     return tensors, metadata
 
 
-def read_safetensors(fd: int, file_size: int, path: str) -> RawCheckpoint:
-    """Read the safetensors file open as `fd` (the caller closes it)."""
+def read_safetensors(src: Source) -> RawCheckpoint:
+    """Read the safetensors file `src` (the caller owns it)."""
+    fd, file_size, path = src.fd, src.size, src.name
     if file_size < 8:
         raise BadCheckpointError(f"{path}: truncated safetensors file")
     (header_len,) = struct.unpack("<Q", pread_bytes(fd, 0, 8, path))
@@ -147,6 +149,7 @@ def read_safetensors(fd: int, file_size: int, path: str) -> RawCheckpoint:
     if 8 + header_len > file_size:
         raise BadCheckpointError(f"{path}: truncated safetensors file (the header is cut)")
     header = pread_bytes(fd, 8, header_len, path)
-    source = os.path.abspath(path)
-    tensors, metadata = parse_header(header, file_size - 8 - header_len, path, source, 8 + header_len)
-    return RawCheckpoint(path=source, format="safetensors", obj=tensors, metadata=metadata)
+    tensors, metadata = parse_header(header, file_size - 8 - header_len, path, src, 8 + header_len)
+    return RawCheckpoint(
+        path=os.path.abspath(path), format="safetensors", obj=tensors, metadata=metadata, source=src
+    )

@@ -17,6 +17,7 @@ from ..errors import BadCheckpointError, EngineUnsupported
 from .crc import crc32
 from .data import pread_bytes
 from .meta import DTYPE_ITEMSIZE, RawCheckpoint, StorageMeta
+from .source import Source
 from .unpickle import Malformed, container_budget, resolve_storage_id, unpickle
 
 MAX_PICKLE_BYTES = 1 << 30  # a data.pkl larger than this is left to torch
@@ -361,10 +362,9 @@ def _record_bytes(fd: int, m: ZipMember, path: str) -> bytes:
     return data
 
 
-def read_torch_zip(
-    fd: int, file_size: int, path: str, *, allow_globals: frozenset[str] = frozenset()
-) -> RawCheckpoint:
-    """Read the checkpoint in torch's zip format open as `fd` (the caller closes it)."""
+def read_torch_zip(src: Source, *, allow_globals: frozenset[str] = frozenset()) -> RawCheckpoint:
+    """Read the checkpoint in torch's zip format from `src` (the caller owns it)."""
+    fd, file_size, path = src.fd, src.size, src.name
     entries, cd_offset = _read_central(fd, file_size, path)
     names = [e[0].name for e in entries]
     if not names:
@@ -393,7 +393,6 @@ def read_torch_zip(
     if pkl.size > MAX_PICKLE_BYTES:
         raise EngineUnsupported(f"{path}: data.pkl is {pkl.size} bytes, more than the engine reads")
     data = _record_bytes(fd, pkl, path)
-    source = os.path.abspath(path)
     storages: dict[str, StorageMeta] = {}
 
     def persistent_load(pid: tuple) -> Any:
@@ -408,7 +407,7 @@ def read_torch_zip(
                 f"record {record.name} holds {record.size} bytes but storage {key!r} needs {nbytes} "
                 f"({nbytes // DTYPE_ITEMSIZE[cls.dtype]} x {cls.dtype})"
             )
-        meta = StorageMeta(source, key, cls.dtype, nbytes, record.data_offset, location,
+        meta = StorageMeta(src, key, cls.dtype, nbytes, record.data_offset, location,
                            record.crc32, record.name)
         storages[key] = meta
         return meta
@@ -416,8 +415,9 @@ def read_torch_zip(
     obj, _ = unpickle(data, path=path, where="data.pkl", persistent_load=persistent_load,
                       allow_globals=allow_globals, max_containers=container_budget(len(records)))
     return RawCheckpoint(
-        path=source,
+        path=os.path.abspath(path),
         format="torch-zip",
         obj=obj,
         extras={"prefix": prefix, "storages": storages, "records": tuple(records)},
+        source=src,
     )

@@ -23,7 +23,8 @@ from collections.abc import Callable, Iterator
 from typing import Any, BinaryIO
 
 from ckptsurgeon.engine.crc import crc32, crc32_zeros
-from ckptsurgeon.engine.data import check_read_crc, open_regular
+from ckptsurgeon.engine.data import check_read_crc
+from ckptsurgeon.engine.source import Source
 from ckptsurgeon.engine.pickle_write import PlannedStorage, pickle_graph
 from ckptsurgeon.errors import BadCheckpointError, EngineUnsupported, OutputError
 
@@ -71,20 +72,16 @@ def write_torch_zip(
     if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_APPEND:
         raise ValueError("write_torch_zip cannot write to a file opened for appending")
     out_name = str(getattr(out, "name", "<output>"))
-    sources = _open_sources(graph.storages)
+    sources = _check_sources(graph.storages)
+    out_stat = os.fstat(fd)
+    for src in sources.values():
+        if (src.stat.st_dev, src.stat.st_ino) == (out_stat.st_dev, out_stat.st_ino):
+            raise OutputError(f"{out_name}: the output is also an input ({src.path})")
     try:
-        out_stat = os.fstat(fd)
-        for src in sources.values():
-            if (src.stat.st_dev, src.stat.st_ino) == (out_stat.st_dev, out_stat.st_ino):
-                raise OutputError(f"{out_name}: the output is also an input ({src.path})")
-        try:
-            os.ftruncate(fd, 0)
-            end = _write_archive(fd, graph.data, graph.storages, sources, archive_name, progress)
-        except OSError as e:
-            raise OutputError(f"{out_name}: cannot write: {e.strerror or e}") from e
-    finally:
-        for src in sources.values():
-            os.close(src.fd)
+        os.ftruncate(fd, 0)
+        end = _write_archive(fd, graph.data, graph.storages, sources, archive_name, progress)
+    except OSError as e:
+        raise OutputError(f"{out_name}: cannot write: {e.strerror or e}") from e
     out.seek(end)
 
 
@@ -92,7 +89,7 @@ def _write_archive(
     fd: int,
     data_pkl: bytes,
     storages: list[PlannedStorage],
-    sources: dict[str, _Source],
+    sources: dict[Source, _Source],
     prefix: str,
     progress: Callable[[int], None] | None = None,
 ) -> int:
@@ -114,11 +111,11 @@ def _write_archive(
 
 
 class _Source:
-    """A source file open for positional reads."""
+    """A source file's open handle, with what the copy needs to know of it (holes)."""
 
-    def __init__(self, path: str):
-        self.path = path
-        self.fd, _ = open_regular(path)  # never blocks on a FIFO
+    def __init__(self, source: Source):
+        self.path = source.name
+        self.fd = source.fd  # the Source owns it
         self.stat = os.fstat(self.fd)
         blocks = getattr(self.stat, "st_blocks", None)
         self.sparse = blocks is not None and blocks * 512 < self.stat.st_size
@@ -148,24 +145,21 @@ class _Source:
             pos = hole
 
 
-def _open_sources(storages: list[PlannedStorage]) -> dict[str, _Source]:
-    sources: dict[str, _Source] = {}
-    try:
-        for planned in storages:
-            path = planned.source.source
-            src = sources.get(path)
-            if src is None:
-                src = sources[path] = _Source(path)
-            end = planned.data_offset + planned.nbytes
-            if end > src.stat.st_size:
-                raise BadCheckpointError(
-                    f"{path}: file is truncated: storage {planned.source.key!r} needs bytes up "
-                    f"to {end}, the file has {src.stat.st_size}"
-                )
-    except BaseException:
-        for src in sources.values():
-            os.close(src.fd)
-        raise
+def _check_sources(storages: list[PlannedStorage]) -> dict[Source, _Source]:
+    """The sources of `storages`, each checked to be unchanged and long enough."""
+    sources: dict[Source, _Source] = {}
+    for planned in storages:
+        source = planned.source.source
+        src = sources.get(source)
+        if src is None:
+            source.check_unchanged()
+            src = sources[source] = _Source(source)
+        end = planned.data_offset + planned.nbytes
+        if end > src.stat.st_size:
+            raise BadCheckpointError(
+                f"{source}: file is truncated: storage {planned.source.key!r} needs bytes up "
+                f"to {end}, the file has {src.stat.st_size}"
+            )
     return sources
 
 
