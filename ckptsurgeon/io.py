@@ -359,7 +359,7 @@ def _try_raw_write(obj: Any, f: BinaryIO, output: Path, progress: Callable[[int]
 
     start = f.tell()
     try:
-        write_torch_zip(obj, f, archive_name=output.stem or "archive", progress=progress)
+        write_torch_zip(obj, f, archive_name=output.stem or "archive", progress=progress, name=str(output))
         return True
     except EngineUnsupported as exc:
         _debug("raw write fallback: %s", exc)
