@@ -42,6 +42,172 @@ def two_inputs(tmp_path: Path) -> tuple[Path, Path]:
     return a, b
 
 
+# ------------------------------------------------------------------ outputs are regular files
+
+
+def _fifo(path: Path) -> None:
+    os.mkfifo(path)
+
+
+def _socket(path: Path) -> None:
+    s = socket.socket(socket.AF_UNIX)
+    s.bind(str(path))
+    s.close()  # the socket node stays on disk
+
+
+def _chardev(path: Path) -> None:
+    try:
+        os.mknod(path, stat.S_IFCHR | 0o666, os.makedev(1, 3))  # a /dev/null of our own
+    except PermissionError:
+        pytest.skip("cannot make a device node here")
+
+
+def _directory(path: Path) -> None:
+    path.mkdir()
+
+
+NODES = {
+    "fifo": (_fifo, stat.S_ISFIFO, "a FIFO"),
+    "socket": (_socket, stat.S_ISSOCK, "a socket"),
+    "chardev": (_chardev, stat.S_ISCHR, "a character device"),
+    "directory": (_directory, stat.S_ISDIR, "a directory"),
+}
+
+WRITERS = {
+    "extract": lambda a, b, out: ["extract", a, "-o", out],
+    "rename": lambda a, b, out: ["rename", a, "-o", out, "--add-prefix", "m."],
+    "merge": lambda a, b, out: ["merge", a, b, "-o", out, "--on-conflict", "first"],
+    "average": lambda a, b, out: ["merge", a, b, "-o", out, "--average"],
+}
+
+
+@pytest.mark.parametrize("force", [False, True])
+@pytest.mark.parametrize("node", sorted(NODES))
+@pytest.mark.parametrize("writer", sorted(WRITERS))
+def test_an_output_that_is_not_a_regular_file_is_refused_even_with_force(cli, two_inputs, tmp_path, writer, node, force):
+    make, is_kind, kind = NODES[node]
+    out = tmp_path / "out.pt"
+    make(out)
+    args = WRITERS[writer](*two_inputs, out) + (["--force"] if force else [])
+    result = cli(*args)
+    assert result.exit_code == 2
+    assert result.stderr.strip().splitlines() == [
+        f"error: {out}: is {kind}; an output must be a regular file or not exist (--force does not change that)"
+    ]
+    assert is_kind(os.stat(out).st_mode), "the node is still there, untouched"
+    assert temps(tmp_path) == []
+
+
+def test_a_symlink_to_a_fifo_is_refused_and_kept(cli, two_inputs, tmp_path):
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    link = tmp_path / "out.pt"
+    link.symlink_to(fifo)
+    result = cli("extract", two_inputs[0], "-o", link, "-f")
+    assert result.exit_code == 2 and "is a FIFO" in result.stderr
+    assert link.is_symlink() and stat.S_ISFIFO(os.stat(link).st_mode)
+
+
+def test_dev_null_is_refused_and_stays_a_device(two_inputs, capsys):
+    # First the pure check: on code that would not refuse, stop here before /dev/null is touched.
+    with pytest.raises(OutputError, match="is a character device"):
+        check_output(Path("/dev/null"), [], force=True)
+    before = os.stat("/dev/null")
+    assert main(["extract", str(two_inputs[0]), "-o", "/dev/null", "-f"]) == 2  # the Typer-free path
+    assert "/dev/null: is a character device" in capsys.readouterr().err
+    after = os.stat("/dev/null")
+    assert stat.S_ISCHR(after.st_mode) and (after.st_ino, after.st_rdev) == (before.st_ino, before.st_rdev)
+
+
+def test_the_core_writer_refuses_a_fifo_before_making_a_temp_file(tmp_path, monkeypatch):
+    fifo = tmp_path / "out.pt"
+    os.mkfifo(fifo)
+    import ckptsurgeon.io as io
+
+    def no_temp(dest):
+        raise AssertionError("a temporary file was made")
+
+    monkeypatch.setattr(io, "_temp_beside", no_temp)
+    with pytest.raises(OutputError, match="is a FIFO"):
+        save_checkpoint(small_sd(), fifo)
+    with pytest.raises(OutputError, match="is a FIFO"):
+        with atomic_output(fifo):
+            pass
+    assert stat.S_ISFIFO(os.stat(fifo).st_mode)
+
+
+def test_a_fifo_made_while_the_output_is_written_is_not_replaced(tmp_path):
+    out = tmp_path / "out.pt"
+    with pytest.raises(OutputError, match="is a FIFO"):
+        with atomic_output(out) as f:
+            f.write(b"data")
+            os.mkfifo(out)  # appears between the first check and the rename
+    assert stat.S_ISFIFO(os.stat(out).st_mode) and temps(tmp_path) == []
+
+
+@pytest.mark.parametrize("writer", sorted(WRITERS))
+def test_dash_output_is_exit_2_and_makes_no_file(cli, two_inputs, tmp_path, monkeypatch, writer):
+    monkeypatch.chdir(tmp_path)
+    result = cli(*WRITERS[writer](*two_inputs, "-"), "--force")
+    assert result.exit_code == 2
+    assert result.stderr.strip() == "error: -o -: writing to stdout is not supported; give a file path"
+    assert not (tmp_path / "-").exists() and temps(tmp_path) == []
+
+
+def test_dash_output_through_main(two_inputs, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(["extract", str(two_inputs[0]), "-o", "-"]) == 2
+    assert "writing to stdout is not supported" in capsys.readouterr().err
+    assert not (tmp_path / "-").exists()
+
+
+def test_a_file_named_dash_in_a_directory_is_an_ordinary_output(cli, two_inputs, tmp_path):
+    result = cli("extract", two_inputs[0], "-o", tmp_path / "-")  # (pathlib reads `./-` as `-`)
+    assert result.exit_code == 0, result.stderr
+    back = torch.load(tmp_path / "-", weights_only=True)
+    assert torch.equal(back["w"], small_sd(0)["w"])
+
+
+# --------------------------------------------------------- output and --weights checked first
+
+
+@pytest.fixture
+def unreadable(tmp_path: Path) -> tuple[Path, Path]:
+    """Two inputs that are not checkpoints: reading either one is an error."""
+    a, b = tmp_path / "x.pt", tmp_path / "y.pt"
+    a.write_text("not a checkpoint\n")
+    b.write_text("not a checkpoint either\n")
+    return a, b
+
+
+@pytest.mark.parametrize("writer", sorted(WRITERS))
+def test_an_existing_output_is_reported_before_any_input_is_read(cli, unreadable, tmp_path, writer):
+    out = tmp_path / "out.pt"
+    out.write_bytes(b"precious")
+    result = cli(*WRITERS[writer](*unreadable, out))
+    assert result.exit_code == 2
+    assert result.stderr.strip() == f"error: {out}: output exists; pass --force to replace it"
+    assert out.read_bytes() == b"precious"
+
+
+def test_a_fifo_output_is_reported_before_any_input_is_read(unreadable, tmp_path, capsys):
+    out = tmp_path / "out.pt"
+    os.mkfifo(out)
+    assert main(["extract", str(unreadable[0]), "-o", str(out), "-f"]) == 2  # the Typer-free path
+    assert "is a FIFO" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "weights, message",
+    [("1,2,3", "--weights has 3 values for 2 inputs"), ("1,nan", "--weights must be finite"), ("0,0", "positive finite sum")],
+)
+def test_bad_weights_are_reported_before_any_input_is_read(cli, unreadable, tmp_path, weights, message):
+    result = cli("merge", *unreadable, "-o", tmp_path / "avg.pt", "--average", "--weights", weights)
+    assert result.exit_code == 2
+    assert message in result.stderr and "not a checkpoint" not in result.stderr
+    assert not (tmp_path / "avg.pt").exists()
+
+
 # ------------------------------------------------------------------------- a full disk
 
 
@@ -69,5 +235,61 @@ def test_a_write_that_hits_the_size_limit_names_the_output(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [f"error: {out}: cannot write: File too large"]
     assert out.read_bytes() == b"precious" and temps(tmp_path) == []
+
+
+# -------------------------------------------------------------------------------- signals
+
+
+def test_a_swallowed_signal_still_stops_the_write_before_the_rename(tmp_path):
+    from ckptsurgeon import interrupts
+
+    out = tmp_path / "out.pt"
+    out.write_bytes(b"precious")
+    with interrupts.handling_signals():
+        with pytest.raises(interrupts.Interrupted) as caught:
+            with atomic_output(out) as f:
+                f.write(b"new")
+                try:  # what torch's import does to an exception raised inside it
+                    os.kill(os.getpid(), signal.SIGINT)
+                    time.sleep(1)
+                except BaseException:
+                    pass
+    assert caught.value.exit_code == 130
+    assert out.read_bytes() == b"precious" and temps(tmp_path) == []
+
+
+def test_a_signal_while_the_temp_file_is_made_leaves_no_temp_file(tmp_path, monkeypatch):
+    import ckptsurgeon.io as io
+    from ckptsurgeon import interrupts
+
+    real = io._temp_beside
+
+    def made_then_signalled(dest):
+        made = real(dest)
+        os.kill(os.getpid(), signal.SIGTERM)  # arrives before the caller knows the file
+        return made
+
+    monkeypatch.setattr(io, "_temp_beside", made_then_signalled)
+    with interrupts.handling_signals():
+        with pytest.raises(interrupts.Interrupted) as caught:
+            save_checkpoint(small_sd(), tmp_path / "out.pt")
+    assert caught.value.exit_code == 143
+    assert not (tmp_path / "out.pt").exists() and temps(tmp_path) == []
+
+
+def test_without_the_cli_a_signal_is_python_s_own(tmp_path):
+    from ckptsurgeon import interrupts
+
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    with interrupts.handling_signals():
+        assert signal.getsignal(signal.SIGINT) is not signal.default_int_handler
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored after a command
+    out = tmp_path / "out.pt"
+    with pytest.raises(KeyboardInterrupt):
+        with atomic_output(out) as f:
+            f.write(b"x")
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1)
+    assert not out.exists() and temps(tmp_path) == []
 
 
