@@ -293,3 +293,105 @@ def test_without_the_cli_a_signal_is_python_s_own(tmp_path):
     assert not out.exists() and temps(tmp_path) == []
 
 
+def _proc_text(pid: int, name: str) -> str:
+    try:
+        return Path(f"/proc/{pid}/{name}").read_text()
+    except OSError:
+        return ""
+
+
+def _handlers_installed(pid: int) -> bool:
+    """SIGTERM is caught: ckptsurgeon's handlers are in place (Python catches only SIGINT itself)."""
+    for line in _proc_text(pid, "status").splitlines():
+        if line.startswith("SigCgt:"):
+            return bool(int(line.split()[1], 16) & (1 << (signal.SIGTERM - 1)))
+    return False
+
+
+def _when(proc: subprocess.Popen, ready, limit: float = 60.0, *, must_run: bool = True) -> None:
+    """Wait until `ready(pid)` (polling /proc every 2 ms) or the process ends."""
+    deadline = time.monotonic() + limit
+    while not ready(proc.pid) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.002)
+    if must_run:
+        assert proc.poll() is None, f"the command ended first: {proc.stderr.read() if proc.stderr else ''}"
+
+
+def _loaded(library: str):
+    return lambda pid: library in _proc_text(pid, "maps")
+
+
+@pytest.fixture(scope="module")
+def average_inputs(tmp_path_factory) -> tuple[Path, Path]:
+    d = tmp_path_factory.mktemp("average")
+    a, b = d / "a.pt", d / "b.pt"
+    g = torch.Generator().manual_seed(0)
+    for p in (a, b):
+        torch.save(OrderedDict((f"t{i}", torch.randn(256 << 10, generator=g)) for i in range(16)), p)  # 16 MiB
+    return a, b
+
+
+MOMENTS = {
+    # torch's import swallows what is raised while it imports numpy: the signal must not be lost
+    "inside torch's import of numpy": _loaded("_multiarray_umath"),
+    "as torch's C library is loaded": _loaded("libtorch_cpu"),
+    "right after the handlers are installed": _handlers_installed,
+}
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+@pytest.mark.parametrize("moment", sorted(MOMENTS))
+def test_merge_average_interrupted_leaves_the_output_untouched(average_inputs, tmp_path, moment, sig):
+    out = tmp_path / "out.pt"
+    out.write_bytes(b"precious")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ckptsurgeon", "merge", "--average", *map(str, average_inputs), "-o", str(out), "-f"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(),
+    )
+    _when(proc, MOMENTS[moment])
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + sig, err
+    assert err.strip().splitlines()[-1] == ("interrupted" if sig == signal.SIGINT else "terminated (SIGTERM)")
+    assert "Traceback" not in err
+    assert out.read_bytes() == b"precious" and temps(tmp_path) == []
+
+
+@pytest.mark.parametrize("stage, delay", [(1, 0.3), (2, 0.0)])
+def test_interrupted_while_averaging_or_writing_is_all_or_nothing(average_inputs, tmp_path, stage, delay):
+    """Later signals land in the averaging (one temporary file: the mean being staged), the write
+    (two) or after the rename: either the command stops (143) with the output untouched, or it
+    has finished (0) and the output is complete."""
+    out = tmp_path / "out.pt"
+    out.write_bytes(b"precious")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ckptsurgeon", "merge", "--average", *map(str, average_inputs), "-o", str(out), "-f"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(),
+    )
+    _when(proc, lambda pid: len(temps(tmp_path)) >= stage, must_run=False)
+    time.sleep(delay)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert temps(tmp_path) == [] and "Traceback" not in err
+    if proc.returncode == 0:
+        a, b = (torch.load(p, weights_only=True) for p in average_inputs)
+        got = torch.load(out, weights_only=True)
+        assert list(got) == list(a)
+        for k in a:
+            torch.testing.assert_close(got[k], (a[k] + b[k]) / 2)
+    else:
+        assert proc.returncode == 143, err
+        assert out.read_bytes() == b"precious"
+
+
+def test_extract_without_typer_or_torch_is_interrupted_cleanly(average_inputs, tmp_path):
+    out = tmp_path / "out.pt"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ckptsurgeon", "extract", str(average_inputs[0]), "-o", str(out)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(),
+    )
+    _when(proc, _handlers_installed)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert not out.exists() and temps(tmp_path) == []
