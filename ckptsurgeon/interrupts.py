@@ -47,13 +47,16 @@ def _handler(signum: int, frame: Any) -> None:
 
 @contextlib.contextmanager
 def handling_signals() -> Iterator[None]:
-    """Install the handlers for the duration of one command (main thread only), then restore."""
+    """Install the handlers for the duration of one command (main thread only), then restore.
+
+    A signal ignored when the command starts (`nohup`, `cmd &` in a script) stays ignored.
+    """
     global _pending, _shield, _committed
     if threading.current_thread() is not threading.main_thread():
         yield
         return
     _pending, _shield, _committed = None, 0, False
-    previous = {s: signal.signal(s, _handler) for s in SIGNALS}
+    previous = {s: signal.signal(s, _handler) for s in SIGNALS if signal.getsignal(s) is not signal.SIG_IGN}
     try:
         yield
     finally:

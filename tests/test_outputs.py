@@ -395,3 +395,18 @@ def test_extract_without_typer_or_torch_is_interrupted_cleanly(average_inputs, t
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
     assert not out.exists() and temps(tmp_path) == []
+
+
+def test_a_signal_ignored_at_start_stays_ignored(average_inputs, tmp_path):
+    """`nohup` and `cmd &` in a script start a command with SIGINT ignored: it must not stop it."""
+    out = tmp_path / "out.pt"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ckptsurgeon", "extract", str(average_inputs[0]), "-o", str(out)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(),
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),
+    )
+    _when(proc, _handlers_installed)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    assert torch.equal(torch.load(out, weights_only=True)["t0"], torch.load(average_inputs[0], weights_only=True)["t0"])
