@@ -18,7 +18,7 @@ import contextlib
 import signal
 import threading
 from collections.abc import Iterator
-from typing import Any, Optional
+from typing import Any
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
@@ -32,7 +32,7 @@ class Interrupted(BaseException):
         self.exit_code = 128 + signum
 
 
-_pending: Optional[int] = None  # the first signal received
+_pending: int | None = None  # the first signal received
 _shield = 0  # > 0: signals are recorded, not raised (temp-file bookkeeping and cleanup)
 _committed = False  # an output replaced its destination: the command finishes
 
@@ -81,7 +81,7 @@ def hold() -> None:
     _shield += 1
 
 
-def pending() -> Optional[int]:
+def pending() -> int | None:
     """The signal received and not overtaken by a committed output, or None."""
     return None if _committed else _pending
 

@@ -26,7 +26,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from .. import interrupts
 
     with interrupts.handling_signals():
-        rc: Optional[int] = None
+        rc: int | None = None
         try:
             try:
                 rc = _dispatch(list(sys.argv[1:] if argv is None else argv))
