@@ -14,11 +14,13 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import stat
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from . import interrupts
 from .containers import KeyPath, find_state_dict, format_key_path, replace_at
 from .engine.meta import RawCheckpoint, TensorMeta
 from .engine.source import Source
@@ -300,17 +302,41 @@ def make_state_dict(items: Sequence[tuple[str, Any]], metadata: Mapping[str, Any
 
 
 def check_output(output: Path, inputs: Sequence[Path], *, force: bool) -> None:
-    """Refuse an existing output without --force, and an output that is an input without --force."""
+    """Refuse `-` (stdout is not supported), an existing output that is not a regular file (even
+    with --force), an existing output without --force, and an output that is an input without
+    --force. Looks at paths only: cheap enough to run before any input is read."""
+    if str(output) == "-":
+        raise OutputError("-o -: writing to stdout is not supported; give a file path")
+    refuse_non_regular(output)
     if output.exists() or output.is_symlink():
         same = any(_same_file(output, p) for p in inputs)
         if not force:
             what = "is the same file as an input" if same else "exists"
             raise OutputError(f"{output}: output {what}; pass --force to replace it")
-        if output.is_dir():
-            raise OutputError(f"{output}: is a directory")
     parent = output.parent if str(output.parent) else Path(".")
     if not parent.is_dir():
         raise OutputError(f"{output}: directory {parent} does not exist")
+
+
+_KINDS = (
+    (stat.S_ISDIR, "a directory"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISFIFO, "a FIFO"),
+    (stat.S_ISSOCK, "a socket"),
+)
+
+
+def refuse_non_regular(output: Path) -> None:
+    """An existing output (or what a symlink output points to) must be a regular file: a rename
+    over a device, a FIFO or a socket would replace the node itself (`/dev/null` by a file)."""
+    try:
+        mode = os.stat(output).st_mode
+    except OSError:  # nothing there (or a dangling symlink): a new file will be made
+        return
+    if not stat.S_ISREG(mode):
+        kind = next((name for test, name in _KINDS if test(mode)), "not a regular file")
+        raise OutputError(f"{output}: is {kind}; an output must be a regular file or not exist (--force does not change that)")
 
 
 def _same_file(a: Path, b: Path) -> bool:
@@ -396,7 +422,7 @@ def _try_raw_write(obj: Any, f: BinaryIO, output: Path, progress: Callable[[int]
 
     start = f.tell()
     try:
-        write_torch_zip(obj, f, archive_name=output.stem or "archive", progress=progress)
+        write_torch_zip(obj, f, archive_name=output.stem or "archive", progress=progress, name=str(output))
         return True
     except EngineUnsupported as exc:
         _debug("raw write fallback: %s", exc)
@@ -516,6 +542,7 @@ class TensorStage:
         from .engine.meta import StorageMeta
         from .tensors import dtype_name, is_parameter
 
+        interrupts.raise_if_interrupted()  # one swallowed by torch's import stops the job here
         data = tensor.detach().contiguous()
         nbytes = data.numel() * data.element_size()
         offset = self._end
@@ -539,15 +566,12 @@ class TensorStage:
 @contextlib.contextmanager
 def staged_tensors(output: Path) -> Iterator[TensorStage]:
     """A TensorStage whose scratch file sits beside `output` and is removed on exit."""
-    fd, tmp = _temp_beside(output)
-    try:
-        yield TensorStage(fd, os.path.abspath(tmp))
-    except OSError as exc:
-        raise _write_error(output, exc) from None
-    finally:
-        os.close(fd)
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
+    refuse_non_regular(output)
+    with _temp_file(output) as temp:
+        try:
+            yield TensorStage(temp.fd, os.path.abspath(temp.path))
+        except OSError as exc:
+            raise _write_error(output, exc) from None
 
 
 # -------------------------------------------------------------------------------- atomic output
@@ -605,30 +629,65 @@ def _write_error(dest: Path, exc: OSError) -> OutputError:
     return OutputError(f"{dest}: cannot write: {reason}")
 
 
+class _Temp:
+    """A temporary file beside an output: its fd, its path, and whether it was renamed away."""
+
+    def __init__(self, fd: int, path: str) -> None:
+        self.fd = fd
+        self.path = path
+        self.renamed = False
+
+
+@contextlib.contextmanager
+def _temp_file(dest: Path) -> Iterator[_Temp]:
+    """A new temporary file beside `dest`, closed and (unless renamed) removed on every exit,
+    also when a signal arrives while it is being made or removed (see `interrupts`)."""
+    made: list[_Temp] = []
+    try:
+        with interrupts.shielded():  # a signal in here is raised just below, once `made` is set
+            made.append(_Temp(*_temp_beside(dest)))
+        interrupts.raise_if_interrupted()
+        yield made[0]
+    finally:
+        with interrupts.shielded():
+            for temp in made:
+                with contextlib.suppress(OSError):
+                    os.close(temp.fd)
+                if not temp.renamed:
+                    with contextlib.suppress(OSError):
+                        os.unlink(temp.path)
+
+
 @contextlib.contextmanager
 def atomic_output(dest: Path, *, check: Callable[[Path], None] | None = None) -> Iterator[BinaryIO]:
     """A file to write `dest` through: temp file in the same directory, fsync, rename, fsync dir.
 
-    `check(temp_path)` runs on the complete temporary file before it replaces `dest`.
+    `check(temp_path)` runs on the complete temporary file before it replaces `dest`. An existing
+    `dest` that is not a regular file is refused before anything is made.
     """
+    refuse_non_regular(dest)
     directory = dest.parent if str(dest.parent) else Path(".")
     _clean_stale_temps(directory, dest.name)
-    fd, tmp = _temp_beside(dest)
     try:
-        with os.fdopen(fd, "wb") as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, _default_mode())
-        if check is not None:
-            check(Path(tmp))
-        os.replace(tmp, dest)
-    except BaseException as exc:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        if isinstance(exc, OSError):
-            raise _write_error(dest, exc) from None
-        raise
+        with _temp_file(dest) as temp:
+            f = os.fdopen(temp.fd, "wb", closefd=False)
+            try:
+                yield f
+                f.flush()
+                os.fsync(temp.fd)
+            finally:
+                f.close()
+            os.fchmod(temp.fd, _default_mode())
+            if check is not None:
+                check(Path(temp.path))
+            with interrupts.shielded():
+                interrupts.raise_if_interrupted()  # also one that was swallowed (torch's import)
+                refuse_non_regular(dest)  # a FIFO made there since the check is not replaced
+                os.replace(temp.path, dest)
+                temp.renamed = True
+                interrupts.commit()
+    except OSError as exc:
+        raise _write_error(dest, exc) from None
     with contextlib.suppress(OSError):
         dir_fd = os.open(directory, os.O_RDONLY)
         try:

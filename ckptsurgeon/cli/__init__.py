@@ -7,16 +7,43 @@ everything else to Typer (`commands`).
 
 from __future__ import annotations
 
+import signal
 import sys
 from collections.abc import Sequence
 from typing import Any, Optional
+
+from ..errors import EXIT_INTERNAL
 
 __all__ = ["app", "entrypoint", "main"]
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Run the CLI on `argv` (default: sys.argv[1:]) and return the exit code; never raises SystemExit."""
-    args = list(sys.argv[1:] if argv is None else argv)
+    """Run the CLI on `argv` (default: sys.argv[1:]) and return the exit code; never raises SystemExit.
+
+    SIGINT and SIGTERM are handled from the first moment (before torch or Typer is imported):
+    the command then ends with 130 / 143, its output untouched (see `ckptsurgeon.interrupts`).
+    """
+    from .. import interrupts
+
+    with interrupts.handling_signals():
+        rc: int | None = None
+        try:
+            try:
+                rc = _dispatch(list(sys.argv[1:] if argv is None else argv))
+            finally:
+                interrupts.hold()  # the command is over: a signal now is only recorded
+        except interrupts.Interrupted:
+            pass
+        signum = interrupts.pending()
+        if signum is not None:
+            from .console import notice
+
+            notice("interrupted" if signum == signal.SIGINT else f"terminated ({signal.Signals(signum).name})")
+            return 128 + signum
+        return rc if rc is not None else EXIT_INTERNAL
+
+
+def _dispatch(args: list[str]) -> int:
     from .fast import run_fast
 
     rc = run_fast(args)

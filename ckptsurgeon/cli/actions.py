@@ -163,6 +163,14 @@ def refuse_incompatible(model: Optional[dict[str, Any]], allow_missing: bool, al
     return True
 
 
+def check_output_first(output: Path, inputs: Sequence[Path], *, force: bool) -> None:
+    """The output checks (`-`, not a regular file, exists, is an input) before any input is read:
+    a refusal should not wait for gigabytes to be parsed. `write_output` checks again."""
+    from ..io import check_output
+
+    check_output(output, inputs, force=force)
+
+
 def write_output(
     obj: Any,
     output: Path,
@@ -238,6 +246,8 @@ def extract(
     """The `extract` command; returns its exit code (see `commands.extract` for the options)."""
     from ..surgery import extract_state_dict
 
+    if not dry_run:
+        check_output_first(output, [ckpt], force=force)
     ckpt_obj = load(ckpt, key=key, unsafe=unsafe, allow_global=allow_global)
     note_container(ckpt_obj)
     keys = select(list(ckpt_obj.state_dict), include, exclude, regex)

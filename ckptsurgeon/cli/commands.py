@@ -223,6 +223,8 @@ def rename(
     )
     if rules.is_empty:
         raise UsageError("nothing to do: give --map, --strip-prefix, --sub or --add-prefix")
+    if not dry_run:
+        actions.check_output_first(output, [ckpt], force=force)
     ckpt_obj = actions.load(ckpt, key=key, unsafe=unsafe, allow_global=allow_global)
     actions.note_container(ckpt_obj)
     renamed, plan = rename_state_dict(ckpt_obj.state_dict, rules)
@@ -288,13 +290,17 @@ def merge(
     allow_global: AllowGlobal = None,
 ) -> int:
     """Union of the inputs' state_dicts in first-seen order, or (--average) their weighted mean."""
-    from ..merge import average_state_dicts, merge_state_dicts
+    from ..merge import average_state_dicts, merge_state_dicts, normalise_weights
 
     if len(ckpts) < 2:
         raise UsageError("merge needs at least two checkpoints")
     if weights is not None and not average:
         raise UsageError("--weights needs --average")
     parsed_weights = _parse_weights(weights) if weights is not None else None
+    if average:
+        normalise_weights(parsed_weights, len(ckpts))  # count and values, before any input is read
+    if not dry_run:
+        actions.check_output_first(output, ckpts, force=force)
     loaded = [actions.load(p, key=key, unsafe=unsafe, allow_global=allow_global) for p in ckpts]
     for c in loaded:
         actions.note_container(c)
@@ -302,10 +308,9 @@ def merge(
     with contextlib.ExitStack() as stack:
         if average:
             from ..io import check_output, staged_tensors
-            from ..merge import check_averageable, normalise_weights
+            from ..merge import check_averageable
 
             check_averageable(sds)
-            normalise_weights(parsed_weights, len(sds))
             report = None
             if dry_run:
                 result = sds[0]

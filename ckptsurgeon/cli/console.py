@@ -112,7 +112,13 @@ def total_bytes(tensors: Iterable[Any]) -> int:
 def exit_code_for(exc: Exception) -> int:
     """Report `exc` on stderr and return the exit code it maps to (the one place this happens):
     a CheckpointError is its one-line cause and its code; a closed stdout pipe is a quiet success;
-    anything else is a bug (exit 3, with the traceback)."""
+    anything else is a bug (exit 3, with the traceback). After a SIGINT or SIGTERM, whatever
+    failed is its consequence (e.g. an import it cut short): its exit code, said by `main`."""
+    from ..interrupts import pending
+
+    signum = pending()
+    if signum is not None:
+        return 128 + signum
     if isinstance(exc, CheckpointError):
         notice(f"error: {exc}", style="red")
         return exc.exit_code

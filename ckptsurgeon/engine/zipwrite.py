@@ -45,7 +45,12 @@ _FLAGS_EMPTY = 0x0800  # UTF-8 names only
 
 
 def write_torch_zip(
-    obj: Any, out: BinaryIO, *, archive_name: str, progress: Callable[[int], None] | None = None
+    obj: Any,
+    out: BinaryIO,
+    *,
+    archive_name: str,
+    progress: Callable[[int], None] | None = None,
+    name: str | None = None,
 ) -> None:
     """Write `obj` (an object graph with TensorMeta leaves) to `out` as `torch.save` would.
 
@@ -56,7 +61,8 @@ def write_torch_zip(
     the union of its tensors' spans. Raises EngineUnsupported (before writing anything) for a
     graph it cannot represent, BadCheckpointError if a source file is missing or too short, and
     OutputError if writing fails or the output is one of the sources. `progress` is called with
-    the number of bytes of each storage once it is written.
+    the number of bytes of each storage once it is written. `name` is what error messages call
+    the output (default: `out.name`, when that is a path and not a file descriptor).
     """
     if not all(hasattr(os, f) for f in ("pwrite", "preadv", "ftruncate")):
         raise EngineUnsupported("the engine writer needs POSIX pread/pwrite")
@@ -71,7 +77,9 @@ def write_torch_zip(
 
     if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_APPEND:
         raise ValueError("write_torch_zip cannot write to a file opened for appending")
-    out_name = str(getattr(out, "name", "<output>"))
+    out_name = name if name is not None else getattr(out, "name", None)
+    if not isinstance(out_name, str):  # os.fdopen's file objects are named by their fd number
+        out_name = "<output>"
     sources = _check_sources(graph.storages)
     out_stat = os.fstat(fd)
     for src in sources.values():
