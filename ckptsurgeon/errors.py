@@ -24,21 +24,29 @@ def sorted_list(keys: Iterable[str], limit: int = 10) -> str:
 
 
 class CheckpointError(Exception):
-    """Base of every expected error; `exit_code` is what the CLI exits with."""
+    """Base of every expected error; `exit_code` is what the CLI exits with, `kind` what
+    `--json` error documents call it."""
 
     exit_code = EXIT_BAD_INPUT
+    kind = "error"
 
 
 class UsageError(CheckpointError):
     """Options that contradict each other or cannot be parsed."""
 
+    kind = "usage"
+
 
 class BadCheckpointError(CheckpointError):
     """The file is unreadable, not a checkpoint, corrupt, or hostile."""
 
+    kind = "bad_checkpoint"
+
 
 class UnsafeCheckpointError(BadCheckpointError):
     """The file needs pickle globals outside the safe allowlist."""
+
+    kind = "unsafe_checkpoint"
 
     def __init__(self, path: str, globals_: Iterable[str]):
         self.path = path
@@ -53,25 +61,37 @@ class UnsafeCheckpointError(BadCheckpointError):
 class ContainerError(CheckpointError):
     """No state_dict, or more than one candidate, inside a checkpoint container."""
 
+    kind = "container"
+
 
 class SelectionError(CheckpointError):
     """A pattern is invalid or selected nothing."""
+
+    kind = "selection"
 
 
 class CollisionError(CheckpointError):
     """Two keys would be written under one name."""
 
+    kind = "collision"
+
 
 class ConflictError(CheckpointError):
     """Merge inputs disagree (a key in several inputs, or keys/shapes differ for --average)."""
+
+    kind = "conflict"
 
 
 class ModelSpecError(CheckpointError):
     """A --model SPEC or --model-kwargs cannot be turned into an nn.Module."""
 
+    kind = "model_spec"
+
 
 class OutputError(CheckpointError):
     """The output cannot be written (exists without --force, same file as an input, no space)."""
+
+    kind = "output"
 
 
 class EngineUnsupported(Exception):

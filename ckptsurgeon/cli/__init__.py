@@ -24,22 +24,23 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     the command then ends with 130 / 143, its output untouched (see `ckptsurgeon.interrupts`).
     """
     from .. import interrupts
+    from .console import error, expect_json
 
+    args = list(sys.argv[1:] if argv is None else argv)
+    expect_json(args)
     with interrupts.handling_signals():
         rc: int | None = None
         try:
             try:
-                rc = _dispatch(list(sys.argv[1:] if argv is None else argv))
+                rc = _dispatch(args)
             finally:
                 interrupts.hold()  # the command is over: a signal now is only recorded
         except interrupts.Interrupted:
             pass
         signum = interrupts.pending()
         if signum is not None:
-            from .console import notice
-
-            notice("interrupted" if signum == signal.SIGINT else f"terminated ({signal.Signals(signum).name})")
-            return 128 + signum
+            said = "interrupted" if signum == signal.SIGINT else f"terminated ({signal.Signals(signum).name})"
+            return error(said, kind="interrupted", exit_code=128 + signum, prefix="")
         return rc if rc is not None else EXIT_INTERNAL
 
 

@@ -17,7 +17,7 @@ from .. import _version
 from ..errors import EXIT_BAD_INPUT, EXIT_DIFFERENT, EXIT_OK, UsageError
 from ..merge import OnConflict
 from . import actions, text
-from .console import exit_code_for, notice, print_json, progress, say, show, total_bytes
+from .console import error, exit_code_for, expect_json, notice, print_json, progress, say, show, total_bytes
 
 # Typer vendors click and exports only BadParameter of its exceptions; its base is UsageError.
 ClickUsageError: type[Exception] = typer.BadParameter.__mro__[1]
@@ -31,6 +31,7 @@ class _SurgeonGroup(TyperGroup):
     """Runs every command inside `_errors_to_exit_codes`: the one place errors become exit codes."""
 
     def invoke(self, ctx: Any) -> Any:
+        expect_json([*getattr(ctx, "_protected_args", ()), *ctx.args])
         with _errors_to_exit_codes():
             from ..safety import check_torch_version
 
@@ -52,7 +53,7 @@ def _errors_to_exit_codes() -> Iterator[None]:
             raise
         ctx = getattr(exc, "ctx", None)
         command = ctx.command_path if ctx else "ckptsurgeon"
-        notice(f"error: {exc.format_message()} (see '{command} --help')", style="red")
+        error(f"{exc.format_message()} (see '{command} --help')", kind="usage", exit_code=EXIT_BAD_INPUT)
         raise typer.Exit(EXIT_BAD_INPUT) from None
     except (typer.Exit, typer.Abort, KeyboardInterrupt):
         raise
@@ -427,7 +428,7 @@ def run(args: Sequence[str]) -> int:
         if _is_no_args_help(exc) and ctx is not None:
             sys.stdout.write(ctx.get_help() + "\n")
         else:
-            notice(f"error: {exc.format_message()} (see 'ckptsurgeon --help')", style="red")  # type: ignore[attr-defined]
+            error(f"{exc.format_message()} (see 'ckptsurgeon --help')", kind="usage", exit_code=EXIT_BAD_INPUT)  # type: ignore[attr-defined]
         return EXIT_BAD_INPUT
     except (typer.Abort, KeyboardInterrupt):
         notice("interrupted")

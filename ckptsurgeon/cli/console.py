@@ -81,9 +81,45 @@ def say(line: text.Line) -> None:
         sys.stdout.write(line.text + "\n")
 
 
+class _JsonState:
+    """Whether this command was asked for `--json`, and whether its document was printed."""
+
+    wanted = False
+    printed = False
+
+
+def expect_json(args: Iterable[str]) -> None:
+    """Note whether the command line `args` asks for `--json` (before any `--`), for a new command."""
+    wanted = False
+    for arg in args:
+        if arg == "--":
+            break
+        wanted = wanted or arg == "--json"
+    _JsonState.wanted, _JsonState.printed = wanted, False
+
+
 def print_json(data: Mapping[str, Any]) -> None:
     sys.stdout.write(text.to_json(data, pretty=sys.stdout.isatty()) + "\n")
     sys.stdout.flush()
+    _JsonState.printed = True
+
+
+def error(message: str, *, kind: str, exit_code: int, prefix: str = "error: ") -> int:
+    """A failure, said once: `error: MESSAGE` (`prefix` + MESSAGE) on stderr and, when the command was run with
+    `--json` and printed no document yet, `{"schema_version", "error": {"exit_code", "kind",
+    "message"}}` on stdout, so a step that pipes into `jq` never parses an empty stdout.
+    Returns `exit_code`."""
+    notice(f"{prefix}{message}", style="red")
+    return _error_document(message, kind=kind, exit_code=exit_code)
+
+
+def _error_document(message: str, *, kind: str, exit_code: int) -> int:
+    if _JsonState.wanted and not _JsonState.printed:
+        from ..summary import SCHEMA_VERSION
+
+        body = {"exit_code": exit_code, "kind": kind, "message": message}
+        print_json({"schema_version": SCHEMA_VERSION, "error": body})
+    return exit_code
 
 
 PROGRESS_MIN_BYTES = 256 << 20
@@ -120,8 +156,7 @@ def exit_code_for(exc: Exception) -> int:
     if signum is not None:
         return 128 + signum
     if isinstance(exc, CheckpointError):
-        notice(f"error: {exc}", style="red")
-        return exc.exit_code
+        return error(str(exc), kind=exc.kind, exit_code=exc.exit_code)
     if isinstance(exc, BrokenPipeError):
         with contextlib.suppress(OSError):
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
@@ -130,4 +165,4 @@ def exit_code_for(exc: Exception) -> int:
 
     consoles.err.print("internal error (a bug in ckptsurgeon; please report it with this traceback):", markup=False)
     traceback.print_exception(exc, file=sys.stderr)
-    return EXIT_INTERNAL
+    return _error_document(f"{type(exc).__name__}: {exc}", kind="internal", exit_code=EXIT_INTERNAL)

@@ -90,7 +90,9 @@ def run_fast(args: Sequence[str]) -> Optional[int]:
     import gc
     from pathlib import Path
 
-    from .console import exit_code_for, notice
+    from .console import exit_code_for, expect_json, notice
+
+    expect_json(args)
 
     # neither command makes reference cycles, but tens of thousands of tensors would set the
     # cyclic collector off again and again over the whole graph of the checkpoint
