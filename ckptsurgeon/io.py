@@ -376,10 +376,17 @@ def _write_torch(obj: Any, f: BinaryIO) -> None:
 
 
 def _write_safetensors(sd: Mapping[str, Any], f: BinaryIO, metadata: Mapping[str, str] | None) -> list[str]:
-    from safetensors.torch import save
+    """Write `sd` as safetensors with its header in the state_dict's order (the library's `save`
+    sorts it), so that reading the file back gives the keys in their order. The data is laid out
+    by decreasing element size (stable), as the library does, so every tensor is aligned."""
+    import json
 
-    from .tensors import shared_storage_groups
+    import torch
 
+    from .engine.safetensors_format import SAFETENSORS_DTYPES
+    from .tensors import dtype_name, shared_storage_groups
+
+    codes = {name: code for code, name in SAFETENSORS_DTYPES.items()}
     notes = []
     tensors = as_torch(OrderedDict(sd))
     shared = shared_storage_groups(tensors)
@@ -390,8 +397,25 @@ def _write_safetensors(sd: Mapping[str, Any], f: BinaryIO, metadata: Mapping[str
         )
     if getattr(sd, "_metadata", None):
         notes.append("safetensors has no place for the state_dict's _metadata (module versions): dropped")
-    plain = {k: v.detach().contiguous().clone() for k, v in tensors.items()}
-    f.write(save(plain, metadata=dict(metadata) if metadata else None))
+    unknown = [f"{k} ({dtype_name(v)})" for k, v in tensors.items() if dtype_name(v) not in codes]
+    if unknown:
+        raise UsageError(f"safetensors has no dtype code for {', '.join(sorted(unknown)[:10])}; write a .pt file")
+    header: dict[str, Any] = {"__metadata__": dict(metadata)} if metadata else {}
+    for k, v in tensors.items():
+        header[k] = {"dtype": codes[dtype_name(v)], "shape": [int(n) for n in v.shape], "data_offsets": [0, 0]}
+    data_order = sorted(tensors, key=lambda k: -tensors[k].element_size())  # stable: ties keep key order
+    offset = 0
+    for k in data_order:
+        end = offset + tensors[k].numel() * tensors[k].element_size()
+        header[k]["data_offsets"] = [offset, end]
+        offset = end
+    encoded = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    encoded += b" " * (-len(encoded) % 8)  # the data starts 8-byte aligned, as the library writes it
+    f.write(len(encoded).to_bytes(8, "little") + encoded)
+    for k in data_order:
+        flat = tensors[k].detach().contiguous().reshape(-1)
+        if flat.numel():
+            f.write(memoryview(flat.view(torch.uint8).numpy()))
     return notes
 
 
