@@ -310,8 +310,8 @@ def save_checkpoint(
     output = Path(output)
     notes: list[str] = []
     safetensors = is_safetensors_path(output)
-    if safetensors and not (isinstance(obj, Mapping) and all(is_tensor(v) for v in obj.values())):
-        raise UsageError(f"{output}: a .safetensors output holds a bare state_dict only")
+    if safetensors:
+        _check_safetensors_target(obj, output)
 
     def check(tmp: Path) -> None:
         _verify_written(obj, tmp, output, by_key=safetensors, unsafe=unsafe, allow_globals=frozenset(allow_globals))
@@ -322,6 +322,23 @@ def save_checkpoint(
         elif not _try_raw_write(obj, f, output, progress):
             _write_torch(obj, f)
     return notes
+
+
+def _check_safetensors_target(obj: Any, output: Path) -> None:
+    """A .safetensors file holds a flat mapping of tensors: refuse anything else, naming what."""
+    from .containers import is_extra_state_key
+    from .errors import sorted_list
+
+    if not isinstance(obj, Mapping):
+        raise UsageError(f"{output}: a .safetensors output holds a bare state_dict only")
+    others = [k for k, v in obj.items() if not is_tensor(v)]
+    if others and all(is_extra_state_key(k) for k in others):
+        raise UsageError(
+            f"{output}: safetensors holds tensors only, not the extra state (non-tensor values) at "
+            f"{sorted_list(others)}; leave it out (extract -x PATTERN) or write a .pt file"
+        )
+    if others:
+        raise UsageError(f"{output}: a .safetensors output holds a bare state_dict only")
 
 
 def _verify_written(
