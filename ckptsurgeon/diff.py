@@ -79,6 +79,7 @@ class DiffReport:
     atol: float = 0.0
     extra_state_mismatches: tuple[Mismatch, ...] = ()  # non-tensor values: a and b are descriptions
     num_equal_extra_state: int = 0
+    ignore_dtype: bool = False  # dtype mismatches are reported but do not make the checkpoints differ
 
     @property
     def identical(self) -> bool:
@@ -86,7 +87,7 @@ class DiffReport:
             self.only_in_a
             or self.only_in_b
             or self.shape_mismatches
-            or self.dtype_mismatches
+            or (self.dtype_mismatches and not self.ignore_dtype)
             or self.value_mismatches
             or self.extra_state_mismatches
         )
@@ -105,6 +106,7 @@ class DiffReport:
             "num_equal_extra_state": self.num_equal_extra_state,
             "rtol": self.rtol,
             "atol": self.atol,
+            "ignore_dtype": self.ignore_dtype,
         }
 
 
@@ -115,12 +117,15 @@ def diff_state_dicts(
     *,
     rtol: float = 0.0,
     atol: float = 0.0,
+    ignore_dtype: bool = False,
     progress: Progress | None = None,
 ) -> DiffReport:
     """Compare two state_dicts over `keys` (default: the union, A's order first).
 
     Shapes and dtypes are compared from metadata; values only where shapes agree (across dtypes
-    too, after promotion, so a cast checkpoint can be checked with a tolerance). Non-tensor values (a module's extra state) are compared by equality
+    too, after promotion, so a cast checkpoint can be checked with a tolerance). With
+    `ignore_dtype`, a dtype mismatch is still reported but does not make the report differ (its
+    values still must agree). Non-tensor values (a module's extra state) are compared by equality
     (`values_equal`). `progress` is called with the number of bytes of A compared so far, chunk
     by chunk.
     """
@@ -136,7 +141,7 @@ def diff_state_dicts(
         keys = [k for k in keys if k not in skip]
     workspace = _Workspace()
     try:
-        report = _diff(a, b, keys, rtol, atol, progress, workspace)
+        report = _diff(a, b, keys, rtol, atol, progress, workspace, ignore_dtype)
     finally:
         workspace.close()
     if extra_keys:
@@ -182,6 +187,7 @@ def _diff(
     atol: float,
     progress: Progress | None,
     workspace: _Workspace,
+    ignore_dtype: bool = False,
 ) -> DiffReport:
     only_a = tuple(k for k in keys if k in a and k not in b)
     only_b = tuple(k for k in keys if k in b and k not in a)
@@ -212,10 +218,12 @@ def _diff(
         if not match.equal:
             counted = _Counted(progress, match.reported)
             results[key] = _compare(key, a[key], b[key], rtol, atol, counted, workspace, scan=False)
-    num_equal = sum(1 for k in results if results[k] is None and dtype_name(a[k]) == dtype_name(b[k]))
+    num_equal = sum(1 for k in results if results[k] is None and (ignore_dtype or dtype_name(a[k]) == dtype_name(b[k])))
     num_equal += sum(1 for match in matches if match.equal)
     values = tuple(m for k in keys if (m := results.get(k)) is not None)
-    return DiffReport(only_a, only_b, tuple(shapes), tuple(dtypes), values, num_equal, rtol, atol)
+    return DiffReport(
+        only_a, only_b, tuple(shapes), tuple(dtypes), values, num_equal, rtol, atol, ignore_dtype=ignore_dtype
+    )
 
 
 def _import_in_background(module: str) -> None:

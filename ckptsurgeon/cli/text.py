@@ -155,7 +155,8 @@ def diff_table(report: DiffReport) -> TableData | None:
     rows = [[safe(k), "only in A"] for k in report.only_in_a]
     rows += [[safe(k), "only in B"] for k in report.only_in_b]
     rows += [[safe(m.key), f"shape {shape_text(m.a)} vs {shape_text(m.b)}"] for m in report.shape_mismatches]
-    rows += [[safe(m.key), f"dtype {m.a} vs {m.b}"] for m in report.dtype_mismatches]
+    ignored = " (ignored)" if report.ignore_dtype else ""
+    rows += [[safe(m.key), f"dtype {m.a} vs {m.b}{ignored}"] for m in report.dtype_mismatches]
     rows += [[safe(m.key), f"extra state: {safe(m.a)} vs {safe(m.b)}, not equal"] for m in report.extra_state_mismatches]
     rows += [
         [
@@ -170,12 +171,14 @@ def diff_table(report: DiffReport) -> TableData | None:
 def diff_summary(report: DiffReport) -> Line:
     extra = f", {report.num_equal_extra_state} extra state equal" if report.num_equal_extra_state else ""
     if report.identical:
-        return Line(f"identical: {report.num_equal} tensors equal{extra}", "green")
+        cast = len(report.dtype_mismatches)
+        ignored = f" ({cast} of them in another dtype, ignored)" if cast else ""
+        return Line(f"identical: {report.num_equal} tensors equal{ignored}{extra}", "green")
     parts = [
         (len(report.only_in_a), "only in A"),
         (len(report.only_in_b), "only in B"),
         (len(report.shape_mismatches), "shape mismatches"),
-        (len(report.dtype_mismatches), "dtype mismatches"),
+        (len(report.dtype_mismatches), "dtype mismatches" + (" (ignored)" if report.ignore_dtype else "")),
         (len(report.value_mismatches), "value mismatches"),
         (len(report.extra_state_mismatches), "extra state mismatches"),
     ]
