@@ -6,7 +6,14 @@ from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
 from .engine.meta import DTYPE_ITEMSIZE, TensorMeta
-from .tensors import dtype_name, is_tensor, nbytes_of, numel_of, shape_of, shared_storage_groups
+from .tensors import (
+    dtype_name,
+    is_tensor,
+    nbytes_of,
+    numel_of,
+    shape_of,
+    shared_storage_groups,
+)
 
 SCHEMA_VERSION = 1
 

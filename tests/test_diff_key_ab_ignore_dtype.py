@@ -8,9 +8,9 @@ from typing import Any
 
 import pytest
 import torch
+from conftest import trained_smallcnn
 
 from ckptsurgeon.diff import diff_state_dicts
-from conftest import trained_smallcnn
 
 
 def run(cli: Any, *args: Any, code: int) -> Any:
