@@ -7,6 +7,7 @@ tensors or engine TensorMeta leaves; they never import torch.
 
 from __future__ import annotations
 
+import io
 from collections.abc import Mapping
 from typing import Any
 
@@ -26,14 +27,38 @@ STATE_DICT_NAMES = (
 
 KeyPath = tuple[Any, ...]
 
+EXTRA_STATE = "_extra_state"  # torch's key for what a module's get_extra_state returns
+
+
+def is_extra_state_key(key: Any) -> bool:
+    """`<module>._extra_state`, or `_extra_state` itself (the top module): torch's get_extra_state key."""
+    return isinstance(key, str) and (key == EXTRA_STATE or key.endswith("." + EXTRA_STATE))
+
 
 def is_tensor_mapping(obj: Any) -> bool:
-    """A non-empty mapping with string keys whose values are all tensors."""
-    return (
-        isinstance(obj, Mapping)
-        and len(obj) > 0
-        and all(isinstance(k, str) and is_tensor(v) for k, v in obj.items())
-    )
+    """A non-empty mapping with string keys whose values are all tensors, except that extra state
+    entries (see `is_extra_state_key`) may hold any value; at least one value is a tensor."""
+    if not isinstance(obj, Mapping) or len(obj) == 0:
+        return False
+    tensors = 0
+    for k, v in obj.items():
+        if not isinstance(k, str):
+            return False
+        if is_tensor(v):
+            tensors += 1
+        elif not is_extra_state_key(k):
+            return False
+    return tensors > 0
+
+
+def _extra_state_only(obj: Any) -> bool:
+    """A non-empty mapping of extra state entries only (a state_dict of a model without tensors)."""
+    return isinstance(obj, Mapping) and len(obj) > 0 and all(is_extra_state_key(k) for k in obj)
+
+
+def non_tensor_keys(state_dict: Mapping[str, Any]) -> list[str]:
+    """The keys of a state_dict whose values are not tensors (extra state), in order."""
+    return [k for k, v in state_dict.items() if not is_tensor(v)]
 
 
 def format_key_path(path: KeyPath) -> str:
@@ -90,14 +115,15 @@ def get_path(obj: Any, path: KeyPath) -> Any:
 def find_state_dict(obj: Any, key: str | None = None) -> tuple[KeyPath | None, Mapping[str, Any]]:
     """Locate the state_dict in `obj`: returns (path to it or None for the top level, the mapping).
 
-    Rules: `key` (a dotted path) if given; else the top level if all its values are tensors; else
+    Rules: `key` (a dotted path) if given; else the top level if all its values are tensors (extra
+    state entries, `<module>._extra_state`, may hold anything: see `is_tensor_mapping`); else
     the first of STATE_DICT_NAMES whose value is a mapping of tensors; else the single nested
     mapping of tensors. Ambiguity or nothing found raises ContainerError listing the candidates.
     """
     if key is not None:
         path = resolve_key_path(obj, key)
         found = get_path(obj, path)
-        if not (isinstance(found, Mapping) and (len(found) == 0 or is_tensor_mapping(found))):
+        if not (isinstance(found, Mapping) and (len(found) == 0 or is_tensor_mapping(found) or _extra_state_only(found))):
             raise ContainerError(f"--key {key!r} does not name a mapping of tensors")
         return (path or None), found
     if isinstance(obj, Mapping) and (len(obj) == 0 or is_tensor_mapping(obj)):
@@ -144,6 +170,10 @@ def describe_value(value: Any) -> str:
         return repr(value) if len(value) <= 60 else repr(value[:57]) + "..."
     if is_tensor(value):
         return "tensor"
+    if isinstance(value, (bytes, bytearray)):
+        return f"{type(value).__name__} ({len(value)} bytes)"
+    if isinstance(value, io.BytesIO):  # Transformer Engine's extra state (read only with --unsafe)
+        return f"BytesIO ({len(value.getbuffer())} bytes)"
     if isinstance(value, Mapping):
         return f"{type(value).__name__} ({len(value)} entries)"
     if isinstance(value, (list, tuple)):

@@ -10,7 +10,9 @@ give the same numbers: the same float64 operations, element by element).
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
+import io
 import math
 import sys
 import threading
@@ -21,7 +23,7 @@ from typing import Any
 
 from .engine.data import compare_spans, map_chunk_pairs
 from .engine.meta import TensorMeta
-from .tensors import dtype_name, shape_of
+from .tensors import dtype_name, is_tensor, shape_of
 
 SCHEMA_VERSION = 1
 CHUNK_BYTES = 16 << 20
@@ -75,11 +77,19 @@ class DiffReport:
     num_equal: int
     rtol: float = 0.0
     atol: float = 0.0
+    extra_state_mismatches: tuple[Mismatch, ...] = ()  # non-tensor values: a and b are descriptions
+    num_equal_extra_state: int = 0
+    ignore_dtype: bool = False  # dtype mismatches are reported but do not make the checkpoints differ
 
     @property
     def identical(self) -> bool:
         return not (
-            self.only_in_a or self.only_in_b or self.shape_mismatches or self.dtype_mismatches or self.value_mismatches
+            self.only_in_a
+            or self.only_in_b
+            or self.shape_mismatches
+            or (self.dtype_mismatches and not self.ignore_dtype)
+            or self.value_mismatches
+            or self.extra_state_mismatches
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -91,9 +101,12 @@ class DiffReport:
             "shape_mismatches": [m.to_dict() for m in self.shape_mismatches],
             "dtype_mismatches": [m.to_dict() for m in self.dtype_mismatches],
             "value_mismatches": [m.to_dict() for m in self.value_mismatches],
+            "extra_state_mismatches": [m.to_dict() for m in self.extra_state_mismatches],
             "num_equal": self.num_equal,
+            "num_equal_extra_state": self.num_equal_extra_state,
             "rtol": self.rtol,
             "atol": self.atol,
+            "ignore_dtype": self.ignore_dtype,
         }
 
 
@@ -104,22 +117,66 @@ def diff_state_dicts(
     *,
     rtol: float = 0.0,
     atol: float = 0.0,
+    ignore_dtype: bool = False,
     progress: Progress | None = None,
 ) -> DiffReport:
     """Compare two state_dicts over `keys` (default: the union, A's order first).
 
     Shapes and dtypes are compared from metadata; values only where shapes agree (across dtypes
-    too, after promotion, so a cast checkpoint can be checked with a tolerance). `progress` is
-    called with the number of bytes of A compared so far, chunk by chunk.
+    too, after promotion, so a cast checkpoint can be checked with a tolerance). With
+    `ignore_dtype`, a dtype mismatch is still reported but does not make the report differ (its
+    values still must agree). Non-tensor values (a module's extra state) are compared by equality
+    (`values_equal`). `progress` is called with the number of bytes of A compared so far, chunk
+    by chunk.
     """
     if keys is None:
         keys = list(a) + [k for k in b if k not in a]
+    extra_keys = [k for k in keys if k in a and k in b and not (is_tensor(a[k]) and is_tensor(b[k]))]
+    extra: list[Mismatch] = []
+    if extra_keys:
+        from .containers import describe_value
+
+        extra = [Mismatch(k, describe_value(a[k]), describe_value(b[k])) for k in extra_keys if not values_equal(a[k], b[k])]
+        skip = set(extra_keys)
+        keys = [k for k in keys if k not in skip]
     workspace = _Workspace()
     try:
-        report = _diff(a, b, keys, rtol, atol, progress, workspace)
+        report = _diff(a, b, keys, rtol, atol, progress, workspace, ignore_dtype)
     finally:
         workspace.close()
+    if extra_keys:
+        report = dataclasses.replace(
+            report, extra_state_mismatches=tuple(extra), num_equal_extra_state=len(extra_keys) - len(extra)
+        )
     return report
+
+
+def values_equal(x: Any, y: Any, _depth: int = 0) -> bool:
+    """Equality of two state_dict values that need not be tensors (a module's extra state):
+    plain data by `==` (NaN equals NaN), mappings and sequences item by item, tensors inside
+    them by shape, dtype and exact values, `io.BytesIO` by content."""
+    if is_tensor(x) or is_tensor(y):
+        return (
+            is_tensor(x)
+            and is_tensor(y)
+            and shape_of(x) == shape_of(y)
+            and dtype_name(x) == dtype_name(y)
+            and compare_values("", x, y) is None
+        )
+    if _depth > 100:
+        return False
+    if isinstance(x, Mapping) and isinstance(y, Mapping):
+        return x.keys() == y.keys() and all(values_equal(x[k], y[k], _depth + 1) for k in x)
+    if isinstance(x, (list, tuple)) and isinstance(y, (list, tuple)):
+        return type(x) is type(y) and len(x) == len(y) and all(values_equal(i, j, _depth + 1) for i, j in zip(x, y))
+    if isinstance(x, float) and isinstance(y, float) and math.isnan(x) and math.isnan(y):
+        return True
+    if isinstance(x, io.BytesIO) and isinstance(y, io.BytesIO):
+        return x.getbuffer() == y.getbuffer()
+    try:
+        return bool(x == y)
+    except Exception:  # noqa: BLE001 (an object whose == cannot say: not known to be equal)
+        return False
 
 
 def _diff(
@@ -130,6 +187,7 @@ def _diff(
     atol: float,
     progress: Progress | None,
     workspace: _Workspace,
+    ignore_dtype: bool = False,
 ) -> DiffReport:
     only_a = tuple(k for k in keys if k in a and k not in b)
     only_b = tuple(k for k in keys if k in b and k not in a)
@@ -160,10 +218,12 @@ def _diff(
         if not match.equal:
             counted = _Counted(progress, match.reported)
             results[key] = _compare(key, a[key], b[key], rtol, atol, counted, workspace, scan=False)
-    num_equal = sum(1 for k in results if results[k] is None and dtype_name(a[k]) == dtype_name(b[k]))
+    num_equal = sum(1 for k in results if results[k] is None and (ignore_dtype or dtype_name(a[k]) == dtype_name(b[k])))
     num_equal += sum(1 for match in matches if match.equal)
     values = tuple(m for k in keys if (m := results.get(k)) is not None)
-    return DiffReport(only_a, only_b, tuple(shapes), tuple(dtypes), values, num_equal, rtol, atol)
+    return DiffReport(
+        only_a, only_b, tuple(shapes), tuple(dtypes), values, num_equal, rtol, atol, ignore_dtype=ignore_dtype
+    )
 
 
 def _import_in_background(module: str) -> None:

@@ -371,8 +371,8 @@ def save_checkpoint(
     output = Path(output)
     notes: list[str] = []
     safetensors = is_safetensors_path(output)
-    if safetensors and not (isinstance(obj, Mapping) and all(is_tensor(v) for v in obj.values())):
-        raise UsageError(f"{output}: a .safetensors output holds a bare state_dict only")
+    if safetensors:
+        _check_safetensors_target(obj, output)
 
     def check(tmp: Path) -> None:
         _verify_written(obj, tmp, output, by_key=safetensors, unsafe=unsafe, allow_globals=frozenset(allow_globals))
@@ -383,6 +383,23 @@ def save_checkpoint(
         elif not _try_raw_write(obj, f, output, progress):
             _write_torch(obj, f)
     return notes
+
+
+def _check_safetensors_target(obj: Any, output: Path) -> None:
+    """A .safetensors file holds a flat mapping of tensors: refuse anything else, naming what."""
+    from .containers import is_extra_state_key
+    from .errors import sorted_list
+
+    if not isinstance(obj, Mapping):
+        raise UsageError(f"{output}: a .safetensors output holds a bare state_dict only")
+    others = [k for k, v in obj.items() if not is_tensor(v)]
+    if others and all(is_extra_state_key(k) for k in others):
+        raise UsageError(
+            f"{output}: safetensors holds tensors only, not the extra state (non-tensor values) at "
+            f"{sorted_list(others)}; leave it out (extract -x PATTERN) or write a .pt file"
+        )
+    if others:
+        raise UsageError(f"{output}: a .safetensors output holds a bare state_dict only")
 
 
 def _verify_written(
@@ -439,10 +456,17 @@ def _write_torch(obj: Any, f: BinaryIO) -> None:
 
 
 def _write_safetensors(sd: Mapping[str, Any], f: BinaryIO, metadata: Mapping[str, str] | None) -> list[str]:
-    from safetensors.torch import save
+    """Write `sd` as safetensors with its header in the state_dict's order (the library's `save`
+    sorts it), so that reading the file back gives the keys in their order. The data is laid out
+    by decreasing element size (stable), as the library does, so every tensor is aligned."""
+    import json
 
-    from .tensors import shared_storage_groups
+    import torch
 
+    from .engine.safetensors_format import SAFETENSORS_DTYPES
+    from .tensors import dtype_name, shared_storage_groups
+
+    codes = {name: code for code, name in SAFETENSORS_DTYPES.items()}
     notes = []
     tensors = as_torch(OrderedDict(sd))
     shared = shared_storage_groups(tensors)
@@ -453,8 +477,25 @@ def _write_safetensors(sd: Mapping[str, Any], f: BinaryIO, metadata: Mapping[str
         )
     if getattr(sd, "_metadata", None):
         notes.append("safetensors has no place for the state_dict's _metadata (module versions): dropped")
-    plain = {k: v.detach().contiguous().clone() for k, v in tensors.items()}
-    f.write(save(plain, metadata=dict(metadata) if metadata else None))
+    unknown = [f"{k} ({dtype_name(v)})" for k, v in tensors.items() if dtype_name(v) not in codes]
+    if unknown:
+        raise UsageError(f"safetensors has no dtype code for {', '.join(sorted(unknown)[:10])}; write a .pt file")
+    header: dict[str, Any] = {"__metadata__": dict(metadata)} if metadata else {}
+    for k, v in tensors.items():
+        header[k] = {"dtype": codes[dtype_name(v)], "shape": [int(n) for n in v.shape], "data_offsets": [0, 0]}
+    data_order = sorted(tensors, key=lambda k: -tensors[k].element_size())  # stable: ties keep key order
+    offset = 0
+    for k in data_order:
+        end = offset + tensors[k].numel() * tensors[k].element_size()
+        header[k]["data_offsets"] = [offset, end]
+        offset = end
+    encoded = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    encoded += b" " * (-len(encoded) % 8)  # the data starts 8-byte aligned, as the library writes it
+    f.write(len(encoded).to_bytes(8, "little") + encoded)
+    for k in data_order:
+        flat = tensors[k].detach().contiguous().reshape(-1)
+        if flat.numel():
+            f.write(memoryview(flat.view(torch.uint8).numpy()))
     return notes
 
 

@@ -12,7 +12,7 @@ from typing import Any
 
 from .engine.meta import FLOATING_DTYPES, TensorMeta
 from .errors import ConflictError, UsageError, sorted_list
-from .tensors import dtype_name, nbytes_of, shape_of
+from .tensors import dtype_name, is_tensor, nbytes_of, shape_of
 
 
 class OnConflict(str, Enum):
@@ -107,11 +107,16 @@ def check_averageable(state_dicts: Sequence[Mapping[str, Any]]) -> None:
             problems.append(f"input {i} lacks {sorted_list(missing, 5)}")
         if extra:
             problems.append(f"input {i} has extra {sorted_list(extra, 5)}")
-        shapes = [k for k in first if k in sd and shape_of(first[k]) != shape_of(sd[k])]
+        shapes = [k for k in first if k in sd and _shape(first[k]) != _shape(sd[k])]
         if shapes:
             problems.append(f"input {i} differs in shape at {sorted_list(shapes, 5)}")
     if problems:
         raise ConflictError("--average needs the same keys and shapes in every input: " + "; ".join(problems))
+
+
+def _shape(value: Any) -> tuple[int, ...] | None:
+    """A tensor's shape; None for a non-tensor value (a module's extra state)."""
+    return shape_of(value) if is_tensor(value) else None
 
 
 def average_state_dicts(
@@ -123,7 +128,8 @@ def average_state_dicts(
 ) -> tuple[OrderedDict[str, Any], MergeReport]:
     """Weighted mean of every floating-point tensor (computed in at least float32, cast back).
 
-    Integer and bool tensors are taken from the first input, with a warning where inputs disagree.
+    Integer and bool tensors, and non-tensor values (a module's extra state), are taken from the
+    first input, with a warning where inputs disagree.
     Streams key by key: one output tensor and the inputs' tensors for that key are in memory at a
     time (engine tensors are read from disk as needed). Each finished tensor goes to `sink` (e.g.
     `io.staged_tensors(...).add`, which puts it on disk and returns a TensorMeta) and the result
@@ -132,7 +138,7 @@ def average_state_dicts(
     """
     import torch
 
-    from .diff import compare_values
+    from .diff import compare_values, values_equal
     from .tensors import storage_id
 
     def load(t: Any) -> Any:
@@ -151,6 +157,11 @@ def average_state_dicts(
     warnings: list[str] = []
     done: dict[Any, Any] = {}
     for key, t0 in first.items():
+        if not is_tensor(t0):
+            out[key] = t0
+            if not all(values_equal(t0, sd[key]) for sd in state_dicts[1:]):
+                warnings.append(f"{key}: extra state differs between inputs; taken from the first")
+            continue
         tie = (storage_id(t0), shape_of(t0), _stride(t0), _offset(t0), tuple(storage_id(sd[key]) for sd in state_dicts))
         if tie in done:
             out[key] = done[tie]

@@ -412,13 +412,29 @@ def _restoring_state(model: nn.Module) -> Iterator[None]:
             module._buffers.update(buffers)
 
 
+@contextlib.contextmanager
+def _no_set_extra_state(model: nn.Module) -> Iterator[None]:
+    """Make every module's `set_extra_state` a no-op for the duration (an instance attribute over
+    the class's method): the trial load hands it a placeholder, not the checkpoint's value."""
+    patched = [m for m in model.modules() if type(m).set_extra_state is not nn.Module.set_extra_state]
+    for m in patched:
+        m.set_extra_state = lambda state: None  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        for m in patched:
+            with contextlib.suppress(AttributeError):
+                del m.set_extra_state
+
+
 def check_model(
-    shapes: Mapping[str, tuple[int, ...]],
+    shapes: Mapping[str, tuple[int, ...] | None],
     model: nn.Module,
     *,
     metadata: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> ModelReport:
-    """Judge a checkpoint (key -> shape, plus its `_metadata`) against `model`.
+    """Judge a checkpoint (key -> shape, None for a non-tensor value such as extra state, plus its
+    `_metadata`) against `model`.
 
     Shape mismatches come from comparing with ``model.state_dict()`` shapes (with torch's 0-d
     compatibility rule); missing and unexpected keys come from torch itself: float32 meta tensors
@@ -426,12 +442,17 @@ def check_model(
     ``model.load_state_dict(..., strict=False, assign=True)``, so module-specific loading logic
     (BatchNorm's `num_batches_tracked` versioning, non-persistent buffers, hooks) applies.
     The model is left as it was: its original parameter and buffer objects are put back
-    afterwards (tying intact), so a real model works too, not only a meta one.
+    afterwards (tying intact), so a real model works too, not only a meta one. Modules'
+    `set_extra_state` are not called: torch's loader only checks that their `_extra_state` keys
+    are there.
     """
     model_shapes = _model_shapes(model)
     mismatches: list[ShapeMismatch] = []
     trial: OrderedDict[str, torch.Tensor] = OrderedDict()
     for key, shape in shapes.items():
+        if shape is None:  # a non-tensor value (extra state): only its key matters to the check
+            trial[key] = None  # type: ignore[assignment]
+            continue
         shape = tuple(int(s) for s in shape)
         expected = model_shapes.get(key)
         if expected is not None and _shape_refused(shape, expected):
@@ -451,7 +472,7 @@ def check_model(
     errors: list[str] = []
     handle = model.register_load_state_dict_post_hook(capture)
     try:
-        with _restoring_state(model):
+        with _restoring_state(model), _no_set_extra_state(model):
             result = model.load_state_dict(trial, strict=False, assign=True)
         missing, unexpected = list(result.missing_keys), list(result.unexpected_keys)
     except Exception as exc:

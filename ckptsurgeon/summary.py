@@ -6,7 +6,14 @@ from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
 from .engine.meta import DTYPE_ITEMSIZE, TensorMeta
-from .tensors import dtype_name, nbytes_of, numel_of, shape_of, shared_storage_groups
+from .tensors import (
+    dtype_name,
+    is_tensor,
+    nbytes_of,
+    numel_of,
+    shape_of,
+    shared_storage_groups,
+)
 
 SCHEMA_VERSION = 1
 
@@ -33,9 +40,16 @@ class DtypeTotal(NamedTuple):
 
 
 class InspectReport:
-    """Rows, totals, per-dtype breakdown, container entries and storage sharing of a state_dict."""
+    """Rows, totals, per-dtype breakdown, container entries and storage sharing of a state_dict.
 
-    __slots__ = ("format", "state_dict_key", "tensors", "dtypes", "shared_storage", "other_entries", "num_selected_of", "model")
+    `extra_state` holds the state_dict's non-tensor entries (a module's `get_extra_state`, key
+    `<module>._extra_state`) as (key, short description); they are not rows and not counted.
+    """
+
+    __slots__ = (
+        "format", "state_dict_key", "tensors", "dtypes", "shared_storage", "other_entries", "num_selected_of", "model",
+        "extra_state",
+    )
 
     def __init__(
         self,
@@ -47,6 +61,7 @@ class InspectReport:
         other_entries: tuple[tuple[str, str], ...] = (),
         num_selected_of: int = 0,  # size of the whole state_dict (rows may be a selection)
         model: Mapping[str, Any] | None = None,
+        extra_state: tuple[tuple[str, str], ...] = (),
     ) -> None:
         self.format = format
         self.state_dict_key = state_dict_key
@@ -56,6 +71,7 @@ class InspectReport:
         self.other_entries = other_entries
         self.num_selected_of = num_selected_of
         self.model = model
+        self.extra_state = extra_state
 
     @property
     def num_tensors(self) -> int:
@@ -82,6 +98,7 @@ class InspectReport:
             "dtypes": [d.to_dict() for d in self.dtypes],
             "shared_storage": [list(g) for g in self.shared_storage],
             "other_entries": {k: v for k, v in self.other_entries},
+            "extra_state": {k: v for k, v in self.extra_state},
         }
         if self.model is not None:
             out.update(self.model)
@@ -103,8 +120,20 @@ def inspect_state_dict(
     state_dict_key: str | None = None,
     other_entries: Sequence[tuple[str, str]] = (),
 ) -> InspectReport:
-    """Summarise the tensors of `state_dict` named by `keys` (a selection, in order)."""
+    """Summarise the tensors of `state_dict` named by `keys` (a selection, in order); selected
+    non-tensor entries (extra state) are listed apart, with a short description."""
     values = [state_dict[k] for k in keys]
+    num_in_state_dict = len(state_dict)
+    extra: tuple[tuple[str, str], ...] = ()
+    if not all(type(v) is TensorMeta or is_tensor(v) for v in values) or (
+        len(values) != len(state_dict) and not all(map(is_tensor, state_dict.values()))
+    ):
+        from .containers import describe_value
+
+        extra = tuple((k, describe_value(v)) for k, v in zip(keys, values) if not is_tensor(v))
+        keys = [k for k, v in zip(keys, values) if is_tensor(v)]
+        values = [state_dict[k] for k in keys]
+        num_in_state_dict = sum(1 for v in state_dict.values() if is_tensor(v))
     rows = tuple(map(_row, keys, values))
     totals: dict[str, list[int]] = {}
     for r in rows:
@@ -121,5 +150,6 @@ def inspect_state_dict(
         dtypes=dtypes,
         shared_storage=tuple(tuple(g) for g in shared),
         other_entries=tuple(other_entries),
-        num_selected_of=len(state_dict),
+        num_selected_of=num_in_state_dict,
+        extra_state=extra,
     )

@@ -68,11 +68,13 @@ def model_check(
             raise UsageError("--model-kwargs needs --model")
         return None
     from ..model import check_model, load_model
-    from ..tensors import shape_of
+    from ..tensors import is_tensor, shape_of
 
     model = load_model(spec, kwargs)
     report = check_model(
-        {k: shape_of(v) for k, v in state_dict.items()}, model, metadata=getattr(state_dict, "_metadata", None)
+        {k: shape_of(v) if is_tensor(v) else None for k, v in state_dict.items()},
+        model,
+        metadata=getattr(state_dict, "_metadata", None),
     )
     data = report.to_dict()
     data["suggestions"] = [s.command(ckpt_path, out_path) for s in report.renames]
@@ -204,16 +206,26 @@ def writer_report(command: str, output: Path, state_dict: Mapping[str, Any], *, 
         "dry_run": dry_run,
         "written": not dry_run,
         "keys": list(state_dict),
-        "num_tensors": len(state_dict),
+        "num_tensors": len(state_dict) - len(_extra_state(state_dict)),
+        "extra_state": _extra_state(state_dict),
         "total_bytes": total_bytes(state_dict.values()),
         "notes": list(notes),
         **extra,
     }
 
 
+def _extra_state(state_dict: Mapping[str, Any]) -> list[str]:
+    """The keys of non-tensor values (a module's extra state)."""
+    from ..containers import non_tensor_keys
+
+    return non_tensor_keys(state_dict)
+
+
 def report_done(output: Path, state_dict: Mapping[str, Any]) -> None:
     total = total_bytes(state_dict.values())
-    notice(f"wrote {len(state_dict)} tensors ({text.human_bytes(total)}) to {output}")
+    extra = len(_extra_state(state_dict))
+    also = f" and {extra} extra state {'entry' if extra == 1 else 'entries'}" if extra else ""
+    notice(f"wrote {len(state_dict) - extra} tensors{also} ({text.human_bytes(total)}) to {output}")
 
 
 def model_extra(model_data: Optional[dict[str, Any]]) -> dict[str, Any]:

@@ -368,7 +368,12 @@ def diff(
     regex: Regex = False,
     rtol: Annotated[float, typer.Option("--rtol", help="Relative tolerance: equal when |a-b| <= atol + rtol*|b|.", min=0.0)] = 0.0,
     atol: Annotated[float, typer.Option("--atol", help="Absolute tolerance.", min=0.0)] = 0.0,
+    ignore_dtype: Annotated[
+        bool, typer.Option("--ignore-dtype", help="Report dtype changes but do not count them as differences (values must still agree).")
+    ] = False,
     key: Key = None,
+    key_a: Annotated[Optional[str], typer.Option("--key-a", help="Dotted path of A's state_dict (overrides --key for A).")] = None,
+    key_b: Annotated[Optional[str], typer.Option("--key-b", help="Dotted path of B's state_dict (overrides --key for B).")] = None,
     as_json: JsonOut = False,
     model: ModelSpec = None,
     model_kwargs: ModelKwargs = None,
@@ -379,17 +384,20 @@ def diff(
 ) -> int:
     """Compare two checkpoints: keys only in one, shape, dtype and value mismatches.
 
-    Exit 0 when identical (within --rtol/--atol), 1 when different. With --model, both sides are
-    also checked against the model (exit 1 when either does not fit).
+    Exit 0 when identical (within --rtol/--atol), 1 when different. --key sets the state_dict of
+    both sides, --key-a/--key-b one side. With --model, both sides are also checked against the
+    model (exit 1 when either does not fit).
     """
     from ..diff import diff_state_dicts
 
-    ca = actions.load(a, key=key, unsafe=unsafe, allow_global=allow_global)
-    cb = actions.load(b, key=key, unsafe=unsafe, allow_global=allow_global)
+    ca = actions.load(a, key=key_a if key_a is not None else key, unsafe=unsafe, allow_global=allow_global)
+    cb = actions.load(b, key=key_b if key_b is not None else key, unsafe=unsafe, allow_global=allow_global)
     union = list(ca.state_dict) + [k for k in cb.state_dict if k not in ca.state_dict]
     keys = actions.select(union, include, exclude, regex) if (include or exclude) else union
     with progress("comparing", total_bytes(ca.state_dict[k] for k in keys if k in ca.state_dict)) as advance:
-        report = diff_state_dicts(ca.state_dict, cb.state_dict, keys, rtol=rtol, atol=atol, progress=advance)
+        report = diff_state_dicts(
+            ca.state_dict, cb.state_dict, keys, rtol=rtol, atol=atol, ignore_dtype=ignore_dtype, progress=advance
+        )
     models = {}
     for side, c in (("a", ca), ("b", cb)):
         m = actions.model_check(c.state_dict, model, model_kwargs, allow_missing=allow_missing, allow_unexpected=allow_unexpected, ckpt_path=str(c.path))

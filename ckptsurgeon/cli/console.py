@@ -140,9 +140,10 @@ def progress(description: str, total_bytes: int) -> Iterator[Optional[Callable[[
 
 
 def total_bytes(tensors: Iterable[Any]) -> int:
-    from ..tensors import nbytes_of
+    """Bytes of the tensors among `tensors` (a state_dict's extra state entries count nothing)."""
+    from ..tensors import is_tensor, nbytes_of
 
-    return sum(nbytes_of(t) for t in tensors)
+    return sum(nbytes_of(t) for t in tensors if is_tensor(t))
 
 
 def exit_code_for(exc: Exception) -> int:

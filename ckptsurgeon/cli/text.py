@@ -98,12 +98,19 @@ def inspect_table(
     if kinds is not None:
         for row, r in zip(rows, report.tensors):
             row.append(kinds.get(r.key, "").replace("_", " "))
+    for key, description in report.extra_state:  # non-tensor entries: a module's get_extra_state
+        rows.append([safe(key), "extra state", safe(description), "", ""])
+        if kinds is not None:
+            rows[-1].append(kinds.get(key, "").replace("_", " "))
     if kinds is not None and model is not None:
         rows += [[safe(k), "", "", "", "", "missing"] for k in model.get("missing_keys", [])]
     styles = {(i, 5): KIND_STYLE.get(row[5], "green") for i, row in enumerate(rows)} if kinds is not None else {}
     caption = f"{report.num_tensors} tensors, {report.num_elements:,} elements, {human_bytes(report.total_bytes)}"
     if report.num_selected_of != report.num_tensors:
         caption += f" (selected of {report.num_selected_of})"
+    if report.extra_state:
+        n = len(report.extra_state)
+        caption += f"; {n} extra state {'entry' if n == 1 else 'entries'}"
     return TableData(headers, rows, f"{title} ({report.format})", caption, frozenset({3, 4}), styles)
 
 
@@ -144,12 +151,13 @@ def model_lines(model: Mapping[str, Any], allow_missing: bool, allow_unexpected:
 
 
 def diff_table(report: DiffReport) -> TableData | None:
-    if report.identical:
-        return None
+    """Every difference, one row a key; None when there is nothing to show."""
     rows = [[safe(k), "only in A"] for k in report.only_in_a]
     rows += [[safe(k), "only in B"] for k in report.only_in_b]
     rows += [[safe(m.key), f"shape {shape_text(m.a)} vs {shape_text(m.b)}"] for m in report.shape_mismatches]
-    rows += [[safe(m.key), f"dtype {m.a} vs {m.b}"] for m in report.dtype_mismatches]
+    ignored = " (ignored)" if report.ignore_dtype else ""
+    rows += [[safe(m.key), f"dtype {m.a} vs {m.b}{ignored}"] for m in report.dtype_mismatches]
+    rows += [[safe(m.key), f"extra state: {safe(m.a)} vs {safe(m.b)}, not equal"] for m in report.extra_state_mismatches]
     rows += [
         [
             safe(v.key),
@@ -157,21 +165,25 @@ def diff_table(report: DiffReport) -> TableData | None:
         ]
         for v in report.value_mismatches
     ]
-    return TableData(("key", "difference"), rows)
+    return TableData(("key", "difference"), rows) if rows else None
 
 
 def diff_summary(report: DiffReport) -> Line:
+    extra = f", {report.num_equal_extra_state} extra state equal" if report.num_equal_extra_state else ""
     if report.identical:
-        return Line(f"identical: {report.num_equal} tensors equal", "green")
+        cast = len(report.dtype_mismatches)
+        ignored = f" ({cast} of them in another dtype, ignored)" if cast else ""
+        return Line(f"identical: {report.num_equal} tensors equal{ignored}{extra}", "green")
     parts = [
         (len(report.only_in_a), "only in A"),
         (len(report.only_in_b), "only in B"),
         (len(report.shape_mismatches), "shape mismatches"),
-        (len(report.dtype_mismatches), "dtype mismatches"),
+        (len(report.dtype_mismatches), "dtype mismatches" + (" (ignored)" if report.ignore_dtype else "")),
         (len(report.value_mismatches), "value mismatches"),
+        (len(report.extra_state_mismatches), "extra state mismatches"),
     ]
     counted = ", ".join(f"{n} {label}" for n, label in parts if n)
-    return Line(f"different: {counted}; {report.num_equal} equal", "red")
+    return Line(f"different: {counted}; {report.num_equal} equal{extra}", "red")
 
 
 # ------------------------------------------------------------------------------------- writers

@@ -62,7 +62,7 @@ def _pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 
 def parse_header(header: bytes, data_size: int, path: str, source: Source, data_start: int
                  ) -> tuple[OrderedDict[str, TensorMeta], dict[str, str] | None]:
-    """Tensors (in data-offset order, as `safetensors.torch.load_file` returns them) and
+    """Tensors (in the header's order: a state_dict's order when ckptsurgeon wrote the file) and
     `__metadata__` of a safetensors header whose data region holds `data_size` bytes."""
 
     def bad(reason: str) -> BadCheckpointError:
@@ -111,14 +111,14 @@ def parse_header(header: bytes, data_size: int, path: str, source: Source, data_
                 f"data_offsets {offsets} give {offsets[1] - offsets[0]}"
             )
         entries.append((offsets[0], offsets[1], name, dtype, tuple(shape)))
-    entries.sort()
-    tensors: OrderedDict[str, TensorMeta] = OrderedDict()
     expected = 0
-    for begin, end, name, dtype, shape in entries:
+    for begin, end, name, _, _ in sorted(entries):  # the data, in file order, leaves no gap
         if begin != expected:
             what = "overlaps the previous tensor" if begin < expected else "leaves a gap before it"
             raise bad(f"tensor {name!r} at bytes [{begin}, {end}) {what}")
         expected = end
+    tensors: OrderedDict[str, TensorMeta] = OrderedDict()
+    for begin, end, name, dtype, shape in entries:
         stride = []
         step = 1
         for d in reversed(shape):
