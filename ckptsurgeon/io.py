@@ -133,7 +133,9 @@ def _torch_load(src: Source, fmt: str, *, unsafe: bool, allow_globals: frozenset
 
         try:
             with safe_open(opened, framework="pt") as f:
-                return OrderedDict((k, f.get_tensor(k)) for k in f.keys())
+                tensors = OrderedDict((k, f.get_tensor(k)) for k in f.keys())
+                tensors_metadata = f.metadata()
+            return tensors, tensors_metadata
         except Exception as exc:
             raise BadCheckpointError(f"{path}: not a readable safetensors file: {_one_line(exc)}") from None
     kwargs: dict[str, Any] = {"map_location": "cpu", "weights_only": not unsafe}
@@ -234,13 +236,20 @@ def _read_source(src: Source, *, unsafe: bool, allow_globals: frozenset[str]) ->
         if not unsafe:
             raise
     if raw is not None:
-        return raw.format, raw.obj, "raw", raw.metadata
-    from .engine.read import detect_format
+        fmt, obj, engine, metadata = raw.format, raw.obj, "raw", raw.metadata
+    else:
+        from .engine.read import detect_format
 
-    fmt = detect_format(src)
-    obj = _torch_load(src, fmt, unsafe=unsafe, allow_globals=allow_globals)
-    src.check_unchanged()  # torch read (or mapped) the file that was validated, as it was
-    return fmt, obj, "torch", None
+        fmt, engine, metadata = detect_format(src), "torch", None
+        obj = _torch_load(src, fmt, unsafe=unsafe, allow_globals=allow_globals)
+        if fmt == "safetensors":
+            obj, metadata = obj
+        src.check_unchanged()  # torch read (or mapped) the file that was validated, as it was
+    if fmt == "safetensors" and metadata:
+        from .tensors import restore_duplicates
+
+        metadata = restore_duplicates(obj, metadata) or None  # ties dropped by the writer come back
+    return fmt, obj, engine, metadata
 
 
 def verify_data(ckpt: Checkpoint, progress: Callable[[int], None] | None = None) -> int:
@@ -458,17 +467,26 @@ def _write_torch(obj: Any, f: BinaryIO) -> None:
 def _write_safetensors(sd: Mapping[str, Any], f: BinaryIO, metadata: Mapping[str, str] | None) -> list[str]:
     """Write `sd` as safetensors with its header in the state_dict's order (the library's `save`
     sorts it), so that reading the file back gives the keys in their order. The data is laid out
-    by decreasing element size (stable), as the library does, so every tensor is aligned."""
+    by decreasing element size (stable), as the library does, so every tensor is aligned. A
+    tensor that is the very same view as another (a tied weight) is written once and its name
+    recorded in `__metadata__` as `dropped: kept`, as huggingface_hub does; reading restores it."""
     import json
 
     import torch
 
     from .engine.safetensors_format import SAFETENSORS_DTYPES
-    from .tensors import dtype_name, shared_storage_groups
+    from .tensors import dtype_name, duplicate_names, shared_storage_groups
 
     codes = {name: code for code, name in SAFETENSORS_DTYPES.items()}
     notes = []
     tensors = as_torch(OrderedDict(sd))
+    # tied weights: written once, the tie recorded (the Hub's way), unless the name is taken in
+    # the metadata already; "format": "pt" as huggingface_hub writes it (transformers checks it)
+    metadata = {"format": "pt", **(metadata or {})}
+    dropped = {k: v for k, v in duplicate_names(tensors).items() if k not in metadata}
+    for name in dropped:
+        del tensors[name]
+    metadata.update(dropped)
     shared = shared_storage_groups(tensors)
     if shared:
         notes.append(

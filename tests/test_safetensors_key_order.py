@@ -80,7 +80,7 @@ def test_safetensors_to_safetensors_keeps_order_and_metadata(cli, tmp_path):
     raw = a.read_bytes()
     (n,) = struct.unpack("<Q", raw[:8])
     head = json.loads(raw[8 : 8 + n])
-    head = {"__metadata__": {"format": "pt", "note": "kept"}, **head}
+    head["__metadata__"] = {"format": "pt", "note": "kept"}
     text = json.dumps(head).encode()
     text += b" " * (-len(text) % 8)
     a.write_bytes(struct.pack("<Q", len(text)) + text + raw[8 + n :])
