@@ -438,6 +438,29 @@ def _record_bytes(fd: int, m: ZipMember, path: str) -> bytes:
     return data
 
 
+_TORCH_FORMAT_VERSIONS = range(1, 11)  # what torch 2.13's reader accepts in the version record
+
+
+def _check_torch_parses(fd: int, records: dict[bytes, ZipMember], path: str) -> None:
+    """Refuse the small records torch parses before it loads anything, where torch would fail:
+    the version (`.data/version`, else `version`: std::stoull, then a range) and
+    `.storage_alignment` (Python's int())."""
+    version = records.get(b".data/version") or records.get(b"version")
+    if version is not None:
+        text = _record_bytes(fd, version, path).lstrip(b" \t\n\v\f\r")
+        digits = text[1:] if text[:1] == b"+" else text
+        number = digits[: len(digits) - len(digits.lstrip(b"0123456789"))]
+        if not number or int(number) not in _TORCH_FORMAT_VERSIONS:
+            raise _bad(path, f"unsupported archive version record {text[:20]!r} (torch refuses the file)")
+    alignment = records.get(b".storage_alignment")
+    if alignment is not None:
+        data = _record_bytes(fd, alignment, path)
+        try:
+            int(data)
+        except ValueError:
+            raise _bad(path, f"the .storage_alignment record {data[:20]!r} is not a number (torch refuses the file)") from None
+
+
 def read_torch_zip(
     fd: int, file_size: int, path: str, *, allow_globals: frozenset[str] = frozenset()
 ) -> RawCheckpoint:
@@ -475,6 +498,7 @@ def read_torch_zip(
             raise EngineUnsupported(f"{path}: a big-endian checkpoint")
         if order != b"little":
             raise _bad(path, f"unknown byteorder record {order[:20]!r}")
+    _check_torch_parses(fd, records, path)
     pkl = records[b"data.pkl"]
     if pkl.size > MAX_PICKLE_BYTES:
         raise EngineUnsupported(f"{path}: data.pkl is {pkl.size} bytes, more than the engine reads")
