@@ -153,7 +153,7 @@ def test_a_second_end_record_reaching_the_end_of_the_file_is_refused(
     _refused(["inspect", str(crafted), "--json"], capsys, "ambiguous ZIP archive", "two end-of-central-directory records")
 
 
-@pytest.mark.parametrize("variant", ["DATA/0", "Data/0", "data/0".upper()])
+@pytest.mark.parametrize("variant", ["DATA/0", "Data/0", "daTa/0"])
 @pytest.mark.parametrize("before", [True, False], ids=["listed-before", "listed-after"])
 def test_members_whose_names_differ_only_in_case_are_refused(
     variant: str, before: bool, original: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
