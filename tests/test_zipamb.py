@@ -467,3 +467,41 @@ def test_whatever_ckptsurgeon_accepts_torch_loads_with_identical_tensors_legacy(
     path = tmp_path / "case.pt"
     path.write_bytes(data)
     event(_oracle(path))
+
+
+def _tar_polyglot(head: bytes, rest: bytes) -> bytes:
+    """A legacy file whose first 512 bytes are also a valid tar header: sys_info carries a string
+    that covers the header's numeric fields (empty) and its checksum."""
+    magic_and_protocol = head[: head.index(b"}")]  # sys_info is the first dict pickled
+    sys_info = {"pad": "A" * 420, "protocol_version": 1001, "little_endian": True,
+                "type_sizes": {"short": 2, "int": 4, "long": 4}}
+    data = bytearray(magic_and_protocol + pickle.dumps(sys_info, protocol=2) + rest)
+    start = data.index(b"A" * 420)
+    assert start < 100 and start + 420 > 345
+    data[100:148] = bytes(48)  # mode, uid, gid, size, mtime: empty numbers
+    data[156:157] = b"0"  # a regular file
+    data[157:345] = bytes(188)  # no link name, user or group names, device numbers
+    chksum = 256 + sum(data[:148]) + sum(data[156:512])
+    data[148:156] = b"%06o\0 " % chksum
+    return bytes(data)
+
+
+def test_a_legacy_file_torch_takes_for_a_tar_archive_is_refused(
+    legacy_parts: tuple[bytes, list[str], dict[str, bytes]], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    head, keys, blocks = legacy_parts
+    f = io.BytesIO(head)
+    for _ in range(3):  # magic number, protocol version, sys_info
+        for _op in pickletools.genops(f):
+            pass
+    rest = head[f.tell() :] + pickle.dumps(keys, protocol=2) + b"".join(blocks[k] for k in keys)
+    path = tmp_path / "polyglot.pt"
+    path.write_bytes(_tar_polyglot(head[: f.tell()], rest))
+    with pytest.raises(RuntimeError, match="legacy .tar format"):
+        torch.load(path, weights_only=True)
+    _refused(["inspect", str(path)], capsys, "polyglot.pt", "ambiguous legacy checkpoint", "tar")
+    # without the checksum it is an ordinary legacy file to both
+    data = bytearray(path.read_bytes())
+    data[148:156] = b"%06o\0 " % 1
+    path.write_bytes(bytes(data))
+    _assert_same(_ours(path), _torch(path))

@@ -1261,6 +1261,23 @@ def _legacy_view() -> bytes:
 _legacy_case("legacy-view-past-storage", "a storage view (offset 4, 100 elements) of a 6-element storage",
              _legacy_view)
 
+
+def _legacy_tar_polyglot() -> bytes:
+    """sys_info carries a string laid over a tar header's fields, with the right checksum."""
+    sd = base_state(legacy=True)
+    plain = legacy_of(sd)
+    sys_info = {"pad": "A" * 420, **SYS_INFO}  # first, so that it covers bytes 100..345
+    data = bytearray(dumps(MAGIC_NUMBER) + dumps(PROTOCOL_VERSION) + dumps(sys_info) + plain[len(_LEGACY_HEAD) :])
+    data[100:148] = bytes(48)  # mode, uid, gid, size, mtime: empty
+    data[156:157] = b"0"  # a regular file
+    data[157:345] = bytes(188)  # no link, user or group names, no device numbers
+    data[148:156] = b"%06o\0 " % (256 + sum(data[:148]) + sum(data[156:512]))
+    return bytes(data)
+
+
+_legacy_case("legacy-tar-polyglot", "a legacy file whose first 512 bytes are also a valid tar header (torch.load tries "
+             "the tar format first)", _legacy_tar_polyglot)
+
 # ---------------- safetensors damage
 
 
