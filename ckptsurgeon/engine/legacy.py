@@ -69,11 +69,11 @@ class _Pickles:
             return obj
 
 
-def _torch_reads_as_tar(fd: int, path: str) -> bool:
+def _torch_reads_as_tar(fd: int) -> bool:
     """Whether torch.load's first attempt, `tarfile.open(f, "r:")`, accepts the file (it tries
     the tar format before the legacy pickles). Python's tar reader is asked only when the first
     block's header checksum is right, the test it starts with."""
-    block = pread_bytes(fd, 0, 512, path)
+    block = os.pread(fd, 512, 0)  # a shorter file is no tar to tarfile either
     if len(block) < 512:
         return False
     field = block[148:156].split(b"\0", 1)[0].strip()
@@ -102,7 +102,7 @@ def read_torch_legacy(
     fd: int, file_size: int, path: str, *, allow_globals: frozenset[str] = frozenset()
 ) -> RawCheckpoint:
     """Read the checkpoint in torch's legacy format open as `fd` (the caller closes it)."""
-    if _torch_reads_as_tar(fd, path):
+    if _torch_reads_as_tar(fd):
         raise _bad(
             path,
             "ambiguous legacy checkpoint: its first 512 bytes are also a tar header, so torch.load "
