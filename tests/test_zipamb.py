@@ -35,7 +35,7 @@ from ckptsurgeon.errors import CheckpointError
 from ckptsurgeon.io import as_torch, load_checkpoint
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from hostile.corpus import ZipEntry, write_zip  # noqa: E402
+from hostile.corpus import ZipEntry, write_zip
 
 EOCD = struct.Struct("<4sHHHHIIH")
 ZIP64_EOCD = struct.Struct("<4sQHHIIQQQQ")

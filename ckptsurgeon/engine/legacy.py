@@ -93,7 +93,7 @@ def _torch_reads_as_tar(fd: int) -> bool:
             tarfile.open(fileobj=f, mode="r:", format=tarfile.PAX_FORMAT).close()
         except tarfile.TarError:
             return False
-        except Exception:  # torch.load fails on it too
+        except Exception:  # noqa: BLE001 -- raised inside torch.load too: it fails on the file
             return True
     return True
 
