@@ -5,6 +5,12 @@ The ZIP layer is strict where torch is lax: members must be stored (never compre
 encrypted), unique, non-overlapping, inside the file, with local headers and data descriptors that
 agree with the central directory. Storage records must hold exactly the bytes their storage
 needs, and `data.pkl` must pass its CRC-32.
+
+It reads what torch's reader (miniz, through PyTorchStreamReader) reads, or refuses the file: the
+end-of-central-directory record miniz takes, member names looked up with ASCII case folded, the
+archive folder taken from the first member; whatever another ZIP reader could read differently
+(a second end record, bytes after it or after the central directory, names differing only in
+case) is refused as ambiguous.
 """
 
 from __future__ import annotations
