@@ -70,9 +70,44 @@ class _Pickles:
             return obj
 
 
+def _torch_reads_as_tar(fd: int) -> bool:
+    """Whether torch.load's first attempt, `tarfile.open(f, "r:")`, accepts the file (it tries
+    the tar format before the legacy pickles). Python's tar reader is asked only when the first
+    block's header checksum is right, the test it starts with."""
+    block = os.pread(fd, 512, 0)  # a shorter file is no tar to tarfile either
+    if len(block) < 512:
+        return False
+    field = block[148:156].split(b"\0", 1)[0].strip()
+    if block[148] not in (0o200, 0o377):  # a base-256 checksum is left to tarfile
+        try:
+            wanted = int(field.decode("ascii") or "0", 8)
+        except (UnicodeDecodeError, ValueError):
+            return False
+        body = block[:148] + b" " * 8 + block[156:]
+        if wanted not in (sum(body), sum(b - 256 if b > 127 else b for b in body)):
+            return False
+    import tarfile
+
+    with os.fdopen(os.dup(fd), "rb") as f:
+        f.seek(0)
+        try:
+            tarfile.open(fileobj=f, mode="r:", format=tarfile.PAX_FORMAT).close()
+        except tarfile.TarError:
+            return False
+        except Exception:  # noqa: BLE001 -- raised inside torch.load too: it fails on the file
+            return True
+    return True
+
+
 def read_torch_legacy(src: Source, *, allow_globals: frozenset[str] = frozenset()) -> RawCheckpoint:
     """Read the checkpoint in torch's legacy format from `src` (the caller owns it)."""
     fd, file_size, path = src.fd, src.size, src.name
+    if _torch_reads_as_tar(fd):
+        raise _bad(
+            path,
+            "ambiguous legacy checkpoint: its first 512 bytes are also a tar header, so torch.load "
+            "takes it for the pre-1.0 tar format (and its weights_only loader refuses it)",
+        )
     pickles = _Pickles(fd, file_size, path, allow_globals)
     if pickles.load("the magic number") != MAGIC_NUMBER:
         raise _bad(path, "not a legacy torch checkpoint: wrong magic number")

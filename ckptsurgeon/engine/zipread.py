@@ -5,6 +5,12 @@ The ZIP layer is strict where torch is lax: members must be stored (never compre
 encrypted), unique, non-overlapping, inside the file, with local headers and data descriptors that
 agree with the central directory. Storage records must hold exactly the bytes their storage
 needs, and `data.pkl` must pass its CRC-32.
+
+It reads what torch's reader (miniz, through PyTorchStreamReader) reads, or refuses the file: the
+end-of-central-directory record miniz takes, member names looked up with ASCII case folded, the
+archive folder taken from the first member; whatever another ZIP reader could read differently
+(a second end record, bytes after it or after the central directory, names differing only in
+case) is refused as ambiguous.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ _CENTRAL = struct.Struct("<4s6H3I5H2I")
 _LOCAL = struct.Struct("<4s5H3I2H")
 _U32_MAX = 0xFFFFFFFF
 _U16_MAX = 0xFFFF
+_TORCH_NAME_MAX = 511  # torch lists member names through a 512-byte buffer
 
 
 class ZipMember(NamedTuple):
@@ -69,47 +76,110 @@ def _zip64_values(extra: bytes, wanted: list[str], path: str, name: str) -> dict
     return {}
 
 
+_EOCD_SIG = b"PK\x05\x06"
+
+
+def _ambiguous(path: str, reason: str) -> BadCheckpointError:
+    return _bad(path, f"ambiguous ZIP archive: {reason}")
+
+
 def _find_eocd(fd: int, file_size: int, path: str) -> tuple[int, int, int, int]:
-    """(entries, cd_size, cd_offset, end of the central directory region)."""
+    """(entries, cd_size, cd_offset, end of the central directory region).
+
+    The end-of-central-directory record is the one torch's reader (miniz) takes: the last
+    signature with a whole record after it, comment length unchecked. Whatever another ZIP reader
+    could take instead is refused as ambiguous: bytes after the record that its comment length
+    does not cover, a signature in the comment, an earlier record whose comment reaches the end
+    of the file, and any byte between the central directory and the end records.
+    """
     tail_len = min(file_size, _EOCD.size + 0xFFFF)
     tail = pread_bytes(fd, file_size - tail_len, tail_len, path)
-    pos = len(tail)
-    while True:
-        pos = tail.rfind(b"PK\x05\x06", 0, pos)
-        if pos < 0 or pos + _EOCD.size > len(tail):
-            raise _bad(
-                path,
-                "truncated or not a ZIP archive: no end-of-central-directory record at the end "
-                "of the file",
-            )
-        _sig, disk, cd_disk, here, entries, cd_size, cd_offset, comment = _EOCD.unpack_from(tail, pos)
-        if pos + _EOCD.size + comment == len(tail):
-            break
+    pos = tail.rfind(_EOCD_SIG, 0, max(0, len(tail) - _EOCD.size + len(_EOCD_SIG)))
+    if pos < 0:
+        raise _bad(
+            path,
+            "truncated or not a ZIP archive: no end-of-central-directory record at the end "
+            "of the file",
+        )
+    _sig, disk, cd_disk, here, entries, cd_size, cd_offset, comment = _EOCD.unpack_from(tail, pos)
     eocd_offset = file_size - tail_len + pos
+    after = len(tail) - pos - _EOCD.size  # bytes after the record: its comment, and nothing else
+    if comment > after:
+        raise _bad(
+            path,
+            f"truncated: the end-of-central-directory record at byte {eocd_offset} announces a "
+            f"{comment}-byte comment but the file ends {after} bytes after it",
+        )
+    if comment < after:
+        raise _ambiguous(
+            path,
+            f"{after - comment} bytes after the end-of-central-directory record at byte "
+            f"{eocd_offset} that its comment length does not cover (torch reads that record; "
+            "other ZIP readers look for another one)",
+        )
+    if _EOCD_SIG in tail[pos + _EOCD.size :]:
+        raise _ambiguous(path, "the archive comment holds another end-of-central-directory signature")
+    other = pos
+    while (other := tail.rfind(_EOCD_SIG, 0, other)) >= 0:
+        (other_comment,) = struct.unpack_from("<H", tail, other + 20)
+        if other + _EOCD.size + other_comment == len(tail):
+            raise _ambiguous(
+                path,
+                f"two end-of-central-directory records, at bytes {file_size - tail_len + other} "
+                f"and {eocd_offset}, both reach the end of the file (torch reads the second)",
+            )
     if disk or cd_disk or here != entries:
         raise _bad(path, "a multi-disk ZIP archive")
     region_end = eocd_offset
     loc_pos = pos - _EOCD64_LOCATOR.size
-    if loc_pos >= 0 and tail[loc_pos : loc_pos + 4] == b"PK\x06\x07":
-        _sig, disk64, eocd64_offset, disks = _EOCD64_LOCATOR.unpack_from(tail, loc_pos)
+    if eocd_offset >= _EOCD64_LOCATOR.size:
+        loc = (tail[loc_pos:pos] if loc_pos >= 0
+               else pread_bytes(fd, eocd_offset - _EOCD64_LOCATOR.size, _EOCD64_LOCATOR.size, path))
+    else:
+        loc = b""
+    if loc[:4] == b"PK\x06\x07":
+        _sig, disk64, eocd64_offset, disks = _EOCD64_LOCATOR.unpack(loc)
         if disk64 != 0 or disks != 1:
             raise _bad(path, "a multi-disk ZIP64 archive")
         if eocd64_offset + _EOCD64.size > eocd_offset - _EOCD64_LOCATOR.size:
             raise _bad(path, "the ZIP64 end-of-central-directory record lies outside the file")
         rec = pread_bytes(fd, eocd64_offset, _EOCD64.size, path)
-        sig, _size, _made, _need, disk, cd_disk, here64, entries64, cd_size64, cd_offset64 = (
+        sig, size, _made, _need, disk, cd_disk, here64, entries64, cd_size64, cd_offset64 = (
             _EOCD64.unpack(rec)
         )
         if sig != b"PK\x06\x06":
             raise _bad(path, "corrupt ZIP64 end-of-central-directory record")
         if disk or cd_disk or here64 != entries64:
             raise _bad(path, "a multi-disk ZIP64 archive")
+        gap = eocd_offset - _EOCD64_LOCATOR.size - eocd64_offset - _EOCD64.size
+        if gap or size != _EOCD64.size - 12:
+            raise _ambiguous(
+                path,
+                f"{gap + size - (_EOCD64.size - 12)} bytes between the ZIP64 end-of-central-directory "
+                "record and its locator (torch ignores them; other ZIP readers may not)",
+            )
+        # torch takes the ZIP64 values; readers that use them only where the 32-bit fields are
+        # saturated would take these: they must agree
+        if (entries not in (entries64, _U16_MAX) or cd_size not in (cd_size64, _U32_MAX)
+                or cd_offset not in (cd_offset64, _U32_MAX)):
+            raise _ambiguous(
+                path,
+                f"the end-of-central-directory record ({entries} entries, {cd_size} bytes at byte "
+                f"{cd_offset}) and the ZIP64 one ({entries64} entries, {cd_size64} bytes at byte "
+                f"{cd_offset64}) describe different central directories (torch reads the ZIP64 one)",
+            )
         entries, cd_size, cd_offset = entries64, cd_size64, cd_offset64
         region_end = eocd64_offset
     elif _U32_MAX in (cd_size, cd_offset) or entries == _U16_MAX:
         raise _bad(path, "a ZIP64 archive without its ZIP64 end-of-central-directory locator")
     if cd_offset + cd_size > region_end:
         raise _bad(path, "the ZIP central directory lies outside the file (truncated?)")
+    if cd_offset + cd_size != region_end:
+        raise _ambiguous(
+            path,
+            f"{region_end - cd_offset - cd_size} bytes between the central directory and the end "
+            "records (torch ignores them; other ZIP readers may not)",
+        )
     return entries, cd_size, cd_offset, region_end
 
 
@@ -162,12 +232,25 @@ def _read_central(fd: int, file_size: int, path: str) -> tuple[list[_Entry], int
 
 
 def _validate(fd: int, entries: list[_Entry], cd_offset: int, path: str) -> list[ZipMember]:
-    """Refuse duplicate, encrypted or compressed members; check every local header."""
-    seen: set[str] = set()
-    for m, _raw, method, csize in entries:
-        if m.name in seen:
-            raise _bad(path, f"duplicate ZIP member {m.name!r}")
-        seen.add(m.name)
+    """Refuse duplicate, encrypted or compressed members; check every local header.
+
+    Names are compared as torch's reader looks them up: ASCII case folded, so two members whose
+    names differ only in case are duplicates too (which of them torch reads depends on its sort).
+    """
+    seen: dict[bytes, str] = {}
+    for m, raw, method, csize in entries:
+        folded = raw.lower()  # bytes.lower() folds ASCII only, as miniz's MZ_TOLOWER
+        if folded in seen:
+            if seen[folded] == m.name:
+                raise _bad(path, f"duplicate ZIP member {m.name!r}")
+            raise _ambiguous(
+                path,
+                f"members {seen[folded]!r} and {m.name!r} differ only in case (torch's reader "
+                "does not tell them apart)",
+            )
+        seen[folded] = m.name
+        if b"\x00" in raw:
+            raise _bad(path, f"ZIP member name {m.name!r} holds a NUL byte (torch's reader cuts it there)")
         if m.header_offset >= cd_offset:  # a ZIP64 offset can be any 64-bit number
             raise _bad(path, f"ZIP member {m.name!r} starts past the central directory (corrupt file)")
         if m.flags & 0x41:
@@ -362,6 +445,29 @@ def _record_bytes(fd: int, m: ZipMember, path: str) -> bytes:
     return data
 
 
+_TORCH_FORMAT_VERSIONS = range(1, 11)  # what torch 2.13's reader accepts in the version record
+
+
+def _check_torch_parses(fd: int, records: dict[bytes, ZipMember], path: str) -> None:
+    """Refuse the small records torch parses before it loads anything, where torch would fail:
+    the version (`.data/version`, else `version`: std::stoull, then a range) and
+    `.storage_alignment` (Python's int())."""
+    version = records.get(b".data/version") or records.get(b"version")
+    if version is not None:
+        text = _record_bytes(fd, version, path).lstrip(b" \t\n\v\f\r")
+        digits = text[1:] if text[:1] == b"+" else text
+        number = digits[: len(digits) - len(digits.lstrip(b"0123456789"))]
+        if not number or int(number) not in _TORCH_FORMAT_VERSIONS:
+            raise _bad(path, f"unsupported archive version record {text[:20]!r} (torch refuses the file)")
+    alignment = records.get(b".storage_alignment")
+    if alignment is not None:
+        data = _record_bytes(fd, alignment, path)
+        try:
+            int(data)
+        except ValueError:
+            raise _bad(path, f"the .storage_alignment record {data[:20]!r} is not a number (torch refuses the file)") from None
+
+
 def read_torch_zip(src: Source, *, allow_globals: frozenset[str] = frozenset()) -> RawCheckpoint:
     """Read the checkpoint in torch's zip format from `src` (the caller owns it)."""
     fd, file_size, path = src.fd, src.size, src.name
@@ -374,22 +480,32 @@ def read_torch_zip(src: Source, *, allow_globals: frozenset[str] = frozenset()) 
     prefix, slash, _ = names[0].partition("/")
     if not slash:
         raise _bad(path, "not a torch checkpoint: the ZIP members are not inside an archive folder")
-    short = {n[len(prefix) + 1 :] for n in names if n.startswith(prefix + "/")}
+    # torch takes the folder from the first member and refuses a member outside it (case counts)
+    head = prefix + "/"
+    cut = len(head.encode("utf-8"))
+    if cut > _TORCH_NAME_MAX:
+        raise _bad(path, f"the archive folder's name is {cut - 1} bytes long; torch's reader refuses it")
+    for n in names:
+        if not n.startswith(head):
+            raise _bad(path, f"ZIP member {n!r} lies outside the archive folder {head!r} (torch refuses the file)")
+    short = {n[len(head) :] for n in names}
     if "constants.pkl" in short or any(r.startswith("code/") for r in short):
         raise _bad(
             path, "a TorchScript archive, not a checkpoint; ckptsurgeon never calls torch.jit.load"
         )
-    if "data.pkl" not in short:
-        raise _bad(path, "not a torch checkpoint: a ZIP archive without data.pkl")
     members = _validate(fd, entries, cd_offset, path)
-    records = {m.name[len(prefix) + 1 :]: m for m in members if m.name.startswith(prefix + "/")}
-    if "byteorder" in records:
-        order = _record_bytes(fd, records["byteorder"], path)
+    # looked up as torch does: by name with ASCII case folded (unique, as _validate checked)
+    records = {e[1][cut:].lower(): m for e, m in zip(entries, members)}
+    if b"data.pkl" not in records:
+        raise _bad(path, "not a torch checkpoint: a ZIP archive without data.pkl")
+    if b"byteorder" in records:
+        order = _record_bytes(fd, records[b"byteorder"], path)
         if order == b"big":
             raise EngineUnsupported(f"{path}: a big-endian checkpoint")
         if order != b"little":
             raise _bad(path, f"unknown byteorder record {order[:20]!r}")
-    pkl = records["data.pkl"]
+    _check_torch_parses(fd, records, path)
+    pkl = records[b"data.pkl"]
     if pkl.size > MAX_PICKLE_BYTES:
         raise EngineUnsupported(f"{path}: data.pkl is {pkl.size} bytes, more than the engine reads")
     data = _record_bytes(fd, pkl, path)
@@ -399,7 +515,9 @@ def read_torch_zip(src: Source, *, allow_globals: frozenset[str] = frozenset()) 
         cls, key, location, nbytes, known = resolve_storage_id(pid, 5, storages)
         if known is not None:
             return known
-        record = records.get(f"data/{key}")
+        if "\x00" in key:  # torch's lookup would end at the NUL
+            raise Malformed(f"storage key {key!r} holds a NUL character")
+        record = records.get(f"data/{key}".encode("utf-8", "surrogatepass").lower())
         if record is None:
             raise Malformed(f"storage {key!r} has no record data/{key}")
         if record.size != nbytes:
@@ -418,6 +536,6 @@ def read_torch_zip(src: Source, *, allow_globals: frozenset[str] = frozenset()) 
         path=os.path.abspath(path),
         format="torch-zip",
         obj=obj,
-        extras={"prefix": prefix, "storages": storages, "records": tuple(records)},
+        extras={"prefix": prefix, "storages": storages, "records": tuple(m.name[len(head) :] for m in members)},
         source=src,
     )

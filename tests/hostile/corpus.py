@@ -73,6 +73,14 @@ TORCH_LOADS_SILENTLY: dict[str, dict[str, Any]] = {
     "pkl-storage-two-sizes": {},
     "legacy-duplicate-key": {},
     "st-duplicate-names": {},
+    "zip-two-end-records": {},  # torch reads central directory B: other weights
+    "zip-two-end-records-exact": {},
+    "zip-case-variant-after": {},
+    "zip-case-variant-before": {},  # torch reads archive/DATA/0: other weights
+    "zip-trailing-bytes": {},
+    "zip-end-record-copy-in-comment": {},
+    "zip-gap-after-central-directory": {},
+    "zip-end-records-disagree": {},
 }
 
 # ------------------------------------------------------------------------------------------------
@@ -1124,6 +1132,76 @@ def _zip64_extra_size(lay: ZipLayout, es: list[ZipEntry]) -> bytes:
 
 _zip_case("zip64-extra-size-huge", "data/0's zip64 extra field claims 2**40 bytes", _zip64_extra_size)
 
+
+# ---------------- zip ambiguity: files another ZIP reader (or torch) reads differently
+
+
+def _two_end_records(junk: bytes) -> Callable[[ZipLayout, list[ZipEntry]], bytes]:
+    """The real end record points at central directory A; a second one in the archive comment,
+    followed by `junk`, points at central directory B, which lists an evil archive/data/0 record
+    (stored after the others) in place of the real one. torch takes the last signature: B."""
+
+    def damage(lay: ZipLayout, es: list[ZipEntry]) -> bytes:
+        data = bytes(lay.data)
+        ends = lay.central[1:] + [lay.zip64_eocd]
+        central = [data[a:b] for a, b in zip(lay.central, ends)]
+        n, target = len(es) - 1, _entry_index(es, "/data/0")
+        cd_a = b"".join(central[:n])
+        cd_b = b"".join(central[-1] if i == target else c for i, c in enumerate(central[:n]))
+        out = bytearray(data[: lay.cd_start] + cd_b + cd_a)
+        a_at, b_at = lay.cd_start + len(cd_b), lay.cd_start
+        z64 = len(out)
+        out += struct.pack("<4sQHHIIQQQQ", b"PK\x06\x06", 44, 0x031E, 0x2D, 0, 0, n, n, len(cd_a), a_at)
+        out += struct.pack("<4sIQI", b"PK\x06\x07", 0, z64, 1)
+        comment = struct.pack("<4sHHHHIIH", b"PK\x05\x06", 0, 0, n, n, len(cd_b), b_at, 0) + junk
+        out += struct.pack("<4sHHHHIIH", b"PK\x05\x06", 0, 0, n, n, len(cd_a), a_at, len(comment)) + comment
+        return bytes(out)
+
+    return damage
+
+
+def _with_evil_data0(at: int) -> Callable[[], list[ZipEntry]]:
+    def entries() -> list[ZipEntry]:
+        es = torch_zip_entries(_BASE_PKL, _base_blobs())
+        i = _entry_index(es, "/data/0")
+        evil = ZipEntry("archive/data/0" if at == 99 else "archive/DATA/0", pack("FloatStorage", [9] * 6))
+        es.insert(len(es) if at == 99 else i + at, evil)
+        return es
+
+    return entries
+
+
+def _comment(lay: ZipLayout, comment: bytes) -> bytes:
+    struct.pack_into("<H", lay.data, lay.eocd + 20, len(comment))
+    return bytes(lay.data) + comment
+
+
+def _gap_after_cd(lay: ZipLayout, es: list[ZipEntry]) -> bytes:
+    junk = b"PK\x01\x02" + bytes(28)
+    struct.pack_into("<Q", lay.data, lay.locator + 8, lay.zip64_eocd + len(junk))
+    return bytes(lay.data[: lay.zip64_eocd] + junk + lay.data[lay.zip64_eocd :])
+
+
+_zip_case("zip-two-end-records", "a second end-of-central-directory record (and 2 junk bytes) in the archive comment "
+          "points at a central directory with another data/0", _two_end_records(b"\0\0"), _with_evil_data0(99))
+_zip_case("zip-two-end-records-exact", "as zip-two-end-records without the junk: both end records reach the end of "
+          "the file", _two_end_records(b""), _with_evil_data0(99))
+_zip_case("zip-case-variant-after", "archive/DATA/0 (other bytes) listed after archive/data/0",
+          lambda lay, es: lay.data, _with_evil_data0(1))
+_zip_case("zip-case-variant-before", "archive/DATA/0 (other bytes) listed before archive/data/0",
+          lambda lay, es: lay.data, _with_evil_data0(0))
+_zip_case("zip-member-outside-folder", "a member other/readme.txt beside the archive/ folder (torch refuses it too)",
+          lambda lay, es: lay.data,
+          lambda: torch_zip_entries(_BASE_PKL, _base_blobs()) + [ZipEntry("other/readme.txt", b"hello\n")])
+_zip_case("zip-trailing-bytes", "two zero bytes after the end-of-central-directory record",
+          lambda lay, es: bytes(lay.data) + b"\0\0")
+_zip_case("zip-end-record-copy-in-comment", "the archive comment is a copy of the end-of-central-directory record",
+          lambda lay, es: _comment(lay, bytes(lay.data[lay.eocd :])))
+_zip_case("zip-gap-after-central-directory", "32 bytes starting with a central-directory signature between the "
+          "central directory and the ZIP64 end record", _gap_after_cd)
+_zip_case("zip-end-records-disagree", "the 32-bit end record puts the central directory at data.pkl's local header, "
+          "the ZIP64 one at the real one", lambda lay, es: _multi_patch(lay, [(lay.eocd + 16, "<I", (0,))]))
+
 # ---------------- legacy-format damage
 
 
@@ -1182,6 +1260,23 @@ def _legacy_view() -> bytes:
 
 _legacy_case("legacy-view-past-storage", "a storage view (offset 4, 100 elements) of a 6-element storage",
              _legacy_view)
+
+
+def _legacy_tar_polyglot() -> bytes:
+    """sys_info carries a string laid over a tar header's fields, with the right checksum."""
+    sd = base_state(legacy=True)
+    plain = legacy_of(sd)
+    sys_info = {"pad": "A" * 420, **SYS_INFO}  # first, so that it covers bytes 100..345
+    data = bytearray(dumps(MAGIC_NUMBER) + dumps(PROTOCOL_VERSION) + dumps(sys_info) + plain[len(_LEGACY_HEAD) :])
+    data[100:148] = bytes(48)  # mode, uid, gid, size, mtime: empty
+    data[156:157] = b"0"  # a regular file
+    data[157:345] = bytes(188)  # no link, user or group names, no device numbers
+    data[148:156] = b"%06o\0 " % (256 + sum(data[:148]) + sum(data[156:512]))
+    return bytes(data)
+
+
+_legacy_case("legacy-tar-polyglot", "a legacy file whose first 512 bytes are also a valid tar header (torch.load tries "
+             "the tar format first)", _legacy_tar_polyglot)
 
 # ---------------- safetensors damage
 
