@@ -24,6 +24,7 @@ from .errors import (
     ContainerError,
     EngineUnsupported,
     OutputError,
+    RestrictedPickleError,
     UnsafeCheckpointError,
     UsageError,
 )
@@ -195,8 +196,8 @@ def _read_container(path: Path, *, unsafe: bool, allow_globals: frozenset[str]) 
     raw: RawCheckpoint | None = None
     try:
         raw = _read_raw(path, allow_globals)
-    except UnsafeCheckpointError:
-        if not unsafe:
+    except (UnsafeCheckpointError, RestrictedPickleError):
+        if not unsafe:  # --unsafe: whatever torch.load(weights_only=False) reads (any protocol)
             raise
     if raw is not None:
         return raw.format, raw.obj, "raw", raw.metadata
