@@ -112,14 +112,14 @@ def _torch_load(path: Path, fmt: str, *, unsafe: bool, allow_globals: frozenset[
     kwargs: dict[str, Any] = {"map_location": "cpu", "weights_only": not unsafe}
     if fmt == "torch-zip":
         kwargs["mmap"] = True
-    from .safety import resolve_allowed_globals
+    from .safety import torch_allowlist
 
-    extra = resolve_allowed_globals(allow_globals) if allow_globals and not unsafe else []
+    extra = torch_allowlist(allow_globals) if allow_globals and not unsafe else []
     try:
         with torch.serialization.safe_globals(extra):
             obj = torch.load(path, **kwargs)
-    except CheckpointError:
-        raise
+    except CheckpointError as exc:  # an allowed class the file tried to call (see safety.py)
+        raise BadCheckpointError(f"{path}: {exc}") from None
     except Exception as exc:
         if not unsafe:
             unsafe_names = _unsafe_globals(path, fmt)
