@@ -831,29 +831,43 @@ def scan_globals(data: bytes, start: int = 0) -> set[str]:
     names: set[str] = set()
     strings: list[str] = []
     # protocol 4 memoizes every string and fetches repeated module names from the memo
-    memo: dict[int, Any] = {}
-    last: Any = None  # what the last opcode pushed, when it was a string
+    memo: dict[int, str] = {}
+    memoized = 0  # MEMOIZE's next index
+    last: str | None = None  # the string the last opcode pushed, if it pushed one
     try:
         for info, arg, _pos in pickletools.genops(io.BytesIO(memoryview(data)[start:])):
-            if info.name in ("GLOBAL", "INST") and isinstance(arg, str):
-                module, _, name = arg.partition(" ")
-                names.add(resolve_name(module, name))
-            elif info.name == "STACK_GLOBAL" and len(strings) >= 2:
-                names.add(resolve_name(strings[-2], strings[-1]))
-            elif isinstance(arg, str) and "UNICODE" in info.name:
-                strings.append(arg)
-            elif info.name == "STOP":
-                break
-            if info.name == "MEMOIZE":
-                memo[len(memo)] = last
-            elif info.name in ("PUT", "BINPUT", "LONG_BINPUT"):
-                memo[arg] = last
-            elif info.name in ("GET", "BINGET", "LONG_BINGET"):
+            name = info.name
+            if type(arg) is str:
+                if name == "GLOBAL" or name == "INST":
+                    module, _, attr = arg.partition(" ")
+                    names.add(resolve_name(module, attr))
+                    last = None
+                elif "UNICODE" in name:
+                    strings.append(arg)
+                    last = arg
+                else:
+                    last = None
+            elif name == "MEMOIZE":
+                if last is not None:
+                    memo[memoized] = last
+                memoized += 1
+            elif name in ("BINPUT", "LONG_BINPUT", "PUT"):
+                if last is not None:
+                    memo[arg] = last
+                elif arg in memo:
+                    del memo[arg]
+            elif name in ("BINGET", "LONG_BINGET", "GET"):
                 last = memo.get(arg)
-                if isinstance(last, str):
+                if last is not None:
                     strings.append(last)
-            elif info.name not in ("FRAME", "MARK"):
-                last = arg if isinstance(arg, str) and "UNICODE" in info.name else None
+            elif name == "STACK_GLOBAL":
+                if len(strings) >= 2:
+                    names.add(resolve_name(strings[-2], strings[-1]))
+                last = None
+            elif name == "STOP":
+                break
+            elif name != "FRAME" and name != "MARK":
+                last = None
     except Exception:  # noqa: BLE001 - a malformed tail ends the scan; we report what we saw
         pass
     return names
