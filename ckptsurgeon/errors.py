@@ -58,6 +58,11 @@ class UnsafeCheckpointError(BadCheckpointError):
         )
 
 
+class RestrictedPickleError(BadCheckpointError):
+    """The pickle uses an opcode or a construct the restricted reader refuses, as torch's
+    weights_only loader does (e.g. protocol 4's FRAME); only a full unpickle (`--unsafe`) reads it."""
+
+
 class ContainerError(CheckpointError):
     """No state_dict, or more than one candidate, inside a checkpoint container."""
 

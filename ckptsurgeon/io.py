@@ -30,6 +30,7 @@ from .errors import (
     ContainerError,
     EngineUnsupported,
     OutputError,
+    RestrictedPickleError,
     UnsafeCheckpointError,
     UsageError,
 )
@@ -141,14 +142,14 @@ def _torch_load(src: Source, fmt: str, *, unsafe: bool, allow_globals: frozenset
     kwargs: dict[str, Any] = {"map_location": "cpu", "weights_only": not unsafe}
     if fmt == "torch-zip":
         kwargs["mmap"] = True
-    from .safety import resolve_allowed_globals
+    from .safety import torch_allowlist
 
-    extra = resolve_allowed_globals(allow_globals) if allow_globals and not unsafe else []
+    extra = torch_allowlist(allow_globals) if allow_globals and not unsafe else []
     try:
         with torch.serialization.safe_globals(extra):
             obj = torch.load(opened, **kwargs)
-    except CheckpointError:
-        raise
+    except CheckpointError as exc:  # an allowed class the file tried to call (see safety.py)
+        raise BadCheckpointError(f"{path}: {exc}") from None
     except Exception as exc:
         if not unsafe:
             unsafe_names = _unsafe_globals(opened, fmt)
@@ -232,8 +233,8 @@ def _read_source(src: Source, *, unsafe: bool, allow_globals: frozenset[str]) ->
     raw: RawCheckpoint | None = None
     try:
         raw = _read_raw(src, allow_globals)
-    except UnsafeCheckpointError:
-        if not unsafe:
+    except (UnsafeCheckpointError, RestrictedPickleError):
+        if not unsafe:  # --unsafe: whatever torch.load(weights_only=False) reads (any protocol)
             raise
     if raw is not None:
         fmt, obj, engine, metadata = raw.format, raw.obj, "raw", raw.metadata

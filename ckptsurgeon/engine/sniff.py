@@ -15,6 +15,7 @@ HEAD_SIZE = 4096  # bytes the caller should pass as `head` (or the whole file if
 
 MAGIC_NUMBER = 0x1950A86A20F9469CFC6C  # torch/serialization.py, first pickle of a legacy file
 _MAGIC_LONG1 = b"\x8a\x0a" + MAGIC_NUMBER.to_bytes(10, "little")
+_MAGIC_TEXT = b"L%dL\n" % MAGIC_NUMBER  # protocols 0 and 1 (no PROTO opcode): the LONG opcode
 
 ZIP_LOCAL = b"PK\x03\x04"
 ZIP_EMPTY = b"PK\x05\x06"
@@ -35,6 +36,8 @@ _OTHER = {
 
 def is_legacy_magic(head: bytes) -> bool:
     """Whether `head` starts with the pickled magic number of torch's legacy format."""
+    if head.startswith(_MAGIC_TEXT):
+        return True
     if len(head) < 2 or head[0] != 0x80 or not 2 <= head[1] <= 5:
         return False
     body = head[2:]

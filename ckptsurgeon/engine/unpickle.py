@@ -20,7 +20,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from ..errors import BadCheckpointError, EngineUnsupported, UnsafeCheckpointError
+from ..errors import BadCheckpointError, EngineUnsupported, RestrictedPickleError, UnsafeCheckpointError
 from .limits import MAX_DIM_SIZE, MAX_DIMS, brief
 from .meta import (
     DTYPE_ITEMSIZE,
@@ -198,6 +198,13 @@ class Malformed(Exception):
     """Raised by a handler or `persistent_load`: corrupt or hostile (torch may load it anyway)."""
 
 
+class _StorageMalformed(Malformed):
+    """Malformed raised by `persistent_load`: the storages do not match the file's records.
+
+    Unlike the rest (the pickle program itself), a full unpickle would not make it right.
+    """
+
+
 def _is_int(x: Any) -> bool:
     return type(x) is int
 
@@ -214,7 +221,8 @@ def _opcode_refusal(op: int, offset: int) -> str:
     for info in pickletools.opcodes:
         if info.code.encode("latin-1")[0] == op:
             return (f"unsupported pickle opcode 0x{op:02x} ({info.name}) at offset {offset}; "
-                    "torch's weights_only loader refuses it too")
+                    "torch's weights_only loader refuses it too; only --unsafe (a full unpickle, for "
+                    "trusted files) reads it")
     return f"invalid pickle opcode 0x{op:02x} at offset {offset}: the pickle is corrupt"
 
 
@@ -364,7 +372,10 @@ class _Machine:
                 return part
         if self.persistent_load is None:
             raise Malformed("a persistent id where none is expected")
-        return self.persistent_load(pid)
+        try:
+            return self.persistent_load(pid)
+        except Malformed as e:  # about the storages, not the pickle program
+            raise _StorageMalformed(str(e)) from None
 
     # -- the loop ---------------------------------------------------------------------------
     def run(self, data: bytes, pos: int) -> tuple[Any, int]:  # noqa: C901 - one dispatch loop
@@ -819,17 +830,44 @@ def scan_globals(data: bytes, start: int = 0) -> set[str]:
 
     names: set[str] = set()
     strings: list[str] = []
+    # protocol 4 memoizes every string and fetches repeated module names from the memo
+    memo: dict[int, str] = {}
+    memoized = 0  # MEMOIZE's next index
+    last: str | None = None  # the string the last opcode pushed, if it pushed one
     try:
         for info, arg, _pos in pickletools.genops(io.BytesIO(memoryview(data)[start:])):
-            if info.name in ("GLOBAL", "INST") and isinstance(arg, str):
-                module, _, name = arg.partition(" ")
-                names.add(resolve_name(module, name))
-            elif info.name == "STACK_GLOBAL" and len(strings) >= 2:
-                names.add(resolve_name(strings[-2], strings[-1]))
-            elif isinstance(arg, str) and "UNICODE" in info.name:
-                strings.append(arg)
-            elif info.name == "STOP":
+            name = info.name
+            if type(arg) is str:
+                if name == "GLOBAL" or name == "INST":
+                    module, _, attr = arg.partition(" ")
+                    names.add(resolve_name(module, attr))
+                    last = None
+                elif "UNICODE" in name:
+                    strings.append(arg)
+                    last = arg
+                else:
+                    last = None
+            elif name == "MEMOIZE":
+                if last is not None:
+                    memo[memoized] = last
+                memoized += 1
+            elif name in ("BINPUT", "LONG_BINPUT", "PUT"):
+                if last is not None:
+                    memo[arg] = last
+                elif arg in memo:
+                    del memo[arg]
+            elif name in ("BINGET", "LONG_BINGET", "GET"):
+                last = memo.get(arg)
+                if last is not None:
+                    strings.append(last)
+            elif name == "STACK_GLOBAL":
+                if len(strings) >= 2:
+                    names.add(resolve_name(strings[-2], strings[-1]))
+                last = None
+            elif name == "STOP":
                 break
+            elif name != "FRAME" and name != "MARK":
+                last = None
     except Exception:  # noqa: BLE001 - a malformed tail ends the scan; we report what we saw
         pass
     return names
@@ -911,7 +949,8 @@ def unpickle(
     into a StorageMeta. Errors name `path` and `where` (e.g. "data.pkl"). Raises
     UnsafeCheckpointError (all refused globals), EngineUnsupported, PickleTruncated (the data
     ended early; with `complete=False` even when refused globals were seen, so that the caller
-    can read more and retry) or BadCheckpointError. `max_containers` bounds the number of
+    can read more and retry), RestrictedPickleError (an opcode or construct the VM refuses, as
+    weights_only does) or BadCheckpointError (storages that do not match the records). `max_containers` bounds the number of
     container-making opcodes (see `container_budget`).
     """
     machine = _Machine(persistent_load, allow_globals, max_containers)
@@ -932,7 +971,9 @@ def unpickle(
         refused = machine.unsafe | _refused(scan_globals(data, start), allow_globals)
         if refused:
             raise UnsafeCheckpointError(path, refused) from None
-        raise BadCheckpointError(f"{path}: {where}: {e}") from None
+        if isinstance(e, _StorageMalformed):
+            raise BadCheckpointError(f"{path}: {where}: {e}") from None
+        raise RestrictedPickleError(f"{path}: {where}: {e}") from None
     except Unsupported as e:
         machine.unsupported.append(str(e))
     except BadCheckpointError as e:  # from persistent_load

@@ -717,6 +717,13 @@ def _payloads(ctx: _Ctx) -> dict[str, Any]:
             "best_acc": G("numpy.core.multiarray", "scalar")(G("numpy", "dtype")("f8", False, True), b"\x00" * 8),
             "hook": G("numpy.testing._private.utils", "runstring")(py, {}),
         },
+        # classes, not functions: harmless-looking for --allow-global, yet built by calling them
+        # with the file's arguments they create (or truncate) the file those arguments name
+        "logging-filehandler": G("logging", "FileHandler")(str(ctx.marker), "w"),
+        "zipfile-zipfile": G("zipfile", "ZipFile")(str(ctx.marker), "w"),
+        "tarfile-tarfile": G("tarfile", "TarFile")(str(ctx.marker), "w"),
+        "io-fileio": G("io", "FileIO")(str(ctx.marker), "w"),
+        "sqlite3-connection": G("sqlite3", "Connection")(str(ctx.marker)),
     }
 
 
@@ -737,9 +744,18 @@ def _payload_state(ctx: _Ctx, payload: str, *, legacy: bool) -> StateDict:
 
 _ZIP_PAYLOADS = list(_payloads(_Ctx(Path("/x"))))
 _LEGACY_PAYLOADS = ["os-system", "builtins-eval", "main-net-module", "torch-load-from-bytes", "numpy-runstring",
-                    "argparse-namespace"]
+                    "argparse-namespace", "logging-filehandler", "zipfile-zipfile"]
 _BARE_PAYLOADS = ["posix-system", "builtins-exec", "subprocess-popen", "pickle-loads-nested", "runpy-run-code",
                   "getattr-chain"]
+# Payload -> the class a user would pass to --allow-global for it (its exec-zip-* and exec-legacy-*
+# cases must still be refused then, and create nothing).
+ALLOW_GLOBAL_PAYLOADS = {
+    "logging-filehandler": "logging.FileHandler",
+    "zipfile-zipfile": "zipfile.ZipFile",
+    "tarfile-tarfile": "tarfile.TarFile",
+    "io-fileio": "io.FileIO",
+    "sqlite3-connection": "sqlite3.Connection",
+}
 
 for _p in _ZIP_PAYLOADS:
     _add(f"exec-zip-{_p}", "code-exec", f"torch zip whose data.pkl calls {_p} next to real tensors", ".pt",
