@@ -67,12 +67,12 @@ def model_check(
         if kwargs is not None:
             raise UsageError("--model-kwargs needs --model")
         return None
-    from ..model import check_model, load_model
+    from ..model import check_model_spec
     from ..tensors import shape_of
 
-    model = load_model(spec, kwargs)
-    report = check_model(
-        {k: shape_of(v) for k, v in state_dict.items()}, model, metadata=getattr(state_dict, "_metadata", None)
+    # the model's code runs in a child process: it cannot print on stdout or end this process
+    report = check_model_spec(
+        spec, {k: shape_of(v) for k, v in state_dict.items()}, kwargs, metadata=getattr(state_dict, "_metadata", None)
     )
     data = report.to_dict()
     data["suggestions"] = [s.command(ckpt_path, out_path) for s in report.renames]

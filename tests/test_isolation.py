@@ -1,0 +1,181 @@
+"""--model runs the model's code in a child process: its prints never reach stdout, and an exit,
+crash or signal in it is exit 2 naming the model, never a silent success (real console-script runs)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from ckptsurgeon.errors import ModelSpecError
+
+MODELS = """
+import os, signal, sys
+import torch.nn as nn
+
+if os.environ.get("PRINT_AT_IMPORT"):
+    print("debug print at import")
+
+class Base(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(2, 2)
+
+class Prints(Base):
+    def __init__(self):
+        super().__init__()
+        print("debug print in the constructor")
+        os.write(1, b"a write to fd 1\\n")
+
+class OsExit(Base):
+    def __init__(self):
+        super().__init__()
+        os._exit(0)
+
+class SysExit(Base):
+    def __init__(self):
+        super().__init__()
+        sys.exit(0)
+
+class RaisesSystemExit(Base):
+    def __init__(self):
+        super().__init__()
+        raise SystemExit(0)
+
+class Segfault(Base):
+    def __init__(self):
+        super().__init__()
+        os.kill(os.getpid(), signal.SIGSEGV)
+
+class ExitInHook(Base):
+    def __init__(self):
+        super().__init__()
+        self.register_load_state_dict_post_hook(lambda module, keys: os._exit(0))
+
+if os.environ.get("EXIT_AT_IMPORT"):
+    os._exit(0)
+"""
+
+
+def strict_json(text: str) -> object:
+    def refuse(name: str) -> object:
+        raise ValueError(f"not JSON: {name}")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    d = tmp_path_factory.mktemp("iso")
+    (d / "usermodels.py").write_text(textwrap.dedent(MODELS))
+    torch.save({"fc.weight": torch.ones(2, 2), "fc.bias": torch.zeros(2)}, d / "ckpt.pt")
+    return d
+
+
+def run(d: Path, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    exe = Path(sys.executable).with_name("ckptsurgeon")
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "ckptsurgeon"]
+    return subprocess.run(
+        cmd + list(args), capture_output=True, text=True, timeout=120, cwd=d, env={**os.environ, **env}
+    )
+
+
+def test_prints_of_the_model_go_to_stderr_and_stdout_is_one_json_document(files):
+    r = run(files, "inspect", "ckpt.pt", "--json", "--model", "usermodels.py:Prints", PRINT_AT_IMPORT="1")
+    assert r.returncode == 0, r.stderr
+    data = strict_json(r.stdout)  # the whole of stdout: nothing before or after the document
+    assert data["compatible"] is True and data["model"] == "usermodels.py:Prints"
+    assert "debug print at import" in r.stderr
+    assert "debug print in the constructor" in r.stderr and "a write to fd 1" in r.stderr
+
+
+def test_an_exit_in_the_model_is_exit_2_naming_it(files):
+    r = run(files, "inspect", "ckpt.pt", "--json", "--model", "usermodels.py:OsExit")
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    assert r.stdout == ""
+    assert r.stderr.splitlines() == [
+        "error: model spec 'usermodels.py:OsExit': the model's code exited (status 0) while building the model; "
+        "nothing was checked"
+    ]
+
+
+def test_a_crash_in_the_model_is_exit_2_and_extract_writes_nothing(files):
+    out = files / "out.pt"
+    r = run(files, "extract", "ckpt.pt", "-o", str(out), "--json", "--model", "usermodels.py:Segfault")
+    assert r.returncode == 2 and r.stdout == ""
+    lines = r.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: model spec 'usermodels.py:Segfault'"), r.stderr
+    assert "crashed (killed by SIGSEGV) while building the model" in lines[0]
+    assert not out.exists()
+
+
+# Every way out, for inspect and extract, in one process that calls the CLI's main() case after
+# case: on code that let the model end the process, the driver dies and reports nothing.
+DRIVER = """
+import io, json, os, sys
+from ckptsurgeon.cli import main
+results = []
+for command, name, env in json.loads(sys.argv[1]):
+    os.environ.update(env)
+    out = f"out_{name}_{command}.pt"
+    sys.stdout, sys.stderr = io.StringIO(), io.StringIO()
+    extra = ["-o", out] if command == "extract" else []
+    rc = main([command, "ckpt.pt", *extra, "--json", "--model", f"usermodels.py:{name}"])
+    results.append([rc, sys.stdout.getvalue(), sys.stderr.getvalue(), os.path.exists(out)])
+    for k in env:
+        del os.environ[k]
+sys.__stdout__.write(json.dumps(results))
+"""
+
+WAYS_OUT = [
+    ("OsExit", {}, "exited (status 0) while building the model"),
+    ("Segfault", {}, "crashed (killed by SIGSEGV) while building the model"),
+    ("SysExit", {}, "raised SystemExit: 0"),
+    ("RaisesSystemExit", {}, "raised SystemExit: 0"),
+    ("Base", {"EXIT_AT_IMPORT": "1"}, "exited (status 0) while importing usermodels.py"),
+    ("ExitInHook", {}, "exited (status 0) while checking the checkpoint against the model"),
+]
+
+
+def test_every_way_out_of_the_model_is_exit_2(files):
+    cases = [(command, name, env) for command in ("inspect", "extract") for name, env, _ in WAYS_OUT]
+    r = subprocess.run(
+        [sys.executable, "-c", DRIVER, json.dumps(cases)], capture_output=True, text=True, timeout=120, cwd=files
+    )
+    assert r.returncode == 0 and r.stdout, r.stderr
+    results = json.loads(r.stdout)
+    assert len(results) == len(cases)
+    for (command, name, _), (_, _, how), (rc, out, err, written) in zip(cases, WAYS_OUT * 2, results):
+        assert rc == 2 and out == "", (command, name, out, err)
+        assert err.startswith(f"error: model spec 'usermodels.py:{name}'") and how in err, (command, err)
+        assert len(err.splitlines()) == 1, err
+        assert not written
+
+
+def test_extract_json_stays_valid_when_the_model_prints(files, cli, monkeypatch):
+    monkeypatch.chdir(files)
+    monkeypatch.setenv("PRINT_AT_IMPORT", "1")
+    out = files / "out_prints.pt"
+    r = cli("extract", "ckpt.pt", "-o", out, "--json", "--model", "usermodels.py:Prints")
+    assert r.exit_code == 0, r.stderr
+    data = strict_json(r.stdout)
+    assert data["written"] is True and data["model"]["compatible"] is True
+    assert torch.equal(torch.load(out, weights_only=True)["fc.weight"], torch.ones(2, 2))
+
+
+def test_the_model_module_is_not_imported_into_the_caller(files, monkeypatch):
+    from ckptsurgeon.model import check_model_spec
+
+    monkeypatch.chdir(files)
+    before = set(sys.modules)
+    report = check_model_spec(f"{files / 'usermodels.py'}:Base", {"fc.weight": (2, 2), "fc.bias": (2,)})
+    assert report.compatible() and report.kinds == {"fc.weight": "parameter", "fc.bias": "parameter"}
+    assert not any("usermodels" in m for m in set(sys.modules) - before)
+    with pytest.raises(ModelSpecError, match="exited"):
+        check_model_spec(f"{files / 'usermodels.py'}:OsExit", {"fc.weight": (2, 2)})
