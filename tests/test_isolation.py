@@ -179,3 +179,25 @@ def test_the_model_module_is_not_imported_into_the_caller(files, monkeypatch):
     assert not any("usermodels" in m for m in set(sys.modules) - before)
     with pytest.raises(ModelSpecError, match="exited"):
         check_model_spec(f"{files / 'usermodels.py'}:OsExit", {"fc.weight": (2, 2)})
+
+
+# ------------------------------------------------------------- inspect: a selection with --model
+
+SAMPLES = Path(__file__).resolve().parents[1] / "sample_models"
+
+
+def test_inspect_selection_with_model_judges_the_whole_state_dict(cli):
+    r = cli("inspect", SAMPLES / "smallcnn.pt", "-i", "fc", "--json", "--model", "sample_models.models:SmallCNN")
+    assert r.exit_code == 0, r.stderr
+    data = strict_json(r.stdout)
+    assert [t["key"] for t in data["tensors"]] == ["fc.weight", "fc.bias"]  # the selection is shown
+    assert data["compatible"] is True and data["missing_keys"] == [] and data["num_tensors_in_state_dict"] == 22
+
+
+def test_inspect_selection_table_shows_only_selected_missing_rows(cli):
+    r = cli("inspect", SAMPLES / "smallcnn.pt", "-x", "fc", "-x", "head.0", "--model", "sample_models.models:TransferCNN")
+    assert r.exit_code == 1  # head.* missing, fc.* unexpected: judged on the whole state_dict
+    rows = {line.split()[0]: line.split()[-1] for line in r.stdout.splitlines()[2:] if line.split()}
+    assert rows["head.2.weight"] == "missing" and rows["head.2.bias"] == "missing"
+    assert "head.0.weight" not in rows and "fc.weight" not in rows
+    assert "4 missing, 2 unexpected" in r.stdout

@@ -125,13 +125,11 @@ def inspect(
         state_dict_key=ckpt_obj.state_dict_key,
         other_entries=[(k, describe_value(v)) for k, v in ckpt_obj.other_entries()],
     )
-    selection = {k: ckpt_obj.state_dict[k] for k in keys}
-    if getattr(ckpt_obj.state_dict, "_metadata", None) is not None:
-        from ..io import make_state_dict
-
-        selection = make_state_dict(list(selection.items()), ckpt_obj.state_dict._metadata)
+    # the model judges the whole state_dict (a selection only narrows what is shown): a key the
+    # patterns leave out is not missing from the checkpoint
     model_data = model_check(
-        selection, model, model_kwargs, allow_missing=allow_missing, allow_unexpected=allow_unexpected, ckpt_path=str(ckpt)
+        ckpt_obj.state_dict, model, model_kwargs, allow_missing=allow_missing, allow_unexpected=allow_unexpected,
+        ckpt_path=str(ckpt),
     )
     if as_json:
         data = report.to_dict()
@@ -140,7 +138,13 @@ def inspect(
             data["kinds"] = model_data["kinds"]
         print_json(data)
     else:
-        show(text.inspect_table(report, model_data["kinds"] if model_data else None, model_data))
+        shown_model = model_data
+        if model_data is not None and (include or exclude):  # missing rows: those the patterns select
+            from ..patterns import select_keys
+
+            missing = select_keys(model_data["missing_keys"], include or (), exclude or (), regex=regex)
+            shown_model = {**model_data, "missing_keys": missing}
+        show(text.inspect_table(report, model_data["kinds"] if model_data else None, shown_model))
         if len(report.dtypes) > 1:
             show(text.dtype_table(report))
         for line in text.other_entries_lines(report.other_entries) + text.shared_lines(report.shared_storage):
