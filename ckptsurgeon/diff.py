@@ -58,6 +58,19 @@ class ValueMismatch:
         }
 
 
+def check_tolerances(rtol: float, atol: float, *, prefix: str = "") -> None:
+    """Refuse a tolerance that is not a finite number >= 0 (UsageError naming it)."""
+    from .errors import UsageError
+
+    for name, value in (("rtol", rtol), ("atol", atol)):
+        try:
+            ok = math.isfinite(value) and value >= 0
+        except TypeError:
+            ok = False
+        if not ok:
+            raise UsageError(f"{prefix}{name} must be a finite number >= 0, got {value!r}")
+
+
 def _json_float(x: float) -> float | None:
     """JSON has no inf/nan: they are written as null."""
     return x if math.isfinite(x) else None
@@ -92,8 +105,8 @@ class DiffReport:
             "dtype_mismatches": [m.to_dict() for m in self.dtype_mismatches],
             "value_mismatches": [m.to_dict() for m in self.value_mismatches],
             "num_equal": self.num_equal,
-            "rtol": self.rtol,
-            "atol": self.atol,
+            "rtol": _json_float(self.rtol),
+            "atol": _json_float(self.atol),
         }
 
 
@@ -110,8 +123,10 @@ def diff_state_dicts(
 
     Shapes and dtypes are compared from metadata; values only where shapes agree (across dtypes
     too, after promotion, so a cast checkpoint can be checked with a tolerance). `progress` is
-    called with the number of bytes of A compared so far, chunk by chunk.
+    called with the number of bytes of A compared so far, chunk by chunk. `rtol` and `atol` must be
+    finite and >= 0 (else UsageError).
     """
+    check_tolerances(rtol, atol)
     if keys is None:
         keys = list(a) + [k for k in b if k not in a]
     workspace = _Workspace()

@@ -4,6 +4,7 @@ crash or signal in it is exit 2 naming the model, never a silent success (real c
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -201,3 +202,53 @@ def test_inspect_selection_table_shows_only_selected_missing_rows(cli):
     assert rows["head.2.weight"] == "missing" and rows["head.2.bias"] == "missing"
     assert "head.0.weight" not in rows and "fc.weight" not in rows
     assert "4 missing, 2 unexpected" in r.stdout
+
+
+# ------------------------------------------------------------------------- strict JSON, tolerances
+
+
+@pytest.mark.parametrize(("option", "value"), [("--atol", "inf"), ("--atol", "nan"), ("--atol", "-1"), ("--rtol", "1e400"), ("--rtol", "NaN")])
+def test_diff_refuses_a_tolerance_that_is_not_finite_and_non_negative(cli, files, option, value):
+    r = cli("diff", files / "ckpt.pt", files / "ckpt.pt", option, value, "--json")
+    assert r.exit_code == 2 and r.stdout == ""
+    assert len(r.stderr.splitlines()) == 1 and option in r.stderr
+
+
+@pytest.mark.parametrize("bad", [{"atol": math.inf}, {"atol": math.nan}, {"rtol": -1e-9}, {"rtol": math.inf}])
+def test_diff_state_dicts_refuses_bad_tolerances(bad):
+    from ckptsurgeon import diff_state_dicts
+    from ckptsurgeon.errors import UsageError
+
+    sd = {"w": torch.ones(2)}
+    with pytest.raises(UsageError, match=next(iter(bad))):
+        diff_state_dicts(sd, sd, **bad)
+
+
+def test_non_finite_numbers_are_null_in_json():
+    from ckptsurgeon.cli.text import to_json
+
+    data = {"a": math.nan, "b": [math.inf, 1.5, {"c": -math.inf}], "d": (2.0,)}
+    for pretty in (False, True):
+        assert strict_json(to_json(data, pretty=pretty)) == {"a": None, "b": [None, 1.5, {"c": None}], "d": [2.0]}
+
+
+def test_every_json_document_is_strict_json(cli, tmp_path):
+    a, b = tmp_path / "a.pt", tmp_path / "b.pt"
+    torch.save({"w": torch.tensor([1.0, 1.0, math.nan]), "n": torch.tensor(3)}, a)
+    torch.save({"w": torch.tensor([1.0, 0.0, 2.0]), "n": torch.tensor(4)}, b)
+    r = cli("diff", a, b, "--json", "--rtol", "1e-3")
+    assert r.exit_code == 1
+    diff = strict_json(r.stdout)
+    (w,) = [v for v in diff["value_mismatches"] if v["key"] == "w"]
+    assert w["max_abs_diff"] is None and w["max_rel_diff"] is None and w["num_different"] == 2  # NaN vs 2.0; 1 vs 0
+    assert diff["rtol"] == 1e-3 and diff["atol"] == 0.0
+    runs = [
+        ("inspect", a, "--json"),
+        ("extract", a, "-o", tmp_path / "e.pt", "--json"),
+        ("rename", a, "-o", tmp_path / "r.pt", "--add-prefix", "m.", "--json"),
+        ("merge", a, b, "-o", tmp_path / "m.pt", "--average", "--json"),
+    ]
+    for args in runs:
+        r = cli(*args)
+        assert r.exit_code == 0, (args, r.stderr)
+        strict_json(r.stdout)

@@ -376,8 +376,9 @@ def diff(
     Exit 0 when identical (within --rtol/--atol), 1 when different. With --model, both sides are
     also checked against the model (exit 1 when either does not fit).
     """
-    from ..diff import diff_state_dicts
+    from ..diff import check_tolerances, diff_state_dicts
 
+    check_tolerances(rtol, atol, prefix="--")  # before anything is read
     ca = actions.load(a, key=key, unsafe=unsafe, allow_global=allow_global)
     cb = actions.load(b, key=key, unsafe=unsafe, allow_global=allow_global)
     union = list(ca.state_dict) + [k for k in cb.state_dict if k not in ca.state_dict]

@@ -6,6 +6,7 @@ long) or is handed to `render.to_rich` for a terminal. Styles are hints that onl
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -51,13 +52,31 @@ def to_json(data: Mapping[str, Any], *, pretty: bool = False) -> str:
     """One JSON document; indented for a person at a terminal, compact (C encoder) otherwise.
 
     ASCII only: a crafted key can hold a lone surrogate, which no UTF-8 stream can carry; JSON's
-    \\u escapes carry it, and any JSON parser gives back the key exactly.
+    \\u escapes carry it, and any JSON parser gives back the key exactly. Strict JSON: a
+    non-finite float (which JSON cannot write; Python would write `NaN` or `Infinity`) is `null`.
     """
     import json
 
-    if pretty:
-        return json.dumps(data, indent=2)
-    return json.dumps(data, separators=(",", ":"))
+    def dump(obj: Any) -> str:
+        if pretty:
+            return json.dumps(obj, indent=2, allow_nan=False)
+        return json.dumps(obj, separators=(",", ":"), allow_nan=False)
+
+    try:
+        return dump(data)
+    except ValueError:  # a non-finite float somewhere: the rare case pays for a second walk
+        return dump(_finite(data))
+
+
+def _finite(obj: Any) -> Any:
+    """`obj` with every non-finite float replaced by None (for strict JSON)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, Mapping):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
 
 
 def shape_text(shape: Sequence[int]) -> str:
