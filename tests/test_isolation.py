@@ -252,3 +252,30 @@ def test_every_json_document_is_strict_json(cli, tmp_path):
         r = cli(*args)
         assert r.exit_code == 0, (args, r.stderr)
         strict_json(r.stdout)
+
+
+# ----------------------------------------------------------------- merge --average: one warning
+
+
+def test_average_warns_once_for_all_integer_tensors_taken_from_the_first(cli, tmp_path):
+    def net() -> torch.nn.Module:
+        return torch.nn.Sequential(*[torch.nn.BatchNorm1d(2) for _ in range(12)])
+
+    a, b = net(), net()
+    for i, m in enumerate(b):
+        m.num_batches_tracked += i + 1
+        m.running_mean += 1.0
+    torch.save(a.state_dict(), tmp_path / "a.pt")
+    torch.save(b.state_dict(), tmp_path / "b.pt")
+    r = cli("merge", tmp_path / "a.pt", tmp_path / "b.pt", "--average", "-o", tmp_path / "m.pt")
+    assert r.exit_code == 0, r.stderr
+    warnings = [line for line in r.stderr.splitlines() if line.startswith("warning")]
+    assert warnings == [
+        "warning: 12 integer tensors differ between inputs and were taken from the first: "
+        "0.num_batches_tracked, 1.num_batches_tracked, 2.num_batches_tracked (+9 more)"
+    ]
+    merged = torch.load(tmp_path / "m.pt", weights_only=True)
+    assert all(merged[f"{i}.num_batches_tracked"].item() == 0 for i in range(12))  # from the first
+    assert torch.allclose(merged["5.running_mean"], torch.full((2,), 0.5))
+    r = cli("merge", tmp_path / "a.pt", tmp_path / "b.pt", "--average", "-o", tmp_path / "m.pt", "-f", "--json")
+    assert len(strict_json(r.stdout)["warnings"]) == 12  # JSON keeps one entry per key

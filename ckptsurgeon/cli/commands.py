@@ -323,7 +323,7 @@ def merge(
         if actions.refuse_incompatible(model_data, allow_missing, allow_unexpected):
             return EXIT_DIFFERENT
         sources = report.sources if report is not None else {k: 0 for k in result}
-        for w in report.warnings if report is not None else ():
+        for w in text.merge_warnings(report) if report is not None else ():
             notice(f"warning: {w}", style="yellow")
         notes: list[str] = []
         if not dry_run:
