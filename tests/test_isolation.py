@@ -279,3 +279,33 @@ def test_average_warns_once_for_all_integer_tensors_taken_from_the_first(cli, tm
     assert torch.allclose(merged["5.running_mean"], torch.full((2,), 0.5))
     r = cli("merge", tmp_path / "a.pt", tmp_path / "b.pt", "--average", "-o", tmp_path / "m.pt", "-f", "--json")
     assert len(strict_json(r.stdout)["warnings"]) == 12  # JSON keeps one entry per key
+
+
+# ------------------------------------------------------------------------------- plain tables
+
+
+def columns(text: str) -> int:
+    """Terminal columns of `text` (East Asian wide characters take two, combining marks none)."""
+    import unicodedata
+
+    return sum(0 if unicodedata.combining(c) else 2 if unicodedata.east_asian_width(c) in "WF" else 1 for c in text)
+
+
+def test_plain_table_aligns_wide_keys_and_quotes_blank_ones(cli, tmp_path):
+    keys = ["", " ", "x ", "層.重み", "e\u0301.w", "'q'", "long_ascii_key.weight"]
+    torch.save({k: torch.zeros(i + 1) for i, k in enumerate(keys)}, tmp_path / "k.pt")
+    r = cli("inspect", tmp_path / "k.pt")
+    assert r.exit_code == 0, r.stderr
+    rows = r.stdout.splitlines()[2 : 2 + len(keys)]
+    shown = [row[: row.index("(")].rstrip() for row in rows]
+    assert shown == ["''", "' '", "'x '", "層.重み", "e\u0301.w", '"\'q\'"', "long_ascii_key.weight"]
+    assert len({columns(row[: row.index("(")]) for row in rows}) == 1  # the shape column starts at one column
+    assert len({columns(row) for row in rows}) == 1  # right-aligned bytes end at one column
+
+
+def test_diff_table_quotes_blank_keys(cli, tmp_path):
+    torch.save({"": torch.zeros(1), " ": torch.zeros(1)}, tmp_path / "a.pt")
+    torch.save({" ": torch.ones(1)}, tmp_path / "b.pt")
+    r = cli("diff", tmp_path / "a.pt", tmp_path / "b.pt")
+    assert r.exit_code == 1
+    assert r.stdout.splitlines()[1].split("  ")[0] == "''" and r.stdout.splitlines()[2].startswith("' '  ")
