@@ -60,6 +60,19 @@ class ValueMismatch:
         }
 
 
+def check_tolerances(rtol: float, atol: float, *, prefix: str = "") -> None:
+    """Refuse a tolerance that is not a finite number >= 0 (UsageError naming it)."""
+    from .errors import UsageError
+
+    for name, value in (("rtol", rtol), ("atol", atol)):
+        try:
+            ok = math.isfinite(value) and value >= 0
+        except TypeError:
+            ok = False
+        if not ok:
+            raise UsageError(f"{prefix}{name} must be a finite number >= 0, got {value!r}")
+
+
 def _json_float(x: float) -> float | None:
     """JSON has no inf/nan: they are written as null."""
     return x if math.isfinite(x) else None
@@ -104,8 +117,8 @@ class DiffReport:
             "extra_state_mismatches": [m.to_dict() for m in self.extra_state_mismatches],
             "num_equal": self.num_equal,
             "num_equal_extra_state": self.num_equal_extra_state,
-            "rtol": self.rtol,
-            "atol": self.atol,
+            "rtol": _json_float(self.rtol),
+            "atol": _json_float(self.atol),
             "ignore_dtype": self.ignore_dtype,
         }
 
@@ -127,8 +140,9 @@ def diff_state_dicts(
     `ignore_dtype`, a dtype mismatch is still reported but does not make the report differ (its
     values still must agree). Non-tensor values (a module's extra state) are compared by equality
     (`values_equal`). `progress` is called with the number of bytes of A compared so far, chunk
-    by chunk.
+    by chunk. `rtol` and `atol` must be finite and >= 0 (else UsageError).
     """
+    check_tolerances(rtol, atol)
     if keys is None:
         keys = list(a) + [k for k in b if k not in a]
     extra_keys = [k for k in keys if k in a and k in b and not (is_tensor(a[k]) and is_tensor(b[k]))]

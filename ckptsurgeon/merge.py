@@ -23,11 +23,16 @@ class OnConflict(str, Enum):
 
 @dataclass(frozen=True)
 class MergeReport:
-    """Where each output key came from (input index) and what the user should be told."""
+    """Where each output key came from (input index) and what the user should be told.
+
+    `taken_from_first` (--average) names the integer and bool tensors whose values differ between
+    the inputs, taken from the first; `warnings` has one line for each of them.
+    """
 
     sources: Mapping[str, int]
     conflicts: tuple[str, ...] = ()
     warnings: tuple[str, ...] = field(default_factory=tuple)
+    taken_from_first: tuple[str, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -155,6 +160,7 @@ def average_state_dicts(
     first = state_dicts[0]
     out: OrderedDict[str, Any] = OrderedDict()
     warnings: list[str] = []
+    differing: list[str] = []
     done: dict[Any, Any] = {}
     for key, t0 in first.items():
         if not is_tensor(t0):
@@ -178,6 +184,7 @@ def average_state_dicts(
             value = load(t0).clone()
             if any(compare_values(key, t0, sd[key]) is not None for sd in state_dicts[1:]):
                 warnings.append(f"{key}: {dtype} values differ between inputs; taken from the first")
+                differing.append(key)
         if getattr(t0, "is_parameter", False) or isinstance(t0, torch.nn.Parameter):
             value = torch.nn.Parameter(value, requires_grad=bool(t0.requires_grad) and value.is_floating_point())
         stored = sink(value) if sink is not None else value
@@ -188,7 +195,7 @@ def average_state_dicts(
     meta = merge_metadata([getattr(sd, "_metadata", None) for sd in state_dicts])
     if meta is not None:
         out._metadata = meta  # type: ignore[attr-defined]
-    return out, MergeReport(sources={k: 0 for k in out}, warnings=tuple(warnings))
+    return out, MergeReport(sources={k: 0 for k in out}, warnings=tuple(warnings), taken_from_first=tuple(differing))
 
 
 def _stride(t: Any) -> tuple[int, ...]:

@@ -18,9 +18,10 @@ import json
 import os
 import re
 import shlex
+import signal
 import sys
 from collections import Counter, OrderedDict
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
@@ -37,6 +38,7 @@ __all__ = [
     "RenameSuggestion",
     "ShapeMismatch",
     "check_model",
+    "check_model_spec",
     "load_model",
     "parse_model_kwargs",
     "suggest_renames",
@@ -163,6 +165,13 @@ def load_model(spec: str, kwargs: Mapping[str, Any] | str | None = None) -> nn.M
 
     Raises ModelSpecError (one-line message) for every way the spec can fail.
     """
+    return _load_model(spec, kwargs)
+
+
+def _load_model(
+    spec: str, kwargs: Mapping[str, Any] | str | None, phase: Callable[[str], None] | None = None
+) -> nn.Module:
+    """`load_model`, telling `phase` what it is about to do (for a crash report)."""
     if not isinstance(spec, str) or ":" not in spec:
         raise ModelSpecError(f"model spec {spec!r} has no ':'; {_SPEC_FORMS}")
     target, _, attr = spec.rpartition(":")
@@ -175,8 +184,12 @@ def load_model(spec: str, kwargs: Mapping[str, Any] | str | None = None) -> nn.M
     is_file = _is_file_spec(target)
     directory = str(Path(target).expanduser().resolve().parent) if is_file else os.getcwd()
     with _on_sys_path(directory):
+        if phase is not None:
+            phase(f"importing {target}")
         module = _import_file(spec, target) if is_file else _import_module(spec, target)
         obj = _resolve_attr(spec, module, target, attr)
+        if phase is not None:
+            phase("building the model")
         return _build(spec, obj, call_kwargs)
 
 
@@ -517,3 +530,144 @@ def check_model(
         renames=renames,
         errors=tuple(errors),
     )
+
+
+# --------------------------------------------------------------------------------------------
+# check_model_spec: the model's code in a child process
+
+
+def check_model_spec(
+    spec: str,
+    shapes: Mapping[str, tuple[int, ...]],
+    kwargs: Mapping[str, Any] | str | None = None,
+    *,
+    metadata: Mapping[str, Mapping[str, Any]] | None = None,
+    isolated: bool = True,
+) -> ModelReport:
+    """`check_model(shapes, load_model(spec, kwargs), metadata=metadata)`, by default in a child.
+
+    With `isolated` (where ``os.fork`` exists), the model's module is imported, the model built and
+    the checkpoint checked in a forked child process that reports back through a pipe: whatever
+    the model's code prints goes to stderr (never this process's stdout), nothing it changes
+    (``sys.modules``, globals, signal handlers) leaks back, and an exit (``sys.exit``,
+    ``os._exit``), a crash or a signal in it is a ModelSpecError naming the spec, never this
+    process's exit. The child costs a fork (tens of milliseconds), no new torch import.
+    """
+    call_kwargs = parse_model_kwargs(kwargs)  # a bad --model-kwargs is said without a child
+
+    def job(phase: Callable[[str], None]) -> ModelReport:
+        model = _load_model(spec, call_kwargs, phase)
+        phase("checking the checkpoint against the model")
+        return check_model(shapes, model, metadata=metadata)
+
+    if not isolated or not hasattr(os, "fork"):
+        return job(lambda _: None)
+    return _report_from_plain(_run_in_child(spec, job))
+
+
+def _report_to_plain(report: ModelReport) -> dict[str, Any]:
+    return {
+        "missing_keys": list(report.missing_keys),
+        "unexpected_keys": list(report.unexpected_keys),
+        "shape_mismatches": [[m.key, list(m.checkpoint), list(m.model)] for m in report.shape_mismatches],
+        "kinds": report.kinds,
+        "suggestions": list(report.suggestions),
+        "renames": [[r.strip_prefix, r.add_prefix, r.matched] for r in report.renames],
+        "errors": list(report.errors),
+    }
+
+
+def _report_from_plain(data: Mapping[str, Any]) -> ModelReport:
+    return ModelReport(
+        missing_keys=tuple(data["missing_keys"]),
+        unexpected_keys=tuple(data["unexpected_keys"]),
+        shape_mismatches=tuple(ShapeMismatch(k, tuple(c), tuple(m)) for k, c, m in data["shape_mismatches"]),
+        kinds=dict(data["kinds"]),
+        suggestions=tuple(data["suggestions"]),
+        renames=tuple(RenameSuggestion(s, a, n) for s, a, n in data["renames"]),
+        errors=tuple(data["errors"]),
+    )
+
+
+_CHILD_FAILED = 70  # the child's exit status when even its report could not be sent
+
+
+def _run_in_child(spec: str, job: Callable[[Callable[[str], None]], ModelReport]) -> dict[str, Any]:
+    """Run `job` in a forked child; return its report as plain data, or raise what it means.
+
+    The child writes one line per phase (`phase: ...`) and then one result line (`result: JSON`)
+    to a pipe. No result line means the model's code ended the child (an exit or a signal).
+    """
+    for stream in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__):
+        with contextlib.suppress(Exception):
+            stream.flush()  # nothing buffered may be written twice, by parent and child
+    read_fd, write_fd = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: never returns, never runs the parent's cleanup
+        status = _CHILD_FAILED
+        try:
+            os.close(read_fd)
+            status = _child(spec, write_fd, job)
+        finally:
+            os._exit(status)
+    os.close(write_fd)
+    try:
+        with os.fdopen(read_fd, "rb") as pipe:
+            lines = pipe.read().decode("utf-8", "replace").splitlines()
+        _, wait_status = os.waitpid(pid, 0)
+    except BaseException:  # interrupted: leave no child behind
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+        raise
+    phase = "starting"
+    for line in lines:
+        if line.startswith("phase: "):
+            phase = line[len("phase: ") :]
+        elif line.startswith("result: "):
+            result = json.loads(line[len("result: ") :])
+            if "report" in result:
+                return result["report"]
+            if "error" in result:
+                raise ModelSpecError(result["error"])
+            raise RuntimeError(f"checking the model {spec!r} failed in its child process:\n{result['bug']}")
+    if os.WIFSIGNALED(wait_status):
+        number = os.WTERMSIG(wait_status)
+        try:
+            name = signal.Signals(number).name
+        except ValueError:
+            name = f"signal {number}"
+        how = f"crashed (killed by {name})"
+    else:
+        how = f"exited (status {os.waitstatus_to_exitcode(wait_status)})"
+    raise ModelSpecError(f"model spec {spec!r}: the model's code {how} while {phase}; nothing was checked")
+
+
+def _child(spec: str, write_fd: int, job: Callable[[Callable[[str], None]], ModelReport]) -> int:
+    """The child's side of `_run_in_child`; returns the exit status."""
+    os.dup2(2, 1)  # the model's prints, Python's or C's, go to stderr: stdout carries data only
+    sys.stdout = sys.stderr
+    with contextlib.suppress(Exception):
+        import resource
+
+        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # a crash in the model's code leaves no core file
+
+    def send(line: str) -> None:
+        data = (line + "\n").encode("utf-8")
+        while data:
+            data = data[os.write(write_fd, data) :]
+
+    try:
+        result: dict[str, Any] = {"report": _report_to_plain(job(lambda p: send(f"phase: {' '.join(p.split())}")))}
+    except ModelSpecError as exc:
+        result = {"error": str(exc)}
+    except (SystemExit, KeyboardInterrupt) as exc:  # from a hook of the model, while it is checked
+        result = {"error": f"model spec {spec!r}: the model's code raised {_one_line(exc)} while it was checked"}
+    except BaseException:  # noqa: BLE001 (a bug: the parent shows it as one, with this traceback)
+        import traceback
+
+        result = {"bug": traceback.format_exc()}
+    with contextlib.suppress(Exception):
+        sys.stderr.flush()
+    send("result: " + json.dumps(result))
+    return 0

@@ -89,3 +89,16 @@ def test_the_console_script_pipes_into_a_json_reader(tmp_path):
         "exit_code": 2, "kind": "bad_checkpoint", "message": f"{tmp_path / 'missing.pt'}: no such file",
     }
     assert not (tmp_path / "o.pt").exists()
+
+
+@pytest.mark.parametrize("command", ["extract", "rename", "merge"])
+def test_a_writer_refused_by_model_prints_its_report_marked_not_written(capsys, tmp_path, command):
+    """Exit 1 (the result does not fit --model) with --json: one document, `"written": false`."""
+    src = Path(__file__).resolve().parent.parent / "sample_models" / "smallcnn_dp.pt"
+    out = tmp_path / "out.pt"
+    args = {"extract": ["extract", src], "rename": ["rename", src, "--add-prefix", "x."],
+            "merge": ["merge", src, src, "--on-conflict", "first"]}[command]
+    rc, stdout, _ = _run(capsys, *args, "-o", out, "--model", "sample_models.models:SmallCNN", "--json")
+    doc = json.loads(stdout)
+    assert rc == 1 and doc["written"] is False and doc["command"] == command and not out.exists()
+    assert doc["model"]["compatible"] is False and doc["model"]["unexpected_keys"][0].endswith("module.conv1.weight")

@@ -67,13 +67,14 @@ def model_check(
         if kwargs is not None:
             raise UsageError("--model-kwargs needs --model")
         return None
-    from ..model import check_model, load_model
+    from ..model import check_model_spec
     from ..tensors import is_tensor, shape_of
 
-    model = load_model(spec, kwargs)
-    report = check_model(
+    # the model's code runs in a child process: it cannot print on stdout or end this process
+    report = check_model_spec(
+        spec,
         {k: shape_of(v) if is_tensor(v) else None for k, v in state_dict.items()},
-        model,
+        kwargs,
         metadata=getattr(state_dict, "_metadata", None),
     )
     data = report.to_dict()
@@ -127,13 +128,11 @@ def inspect(
         state_dict_key=ckpt_obj.state_dict_key,
         other_entries=[(k, describe_value(v)) for k, v in ckpt_obj.other_entries()],
     )
-    selection = {k: ckpt_obj.state_dict[k] for k in keys}
-    if getattr(ckpt_obj.state_dict, "_metadata", None) is not None:
-        from ..io import make_state_dict
-
-        selection = make_state_dict(list(selection.items()), ckpt_obj.state_dict._metadata)
+    # the model judges the whole state_dict (a selection only narrows what is shown): a key the
+    # patterns leave out is not missing from the checkpoint
     model_data = model_check(
-        selection, model, model_kwargs, allow_missing=allow_missing, allow_unexpected=allow_unexpected, ckpt_path=str(ckpt)
+        ckpt_obj.state_dict, model, model_kwargs, allow_missing=allow_missing, allow_unexpected=allow_unexpected,
+        ckpt_path=str(ckpt),
     )
     if as_json:
         data = report.to_dict()
@@ -142,7 +141,13 @@ def inspect(
             data["kinds"] = model_data["kinds"]
         print_json(data)
     else:
-        show(text.inspect_table(report, model_data["kinds"] if model_data else None, model_data))
+        shown_model = model_data
+        if model_data is not None and (include or exclude):  # missing rows: those the patterns select
+            from ..patterns import select_keys
+
+            missing = select_keys(model_data["missing_keys"], include or (), exclude or (), regex=regex)
+            shown_model = {**model_data, "missing_keys": missing}
+        show(text.inspect_table(report, model_data["kinds"] if model_data else None, shown_model))
         if len(report.dtypes) > 1:
             show(text.dtype_table(report))
         for line in text.other_entries_lines(report.other_entries) + text.shared_lines(report.shared_storage):
@@ -155,13 +160,19 @@ def inspect(
     return EXIT_OK
 
 
-def refuse_incompatible(model: Optional[dict[str, Any]], allow_missing: bool, allow_unexpected: bool) -> bool:
-    """With --model: say why nothing is written and return True when the result does not fit."""
+def refuse_incompatible(
+    model: Optional[dict[str, Any]], allow_missing: bool, allow_unexpected: bool,
+    json_report: Optional[dict[str, Any]] = None,
+) -> bool:
+    """With --model: say why nothing is written and return True when the result does not fit.
+    `json_report` (with --json) is printed then, marked `"written": false`: the one document."""
     if model is None or model["compatible_allowed"]:
         return False
     for line in text.model_lines(model, allow_missing, allow_unexpected):
         notice(line.text, line.style)
     notice("nothing written: the result does not fit the model (see --allow-missing / --allow-unexpected)", style="red")
+    if json_report is not None:
+        print_json({**json_report, "written": False})
     return True
 
 
@@ -268,7 +279,11 @@ def extract(
         result, model, model_kwargs, allow_missing=allow_missing, allow_unexpected=allow_unexpected,
         ckpt_path=str(ckpt), out_path=str(output),
     )
-    if refuse_incompatible(model_data, allow_missing, allow_unexpected):
+    if refuse_incompatible(
+        model_data, allow_missing, allow_unexpected,
+        writer_report("extract", output, result, dry_run=dry_run, notes=[], state_dict_key=ckpt_obj.state_dict_key,
+                      **model_extra(model_data)) if as_json else None,
+    ):
         return EXIT_DIFFERENT
     notes: list[str] = []
     if not dry_run:

@@ -233,9 +233,13 @@ def rename(
         renamed, model, model_kwargs, allow_missing=allow_missing, allow_unexpected=allow_unexpected,
         ckpt_path=str(ckpt), out_path=str(output),
     )
-    if actions.refuse_incompatible(model_data, allow_missing, allow_unexpected):
-        return EXIT_DIFFERENT
     changed = sum(1 for old, new in plan.items() if old != new)
+    refused_report = actions.writer_report(
+        "rename", output, renamed, dry_run=dry_run, notes=[], state_dict_key=ckpt_obj.state_dict_key,
+        renamed=dict(plan), num_changed=changed, **actions.model_extra(model_data),
+    ) if as_json else None
+    if actions.refuse_incompatible(model_data, allow_missing, allow_unexpected, refused_report):
+        return EXIT_DIFFERENT
     if changed == 0:
         notice("warning: no key changed", style="yellow")
     notes: list[str] = []
@@ -326,10 +330,14 @@ def merge(
             result, model, model_kwargs, allow_missing=allow_missing, allow_unexpected=allow_unexpected,
             ckpt_path=str(ckpts[0]), out_path=str(output),
         )
-        if actions.refuse_incompatible(model_data, allow_missing, allow_unexpected):
-            return EXIT_DIFFERENT
         sources = report.sources if report is not None else {k: 0 for k in result}
-        for w in report.warnings if report is not None else ():
+        refused_report = actions.writer_report(
+            "merge", output, result, dry_run=dry_run, notes=[], average=average,
+            sources={k: str(ckpts[i]) for k, i in sources.items()}, **actions.model_extra(model_data),
+        ) if as_json else None
+        if actions.refuse_incompatible(model_data, allow_missing, allow_unexpected, refused_report):
+            return EXIT_DIFFERENT
+        for w in text.merge_warnings(report) if report is not None else ():
             notice(f"warning: {w}", style="yellow")
         notes: list[str] = []
         if not dry_run:
@@ -388,8 +396,9 @@ def diff(
     both sides, --key-a/--key-b one side. With --model, both sides are also checked against the
     model (exit 1 when either does not fit).
     """
-    from ..diff import diff_state_dicts
+    from ..diff import check_tolerances, diff_state_dicts
 
+    check_tolerances(rtol, atol, prefix="--")  # before anything is read
     ca = actions.load(a, key=key_a if key_a is not None else key, unsafe=unsafe, allow_global=allow_global)
     cb = actions.load(b, key=key_b if key_b is not None else key, unsafe=unsafe, allow_global=allow_global)
     union = list(ca.state_dict) + [k for k in cb.state_dict if k not in ca.state_dict]

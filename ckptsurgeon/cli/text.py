@@ -6,6 +6,9 @@ long) or is handed to `render.to_rich` for a terminal. Styles are hints that onl
 
 from __future__ import annotations
 
+import itertools
+import math
+import unicodedata
 from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -38,6 +41,24 @@ def safe(text: Any) -> str:
     return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in s)
 
 
+def key_text(key: Any) -> str:
+    """A key for a table or a line: `safe`, and quoted as repr quotes it when it is empty, has
+    leading or trailing whitespace or starts with a quote (so `''`, `' x'` and `x` differ)."""
+    s = str(key)
+    if not s or s[0] in "'\"" or s != s.strip():
+        return repr(s)
+    return safe(s)
+
+
+def display_width(text: str) -> int:
+    """Terminal columns `text` takes: East Asian wide and full-width characters 2, combining marks 0."""
+    if text.isascii():
+        return len(text)
+    return sum(
+        0 if unicodedata.combining(c) else 2 if unicodedata.east_asian_width(c) in ("W", "F") else 1 for c in text
+    )
+
+
 def human_bytes(n: int) -> str:
     value = float(n)
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
@@ -51,13 +72,31 @@ def to_json(data: Mapping[str, Any], *, pretty: bool = False) -> str:
     """One JSON document; indented for a person at a terminal, compact (C encoder) otherwise.
 
     ASCII only: a crafted key can hold a lone surrogate, which no UTF-8 stream can carry; JSON's
-    \\u escapes carry it, and any JSON parser gives back the key exactly.
+    \\u escapes carry it, and any JSON parser gives back the key exactly. Strict JSON: a
+    non-finite float (which JSON cannot write; Python would write `NaN` or `Infinity`) is `null`.
     """
     import json
 
-    if pretty:
-        return json.dumps(data, indent=2)
-    return json.dumps(data, separators=(",", ":"))
+    def dump(obj: Any) -> str:
+        if pretty:
+            return json.dumps(obj, indent=2, allow_nan=False)
+        return json.dumps(obj, separators=(",", ":"), allow_nan=False)
+
+    try:
+        return dump(data)
+    except ValueError:  # a non-finite float somewhere: the rare case pays for a second walk
+        return dump(_finite(data))
+
+
+def _finite(obj: Any) -> Any:
+    """`obj` with every non-finite float replaced by None (for strict JSON)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, Mapping):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
 
 
 def shape_text(shape: Sequence[int]) -> str:
@@ -65,11 +104,27 @@ def shape_text(shape: Sequence[int]) -> str:
 
 
 def plain(table: TableData) -> str:
-    """Aligned columns without box drawing: fast for tens of thousands of rows, easy to awk."""
-    widths = [max([len(h)] + [len(r[i]) for r in table.rows]) for i, h in enumerate(table.headers)]
-    # one str.format per row (the same padding as ljust/rjust)
-    fmt = "  ".join(f"{{:{'>' if i in table.right else '<'}{w}}}" for i, w in enumerate(widths))
-    out = ([table.title] if table.title else []) + [fmt.format(*row).rstrip() for row in (table.headers, *table.rows)]
+    """Aligned columns without box drawing: fast for tens of thousands of rows, easy to awk.
+
+    Columns are padded by display width, so keys in CJK characters (two columns each) line up.
+    """
+    rows = (table.headers, *table.rows)
+    if all(map(str.isascii, itertools.chain.from_iterable(rows))):
+        widths = [max([len(h)] + [len(r[i]) for r in table.rows]) for i, h in enumerate(table.headers)]
+        # one str.format per row (the same padding as ljust/rjust)
+        fmt = "  ".join(f"{{:{'>' if i in table.right else '<'}{w}}}" for i, w in enumerate(widths))
+        lines = [fmt.format(*row).rstrip() for row in rows]
+    else:
+        cell_widths = [[display_width(c) for c in row] for row in rows]
+        widths = [max(w[i] for w in cell_widths) for i in range(len(table.headers))]
+        lines = [
+            "  ".join(
+                " " * (widths[i] - w[i]) + c if i in table.right else c + " " * (widths[i] - w[i])
+                for i, c in enumerate(row)
+            ).rstrip()
+            for row, w in zip(rows, cell_widths)
+        ]
+    out = ([table.title] if table.title else []) + lines
     out += [table.caption] if table.caption else []
     return "\n".join(out) + "\n"
 
@@ -87,7 +142,7 @@ def inspect_table(
     sizes: dict[int, str] = {}
     rows = [
         [
-            safe(key),
+            key_text(key),
             shapes.get(shape) or shapes.setdefault(shape, shape_text(shape)),
             dtype,
             f"{numel:,}",
@@ -103,7 +158,7 @@ def inspect_table(
         if kinds is not None:
             rows[-1].append(kinds.get(key, "").replace("_", " "))
     if kinds is not None and model is not None:
-        rows += [[safe(k), "", "", "", "", "missing"] for k in model.get("missing_keys", [])]
+        rows += [[key_text(k), "", "", "", "", "missing"] for k in model.get("missing_keys", [])]
     styles = {(i, 5): KIND_STYLE.get(row[5], "green") for i, row in enumerate(rows)} if kinds is not None else {}
     caption = f"{report.num_tensors} tensors, {report.num_elements:,} elements, {human_bytes(report.total_bytes)}"
     if report.num_selected_of != report.num_tensors:
@@ -120,11 +175,11 @@ def dtype_table(report: InspectReport) -> TableData:
 
 
 def other_entries_lines(entries: Iterable[tuple[str, str]]) -> list[Line]:
-    return [Line(f"{safe(k)}: {safe(v)}") for k, v in entries]
+    return [Line(f"{key_text(k)}: {safe(v)}") for k, v in entries]
 
 
 def shared_lines(groups: Iterable[Sequence[str]]) -> list[Line]:
-    return [Line("shared storage: " + " = ".join(safe(k) for k in g)) for g in groups]
+    return [Line("shared storage: " + " = ".join(key_text(k) for k in g)) for g in groups]
 
 
 def model_lines(model: Mapping[str, Any], allow_missing: bool, allow_unexpected: bool) -> list[Line]:
@@ -140,7 +195,7 @@ def model_lines(model: Mapping[str, Any], allow_missing: bool, allow_unexpected:
         )
     ]
     lines += [
-        Line(f"  shape mismatch {safe(m['key'])}: checkpoint {shape_text(m['checkpoint'])}, model {shape_text(m['model'])}")
+        Line(f"  shape mismatch {key_text(m['key'])}: checkpoint {shape_text(m['checkpoint'])}, model {shape_text(m['model'])}")
         for m in model["shape_mismatches"]
     ]
     lines += [Line(f"  suggestion: {safe(s)}") for s in model["suggestions"]]
@@ -152,15 +207,15 @@ def model_lines(model: Mapping[str, Any], allow_missing: bool, allow_unexpected:
 
 def diff_table(report: DiffReport) -> TableData | None:
     """Every difference, one row a key; None when there is nothing to show."""
-    rows = [[safe(k), "only in A"] for k in report.only_in_a]
-    rows += [[safe(k), "only in B"] for k in report.only_in_b]
-    rows += [[safe(m.key), f"shape {shape_text(m.a)} vs {shape_text(m.b)}"] for m in report.shape_mismatches]
+    rows = [[key_text(k), "only in A"] for k in report.only_in_a]
+    rows += [[key_text(k), "only in B"] for k in report.only_in_b]
+    rows += [[key_text(m.key), f"shape {shape_text(m.a)} vs {shape_text(m.b)}"] for m in report.shape_mismatches]
     ignored = " (ignored)" if report.ignore_dtype else ""
-    rows += [[safe(m.key), f"dtype {m.a} vs {m.b}{ignored}"] for m in report.dtype_mismatches]
-    rows += [[safe(m.key), f"extra state: {safe(m.a)} vs {safe(m.b)}, not equal"] for m in report.extra_state_mismatches]
+    rows += [[key_text(m.key), f"dtype {m.a} vs {m.b}{ignored}"] for m in report.dtype_mismatches]
+    rows += [[key_text(m.key), f"extra state: {safe(m.a)} vs {safe(m.b)}, not equal"] for m in report.extra_state_mismatches]
     rows += [
         [
-            safe(v.key),
+            key_text(v.key),
             f"values: {v.num_different:,} of {v.numel:,} differ, max abs {v.max_abs_diff:.6g}, max rel {v.max_rel_diff:.6g}",
         ]
         for v in report.value_mismatches
@@ -190,13 +245,25 @@ def diff_summary(report: DiffReport) -> Line:
 
 
 def rename_table(plan: Mapping[str, str]) -> TableData:
-    rows = [[safe(old), safe(new)] for old, new in plan.items()]
+    rows = [[key_text(old), key_text(new)] for old, new in plan.items()]
     styles = {(i, 1): "bold" for i, (old, new) in enumerate(plan.items()) if old != new}
     return TableData(("old", "new"), rows, styles=styles)
 
 
+def merge_warnings(report: Any, shown: int = 3) -> list[str]:
+    """A MergeReport's warnings for stderr: one summary line for the integer tensors taken from the
+    first input (a ResNet has one `num_batches_tracked` per BatchNorm), then any others."""
+    taken = list(report.taken_from_first)
+    lines = [w for w in report.warnings[len(taken) :]]  # taken_from_first's own lines come first
+    if taken:
+        names = ", ".join(key_text(k) for k in taken[:shown]) + (f" (+{len(taken) - shown} more)" if len(taken) > shown else "")
+        verb = "differ between inputs and were" if len(taken) > 1 else "differs between inputs and was"
+        lines.insert(0, f"{len(taken)} integer tensor{'s' if len(taken) > 1 else ''} {verb} taken from the first: {names}")
+    return lines
+
+
 def keys_table(rows: Iterable[tuple[str, str]], title: str, headers: tuple[str, str] = ("key", "from")) -> TableData:
-    return TableData(headers, [[safe(a), safe(b)] for a, b in rows], title)
+    return TableData(headers, [[key_text(a), safe(b)] for a, b in rows], title)
 
 
 def transplant_table(report: Any) -> TableData:
@@ -210,16 +277,16 @@ def transplant_table(report: Any) -> TableData:
         if key.rpartition(".")[0] in norm_locked:
             status += " (module kept in eval)"
         styles[(len(rows), 1)] = "green"
-        rows.append([safe(key), status])
+        rows.append([key_text(key), status])
     for key in report.missing:
         styles[(len(rows), 1)] = "yellow"
-        rows.append([safe(key), "missing: trainable"])
+        rows.append([key_text(key), "missing: trainable"])
     for key in report.unexpected:
         styles[(len(rows), 1)] = "red"
-        rows.append([safe(key), "unexpected: ignored"])
+        rows.append([key_text(key), "unexpected: ignored"])
     for key, ckpt, model in report.skipped:
         styles[(len(rows), 1)] = "red"
-        rows.append([safe(key), f"skipped: checkpoint {shape_text(ckpt)} vs model {shape_text(model)}"])
+        rows.append([key_text(key), f"skipped: checkpoint {shape_text(ckpt)} vs model {shape_text(model)}"])
     title = "transplant" + (f" from state_dict at key {safe(report.state_dict_key)!r}" if report.state_dict_key else "")
     caption = (
         f"{len(report.loaded)} loaded, {len(report.frozen)} frozen, {len(report.missing)} missing, "
