@@ -811,8 +811,13 @@ def _extract_run(fn, template, paths):
     from pathlib import Path
 
     args = ["extract"] + [t.format(**paths) for t in template]
-    rc, out, err = _run_captured(fn, args)
     folder = Path(paths["o"]).parent
+    cwd = os.getcwd()
+    os.chdir(folder)  # an output named by a stray token (`-o --verify`) lands here, not in the repo
+    try:
+        rc, out, err = _run_captured(fn, args)
+    finally:
+        os.chdir(cwd)
     from zoo import masked_serialization_id
 
     # torch zips byte for byte but the random serialization id (a new one per save, as torch's)
