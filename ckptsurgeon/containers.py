@@ -86,7 +86,7 @@ def resolve_key_path(obj: Any, dotted: str) -> KeyPath:
     node = obj
     i = 0
     while i < len(parts):
-        step = None
+        step: str | int | None = None
         for j in range(len(parts), i, -1):
             candidate = ".".join(parts[i:j])
             if isinstance(node, Mapping) and candidate in node:
@@ -97,7 +97,7 @@ def resolve_key_path(obj: Any, dotted: str) -> KeyPath:
                     step, i = int(candidate), j
                 break
         if step is None:
-            where = format_key_path(path) or "the top level"
+            where = format_key_path(tuple(path)) or "the top level"
             options = [str(k) for k in node] if isinstance(node, Mapping) else []
             hint = f" (keys there: {', '.join(sorted(options)[:10])})" if options else ""
             raise ContainerError(f"--key {dotted!r}: no entry {parts[i]!r} at {where}{hint}")
@@ -152,7 +152,7 @@ def replace_at(obj: Any, path: KeyPath | None, value: Any) -> Any:
     head, rest = path[0], path[1:]
     new_child = replace_at(obj[head], rest, value)
     if isinstance(obj, Mapping):
-        copy = obj.__class__(obj)
+        copy: Any = obj.__class__(obj)  # type: ignore[call-arg]  # dict, OrderedDict: rebuilt from a mapping
         if hasattr(obj, "__dict__"):
             copy.__dict__.update(obj.__dict__)  # keeps an OrderedDict's _metadata
         copy[head] = new_child

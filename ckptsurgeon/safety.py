@@ -227,7 +227,7 @@ def torch_allowlist(names: Iterable[str]) -> list[tuple[Any, str]]:
 
 
 def _stand_in(cls: type, kind: str, name: str) -> type:
-    def refuse(args: tuple, why: str) -> BadCheckpointError:
+    def refuse(args: tuple[Any, ...], why: str) -> BadCheckpointError:
         shown = ", ".join(_brief(a) for a in args[:4]) + (", ..." if len(args) > 4 else "")
         return BadCheckpointError(
             f"refused to build {name}({shown}): {why}; --allow-global builds objects from "
@@ -243,15 +243,15 @@ def _stand_in(cls: type, kind: str, name: str) -> type:
         if kind == "namedtuple":
             if len(args) != len(cls._fields):  # type: ignore[attr-defined]
                 raise refuse(args, f"it has {len(cls._fields)} fields")  # type: ignore[attr-defined]
-            return tuple.__new__(cls, args)  # type: ignore[call-overload]
+            return tuple.__new__(cls, args)
         if args:
             raise refuse(args, "the file passes arguments to its constructor")
-        return cls.__new__(cls) if kind == "namespace" else object.__new__(cls)
+        return cls.__new__(cls) if kind == "namespace" else object.__new__(cls)  # type: ignore[call-overload]
 
     return type(f"{cls.__name__}StandIn", (), {"__new__": staticmethod(__new__), "__module__": __name__})
 
 
-def _enum_member(cls: Any, args: tuple) -> Any:
+def _enum_member(cls: Any, args: tuple[Any, ...]) -> Any:
     if len(args) != 1:
         return None
     for member in cls.__members__.values():

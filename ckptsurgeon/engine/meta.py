@@ -68,15 +68,15 @@ class _Value:
     tensor, and a frozen dataclass takes 4x as long to construct; `import dataclasses` alone
     costs inspect a tenth of its run time)."""
 
-    __slots__ = ()
+    __slots__: tuple[str, ...] = ()
 
     def _fields(self) -> tuple[Any, ...]:
         return tuple(getattr(self, name) for name in self.__slots__)
 
     def __eq__(self, other: object) -> bool:
-        if other.__class__ is not self.__class__:
+        if not isinstance(other, _Value) or other.__class__ is not self.__class__:
             return NotImplemented
-        return self._fields() == other._fields()  # type: ignore[attr-defined]
+        return self._fields() == other._fields()
 
     def __hash__(self) -> int:
         return hash(self._fields())
@@ -199,7 +199,7 @@ class TorchDevice(_Value):
         self.spec = spec  # "cpu", "cuda:0"
 
 
-class TorchSize(tuple):
+class TorchSize(tuple[int, ...]):
     """A pickled `torch.Size(...)` value (a tuple of ints)."""
 
     __slots__ = ()
