@@ -179,6 +179,10 @@ def load_checkpoint(
         sd_path, state_dict = find_state_dict(container, key)
     except ContainerError as exc:
         raise ContainerError(f"{path}: {exc}") from None
+    if engine == "torch":
+        nested = [str(k) for k, v in state_dict.items() if getattr(v, "is_nested", False)]
+        if nested:
+            raise UsageError(f"{path}: nested tensors are not supported: {', '.join(map(repr, nested[:5]))}")
     return Checkpoint(
         path=path,
         format=fmt,
@@ -329,7 +333,7 @@ def _verify_written(
 ) -> None:
     """Read the written file back and compare every tensor (shape, dtype, values) with `intended`."""
     from .diff import compare_values
-    from .tensors import dtype_name, shape_of
+    from .tensors import dtype_name, shape_of, tensor_kind
 
     try:
         _, container, _, _ = _read_container(written, unsafe=unsafe, allow_globals=allow_globals)
@@ -346,7 +350,11 @@ def _verify_written(
     if len(want) != len(got) or any(g is None for g in got):
         raise OutputError(f"{output}: --verify failed: the written file holds {len(got)} tensors, not {len(want)}")
     for name, w, g in zip(names, want, got):
-        if shape_of(w) != shape_of(g) or dtype_name(w) != dtype_name(g) or compare_values(name, w, g) is not None:
+        if tensor_kind(w) == "meta" and tensor_kind(g) == "meta":  # no values: the structure is all
+            values_differ = False
+        else:
+            values_differ = compare_values(name, w, g) is not None
+        if shape_of(w) != shape_of(g) or dtype_name(w) != dtype_name(g) or values_differ:
             raise OutputError(f"{output}: --verify failed: tensor {name!r} reads back different from what was meant")
 
 
@@ -390,9 +398,29 @@ def _write_safetensors(sd: Mapping[str, Any], f: BinaryIO, metadata: Mapping[str
         )
     if getattr(sd, "_metadata", None):
         notes.append("safetensors has no place for the state_dict's _metadata (module versions): dropped")
-    plain = {k: v.detach().contiguous().clone() for k, v in tensors.items()}
+    plain = {k: _safetensors_tensor(k, v) for k, v in tensors.items()}
     f.write(save(plain, metadata=dict(metadata) if metadata else None))
     return notes
+
+
+def _safetensors_tensor(key: str, t: Any) -> Any:
+    """A dense contiguous copy of `t` for safetensors, or a UsageError naming what it cannot hold:
+    meta, sparse, quantized and nested tensors, and dtypes the installed safetensors has no code
+    for (complex128, complex32, bits8, ...). conj/neg views are resolved (values unchanged)."""
+    import safetensors
+    from safetensors.torch import _SIZE  # the dtypes its writer knows (private, stable since 0.3)
+
+    from .tensors import kind_text, plain_values, tensor_kind
+
+    kind = tensor_kind(t)
+    if kind is not None and kind not in ("conjugate view", "negative view"):
+        raise UsageError(f"cannot write {kind_text(t)} tensor {key!r} to safetensors: only dense tensors fit there")
+    if t.dtype not in _SIZE:
+        raise UsageError(
+            f"cannot write {kind_text(t)} tensor {key!r} to safetensors: "
+            f"safetensors {safetensors.__version__} has no dtype for it (write a .pt file instead)"
+        )
+    return plain_values(t, key, "write").contiguous().clone()
 
 
 def compact_views(obj: Any) -> Any:
@@ -404,8 +432,12 @@ def compact_views(obj: Any) -> Any:
     """
     import torch
 
+    from .tensors import tensor_kind
+
     groups: dict[int, list[torch.Tensor]] = {}
     for t in iter_tensors(obj):
+        if tensor_kind(t) is not None:  # sparse, quantized, meta, conj/neg: torch.save writes them as they are
+            continue
         s = t.untyped_storage()
         if s.nbytes():
             groups.setdefault(s.data_ptr(), []).append(t)
@@ -473,18 +505,20 @@ class TensorStage:
         self._count = 0
 
     def add(self, tensor: Any) -> TensorMeta:
-        import ctypes
+        import torch
 
         from .engine.crc import crc32
         from .engine.meta import StorageMeta
-        from .tensors import dtype_name, is_parameter
+        from .tensors import dtype_name, is_parameter, kind_text, tensor_kind
 
+        if tensor_kind(tensor) is not None:  # its storage is not plain CPU memory: nothing to read
+            raise UsageError(f"cannot stage a {kind_text(tensor)} tensor: only dense CPU tensors")
         data = tensor.detach().contiguous()
         nbytes = data.numel() * data.element_size()
         offset = self._end
         crc = 0
         if nbytes:
-            view = memoryview((ctypes.c_char * nbytes).from_address(data.data_ptr())).cast("B")
+            view = memoryview(data.reshape(-1).view(torch.uint8).numpy())
             crc = crc32(view)
             done = 0
             while done < nbytes:
