@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import reprlib
+import sys
+from collections.abc import Iterator
 from typing import Any
 
 MAX_DIMS = 64  # dimensions of one tensor (real ones have a handful)
@@ -22,3 +25,19 @@ def brief(value: Any) -> str:
     deep, whose repr has 2**60 items.
     """
     return _QUOTE.repr(value)
+
+
+@contextlib.contextmanager
+def recursion_room(depth: int, frames_per_level: int = 4) -> Iterator[None]:
+    """Let recursive code (a pickler, a converter) walk a graph nested `depth` deep.
+
+    The readers accept graphs nested up to unpickle.MAX_DEPTH (1,000); walking one takes a few
+    Python frames per level, more than the default limit of 1,000 frames. The limit is raised
+    for the duration only (Python frames cost no C stack since 3.11, and little before).
+    """
+    old = sys.getrecursionlimit()
+    sys.setrecursionlimit(max(old, old + depth * frames_per_level))
+    try:
+        yield
+    finally:
+        sys.setrecursionlimit(old)
