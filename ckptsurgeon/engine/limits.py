@@ -11,6 +11,18 @@ from typing import Any
 MAX_DIMS = 64  # dimensions of one tensor (real ones have a handful)
 MAX_DIM_SIZE = 1 << 63  # one size, stride or offset: torch's int64
 
+
+
+def numel_overflows(shape: Any) -> bool:
+    """True when the product of a shape's non-zero sizes does not fit torch's int64: torch
+    (`numel: integer multiplication overflow`) and safetensors refuse such a shape even when a
+    zero size makes the tensor empty, e.g. [2**62, 2**62, 0]."""
+    product = 1
+    for n in shape:
+        product *= max(n, 1)
+    return product >= MAX_DIM_SIZE
+
+
 _QUOTE = reprlib.Repr()
 _QUOTE.maxlevel = 2
 _QUOTE.maxlist = _QUOTE.maxtuple = _QUOTE.maxdict = _QUOTE.maxset = 4
