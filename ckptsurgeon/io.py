@@ -379,8 +379,12 @@ def _try_raw_write(obj: Any, f: BinaryIO, output: Path, progress: Callable[[int]
 def _write_torch(obj: Any, f: BinaryIO) -> None:
     import torch
 
-    obj = compact_views(as_torch(obj))
-    torch.save(obj, f)
+    from .engine.limits import recursion_room
+    from .engine.unpickle import MAX_DEPTH
+
+    with recursion_room(MAX_DEPTH):  # the converters and torch.save's pickler recurse per level
+        obj = compact_views(as_torch(obj))
+        torch.save(obj, f)
 
 
 def _write_safetensors(sd: Mapping[str, Any], f: BinaryIO, metadata: Mapping[str, str] | None) -> list[str]:
