@@ -412,7 +412,7 @@ def _safetensors_tensor(key: str, t: Any) -> Any:
     meta, sparse, quantized and nested tensors, and dtypes the installed safetensors has no code
     for (complex128, complex32, bits8, ...). conj/neg views are resolved (values unchanged)."""
     import safetensors
-    from safetensors.torch import _SIZE  # the dtypes its writer knows (private, stable since 0.3)
+    from safetensors.torch import _SIZE  # the dtypes its writer knows (private)
 
     from .tensors import kind_text, plain_values, tensor_kind
 
