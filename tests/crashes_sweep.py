@@ -125,7 +125,7 @@ def build(directory: Path, *, full: bool = True) -> tuple[list[Combo], list[list
     `directory`).
 
     `full`: every command over every combination (~5,000 commands, 10 minutes on 2 busy cores).
-    Otherwise a quick sweep of about 1,100: the 'cuda' tag (which every reader maps to the CPU
+    Otherwise a quick sweep of about 1,200: the 'cuda' tag (which every reader maps to the CPU
     path) only on strided tensors, and each combination gets four of the commands, in rotation,
     so that every command meets every dtype, layout and device tag many times over."""
     combos: list[Combo] = []
