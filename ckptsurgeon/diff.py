@@ -23,7 +23,7 @@ from typing import Any
 
 from .engine.data import compare_spans, map_chunk_pairs
 from .engine.meta import TensorMeta
-from .tensors import dtype_name, is_tensor, shape_of
+from .tensors import RAW_BITS_DTYPES, dtype_name, is_tensor, plain_values, shape_of
 
 SCHEMA_VERSION = 1
 CHUNK_BYTES = 16 << 20
@@ -291,10 +291,16 @@ def _compare(
         _raw_stats(stats, x, y, rtol, atol, progress, workspace)
     else:
         same_dtype = dtype_name(x) == dtype_name(y)
-        for cx, cy in _chunk_pairs(x, y):
+        bits = dtype_name(x) in RAW_BITS_DTYPES or dtype_name(y) in RAW_BITS_DTYPES
+        if bits and not same_dtype:
+            return None  # bit patterns of two types have no common value: the dtype mismatch says it
+        for cx, cy in _chunk_pairs(key, x, y):
             progress(cx.numel() * cx.element_size())
             stats.numel += cx.numel()
-            if not (same_dtype and _bitwise_equal(cx, cy)):
+            if bits:  # no arithmetic: every element whose bits differ counts, by an unknown amount
+                n = int((cx != cy).sum())
+                stats.add(n, math.inf if n else 0.0, math.inf if n else 0.0)
+            elif not (same_dtype and _bitwise_equal(cx, cy)):
                 stats.add(*_chunk_stats(cx, cy, rtol, atol))
     if stats.num_diff == 0:
         return None
@@ -541,19 +547,22 @@ class _NumpyStats:
         self.np.copyto(out, values)
 
 
-def _chunk_pairs(x: Any, y: Any) -> Iterator[tuple[Any, Any]]:
+def _chunk_pairs(key: str, x: Any, y: Any) -> Iterator[tuple[Any, Any]]:
     """Aligned flat chunks of both tensors, read a bounded amount at a time."""
     itemsize = max(_itemsize(x), _itemsize(y), 1)
     step = max(1, CHUNK_BYTES // itemsize)
     total = _numel(x)
-    fx, fy = _flat_source(x), _flat_source(y)
+    fx, fy = _flat_source(x, key), _flat_source(y, key)
     for start in range(0, total, step):
         stop = min(total, start + step)
         yield _flat_chunk(fx, start, stop), _flat_chunk(fy, start, stop)
 
 
-def _flat_source(t: Any) -> Any:
-    """A contiguous TensorMeta stays on disk; anything else becomes one flat torch tensor."""
+def _flat_source(t: Any, key: str) -> Any:
+    """A contiguous TensorMeta stays on disk; anything else becomes one flat torch tensor of plain
+    CPU memory (sparse made dense, quantized dequantized, conj/neg resolved; bit-pattern dtypes
+    as unsigned integers of their size, which is all `==` needs); meta tensors have no values to
+    compare (UsageError)."""
     if isinstance(t, TensorMeta):
         if t.is_contiguous:
             from .engine.data import verify_crc
@@ -563,7 +572,12 @@ def _flat_source(t: Any) -> Any:
         from .engine.materialize import tensor_from_meta
 
         return tensor_from_meta(t).reshape(-1)
-    return t.detach().reshape(-1)
+    t = plain_values(t, key, "compare the values of")
+    if dtype_name(t) in RAW_BITS_DTYPES:
+        import torch
+
+        t = t.view(torch.uint16 if t.element_size() == 2 else torch.uint8)  # same size: any strides
+    return t.reshape(-1)
 
 
 def _itemsize(t: Any) -> int:

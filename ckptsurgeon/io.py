@@ -216,6 +216,11 @@ def load_checkpoint(
     except BaseException:
         src.close()
         raise
+    if engine == "torch":
+        nested = [str(k) for k, v in state_dict.items() if getattr(v, "is_nested", False)]
+        if nested:
+            src.close()
+            raise UsageError(f"{path}: nested tensors are not supported: {', '.join(map(repr, nested[:5]))}")
     return Checkpoint(
         path=path,
         format=fmt,
@@ -417,7 +422,7 @@ def _verify_written(
 ) -> None:
     """Read the written file back and compare every tensor (shape, dtype, values) with `intended`."""
     from .diff import compare_values
-    from .tensors import dtype_name, shape_of
+    from .tensors import dtype_name, shape_of, tensor_kind
 
     with contextlib.ExitStack() as stack:
         try:
@@ -436,7 +441,11 @@ def _verify_written(
         if len(want) != len(got) or any(g is None for g in got):
             raise OutputError(f"{output}: --verify failed: the written file holds {len(got)} tensors, not {len(want)}")
         for name, w, g in zip(names, want, got):
-            if shape_of(w) != shape_of(g) or dtype_name(w) != dtype_name(g) or compare_values(name, w, g) is not None:
+            if tensor_kind(w) == "meta" and tensor_kind(g) == "meta":  # no values: the structure is all
+                values_differ = False
+            else:
+                values_differ = compare_values(name, w, g) is not None
+            if shape_of(w) != shape_of(g) or dtype_name(w) != dtype_name(g) or values_differ:
                 raise OutputError(f"{output}: --verify failed: tensor {name!r} reads back different from what was meant")
 
 
@@ -461,8 +470,12 @@ def _try_raw_write(obj: Any, f: BinaryIO, output: Path, progress: Callable[[int]
 def _write_torch(obj: Any, f: BinaryIO) -> None:
     import torch
 
-    obj = compact_views(as_torch(obj))
-    torch.save(obj, f)
+    from .engine.limits import recursion_room
+    from .engine.unpickle import MAX_DEPTH
+
+    with recursion_room(MAX_DEPTH):  # the converters and torch.save's pickler recurse per level
+        obj = compact_views(as_torch(obj))
+        torch.save(obj, f)
 
 
 def _write_safetensors(sd: Mapping[str, Any], f: BinaryIO, metadata: Mapping[str, str] | None) -> list[str]:
@@ -496,6 +509,7 @@ def _write_safetensors(sd: Mapping[str, Any], f: BinaryIO, metadata: Mapping[str
         )
     if getattr(sd, "_metadata", None):
         notes.append("safetensors has no place for the state_dict's _metadata (module versions): dropped")
+    tensors = OrderedDict((k, _safetensors_tensor(k, v)) for k, v in tensors.items())  # or exit 2
     unknown = [f"{k} ({dtype_name(v)})" for k, v in tensors.items() if dtype_name(v) not in codes]
     if unknown:
         raise UsageError(f"safetensors has no dtype code for {', '.join(sorted(unknown)[:10])}; write a .pt file")
@@ -512,10 +526,30 @@ def _write_safetensors(sd: Mapping[str, Any], f: BinaryIO, metadata: Mapping[str
     encoded += b" " * (-len(encoded) % 8)  # the data starts 8-byte aligned, as the library writes it
     f.write(len(encoded).to_bytes(8, "little") + encoded)
     for k in data_order:
-        flat = tensors[k].detach().contiguous().reshape(-1)
+        flat = tensors[k].contiguous().reshape(-1)
         if flat.numel():
             f.write(memoryview(flat.view(torch.uint8).numpy()))
     return notes
+
+
+def _safetensors_tensor(key: str, t: Any) -> Any:
+    """A dense contiguous copy of `t` for safetensors, or a UsageError naming what it cannot hold:
+    meta, sparse, quantized and nested tensors, and dtypes the installed safetensors has no code
+    for (complex128, complex32, bits8, ...). conj/neg views are resolved (values unchanged)."""
+    import safetensors
+    from safetensors.torch import _SIZE  # the dtypes its writer knows (private)
+
+    from .tensors import kind_text, plain_values, tensor_kind
+
+    kind = tensor_kind(t)
+    if kind is not None and kind not in ("conjugate view", "negative view"):
+        raise UsageError(f"cannot write {kind_text(t)} tensor {key!r} to safetensors: only dense tensors fit there")
+    if t.dtype not in _SIZE:
+        raise UsageError(
+            f"cannot write {kind_text(t)} tensor {key!r} to safetensors: "
+            f"safetensors {safetensors.__version__} has no dtype for it (write a .pt file instead)"
+        )
+    return plain_values(t, key, "write")  # no copy of a plain tensor: the writer streams them one by one
 
 
 def compact_views(obj: Any) -> Any:
@@ -527,8 +561,12 @@ def compact_views(obj: Any) -> Any:
     """
     import torch
 
+    from .tensors import tensor_kind
+
     groups: dict[int, list[torch.Tensor]] = {}
     for t in iter_tensors(obj):
+        if tensor_kind(t) is not None:  # sparse, quantized, meta, conj/neg: torch.save writes them as they are
+            continue
         s = t.untyped_storage()
         if s.nbytes():
             groups.setdefault(s.data_ptr(), []).append(t)
@@ -596,19 +634,21 @@ class TensorStage:
         self._count = 0
 
     def add(self, tensor: Any) -> TensorMeta:
-        import ctypes
+        import torch
 
         from .engine.crc import crc32
         from .engine.meta import StorageMeta
-        from .tensors import dtype_name, is_parameter
+        from .tensors import dtype_name, is_parameter, kind_text, tensor_kind
 
         interrupts.raise_if_interrupted()  # one swallowed by torch's import stops the job here
+        if tensor_kind(tensor) is not None:  # its storage is not plain CPU memory: nothing to read
+            raise UsageError(f"cannot stage a {kind_text(tensor)} tensor: only dense CPU tensors")
         data = tensor.detach().contiguous()
         nbytes = data.numel() * data.element_size()
         offset = self._end
         crc = 0
         if nbytes:
-            view = memoryview((ctypes.c_char * nbytes).from_address(data.data_ptr())).cast("B")
+            view = memoryview(data.reshape(-1).view(torch.uint8).numpy())
             crc = crc32(view)
             done = 0
             while done < nbytes:

@@ -12,7 +12,7 @@ from typing import Any
 
 from .engine.meta import FLOATING_DTYPES, TensorMeta
 from .errors import ConflictError, UsageError, sorted_list
-from .tensors import dtype_name, is_tensor, nbytes_of, shape_of
+from .tensors import RAW_BITS_DTYPES, dtype_name, is_tensor, kind_text, nbytes_of, plain_values, shape_of, tensor_kind
 
 
 class OnConflict(str, Enum):
@@ -146,12 +146,12 @@ def average_state_dicts(
     from .diff import compare_values, values_equal
     from .tensors import storage_id
 
-    def load(t: Any) -> Any:
+    def load(t: Any, key: str) -> Any:
         if isinstance(t, TensorMeta):
             from .engine.materialize import tensor_from_meta
 
             return tensor_from_meta(t)
-        return t.detach()
+        return plain_values(t, key, "average")  # conj/neg bits resolved
 
     if len(state_dicts) < 2:
         raise UsageError("--average needs at least two inputs")
@@ -162,6 +162,8 @@ def average_state_dicts(
     warnings: list[str] = []
     differing: list[str] = []
     done: dict[Any, Any] = {}
+    for key in first:  # before anything is computed or written
+        _check_averageable_tensors(key, [sd[key] for sd in state_dicts])
     for key, t0 in first.items():
         if not is_tensor(t0):
             out[key] = t0
@@ -175,13 +177,14 @@ def average_state_dicts(
         dtype = dtype_name(t0)
         if dtype in FLOATING_DTYPES or dtype.startswith("complex"):
             target = getattr(torch, dtype)
-            acc_dtype = torch.promote_types(target, torch.float32)
-            acc = load(t0).to(acc_dtype) * w[0]
+            # float8 types do not promote: they are averaged in float32 and cast back
+            acc_dtype = torch.float32 if dtype.startswith("float8") else torch.promote_types(target, torch.float32)
+            acc = load(t0, key).to(acc_dtype) * w[0]
             for sd, wi in zip(state_dicts[1:], w[1:]):
-                acc.add_(load(sd[key]).to(acc_dtype), alpha=wi)
+                acc.add_(load(sd[key], key).to(acc_dtype), alpha=wi)
             value = acc.to(target)
         else:
-            value = load(t0).clone()
+            value = load(t0, key).clone()
             if any(compare_values(key, t0, sd[key]) is not None for sd in state_dicts[1:]):
                 warnings.append(f"{key}: {dtype} values differ between inputs; taken from the first")
                 differing.append(key)
@@ -196,6 +199,17 @@ def average_state_dicts(
     if meta is not None:
         out._metadata = meta  # type: ignore[attr-defined]
     return out, MergeReport(sources={k: 0 for k in out}, warnings=tuple(warnings), taken_from_first=tuple(differing))
+
+
+def _check_averageable_tensors(key: str, tensors: Sequence[Any]) -> None:
+    """Refuse (UsageError) what --average cannot read as plain values or has no arithmetic for:
+    meta, nested, sparse and quantized tensors, and bit-pattern dtypes (bits8, float4_e2m1fn_x2, ...)."""
+    for t in tensors:
+        kind = tensor_kind(t)
+        if kind is not None and kind not in ("conjugate view", "negative view"):
+            raise UsageError(f"cannot average {kind_text(t)} tensor {key!r}: only dense tensors are averaged")
+        if dtype_name(t) in RAW_BITS_DTYPES:
+            raise UsageError(f"cannot average {dtype_name(t)} tensor {key!r}: its bit patterns have no arithmetic")
 
 
 def _stride(t: Any) -> tuple[int, ...]:

@@ -56,6 +56,8 @@ def storage_id(value: Any) -> Any:
     """A hashable identity of the tensor's storage: equal for tensors that share one."""
     if isinstance(value, TensorMeta):
         return value.storage.identity
+    if tensor_kind(value) in ("meta", "nested") or value.layout is not _torch().strided:
+        return ("unique", id(value))  # no storage of its own to share (or none at all)
     storage = value.untyped_storage()
     if storage.nbytes() == 0:
         return ("empty", id(value))
@@ -76,7 +78,7 @@ def duplicate_names(tensors: Mapping[str, Any]) -> dict[str, str]:
     Tensors that share storage without being the same view are not in the plan."""
     groups: dict[tuple[Any, ...], list[str]] = {}
     for key, t in tensors.items():
-        if is_tensor(t) and nbytes_of(t):
+        if is_tensor(t) and tensor_kind(t) is None and nbytes_of(t):  # plain memory: a view has strides
             groups.setdefault(_view_of(t), []).append(key)
     plan: dict[str, str] = {}
     for names in groups.values():
@@ -105,3 +107,66 @@ def shared_storage_groups(tensors: dict[str, Any]) -> list[list[str]]:
     for key, t in tensors.items():
         groups.setdefault(storage_id(t), []).append(key)
     return [keys for keys in groups.values() if len(keys) > 1]
+
+
+# dtypes whose elements are bit patterns without arithmetic in torch (no copy, no cast, no sum):
+# compared bit for bit, never averaged
+RAW_BITS_DTYPES = frozenset({"bits8", "bits16", "bits1x8", "bits2x4", "bits4x2", "float4_e2m1fn_x2"})
+
+
+def tensor_kind(value: Any) -> str | None:
+    """None for a tensor whose values are plain CPU memory (a TensorMeta, or a dense strided CPU
+    torch tensor without conj/neg bit); else what it is: `meta`, `nested`, `sparse_coo`, ...,
+    `quantized`, `conjugate view`, `negative view`, or a device type. Nothing may read the
+    storage bytes of such a tensor through a pointer: that segfaults or reads garbage."""
+    if isinstance(value, TensorMeta):
+        return None
+    if value.is_meta:
+        return "meta"
+    if value.is_nested:
+        return "nested"
+    if value.layout is not _torch().strided:
+        return str(value.layout).removeprefix("torch.")
+    if value.is_quantized:
+        return "quantized"
+    if value.device.type != "cpu":
+        return value.device.type
+    if value.is_conj():
+        return "conjugate view"
+    if value.is_neg():
+        return "negative view"
+    return None
+
+
+def kind_text(value: Any) -> str:
+    """`meta float32`, `sparse_csr int64`, `quantized quint8`, or just the dtype of a plain tensor."""
+    kind = tensor_kind(value)
+    return f"{kind} {dtype_name(value)}" if kind else dtype_name(value)
+
+
+def plain_values(value: Any, key: str, action: str) -> Any:
+    """A dense strided CPU torch tensor with the values of the torch tensor `value`: sparse made
+    dense, quantized dequantized, conj/neg bits resolved. `action` ("compare", "average", ...) names
+    what needs the values in the UsageError raised where there are none (meta) or torch cannot
+    produce them."""
+    from .errors import UsageError
+
+    kind = tensor_kind(value)
+    if kind is None:
+        return value.detach()
+    if kind in ("meta", "nested"):
+        why = "the checkpoint holds no data for it" if kind == "meta" else "nested tensors are not supported"
+        raise UsageError(f"cannot {action} {kind_text(value)} tensor {key!r}: {why}")
+    try:
+        t = value.detach()
+        if t.layout is not _torch().strided:
+            t = t.to_dense()
+        if t.is_quantized:
+            t = t.dequantize()
+        t = t.resolve_conj().resolve_neg()
+        if t.device.type != "cpu":
+            t = t.cpu()
+    except (RuntimeError, NotImplementedError, TypeError) as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UsageError(f"cannot {action} {kind_text(value)} tensor {key!r}: torch cannot read its values ({reason})") from None
+    return t

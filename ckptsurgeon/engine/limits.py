@@ -2,11 +2,26 @@
 
 from __future__ import annotations
 
+import contextlib
 import reprlib
+import sys
+from collections.abc import Iterator
 from typing import Any
 
 MAX_DIMS = 64  # dimensions of one tensor (real ones have a handful)
 MAX_DIM_SIZE = 1 << 63  # one size, stride or offset: torch's int64
+
+
+
+def numel_overflows(shape: Any) -> bool:
+    """True when the product of a shape's non-zero sizes does not fit torch's int64: torch
+    (`numel: integer multiplication overflow`) and safetensors refuse such a shape even when a
+    zero size makes the tensor empty, e.g. [2**62, 2**62, 0]."""
+    product = 1
+    for n in shape:
+        product *= max(n, 1)
+    return product >= MAX_DIM_SIZE
+
 
 _QUOTE = reprlib.Repr()
 _QUOTE.maxlevel = 2
@@ -22,3 +37,19 @@ def brief(value: Any) -> str:
     deep, whose repr has 2**60 items.
     """
     return _QUOTE.repr(value)
+
+
+@contextlib.contextmanager
+def recursion_room(depth: int, frames_per_level: int = 4) -> Iterator[None]:
+    """Let recursive code (a pickler, a converter) walk a graph nested `depth` deep.
+
+    The readers accept graphs nested up to unpickle.MAX_DEPTH (1,000); walking one takes a few
+    Python frames per level, more than the default limit of 1,000 frames. The limit is raised
+    for the duration only (Python frames cost no C stack since 3.11, and little before).
+    """
+    old = sys.getrecursionlimit()
+    sys.setrecursionlimit(max(old, old + depth * frames_per_level))
+    try:
+        yield
+    finally:
+        sys.setrecursionlimit(old)

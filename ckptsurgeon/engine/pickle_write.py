@@ -232,8 +232,12 @@ def pickle_graph(obj: Any) -> PickledGraph:
     "0", "1", ... in the order they are first referenced. Raises EngineUnsupported for values it
     cannot write (unknown types, recursive tuples, OrderedDict subclasses, ...).
     """
+    from .limits import recursion_room
+    from .unpickle import MAX_DEPTH
+
     pickler = _Pickler(plan_storages(obj))
-    pickler.dump(obj)
+    with recursion_room(MAX_DEPTH):  # the pickler recurses, 2-3 frames a level
+        pickler.dump(obj)
     return PickledGraph(b"".join(pickler.parts), pickler.order)
 
 

@@ -14,7 +14,7 @@ from typing import Any
 
 from ..errors import BadCheckpointError, EngineUnsupported
 from .data import pread_bytes
-from .limits import MAX_DIM_SIZE, MAX_DIMS, brief
+from .limits import MAX_DIM_SIZE, MAX_DIMS, brief, numel_overflows
 from .meta import DTYPE_ITEMSIZE, RawCheckpoint, StorageMeta, TensorMeta
 from .source import Source
 
@@ -102,6 +102,8 @@ def parse_header(header: bytes, data_size: int, path: str, source: Source, data_
             if type(d) is not int or not 0 <= d < MAX_DIM_SIZE:
                 raise bad(f"tensor {name!r} has shape {brief(shape)}")
             numel *= d
+        if numel_overflows(shape):
+            raise bad(f"tensor {name!r} has shape {brief(shape)}, whose number of elements overflows int64")
         if (type(offsets) is not list or len(offsets) != 2 or type(offsets[0]) is not int
                 or type(offsets[1]) is not int or not 0 <= offsets[0] <= offsets[1]):
             raise bad(f"tensor {name!r} has data_offsets {brief(offsets)}")

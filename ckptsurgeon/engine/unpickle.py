@@ -21,7 +21,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from ..errors import BadCheckpointError, EngineUnsupported, RestrictedPickleError, UnsafeCheckpointError
-from .limits import MAX_DIM_SIZE, MAX_DIMS, brief
+from .limits import MAX_DIM_SIZE, MAX_DIMS, brief, numel_overflows
 from .meta import (
     DTYPE_ITEMSIZE,
     FLOATING_DTYPES,
@@ -672,6 +672,8 @@ def _make_tensor(storage: Any, offset: Any, size: Any, stride: Any, requires_gra
         raise Unsupported(f"a tensor of dtype {dtype}")
     if requires_grad and dtype not in FLOATING_DTYPES and not dtype.startswith("complex"):
         raise Malformed(f"a {dtype} tensor that requires grad")
+    if numel_overflows(shape):
+        raise Malformed(f"a tensor of shape {brief(list(shape))}, whose number of elements overflows int64")
     numel = 1
     last = offset
     for n, st in zip(shape, strides):
