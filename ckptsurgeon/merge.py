@@ -205,6 +205,8 @@ def _check_averageable_tensors(key: str, tensors: Sequence[Any]) -> None:
     """Refuse (UsageError) what --average cannot read as plain values or has no arithmetic for:
     meta, nested, sparse and quantized tensors, and bit-pattern dtypes (bits8, float4_e2m1fn_x2, ...)."""
     for t in tensors:
+        if not is_tensor(t):  # extra state: taken from the first input, never averaged
+            continue
         kind = tensor_kind(t)
         if kind is not None and kind not in ("conjugate view", "negative view"):
             raise UsageError(f"cannot average {kind_text(t)} tensor {key!r}: only dense tensors are averaged")
