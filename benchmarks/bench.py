@@ -365,9 +365,23 @@ def syscall_reads(argv: Sequence[str], path: Path, *, env: dict[str, str], cwd: 
         return None
     target = str(path.resolve())
     with tempfile.NamedTemporaryFile("r", suffix=".strace") as log_file:
-        cmd = [strace, "-f", "-qq", "-s", "0", "-y", "-e", "trace=" + ",".join((*_READS, "mmap")), "-o", log_file.name, *argv]
+        cmd = [
+            strace,
+            "-f",
+            "-qq",
+            "-s",
+            "0",
+            "-y",
+            "-e",
+            "trace=" + ",".join((*_READS, "mmap")),
+            "-o",
+            log_file.name,
+            *argv,
+        ]
         try:
-            proc = subprocess.run(cmd, env=env, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=3600)
+            proc = subprocess.run(
+                cmd, env=env, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=3600
+            )
         except (OSError, subprocess.SubprocessError) as exc:
             log(f"strace run failed: {exc}")
             return None
@@ -495,7 +509,7 @@ class Bench:
         if not problems:
             return None
         tail = "\n".join(run.stderr.strip().splitlines()[-15:])
-        return "; ".join(problems) + (f"\n    stderr:\n      " + tail.replace("\n", "\n      ") if tail else "")
+        return "; ".join(problems) + ("\n    stderr:\n      " + tail.replace("\n", "\n      ") if tail else "")
 
     def measure(self, report: GroupReport, cases: list[Case], verify: tuple[Case, Case, str] | None = None) -> None:
         """Warm up every case once, optionally check outputs, then time them round-robin."""
@@ -520,7 +534,10 @@ class Bench:
                     log(f"[{report.name}]   FAILED: {res.error}")
                     continue
                 res.runs.append(run)
-                log(f"[{report.name}] run {i + 1}/{self.args.runs}: {res.case.label}: {run.seconds:.3f} s, {fmt_rss(run.maxrss)}")
+                log(
+                    f"[{report.name}] run {i + 1}/{self.args.runs}: {res.case.label}: "
+                    f"{run.seconds:.3f} s, {fmt_rss(run.maxrss)}"
+                )
         for c in cases:
             if c.output is not None and c.role != "cli":
                 c.output.unlink(missing_ok=True)
@@ -544,14 +561,26 @@ class Bench:
     # ---- the groups
 
     def torch_ways(
-        self, group: str, what: str, script: str, *args: str | Path, writes: bool = False,
-        ways: Sequence[tuple[str, str, str]] = TORCH_WAYS, **expect: Any,
+        self,
+        group: str,
+        what: str,
+        script: str,
+        *args: str | Path,
+        writes: bool = False,
+        ways: Sequence[tuple[str, str, str]] = TORCH_WAYS,
+        **expect: Any,
     ) -> list[Case]:
         """One Case per torch way (full load, mmap) running PRELUDE + `script` with `args`."""
         cases = []
         for role, name, kwargs in ways:
             out = self.out(f"{group}-{role}") if writes else None
-            argv = [self.py, "-c", PRELUDE.format(kwargs=kwargs) + script, *([str(out)] if out else []), *map(str, args)]
+            argv = [
+                self.py,
+                "-c",
+                PRELUDE.format(kwargs=kwargs) + script,
+                *([str(out)] if out else []),
+                *map(str, args),
+            ]
             cases.append(Case(f"{name} + {what}", argv, role, out, **expect))
         return cases
 
@@ -574,14 +603,26 @@ class Bench:
         cli = Case("ckptsurgeon inspect a.pt", self.ck("inspect", a), "cli", expect_stdout=keys)
         full, mmap = self.torch_ways("inspect", "list", TORCH_INSPECT, a, expect_stdout=keys)
         many_cases = [
-            Case(f"ckptsurgeon inspect many.pt ({N_MANY:,} tensors)", self.ck("inspect", many), "cli-many", expect_stdout=last_many),
-            Case("ckptsurgeon inspect many.pt --json", self.ck("inspect", many, "--json"), "info", expect_stdout=last_many),
+            Case(
+                f"ckptsurgeon inspect many.pt ({N_MANY:,} tensors)",
+                self.ck("inspect", many),
+                "cli-many",
+                expect_stdout=last_many,
+            ),
+            Case(
+                "ckptsurgeon inspect many.pt --json",
+                self.ck("inspect", many, "--json"),
+                "info",
+                expect_stdout=last_many,
+            ),
         ]
         many_mmap = self.torch_ways("inspect", "list, many.pt", TORCH_INSPECT, many, expect_stdout=last_many)[1]
         many_mmap.role = "info"
         self.measure(rep, [cli, full, mmap, *many_cases, many_mmap])
         rc = rep.get("cli")
-        rep.targets.append(speedup(rc, rep.get("mmap"), 20, "inspect ≥ 20× faster than torch.load(mmap=True) + listing"))
+        rep.targets.append(
+            speedup(rc, rep.get("mmap"), 20, "inspect ≥ 20× faster than torch.load(mmap=True) + listing")
+        )
         rep.targets.append(speedup(rc, rep.get("full"), 50, "inspect ≥ 50× faster than torch.load + listing"))
         rep.targets.append(rss_below(rc, 64 * MiB, "inspect peak RSS ≤ 64 MiB"))
         rep.targets.append(self.bytes_read(rep, cli, a, mmap))
@@ -606,7 +647,9 @@ class Bench:
             evict(path)
             before = resident_bytes(path)
             if before is None or before > size // 20:
-                rep.notes.append(f"page-cache eviction did not work here ({fmt_size(before)} stayed resident): no page-cache figure")
+                rep.notes.append(
+                    f"page-cache eviction did not work here ({fmt_size(before)} stayed resident): no page-cache figure"
+                )
                 found = {}
                 break
             run = self.once(case)
@@ -635,26 +678,42 @@ class Bench:
 
     def group_extract(self) -> GroupReport:
         a = self.p("a.pt")
-        rep = GroupReport("extract", f"extract 10%: -i '{EXTRACT_PATTERN}' (10 of {N_TENSORS} tensors) from {fmt_size(a.stat().st_size)}")
+        rep = GroupReport(
+            "extract",
+            f"extract 10%: -i '{EXTRACT_PATTERN}' (10 of {N_TENSORS} tensors) from {fmt_size(a.stat().st_size)}",
+        )
         o = self.out("extract-cli")
-        cli = Case("ckptsurgeon extract a.pt -i PATTERN", self.ck("extract", a, "-o", o, "-i", EXTRACT_PATTERN), "cli", o)
+        cli = Case(
+            "ckptsurgeon extract a.pt -i PATTERN", self.ck("extract", a, "-o", o, "-i", EXTRACT_PATTERN), "cli", o
+        )
         full, mmap = self.torch_ways("extract", "torch.save", TORCH_EXTRACT, a, EXTRACT_PATTERN, writes=True)
         self.measure(rep, [cli, full, mmap], verify=(cli, full, "equal"))
         rc = rep.get("cli")
         rep.targets.append(speedup(rc, rep.get("full"), 10, "extract 10% ≥ 10× faster than torch.load + torch.save"))
-        rep.targets.append(speedup(rc, rep.get("mmap"), 3, "extract 10% ≥ 3× faster than torch.load(mmap=True) + torch.save"))
+        rep.targets.append(
+            speedup(rc, rep.get("mmap"), 3, "extract 10% ≥ 3× faster than torch.load(mmap=True) + torch.save")
+        )
         rep.targets.append(rss_below(rc, 64 * MiB, "extract peak RSS ≤ 64 MiB"))
         return rep
 
     def copy_reference(self, src: Path) -> Case:
         o = self.out("cp")
-        return Case("cp + sync (reference)", ["sh", "-c", 'cp "$1" "$2" && sync "$2"', "sh", str(src), str(o)], "ref", o)
+        return Case(
+            "cp + sync (reference)", ["sh", "-c", 'cp "$1" "$2" && sync "$2"', "sh", str(src), str(o)], "ref", o
+        )
 
     def group_rename(self) -> GroupReport:
         a = self.p("a.pt")
-        rep = GroupReport("rename", f"rename --add-prefix {RENAME_PREFIX} of the whole {fmt_size(a.stat().st_size)} file")
+        rep = GroupReport(
+            "rename", f"rename --add-prefix {RENAME_PREFIX} of the whole {fmt_size(a.stat().st_size)} file"
+        )
         o = self.out("rename-cli")
-        cli = Case(f"ckptsurgeon rename --add-prefix {RENAME_PREFIX}", self.ck("rename", a, "-o", o, "--add-prefix", RENAME_PREFIX), "cli", o)
+        cli = Case(
+            f"ckptsurgeon rename --add-prefix {RENAME_PREFIX}",
+            self.ck("rename", a, "-o", o, "--add-prefix", RENAME_PREFIX),
+            "cli",
+            o,
+        )
         full, mmap = self.torch_ways("rename", "torch.save", TORCH_RENAME, a, RENAME_PREFIX, writes=True)
         self.measure(rep, [cli, full, mmap, self.copy_reference(a)], verify=(cli, full, "equal"))
         rc = rep.get("cli")
@@ -664,7 +723,9 @@ class Bench:
 
     def group_merge(self) -> GroupReport:
         a, h1, h2 = self.p("a.pt"), self.p("half1.pt"), self.p("half2.pt")
-        rep = GroupReport("merge", f"merge of two halves ({fmt_size(h1.stat().st_size)} + {fmt_size(h2.stat().st_size)})")
+        rep = GroupReport(
+            "merge", f"merge of two halves ({fmt_size(h1.stat().st_size)} + {fmt_size(h2.stat().st_size)})"
+        )
         o = self.out("merge-cli")
         cli = Case("ckptsurgeon merge half1 half2", self.ck("merge", h1, h2, "-o", o), "cli", o)
         full, mmap = self.torch_ways("merge", "union + torch.save", TORCH_MERGE, h1, h2, writes=True)
@@ -680,7 +741,11 @@ class Bench:
         changed = tuple(f"encoder.layers.{i}.weight" for i in CHANGED)
         cli = Case("ckptsurgeon diff a.pt b.pt", self.ck("diff", a, b), "cli", expect_rc=1, expect_stdout=changed)
         full, mmap = self.torch_ways("diff", "torch.equal", TORCH_DIFF, a, b, expect_rc=1, expect_stdout=changed)
-        cat = Case("cat a.pt b.pt > /dev/null (reference)", ["sh", "-c", 'cat "$1" "$2" > /dev/null', "sh", str(a), str(b)], "ref")
+        cat = Case(
+            "cat a.pt b.pt > /dev/null (reference)",
+            ["sh", "-c", 'cat "$1" "$2" > /dev/null', "sh", str(a), str(b)],
+            "ref",
+        )
         self.measure(rep, [cli, full, mmap, cat])
         rc = rep.get("cli")
         rep.targets.append(ratio_below(rc, rep.get("ref"), 3.0, "diff ≤ 3× the time of cat a b > /dev/null"))
@@ -713,7 +778,12 @@ class Bench:
             f"apparent, {fmt_size(st.st_blocks * 512)} on disk (the data regions are holes)"
         )
         spec = f"{MODEL_FILE}:{MODEL_CLASS}"
-        cli = Case("ckptsurgeon inspect --model", self.ck("inspect", ck, "--model", spec), "cli", expect_stdout=("lm_head.weight",))
+        cli = Case(
+            "ckptsurgeon inspect --model",
+            self.ck("inspect", ck, "--model", spec),
+            "cli",
+            expect_stdout=("lm_head.weight",),
+        )
         ways = (("full", 'torch.load(map_location="meta")', ', map_location="meta"'), TORCH_WAYS[1])
         meta, mmap = self.torch_ways("model", "load_state_dict", TORCH_MODEL, ck, MODEL_FILE, MODEL_CLASS, ways=ways)
         self.measure(rep, [cli, meta, mmap])
@@ -842,7 +912,12 @@ def render_text(machine: list[tuple[str, str]], reports: list[GroupReport]) -> s
         rows = [HEAD, *table_rows(rep)]
         widths = [max(len(r[i]) for r in rows) for i in range(len(HEAD))]
         for n, r in enumerate(rows):
-            lines.append("  " + "  ".join(c.ljust(w) if i in (0, 2) else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))).rstrip())
+            lines.append(
+                "  "
+                + "  ".join(
+                    c.ljust(w) if i in (0, 2) else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))
+                ).rstrip()
+            )
             if n == 0:
                 lines.append("  " + "  ".join("-" * w for w in widths))
         for res in rep.results:
@@ -870,7 +945,10 @@ def render_markdown(machine: list[tuple[str, str]], reports: list[GroupReport]) 
     failed = sum(not t.passed for _, t in targets)
     out += ["", f"### Targets: {len(targets) - failed} PASS, {failed} FAIL", ""]
     out += ["| | group | target | measured |", "| --- | --- | --- | --- |"]
-    out += [f"| {'PASS' if t.passed else '**FAIL**'} | {g} | {md_escape(t.text)} | {md_escape(t.measured)} |" for g, t in targets]
+    out += [
+        f"| {'PASS' if t.passed else '**FAIL**'} | {g} | {md_escape(t.text)} | {md_escape(t.measured)} |"
+        for g, t in targets
+    ]
     for rep in reports:
         out += ["", f"### {rep.name}: {md_escape(rep.title)}", ""]
         out += ["| " + " | ".join(HEAD) + " |", "|" + " --- |" * len(HEAD)]
@@ -882,7 +960,9 @@ def render_markdown(machine: list[tuple[str, str]], reports: list[GroupReport]) 
             for r in failures:
                 lines = [ln.strip() for ln in (r.error or "").splitlines() if ln.strip()]
                 last = f" (`{lines[-1][:200]}`)" if len(lines) > 1 else ""
-                out.append(f"- FAILED {md_escape(r.case.label)}: {md_escape(lines[0] if lines else '?')}{md_escape(last)}")
+                out.append(
+                    f"- FAILED {md_escape(r.case.label)}: {md_escape(lines[0] if lines else '?')}{md_escape(last)}"
+                )
     return "\n".join(out) + "\n"
 
 
@@ -908,8 +988,15 @@ def machine_info(workdir: Path, meter: Meter, cli: str, args: argparse.Namespace
             versions.append(f"{dist} not installed")
     commit = "?"
     with contextlib.suppress(OSError, subprocess.SubprocessError):
-        rev = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10)
-        dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True, timeout=10)
+        rev = subprocess.run(
+            ["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10
+        )
+        dirty = subprocess.run(
+            ["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
         if rev.returncode == 0:
             commit = rev.stdout.strip() + (" (+ uncommitted changes)" if dirty.stdout.strip() else "")
     load = " ".join(f"{x:.2f}" for x in os.getloadavg())
@@ -1020,7 +1107,16 @@ def generate(bench: Bench, names: list[str], rows: int) -> list[str]:
         log(f"cannot generate llama7b.pt: {workdir} does not store sparse files (it would take 27 GB)")
         todo.remove("llama7b.pt")
         failed.append("llama7b.pt")
-    bytes_needed = sum({"a.pt": 1, "b.pt": 1, "half1.pt": 0.5, "half2.pt": 0.5}.get(n, 0.5 if n.startswith("avg") else 0) for n in todo) * rows * COLS * 4 * N_TENSORS
+    bytes_needed = (
+        sum(
+            {"a.pt": 1, "b.pt": 1, "half1.pt": 0.5, "half2.pt": 0.5}.get(n, 0.5 if n.startswith("avg") else 0)
+            for n in todo
+        )
+        * rows
+        * COLS
+        * 4
+        * N_TENSORS
+    )
     bytes_needed += 2 * rows * COLS * 4 * N_TENSORS  # outputs kept for comparison
     free = shutil.disk_usage(workdir).free
     if bytes_needed > free:
@@ -1029,10 +1125,19 @@ def generate(bench: Bench, names: list[str], rows: int) -> list[str]:
     if todo:
         log(f"generating {', '.join(todo)} in {workdir} ...")
         spec = {
-            "dir": str(workdir), "rows": rows, "cols": COLS, "n": N_TENSORS, "files": todo, "changed": list(CHANGED),
-            "n_many": N_MANY, "model_file": str(MODEL_FILE), "model_class": MODEL_CLASS,
+            "dir": str(workdir),
+            "rows": rows,
+            "cols": COLS,
+            "n": N_TENSORS,
+            "files": todo,
+            "changed": list(CHANGED),
+            "n_many": N_MANY,
+            "model_file": str(MODEL_FILE),
+            "model_class": MODEL_CLASS,
         }
-        proc = subprocess.run([sys.executable, "-c", GENERATE, json.dumps(spec)], env=bench.env, stderr=subprocess.PIPE, text=True)
+        proc = subprocess.run(
+            [sys.executable, "-c", GENERATE, json.dumps(spec)], env=bench.env, stderr=subprocess.PIPE, text=True
+        )
         sys.stderr.write(proc.stderr if proc.returncode == 0 else "")
         if proc.returncode != 0:
             log("data generation failed:\n" + proc.stderr[-3000:])
@@ -1053,8 +1158,19 @@ def generate(bench: Bench, names: list[str], rows: int) -> list[str]:
 # command line
 
 DEFAULT_SIZE = 2 * 10**9
-_UNITS = {"": 1, "B": 1, "K": 10**3, "KB": 10**3, "M": 10**6, "MB": 10**6, "G": 10**9, "GB": 10**9,
-          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+_UNITS = {
+    "": 1,
+    "B": 1,
+    "K": 10**3,
+    "KB": 10**3,
+    "M": 10**6,
+    "MB": 10**6,
+    "G": 10**9,
+    "GB": 10**9,
+    "KIB": 2**10,
+    "MIB": 2**20,
+    "GIB": 2**30,
+}
 
 
 def parse_size(text: str) -> int:
@@ -1087,13 +1203,28 @@ def find_cli() -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--size", type=parse_size, default=DEFAULT_SIZE, help="size of the main checkpoint (default 2GB = 100 fp32 tensors of 5M elements)")
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--size",
+        type=parse_size,
+        default=DEFAULT_SIZE,
+        help="size of the main checkpoint (default 2GB = 100 fp32 tensors of 5M elements)",
+    )
     p.add_argument("--runs", type=int, default=3, help="timed runs per way, after one untimed warm-up run (default 3)")
-    p.add_argument("--only", type=parse_only, default=list(GROUPS), help=f"comma-separated groups among {','.join(GROUPS)}")
-    p.add_argument("--workdir", type=Path, default=HERE / "data", help="where data and outputs go (default benchmarks/data)")
-    p.add_argument("--keep", action="store_true", help="keep the generated data (a later run with the same --size reuses it)")
-    p.add_argument("--markdown", metavar="FILE", help="also write a Markdown section to FILE ('-': to stdout after the table)")
+    p.add_argument(
+        "--only", type=parse_only, default=list(GROUPS), help=f"comma-separated groups among {','.join(GROUPS)}"
+    )
+    p.add_argument(
+        "--workdir", type=Path, default=HERE / "data", help="where data and outputs go (default benchmarks/data)"
+    )
+    p.add_argument(
+        "--keep", action="store_true", help="keep the generated data (a later run with the same --size reuses it)"
+    )
+    p.add_argument(
+        "--markdown", metavar="FILE", help="also write a Markdown section to FILE ('-': to stdout after the table)"
+    )
     p.add_argument("--cli", help="path of the ckptsurgeon executable (default: the one beside this python)")
     p.add_argument("--timeout", type=float, default=1800, help="seconds before a single run is killed (default 1800)")
     return p
@@ -1114,7 +1245,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         machine = machine_info(workdir, meter, cli, args)
         unavailable = generate(bench, names, rows)
-        machine.append(("page cache", "generated files read once after generation; every way run once untimed before timing"))
+        machine.append(
+            ("page cache", "generated files read once after generation; every way run once untimed before timing")
+        )
         for group in args.only:
             missing = [n for n in needed_files([group]) if n in unavailable]
             if missing:

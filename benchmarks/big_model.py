@@ -61,9 +61,7 @@ class LlamaModel(nn.Module):
 class Llama7B(nn.Module):
     """LLaMA-7B shapes: 32 layers, dim 4096, FFN 11008, vocabulary 32000, untied output head."""
 
-    def __init__(
-        self, vocab: int = 32000, dim: int = 4096, hidden: int = 11008, layers: int = 32
-    ) -> None:
+    def __init__(self, vocab: int = 32000, dim: int = 4096, hidden: int = 11008, layers: int = 32) -> None:
         super().__init__()
         self.model = LlamaModel(vocab, dim, hidden, layers)
         self.lm_head = nn.Linear(dim, vocab, bias=False)

@@ -123,7 +123,9 @@ def find_state_dict(obj: Any, key: str | None = None) -> tuple[KeyPath | None, M
     if key is not None:
         path = resolve_key_path(obj, key)
         found = get_path(obj, path)
-        if not (isinstance(found, Mapping) and (len(found) == 0 or is_tensor_mapping(found) or _extra_state_only(found))):
+        if not (
+            isinstance(found, Mapping) and (len(found) == 0 or is_tensor_mapping(found) or _extra_state_only(found))
+        ):
             raise ContainerError(f"--key {key!r} does not name a mapping of tensors")
         return (path or None), found
     if isinstance(obj, Mapping) and (len(obj) == 0 or is_tensor_mapping(obj)):

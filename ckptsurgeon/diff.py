@@ -16,8 +16,8 @@ import io
 import math
 import sys
 import threading
-from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -150,7 +150,9 @@ def diff_state_dicts(
     if extra_keys:
         from .containers import describe_value
 
-        extra = [Mismatch(k, describe_value(a[k]), describe_value(b[k])) for k in extra_keys if not values_equal(a[k], b[k])]
+        extra = [
+            Mismatch(k, describe_value(a[k]), describe_value(b[k])) for k in extra_keys if not values_equal(a[k], b[k])
+        ]
         skip = set(extra_keys)
         keys = [k for k in keys if k not in skip]
     workspace = _Workspace()
@@ -327,8 +329,15 @@ def _raw_stats(
 
     results = iter(
         map_chunk_pairs(
-            x.storage, x.span, y.storage, y.span, bounds, work,
-            pool=workspace.pool(), buffers=workspace.buffers, progress=count,
+            x.storage,
+            x.span,
+            y.storage,
+            y.span,
+            bounds,
+            work,
+            pool=workspace.pool(),
+            buffers=workspace.buffers,
+            progress=count,
         )
     )
     for n, max_abs, max_rel in results:
@@ -535,7 +544,8 @@ class _NumpyStats:
             np, k = self.np, NUMPY_PIECE
             self.local.arrays = tuple(np.empty(k) for _ in range(5)) + tuple(np.empty(k, bool) for _ in range(3))
             self.local.bits = np.empty(k, np.uint32)
-        return self.local.arrays
+        arrays: tuple[Any, ...] = self.local.arrays
+        return arrays
 
     def _widen(self, raw: memoryview, out: Any) -> None:
         values = self.np.frombuffer(raw, self.raw)

@@ -37,7 +37,6 @@ from .errors import (
 from .tensors import is_tensor
 
 
-
 def _debug(message: str, *args: Any) -> None:
     """Engine decisions, for CKPTSURGEON_DEBUG (logging is imported only when something is said)."""
     import logging
@@ -77,7 +76,10 @@ class Checkpoint:
         self.safetensors_metadata = safetensors_metadata
 
     def __repr__(self) -> str:
-        return f"Checkpoint(path={self.path!r}, format={self.format!r}, state_dict_key={self.state_dict_key!r}, engine={self.engine!r})"
+        return (
+            f"Checkpoint(path={self.path!r}, format={self.format!r}, "
+            f"state_dict_key={self.state_dict_key!r}, engine={self.engine!r})"
+        )
 
     def close(self) -> None:
         """Close the checkpoint's file (tensors read lazily can then no longer be read)."""
@@ -146,7 +148,7 @@ def _torch_load(src: Source, fmt: str, *, unsafe: bool, allow_globals: frozenset
 
     extra = torch_allowlist(allow_globals) if allow_globals and not unsafe else []
     try:
-        with torch.serialization.safe_globals(extra):
+        with torch.serialization.safe_globals(extra):  # type: ignore[arg-type]  # (stand-in class, name) pairs
             obj = torch.load(opened, **kwargs)
     except CheckpointError as exc:  # an allowed class the file tried to call (see safety.py)
         raise BadCheckpointError(f"{path}: {exc}") from None
@@ -180,9 +182,7 @@ def _modules_to_state_dicts(obj: Any) -> Any:
     if isinstance(obj, torch.nn.Module):
         return obj.state_dict()
     if isinstance(obj, dict):
-        return obj.__class__(
-            (k, v.state_dict() if isinstance(v, torch.nn.Module) else v) for k, v in obj.items()
-        )
+        return obj.__class__((k, v.state_dict() if isinstance(v, torch.nn.Module) else v) for k, v in obj.items())
     return obj
 
 
@@ -351,7 +351,9 @@ def refuse_non_regular(output: Path) -> None:
         return
     if not stat.S_ISREG(mode):
         kind = next((name for test, name in _KINDS if test(mode)), "not a regular file")
-        raise OutputError(f"{output}: is {kind}; an output must be a regular file or not exist (--force does not change that)")
+        raise OutputError(
+            f"{output}: is {kind}; an output must be a regular file or not exist (--force does not change that)"
+        )
 
 
 def _same_file(a: Path, b: Path) -> bool:
@@ -446,7 +448,9 @@ def _verify_written(
             else:
                 values_differ = compare_values(name, w, g) is not None
             if shape_of(w) != shape_of(g) or dtype_name(w) != dtype_name(g) or values_differ:
-                raise OutputError(f"{output}: --verify failed: tensor {name!r} reads back different from what was meant")
+                raise OutputError(
+                    f"{output}: --verify failed: tensor {name!r} reads back different from what was meant"
+                )
 
 
 def _try_raw_write(obj: Any, f: BinaryIO, output: Path, progress: Callable[[int], None] | None = None) -> bool:
@@ -503,10 +507,7 @@ def _write_safetensors(sd: Mapping[str, Any], f: BinaryIO, metadata: Mapping[str
     metadata.update(dropped)
     shared = shared_storage_groups(tensors)
     if shared:
-        notes.append(
-            "safetensors cannot share storage: written separately: "
-            + "; ".join(", ".join(g) for g in shared)
-        )
+        notes.append("safetensors cannot share storage: written separately: " + "; ".join(", ".join(g) for g in shared))
     if getattr(sd, "_metadata", None):
         notes.append("safetensors has no place for the state_dict's _metadata (module versions): dropped")
     tensors = OrderedDict((k, _safetensors_tensor(k, v)) for k, v in tensors.items())  # or exit 2
@@ -606,7 +607,7 @@ def _replace_tensors(obj: Any, replace: dict[int, Any]) -> Any:
     if id(obj) in replace:
         return replace[id(obj)]
     if isinstance(obj, Mapping) and not is_tensor(obj):
-        new = obj.__class__((k, _replace_tensors(v, replace)) for k, v in obj.items())
+        new = obj.__class__((k, _replace_tensors(v, replace)) for k, v in obj.items())  # type: ignore[call-arg]
         if hasattr(obj, "__dict__"):
             new.__dict__.update(obj.__dict__)
         return new
@@ -656,7 +657,9 @@ class TensorStage:
         self._end += nbytes
         key = str(self._count)
         self._count += 1
-        storage = StorageMeta(self._source, key, dtype_name(data), nbytes, offset, crc32=crc, record_name=f"staged/{key}")
+        storage = StorageMeta(
+            self._source, key, dtype_name(data), nbytes, offset, crc32=crc, record_name=f"staged/{key}"
+        )
         strides = tuple(int(s) for s in data.stride())
         return TensorMeta(
             storage, dtype_name(data), tuple(data.shape), strides, 0, bool(tensor.requires_grad), is_parameter(tensor)

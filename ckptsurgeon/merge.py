@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field

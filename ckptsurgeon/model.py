@@ -195,9 +195,19 @@ def _load_model(
 
 # in-place initialisers: on a meta tensor each one is a no-op that only costs time
 _INIT_FILLS = frozenset(
-    [getattr(torch.Tensor, name) for name in (
-        "normal_", "uniform_", "bernoulli_", "cauchy_", "exponential_", "geometric_", "log_normal_", "random_",
-    )]
+    [
+        getattr(torch.Tensor, name)
+        for name in (
+            "normal_",
+            "uniform_",
+            "bernoulli_",
+            "cauchy_",
+            "exponential_",
+            "geometric_",
+            "log_normal_",
+            "random_",
+        )
+    ]
     + [f for name, f in vars(nn.init).items() if name.endswith("_") and not name.startswith("_") and callable(f)]
 )
 
@@ -209,7 +219,7 @@ class _SkipInitOnMeta(TorchFunctionMode):
     torch._dynamo, which costs about 2 s, and each call costs time on a many-layer model.
     """
 
-    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: Any = None) -> Any:
+    def __torch_function__(self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
         if func in _INIT_FILLS:
             target = args[0] if args else kwargs.get("tensor")  # nn.init passes tensor=...
@@ -283,9 +293,7 @@ def _splits(key: str) -> Iterator[tuple[str, str]]:
             yield key[: i + 1], key[i + 1 :]
 
 
-def suggest_renames(
-    ckpt_keys: Iterable[str], model_keys: Iterable[str], *, limit: int = 3
-) -> list[RenameSuggestion]:
+def suggest_renames(ckpt_keys: Iterable[str], model_keys: Iterable[str], *, limit: int = 3) -> list[RenameSuggestion]:
     """Prefix surgeries (strip and/or add a dotted prefix) that make more checkpoint keys match.
 
     Typical finds: strip ``module.`` (DataParallel), strip ``model.`` (Lightning), add or strip
@@ -327,8 +335,13 @@ def suggest_renames(
         matched = sum(k in model for k in renamed)
         if matched > baseline:
             scored.append(RenameSuggestion(strip or None, add or None, matched))
-    scored.sort(key=lambda s: (-s.matched, (s.strip_prefix is not None) + (s.add_prefix is not None),
-                               len(s.strip_prefix or "") + len(s.add_prefix or "")))
+    scored.sort(
+        key=lambda s: (
+            -s.matched,
+            (s.strip_prefix is not None) + (s.add_prefix is not None),
+            len(s.strip_prefix or "") + len(s.add_prefix or ""),
+        )
+    )
     if not scored:
         return []
     best = scored[0].matched
@@ -483,7 +496,7 @@ def check_model(
         captured["unexpected"] = incompatible.unexpected_keys
 
     errors: list[str] = []
-    handle = model.register_load_state_dict_post_hook(capture)
+    handle = model.register_load_state_dict_post_hook(capture)  # type: ignore[no-untyped-call]
     try:
         with _restoring_state(model), _no_set_extra_state(model):
             result = model.load_state_dict(trial, strict=False, assign=True)
@@ -538,7 +551,7 @@ def check_model(
 
 def check_model_spec(
     spec: str,
-    shapes: Mapping[str, tuple[int, ...]],
+    shapes: Mapping[str, tuple[int, ...] | None],
     kwargs: Mapping[str, Any] | str | None = None,
     *,
     metadata: Mapping[str, Mapping[str, Any]] | None = None,
@@ -600,7 +613,8 @@ def _run_in_child(spec: str, job: Callable[[Callable[[str], None]], ModelReport]
     """
     for stream in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__):
         with contextlib.suppress(Exception):
-            stream.flush()  # nothing buffered may be written twice, by parent and child
+            if stream is not None:
+                stream.flush()  # nothing buffered may be written twice, by parent and child
     read_fd, write_fd = os.pipe()
     pid = os.fork()
     if pid == 0:  # the child: never returns, never runs the parent's cleanup
@@ -627,7 +641,8 @@ def _run_in_child(spec: str, job: Callable[[Callable[[str], None]], ModelReport]
         elif line.startswith("result: "):
             result = json.loads(line[len("result: ") :])
             if "report" in result:
-                return result["report"]
+                report: dict[str, Any] = result["report"]
+                return report
             if "error" in result:
                 raise ModelSpecError(result["error"])
             raise RuntimeError(f"checking the model {spec!r} failed in its child process:\n{result['bug']}")

@@ -37,9 +37,7 @@ def compile_pattern(pattern: str, *, regex: bool = False) -> Matcher:
     return lambda key: key == pattern or key.startswith(prefix)
 
 
-def compile_selection(
-    include: Sequence[str] = (), exclude: Sequence[str] = (), *, regex: bool = False
-) -> Matcher:
+def compile_selection(include: Sequence[str] = (), exclude: Sequence[str] = (), *, regex: bool = False) -> Matcher:
     """One predicate: matches any include (or there is none) and no exclude."""
     includes = [compile_pattern(p, regex=regex) for p in include]
     excludes = [compile_pattern(p, regex=regex) for p in exclude]
@@ -64,9 +62,7 @@ def select_keys(
     return [k for k in keys if selected(k)]
 
 
-def unmatched_includes(
-    keys: Iterable[str], include: Sequence[str], *, regex: bool = False
-) -> list[str]:
+def unmatched_includes(keys: Iterable[str], include: Sequence[str], *, regex: bool = False) -> list[str]:
     """Include patterns that match no key at all (a likely typo worth a warning)."""
     keys = list(keys)
     out = []

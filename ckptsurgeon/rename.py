@@ -95,9 +95,7 @@ def plan_rename(keys: Iterable[str], rules: RenameRules) -> OrderedDict[str, str
         by_new.setdefault(new, []).append(old)
     collisions = {new: olds for new, olds in by_new.items() if len(olds) > 1}
     if collisions:
-        shown = "; ".join(
-            f"{sorted_list(olds)} -> {new!r}" for new, olds in sorted(collisions.items())[:5]
-        )
+        shown = "; ".join(f"{sorted_list(olds)} -> {new!r}" for new, olds in sorted(collisions.items())[:5])
         raise CollisionError(f"rename would give several keys one name: {shown}")
     empty = [old for old, new in plan.items() if not new]
     if empty:
@@ -117,9 +115,7 @@ def module_path(key: str) -> str:
 _LEAF = "\x00leaf"
 
 
-def rename_metadata(
-    metadata: Mapping[str, Any], plan: Mapping[str, str], rules: RenameRules
-) -> OrderedDict[str, Any]:
+def rename_metadata(metadata: Mapping[str, Any], plan: Mapping[str, str], rules: RenameRules) -> OrderedDict[str, Any]:
     """Rename a state_dict's `_metadata` (module path -> version info) along with its keys.
 
     A module whose tensors were all renamed into one new module takes that module's name; any

@@ -18,20 +18,109 @@ from .errors import BadCheckpointError, UsageError
 # Modules whose globals can run code or reach the system (files, sockets, processes, threads,
 # exit hooks), and builtins that do. Checked on the name given and on every class of the MRO.
 DANGEROUS_MODULES = (
-    "os", "posix", "nt", "subprocess", "sys", "shutil", "importlib", "runpy", "pickle", "_pickle",
-    "pkgutil", "builtins", "__builtin__", "socket", "ctypes", "code", "codeop", "pty", "commands",
-    "multiprocessing", "webbrowser", "marshal", "types", "functools", "operator", "io", "_io",
-    "timeit", "pdb", "bdb", "trace", "profile", "cProfile", "threading", "asyncio", "signal",
-    "torch.storage", "torch.serialization", "torch.jit", "torch._C", "torch.ops", "torch.hub",
-    "torch.utils", "torch.package", "torch._dynamo", "torch.fx", "torch.compiler",
-    "logging", "zipfile", "tarfile", "shelve", "dbm", "sqlite3", "_sqlite3", "tempfile", "pathlib",
-    "mmap", "select", "selectors", "_socket", "ssl", "_ssl", "socketserver", "http", "urllib",
-    "ftplib", "smtplib", "poplib", "imaplib", "xmlrpc", "wsgiref", "_thread", "concurrent",
-    "_posixsubprocess", "_ctypes", "gzip", "bz2", "lzma", "zipimport", "fileinput", "glob",
-    "weakref", "_weakref", "atexit", "gc", "fcntl", "termios", "tty", "resource", "platform",
-    "sched", "mailbox", "netrc", "_winapi", "msvcrt", "winreg", "site", "venv", "ensurepip",
+    "os",
+    "posix",
+    "nt",
+    "subprocess",
+    "sys",
+    "shutil",
+    "importlib",
+    "runpy",
+    "pickle",
+    "_pickle",
+    "pkgutil",
+    "builtins",
+    "__builtin__",
+    "socket",
+    "ctypes",
+    "code",
+    "codeop",
+    "pty",
+    "commands",
+    "multiprocessing",
+    "webbrowser",
+    "marshal",
+    "types",
+    "functools",
+    "operator",
+    "io",
+    "_io",
+    "timeit",
+    "pdb",
+    "bdb",
+    "trace",
+    "profile",
+    "cProfile",
+    "threading",
+    "asyncio",
+    "signal",
+    "torch.storage",
+    "torch.serialization",
+    "torch.jit",
+    "torch._C",
+    "torch.ops",
+    "torch.hub",
+    "torch.utils",
+    "torch.package",
+    "torch._dynamo",
+    "torch.fx",
+    "torch.compiler",
+    "logging",
+    "zipfile",
+    "tarfile",
+    "shelve",
+    "dbm",
+    "sqlite3",
+    "_sqlite3",
+    "tempfile",
+    "pathlib",
+    "mmap",
+    "select",
+    "selectors",
+    "_socket",
+    "ssl",
+    "_ssl",
+    "socketserver",
+    "http",
+    "urllib",
+    "ftplib",
+    "smtplib",
+    "poplib",
+    "imaplib",
+    "xmlrpc",
+    "wsgiref",
+    "_thread",
+    "concurrent",
+    "_posixsubprocess",
+    "_ctypes",
+    "gzip",
+    "bz2",
+    "lzma",
+    "zipimport",
+    "fileinput",
+    "glob",
+    "weakref",
+    "_weakref",
+    "atexit",
+    "gc",
+    "fcntl",
+    "termios",
+    "tty",
+    "resource",
+    "platform",
+    "sched",
+    "mailbox",
+    "netrc",
+    "_winapi",
+    "msvcrt",
+    "winreg",
+    "site",
+    "venv",
+    "ensurepip",
 )
-DANGEROUS_NAMES = frozenset({"eval", "exec", "compile", "getattr", "setattr", "__import__", "open", "apply", "_load_from_bytes"})
+DANGEROUS_NAMES = frozenset(
+    {"eval", "exec", "compile", "getattr", "setattr", "__import__", "open", "apply", "_load_from_bytes"}
+)
 # Pure data classes of refused modules (a C type, built by its own argument-free constructor).
 _PURE_BUILTIN_CLASSES = {"types.SimpleNamespace": types.SimpleNamespace}
 
@@ -56,7 +145,10 @@ def check_allowed_global(name: str) -> None:
         return
     bad = _denied_module(module)
     if bad:
-        raise UsageError(f"--allow-global {name}: refused: globals of {bad} can execute code or reach the system; use --unsafe for a trusted file")
+        raise UsageError(
+            f"--allow-global {name}: refused: globals of {bad} can execute code or reach the system; "
+            "use --unsafe for a trusted file"
+        )
     if attr in DANGEROUS_NAMES or attr.split(".")[-1] in DANGEROUS_NAMES:
         raise UsageError(f"--allow-global {name}: refused: {attr} can execute code; use --unsafe for a trusted file")
 
@@ -131,6 +223,7 @@ def check_allowed_target(name: str, target: object) -> str:
     a property setter), other than the pure ones dataclasses, namedtuple and argparse.Namespace
     write. Returns how instances are built: "object", "namedtuple", "enum" or "namespace".
     """
+
     def refuse(why: str) -> UsageError:
         return UsageError(
             f"--allow-global {name}: refused: {why}; only plain data classes (e.g. argparse.Namespace, "
@@ -144,7 +237,9 @@ def check_allowed_target(name: str, target: object) -> str:
     for klass in target.__mro__:
         module = getattr(klass, "__module__", None) or ""
         if module != "builtins" and _denied_module(module):
-            raise refuse(f"{_qualified(klass)} belongs to {_denied_module(module)}, which can execute code or reach the system")
+            raise refuse(
+                f"{_qualified(klass)} belongs to {_denied_module(module)}, which can execute code or reach the system"
+            )
     import enum
 
     if issubclass(target, enum.Enum):
@@ -167,11 +262,24 @@ def check_allowed_target(name: str, target: object) -> str:
 
 _HEAPTYPE = 1 << 9  # Py_TPFLAGS_HEAPTYPE: a class made by a class statement (or type())
 # Methods unpickling (BUILD, hashing dict keys, hasattr), freeing or re-saving an instance runs.
-_HOOKS = frozenset({
-    "__new__", "__setstate__", "__getstate__", "__reduce__", "__reduce_ex__", "__getnewargs__",
-    "__getnewargs_ex__", "__setattr__", "__delattr__", "__getattr__", "__getattribute__", "__del__",
-    "__eq__", "__hash__",
-})
+_HOOKS = frozenset(
+    {
+        "__new__",
+        "__setstate__",
+        "__getstate__",
+        "__reduce__",
+        "__reduce_ex__",
+        "__getnewargs__",
+        "__getnewargs_ex__",
+        "__setattr__",
+        "__delattr__",
+        "__getattr__",
+        "__getattribute__",
+        "__del__",
+        "__eq__",
+        "__hash__",
+    }
+)
 _DATACLASS_HOOKS = frozenset({"__eq__", "__hash__", "__setattr__", "__delattr__", "__getstate__", "__setstate__"})
 
 

@@ -26,7 +26,13 @@ class TensorRow(NamedTuple):
     nbytes: int
 
     def to_dict(self) -> dict[str, Any]:
-        return {"key": self.key, "shape": list(self.shape), "dtype": self.dtype, "numel": self.numel, "nbytes": self.nbytes}
+        return {
+            "key": self.key,
+            "shape": list(self.shape),
+            "dtype": self.dtype,
+            "numel": self.numel,
+            "nbytes": self.nbytes,
+        }
 
 
 class DtypeTotal(NamedTuple):
@@ -36,7 +42,12 @@ class DtypeTotal(NamedTuple):
     total_bytes: int
 
     def to_dict(self) -> dict[str, Any]:
-        return {"dtype": self.dtype, "num_tensors": self.num_tensors, "num_elements": self.num_elements, "total_bytes": self.total_bytes}
+        return {
+            "dtype": self.dtype,
+            "num_tensors": self.num_tensors,
+            "num_elements": self.num_elements,
+            "total_bytes": self.total_bytes,
+        }
 
 
 class InspectReport:
@@ -47,7 +58,14 @@ class InspectReport:
     """
 
     __slots__ = (
-        "format", "state_dict_key", "tensors", "dtypes", "shared_storage", "other_entries", "num_selected_of", "model",
+        "format",
+        "state_dict_key",
+        "tensors",
+        "dtypes",
+        "shared_storage",
+        "other_entries",
+        "num_selected_of",
+        "model",
         "extra_state",
     )
 

@@ -42,7 +42,7 @@ def numel_of(value: Any) -> int:
 def nbytes_of(value: Any) -> int:
     if isinstance(value, TensorMeta):
         return value.nbytes
-    return int(value.numel()) * DTYPE_ITEMSIZE.get(dtype_name(value), value.element_size())
+    return int(value.numel()) * int(DTYPE_ITEMSIZE.get(dtype_name(value), value.element_size()))
 
 
 def is_parameter(value: Any) -> bool:
@@ -130,7 +130,7 @@ def tensor_kind(value: Any) -> str | None:
     if value.is_quantized:
         return "quantized"
     if value.device.type != "cpu":
-        return value.device.type
+        return str(value.device.type)
     if value.is_conj():
         return "conjugate view"
     if value.is_neg():
@@ -168,5 +168,7 @@ def plain_values(value: Any, key: str, action: str) -> Any:
             t = t.cpu()
     except (RuntimeError, NotImplementedError, TypeError) as exc:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UsageError(f"cannot {action} {kind_text(value)} tensor {key!r}: torch cannot read its values ({reason})") from None
+        raise UsageError(
+            f"cannot {action} {kind_text(value)} tensor {key!r}: torch cannot read its values ({reason})"
+        ) from None
     return t

@@ -91,9 +91,7 @@ class TransplantReport:
             "loaded": list(self.loaded),
             "missing": list(self.missing),
             "unexpected": list(self.unexpected),
-            "skipped": [
-                {"key": k, "checkpoint": list(ckpt), "model": list(model)} for k, ckpt, model in self.skipped
-            ],
+            "skipped": [{"key": k, "checkpoint": list(ckpt), "model": list(model)} for k, ckpt, model in self.skipped],
             "frozen": list(self.frozen),
             "frozen_norm_modules": list(self.frozen_norm_modules),
             "state_dict_key": self.state_dict_key,
@@ -142,9 +140,7 @@ def _own_state_keys(name: str, module: nn.Module) -> list[str]:
     prefix = f"{name}." if name else ""
     keys = [prefix + n for n, p in module._parameters.items() if p is not None]
     keys += [
-        prefix + n
-        for n, b in module._buffers.items()
-        if b is not None and n not in module._non_persistent_buffers_set
+        prefix + n for n, b in module._buffers.items() if b is not None and n not in module._non_persistent_buffers_set
     ]
     return keys
 
@@ -161,9 +157,7 @@ def _patterns(value: Patterns) -> tuple[str, ...]:
     return tuple(value)
 
 
-def _find(
-    checkpoint: Any, key: str | None, unsafe: bool
-) -> tuple[Mapping[str, Any], str | None, str]:
+def _find(checkpoint: Any, key: str | None, unsafe: bool) -> tuple[Mapping[str, Any], str | None, str]:
     """(state_dict with torch tensors, where it was found, a label for messages)."""
     if isinstance(checkpoint, (str, os.PathLike)):
         ckpt = load_checkpoint(checkpoint, unsafe=unsafe, key=key)
@@ -209,9 +203,7 @@ def _check_tensors(label: str, selected: Mapping[str, Any], model_state: Mapping
             raise BadCheckpointError(f"{label}: {k!r} is a meta tensor (it has no data to load)")
         target = model_state.get(k)
         if isinstance(target, torch.Tensor) and target.layout != v.layout:
-            raise ConflictError(
-                f"{label}: {k!r} is {v.layout} in the checkpoint but {target.layout} in the model"
-            )
+            raise ConflictError(f"{label}: {k!r} is {v.layout} in the checkpoint but {target.layout} in the model")
 
 
 def _same_values(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -222,7 +214,6 @@ def _same_values(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 def _check_tied(label: str, selected: Mapping[str, Any], model_state: Mapping[str, Any]) -> None:
     """Several selected keys that name one model tensor must hold equal values (else one would win)."""
-    import torch
 
     groups: dict[int, list[str]] = {}
     for k in selected:
@@ -330,9 +321,7 @@ def transplant(
     if trial.errors:
         raise ConflictError(f"{label}: the model's load_state_dict refuses the selection: {trial.errors[0]}")
     skipped_keys = {k for k, _, _ in skipped}
-    to_load: OrderedDict[str, Any] = OrderedDict(
-        (k, v) for k, v in selected.items() if k not in skipped_keys
-    )
+    to_load: OrderedDict[str, Any] = OrderedDict((k, v) for k, v in selected.items() if k not in skipped_keys)
     unexpected_plan = set(trial.unexpected_keys)
     if not any(k not in unexpected_plan for k in to_load):
         if not to_load:
@@ -355,9 +344,7 @@ def transplant(
     unexpected_set = set(unexpected)
     loaded = tuple(k for k in to_load if k not in unexpected_set)
     loaded_ids = {id(model_state[k]) for k in loaded if k in model_state}
-    missing = tuple(
-        k for k in result.missing_keys if not (k in model_state and id(model_state[k]) in loaded_ids)
-    )
+    missing = tuple(k for k in result.missing_keys if not (k in model_state and id(model_state[k]) in loaded_ids))
 
     frozen: tuple[str, ...] = ()
     if freeze:
@@ -393,9 +380,7 @@ def transplant(
 # -------------------------------------------------------------------------------------- unfreeze
 
 
-def unfreeze(
-    model: nn.Module, include: Patterns = None, exclude: Patterns = None, *, regex: bool = False
-) -> list[str]:
+def unfreeze(model: nn.Module, include: Patterns = None, exclude: Patterns = None, *, regex: bool = False) -> list[str]:
     """Make frozen parameters trainable again (gradual unfreezing); returns the names unfrozen.
 
     Patterns follow the CLI's rules over parameter names (no patterns: every parameter). A tied
@@ -418,13 +403,9 @@ def unfreeze(
     includes, excludes = _patterns(include), _patterns(exclude)
     chosen = set(select_keys(universe, includes, excludes, regex=regex))
     if not chosen:
-        raise SelectionError(
-            f"unfreeze: no parameter matches include={list(includes)} exclude={list(excludes)}"
-        )
+        raise SelectionError(f"unfreeze: no parameter matches include={list(includes)} exclude={list(excludes)}")
     # integer parameters can never require grad: they are left alone
-    frozen_ids = {
-        id(p) for _, p in named if not p.requires_grad and (p.is_floating_point() or p.is_complex())
-    }
+    frozen_ids = {id(p) for _, p in named if not p.requires_grad and (p.is_floating_point() or p.is_complex())}
     unfrozen = [n for n, p in named if n in chosen and id(p) in frozen_ids]
     for n, p in named:
         if n in chosen and id(p) in frozen_ids:

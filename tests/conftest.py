@@ -22,7 +22,7 @@ def trained_smallcnn(seed: int = 0, steps: int = 3) -> SmallCNN:
     return copy.deepcopy(_trained_smallcnn(seed, steps))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _trained_smallcnn(seed: int, steps: int) -> SmallCNN:
     torch.manual_seed(seed)
     model = SmallCNN(num_classes=10)
@@ -70,7 +70,10 @@ def train_ckpt(tmp_path: Path) -> Path:
     model = trained_smallcnn()
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     path = tmp_path / "train.ckpt"
-    torch.save({"epoch": 5, "model_state_dict": model.state_dict(), "optimizer_state_dict": opt.state_dict(), "loss": 0.25}, path)
+    torch.save(
+        {"epoch": 5, "model_state_dict": model.state_dict(), "optimizer_state_dict": opt.state_dict(), "loss": 0.25},
+        path,
+    )
     return path
 
 

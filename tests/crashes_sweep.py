@@ -22,13 +22,39 @@ from typing import Any
 import torch
 
 DTYPES = [
-    "float64", "float32", "float16", "bfloat16",
-    "float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz", "float8_e8m0fnu",
+    "float64",
+    "float32",
+    "float16",
+    "bfloat16",
+    "float8_e4m3fn",
+    "float8_e5m2",
+    "float8_e4m3fnuz",
+    "float8_e5m2fnuz",
+    "float8_e8m0fnu",
     "float4_e2m1fn_x2",
-    "complex128", "complex64", "complex32",
-    "int64", "int32", "int16", "int8", "uint64", "uint32", "uint16", "uint8", "bool",
-    "bits8", "bits16", "bits1x8", "bits2x4", "bits4x2",
-    "quint8", "qint8", "qint32", "quint4x2", "quint2x4", "qint8_per_channel",
+    "complex128",
+    "complex64",
+    "complex32",
+    "int64",
+    "int32",
+    "int16",
+    "int8",
+    "uint64",
+    "uint32",
+    "uint16",
+    "uint8",
+    "bool",
+    "bits8",
+    "bits16",
+    "bits1x8",
+    "bits2x4",
+    "bits4x2",
+    "quint8",
+    "qint8",
+    "qint32",
+    "quint4x2",
+    "quint2x4",
+    "qint8_per_channel",
 ]
 LAYOUTS = ["strided", "transposed", "coo", "csr", "csc", "bsr", "bsc", "conj", "neg", "nested"]
 DEVICES = ["cpu", "meta", "cuda"]
@@ -42,7 +68,9 @@ def dense(dtype: str, seed: int) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     base = torch.randn(4, 4, generator=g) * 3
     if dtype == "qint8_per_channel":
-        return torch.quantize_per_channel(base, torch.tensor([0.1, 0.2, 0.3, 0.4]), torch.tensor([0, 1, 2, 3]), 0, torch.qint8)
+        return torch.quantize_per_channel(
+            base, torch.tensor([0.1, 0.2, 0.3, 0.4]), torch.tensor([0, 1, 2, 3]), 0, torch.qint8
+        )
     if dtype in QUANTIZED:
         return torch.quantize_per_tensor(base, 0.25, 3 if dtype != "qint32" else 0, getattr(torch, dtype))
     if dtype in RAW_BITS:
@@ -220,7 +248,9 @@ def run(directory: Path, commands: list[list[str]]) -> list[dict[str, Any]]:
     env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parents[1]), env.get("PYTHONPATH", "")])
     first = 0
     while first < len(commands):
-        proc = subprocess.run([sys.executable, "-c", RUNNER, str(directory), str(first)], env=env, timeout=900, check=False)
+        proc = subprocess.run(
+            [sys.executable, "-c", RUNNER, str(directory), str(first)], env=env, timeout=900, check=False
+        )
         if proc.returncode == 0:
             break
         current = int((directory / "current").read_text())

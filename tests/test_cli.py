@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import SmallCNN, parse_json, trained_smallcnn
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from conftest import SmallCNN, TiedLM, TransferCNN, parse_json, trained_smallcnn
 
 MODEL = "sample_models.models:SmallCNN"
 
@@ -286,7 +286,11 @@ def test_rename_sub_map_add_prefix_order(cli, cnn_file, tmp_path):
     r = cli("rename", cnn_file, "-o", out, "--map", mapping, "--sub", r"s/^bn(\d)/norm\1/", "--add-prefix", "backbone.")
     assert r.exit_code == 0, r.stderr
     keys = list(load(out))
-    assert keys[0] == "backbone.conv1.weight" and "backbone.norm1.running_var" in keys and keys[-1] == "backbone.classifier.bias"
+    assert (
+        keys[0] == "backbone.conv1.weight"
+        and "backbone.norm1.running_var" in keys
+        and keys[-1] == "backbone.classifier.bias"
+    )
 
 
 def test_rename_collision_is_exit_2_and_writes_nothing(cli, cnn_file, tmp_path):
@@ -351,7 +355,12 @@ def test_merge_average(cli, tmp_path):
     paths = []
     for i in range(3):
         p = tmp_path / f"s{i}.pt"
-        torch.save(OrderedDict(w=torch.full((4,), float(i)), h=torch.full((2,), float(i), dtype=torch.float16), n=torch.tensor(i)), p)
+        torch.save(
+            OrderedDict(
+                w=torch.full((4,), float(i)), h=torch.full((2,), float(i), dtype=torch.float16), n=torch.tensor(i)
+            ),
+            p,
+        )
         paths.append(p)
     out = tmp_path / "avg.pt"
     r = cli("merge", *paths, "-o", out, "--average", "--json")
@@ -401,7 +410,12 @@ def test_diff_proves_frozen_layers_did_not_move(cli, tmp_path):
 def test_diff_json_fields_and_tolerance(cli, tmp_path):
     a, b = tmp_path / "a.pt", tmp_path / "b.pt"
     torch.save(OrderedDict(w=torch.tensor([1.0, 2.0]), s=torch.zeros(2), d=torch.zeros(1), only_a=torch.zeros(1)), a)
-    torch.save(OrderedDict(w=torch.tensor([1.0, 2.001]), s=torch.zeros(3), d=torch.zeros(1, dtype=torch.float64), only_b=torch.zeros(1)), b)
+    torch.save(
+        OrderedDict(
+            w=torch.tensor([1.0, 2.001]), s=torch.zeros(3), d=torch.zeros(1, dtype=torch.float64), only_b=torch.zeros(1)
+        ),
+        b,
+    )
     r = cli("diff", a, b, "--json")
     assert r.exit_code == 1
     data = json.loads(r.stdout)
@@ -553,13 +567,23 @@ def test_version_and_help_do_not_import_torch():
 
 
 def test_core_does_not_import_typer_or_rich():
-    code = "import sys, ckptsurgeon, ckptsurgeon.io, ckptsurgeon.diff, ckptsurgeon.merge; print(sorted(m for m in ('typer','rich','torch') if m in sys.modules))"
+    code = (
+        "import sys, ckptsurgeon, ckptsurgeon.io, ckptsurgeon.diff, ckptsurgeon.merge; "
+        "print(sorted(m for m in ('typer','rich','torch') if m in sys.modules))"
+    )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.stdout.strip() == "[]", r.stdout + r.stderr
 
 
 def test_python_dash_m_and_no_args(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "ckptsurgeon"], capture_output=True, text=True, timeout=120, cwd=tmp_path, env={**os.environ})
+    r = subprocess.run(
+        [sys.executable, "-m", "ckptsurgeon"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+        env={**os.environ},
+    )
     assert r.returncode == 2 and "inspect" in r.stdout
 
 
@@ -729,16 +753,40 @@ def test_inspect_process_imports_neither_typer_nor_rich_nor_torch(train_ckpt):
         "from ckptsurgeon.cli import main\n"
         f"rc = main(['inspect', {str(train_ckpt)!r}, '--json'])\n"
         "rc2 = main(['inspect', {0!r}])\n".format(str(train_ckpt))
-        + "print(rc, rc2, sorted(m for m in ('typer', 'rich', 'torch', 'click') if m in sys.modules), file=sys.stderr)\n"
+        + "heavy = sorted(m for m in ('typer', 'rich', 'torch', 'click') if m in sys.modules)\n"
+        + "print(rc, rc2, heavy, file=sys.stderr)\n"
     )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.stderr.strip().splitlines()[-1] == "0 0 []", r.stderr
     assert json.loads(r.stdout.splitlines()[0])["num_tensors"] > 0
 
 
-_TOKENS = ["--json", "--regex", "--verify", "-i", "-x", "--include", "--exclude", "--key", "--key=model_state_dict",
-           "--include=conv", "-iconv1", "-xbn", "conv1", "fc", "bn1", "model_state_dict", "^conv", "--", "-", "--help",
-           "--unknown", "--json=1", "{f}", "{f}"]
+_TOKENS = [
+    "--json",
+    "--regex",
+    "--verify",
+    "-i",
+    "-x",
+    "--include",
+    "--exclude",
+    "--key",
+    "--key=model_state_dict",
+    "--include=conv",
+    "-iconv1",
+    "-xbn",
+    "conv1",
+    "fc",
+    "bn1",
+    "model_state_dict",
+    "^conv",
+    "--",
+    "-",
+    "--help",
+    "--unknown",
+    "--json=1",
+    "{f}",
+    "{f}",
+]
 
 
 @settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -800,8 +848,12 @@ def _extract_paths(tmp_path, train_ckpt, tied_file):
     exists = d / "exists.pt"
     exists.write_bytes(b"an old output")
     return dict(
-        f=str(shutil.copy(train_ckpt, d / "train.ckpt")), tied=str(shutil.copy(tied_file, d / "tied.pt")),
-        o=str(d / "out.pt"), st=str(d / "out.safetensors"), exists=str(exists), missing=str(d / "missing.pt"),
+        f=str(shutil.copy(train_ckpt, d / "train.ckpt")),
+        tied=str(shutil.copy(tied_file, d / "tied.pt")),
+        o=str(d / "out.pt"),
+        st=str(d / "out.safetensors"),
+        exists=str(exists),
+        missing=str(d / "missing.pt"),
     )
 
 
@@ -821,7 +873,10 @@ def _extract_run(fn, template, paths):
     from zoo import masked_serialization_id
 
     # torch zips byte for byte but the random serialization id (a new one per save, as torch's)
-    files = {p.name: masked_serialization_id(p) if zipfile.is_zipfile(p) else p.read_bytes() for p in sorted(folder.iterdir())}
+    files = {
+        p.name: masked_serialization_id(p) if zipfile.is_zipfile(p) else p.read_bytes()
+        for p in sorted(folder.iterdir())
+    }
     return rc, out.replace(str(folder), "DIR"), err.replace(str(folder), "DIR"), files
 
 
@@ -879,9 +934,31 @@ def test_extract_process_imports_neither_typer_nor_rich_nor_torch(train_ckpt, tm
     assert json.loads(r.stdout)["num_tensors"] > 0 and out.exists()
 
 
-_EXTRACT_TOKENS = ["--json", "--regex", "--verify", "--dry-run", "-f", "--force", "-i", "-x", "--key",
-                   "--key=model_state_dict", "-iconv1", "conv1", "fc", "-o", "{o}", "-o{o}", "--output={st}",
-                   "{exists}", "--", "-", "--unknown", "{f}", "{f}"]
+_EXTRACT_TOKENS = [
+    "--json",
+    "--regex",
+    "--verify",
+    "--dry-run",
+    "-f",
+    "--force",
+    "-i",
+    "-x",
+    "--key",
+    "--key=model_state_dict",
+    "-iconv1",
+    "conv1",
+    "fc",
+    "-o",
+    "{o}",
+    "-o{o}",
+    "--output={st}",
+    "{exists}",
+    "--",
+    "-",
+    "--unknown",
+    "{f}",
+    "{f}",
+]
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

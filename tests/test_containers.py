@@ -21,7 +21,9 @@ def test_bare_state_dict_is_the_top_level():
     assert path is None and found is obj
 
 
-@pytest.mark.parametrize("name", ["state_dict", "model_state_dict", "model", "module", "net", "network", "weights", "params"])
+@pytest.mark.parametrize(
+    "name", ["state_dict", "model_state_dict", "model", "module", "net", "network", "weights", "params"]
+)
 def test_known_names(name):
     obj = {"epoch": 3, name: sd("w"), "optimizer_state_dict": {"state": {}, "param_groups": []}}
     assert find_state_dict(obj)[0] == (name,)

@@ -31,7 +31,13 @@ def cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
     """The real console entry point in a fresh process (a segfault shows as returncode -11)."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
     return subprocess.run(
-        [sys.executable, "-m", "ckptsurgeon", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=120, check=False
+        [sys.executable, "-m", "ckptsurgeon", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
     )
 
 
@@ -66,7 +72,10 @@ def test_every_command_over_every_dtype_layout_and_device_exits_0_1_or_2(tmp_pat
         code = r.get("exit")
         allowed = {0, 1, 2} if r["args"][0] == "diff" else {0, 2}
         if "signal" in r or code not in allowed:
-            bad.append(f"{' '.join(r['args'])}: {r.get('signal') and 'signal ' + str(r['signal']) or code}: {r['stderr'][-300:]}")
+            bad.append(
+                f"{' '.join(r['args'])}: {r.get('signal') and 'signal ' + str(r['signal']) or code}: "
+                f"{r['stderr'][-300:]}"
+            )
         elif code == 2:
             errors = [line for line in r["stderr"].splitlines() if line.startswith("error: ")]
             if len(errors) != 1 or "Traceback" in r["stderr"]:
@@ -93,7 +102,9 @@ def test_diff_of_quantized_tensors_compares_their_values(tmp_path: Path) -> None
 
 
 def test_extract_verify_of_quantized_and_sparse_tensors_keeps_them(tmp_path: Path) -> None:
-    q = torch.quantize_per_channel(torch.randn(3, 4), torch.tensor([0.1, 0.2, 0.3]), torch.tensor([0, 1, 2]), 0, torch.qint8)
+    q = torch.quantize_per_channel(
+        torch.randn(3, 4), torch.tensor([0.1, 0.2, 0.3]), torch.tensor([0, 1, 2]), 0, torch.qint8
+    )
     sparse = torch.eye(4).to_sparse_csr()
     torch.save({"q": q, "s": sparse, "d": torch.arange(4.0)}, tmp_path / "in.pt")
     r = cli("extract", "in.pt", "-o", "out.pt", "--verify", cwd=tmp_path)
@@ -133,18 +144,24 @@ def test_merge_average_of_float8_averages_in_float32(tmp_path: Path) -> None:
     b = torch.tensor([3.0, 2.0, 4.0, 16.0]).to(torch.float8_e4m3fn)
     torch.save({"w": a}, tmp_path / "a.pt")
     torch.save({"w": b}, tmp_path / "b.pt")
-    assert main(["merge", str(tmp_path / "a.pt"), str(tmp_path / "b.pt"), "--average", "-o", str(tmp_path / "m.pt")]) == 0
+    assert (
+        main(["merge", str(tmp_path / "a.pt"), str(tmp_path / "b.pt"), "--average", "-o", str(tmp_path / "m.pt")]) == 0
+    )
     out = torch.load(tmp_path / "m.pt", weights_only=True)["w"]
     assert out.dtype == torch.float8_e4m3fn
     torch.testing.assert_close(out.float(), torch.tensor([2.0, 2.0, 0.0, 12.0]), rtol=0.07, atol=0.0)
 
 
 @pytest.mark.parametrize("dtype", ["bits8", "bits16", "float4_e2m1fn_x2"])
-def test_merge_average_of_bit_patterns_is_refused(tmp_path: Path, dtype: str, capsys: pytest.CaptureFixture[str]) -> None:
+def test_merge_average_of_bit_patterns_is_refused(
+    tmp_path: Path, dtype: str, capsys: pytest.CaptureFixture[str]
+) -> None:
     t = crashes_sweep.dense(dtype, 1)
     torch.save({"w": t}, tmp_path / "a.pt")
     torch.save({"w": crashes_sweep.dense(dtype, 2)}, tmp_path / "b.pt")
-    assert main(["merge", str(tmp_path / "a.pt"), str(tmp_path / "b.pt"), "--average", "-o", str(tmp_path / "m.pt")]) == 2
+    assert (
+        main(["merge", str(tmp_path / "a.pt"), str(tmp_path / "b.pt"), "--average", "-o", str(tmp_path / "m.pt")]) == 2
+    )
     line = one_error_line(capsys.readouterr().err)
     assert f"cannot average {dtype} tensor 'w'" in line
     assert not (tmp_path / "m.pt").exists() and leftovers(tmp_path) == []
@@ -219,9 +236,13 @@ def test_rename_keeps_a_container_nested_as_deep_as_the_reader_accepts(tmp_path:
         torch.save({"state_dict": sd, "deep": _deep(depth, "leaf")}, tmp_path / "in.pt")
     finally:
         sys.setrecursionlimit(limit)
-    assert main(["rename", str(tmp_path / "in.pt"), "-o", str(tmp_path / "out.pt"), "--add-prefix", "m.", "--verify"]) == 0
+    assert (
+        main(["rename", str(tmp_path / "in.pt"), "-o", str(tmp_path / "out.pt"), "--add-prefix", "m.", "--verify"]) == 0
+    )
     out = torch.load(tmp_path / "out.pt", weights_only=True)
-    assert list(out["state_dict"]) == ["m." + k for k in sd] and torch.equal(out["state_dict"]["m.w"], torch.arange(3.0))
+    assert list(out["state_dict"]) == ["m." + k for k in sd] and torch.equal(
+        out["state_dict"]["m.w"], torch.arange(3.0)
+    )
     if path == "torch":
         assert torch.equal(out["state_dict"]["m.s"].to_dense(), torch.eye(3))
     assert _depth(out["deep"]) == depth
@@ -234,7 +255,9 @@ def _safetensors_file(path: Path, shape: list[int]) -> None:
 
 
 @pytest.mark.parametrize("shape", [[2**62, 2**62, 0], [0, 2**40, 2**40], [2**63 - 1, 2, 0]])
-def test_a_shape_whose_numel_overflows_int64_is_refused(tmp_path: Path, shape: list[int], capsys: pytest.CaptureFixture[str]) -> None:
+def test_a_shape_whose_numel_overflows_int64_is_refused(
+    tmp_path: Path, shape: list[int], capsys: pytest.CaptureFixture[str]
+) -> None:
     _safetensors_file(tmp_path / "big.safetensors", shape)
     for args in (["inspect"], ["extract", "-o", str(tmp_path / "o.pt"), "--verify"]):
         assert main([args[0], str(tmp_path / "big.safetensors"), *args[1:]]) == 2
@@ -242,7 +265,9 @@ def test_a_shape_whose_numel_overflows_int64_is_refused(tmp_path: Path, shape: l
     assert not (tmp_path / "o.pt").exists()
 
 
-def test_a_pickled_tensor_whose_numel_overflows_int64_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_a_pickled_tensor_whose_numel_overflows_int64_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     torch.save({"w": torch.zeros(0)}, tmp_path / "ok.pt")
     # storage offset 0, size (0,), stride (1,) as torch.save pickles them -> size (2**62, 2**62, 0)
     small = b"K\x00K\x00\x85q\x08K\x01\x85"

@@ -68,7 +68,9 @@ def test_relative_diff_against_zero_is_infinite():
     assert math.isinf(m.max_rel_diff)
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.int64, torch.uint8, torch.bool, torch.complex64, torch.float8_e4m3fn])
+@pytest.mark.parametrize(
+    "dtype", [torch.bfloat16, torch.float16, torch.int64, torch.uint8, torch.bool, torch.complex64, torch.float8_e4m3fn]
+)
 def test_every_kind_of_dtype(dtype):
     base = torch.tensor([0, 1, 1, 0]).to(dtype)
     other = base.clone()
@@ -112,11 +114,29 @@ def test_diff_of_x_with_itself_is_empty(values):
 # --------------------------------------------------- statistics from files (numpy) against torch
 
 NUMPY_DTYPES = [
-    torch.float64, torch.float32, torch.float16, torch.bfloat16,
-    torch.int64, torch.int32, torch.int16, torch.int8,
-    torch.uint64, torch.uint32, torch.uint16, torch.uint8, torch.bool,
+    torch.float64,
+    torch.float32,
+    torch.float16,
+    torch.bfloat16,
+    torch.int64,
+    torch.int32,
+    torch.int16,
+    torch.int8,
+    torch.uint64,
+    torch.uint32,
+    torch.uint16,
+    torch.uint8,
+    torch.bool,
 ]
-TOLERANCES = [(0.0, 0.0), (1e-3, 0.0), (0.0, 1e-3), (0.1, 0.5), (1e-6, 1e-9), (0.0, sys.float_info.max), (sys.float_info.max, 0.0)]  # tolerances are finite
+TOLERANCES = [
+    (0.0, 0.0),
+    (1e-3, 0.0),
+    (0.0, 1e-3),
+    (0.1, 0.5),
+    (1e-6, 1e-9),
+    (0.0, sys.float_info.max),
+    (sys.float_info.max, 0.0),
+]  # tolerances are finite
 
 
 def _pair(dtype: torch.dtype, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -415,7 +435,9 @@ def _both_ways(tmp_path, a, b, **tol):
     """The value mismatch of key "w" computed from files (raw bytes, numpy) and from tensors (torch)."""
     torch.save({"w": a}, tmp_path / "a.pt")
     torch.save({"w": b}, tmp_path / "b.pt")
-    on_disk = diff_state_dicts(load_checkpoint(tmp_path / "a.pt").state_dict, load_checkpoint(tmp_path / "b.pt").state_dict, **tol)
+    on_disk = diff_state_dicts(
+        load_checkpoint(tmp_path / "a.pt").state_dict, load_checkpoint(tmp_path / "b.pt").state_dict, **tol
+    )
     in_memory = diff_state_dicts({"w": a}, {"w": b}, **tol)
     return on_disk.value_mismatches, in_memory.value_mismatches
 

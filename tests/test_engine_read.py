@@ -23,12 +23,6 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
-
-from ckptsurgeon.engine.data import iter_chunks, read_bytes, verify_crc
-from ckptsurgeon.engine.meta import DTYPE_ITEMSIZE, TensorMeta, TorchDevice, TorchDtype, TorchSize
-from ckptsurgeon.engine.read import read_checkpoint
-from ckptsurgeon.engine.unpickle import TORCH_WEIGHTS_ONLY_GLOBALS
-from ckptsurgeon.errors import BadCheckpointError, EngineUnsupported, UnsafeCheckpointError
 from zoo import (
     LEGACY_DTYPES,
     ZOO,
@@ -41,6 +35,12 @@ from zoo import (
     pickle_bytes,
     torch_zip,
 )
+
+from ckptsurgeon.engine.data import iter_chunks, read_bytes, verify_crc
+from ckptsurgeon.engine.meta import DTYPE_ITEMSIZE, TensorMeta, TorchDevice, TorchDtype, TorchSize
+from ckptsurgeon.engine.read import read_checkpoint
+from ckptsurgeon.engine.unpickle import TORCH_WEIGHTS_ONLY_GLOBALS
+from ckptsurgeon.errors import BadCheckpointError, EngineUnsupported, UnsafeCheckpointError
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -163,8 +163,14 @@ def test_tied_storages_are_one_object(zoo: dict[str, Path]) -> None:
 
 def test_module_metadata_matches_torch(zoo: dict[str, Path]) -> None:
     sd = read_checkpoint(zoo["module"]).obj
-    assert sd._metadata == {"": {"version": 1}, "conv": {"version": 1}, "bn": {"version": 2},
-                            "head": {"version": 1}, "head.0": {"version": 1}, "head.1": {"version": 1}}
+    assert sd._metadata == {
+        "": {"version": 1},
+        "conv": {"version": 1},
+        "bn": {"version": 2},
+        "head": {"version": 1},
+        "head.0": {"version": 1},
+        "head.1": {"version": 1},
+    }
     assert sd._metadata == torch.load(zoo["module"], weights_only=True)._metadata
 
 
@@ -204,8 +210,7 @@ def test_reading_never_imports_torch(zoo: dict[str, Path]) -> None:
         "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'numpy', 'safetensors')))\n"
     )
     files = [str(zoo[n]) for n in ("training", "legacy_training", "safetensors")]
-    out = subprocess.run([sys.executable, "-c", code, *files], cwd=REPO, capture_output=True,
-                         text=True, timeout=60)
+    out = subprocess.run([sys.executable, "-c", code, *files], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
 
@@ -250,15 +255,39 @@ def test_iter_chunks_covers_the_span_in_order(zoo: dict[str, Path]) -> None:
 def _local(name: bytes, data: bytes, zip64: bool) -> bytes:
     extra = struct.pack("<HHQQ", 1, 16, len(data), len(data)) if zip64 else b""
     size = 0xFFFFFFFF if zip64 else len(data)
-    return struct.pack("<4s5H3I2H", b"PK\x03\x04", 45, 0x800, 0, 0, 0, zlib.crc32(data), size, size,
-                       len(name), len(extra)) + name + extra
+    return (
+        struct.pack("<4s5H3I2H", b"PK\x03\x04", 45, 0x800, 0, 0, 0, zlib.crc32(data), size, size, len(name), len(extra))
+        + name
+        + extra
+    )
 
 
 def _central(name: bytes, data: bytes, offset: int) -> bytes:
     extra = struct.pack("<HHQ", 1, 8, offset) if offset >= 0xFFFFFFFF else b""
-    return struct.pack("<4s6H3I5H2I", b"PK\x01\x02", 45, 45, 0x800, 0, 0, 0, zlib.crc32(data),
-                       len(data), len(data), len(name), len(extra), 0, 0, 0, 0,
-                       min(offset, 0xFFFFFFFF)) + name + extra
+    return (
+        struct.pack(
+            "<4s6H3I5H2I",
+            b"PK\x01\x02",
+            45,
+            45,
+            0x800,
+            0,
+            0,
+            0,
+            zlib.crc32(data),
+            len(data),
+            len(data),
+            len(name),
+            len(extra),
+            0,
+            0,
+            0,
+            0,
+            min(offset, 0xFFFFFFFF),
+        )
+        + name
+        + extra
+    )
 
 
 def write_sparse_zip64(path: Path, far: int) -> bytes:
@@ -303,9 +332,11 @@ def float_spec(key: str = "0", numel: int = 6, **kw: Any) -> TensorSpec:
 
 
 def test_crafted_zip_control_reads_like_torch(tmp_path: Path) -> None:
-    path = torch_zip(tmp_path / "ok.pt", {"a": float_spec(size=(2, 3), stride=(3, 1)),
-                                          "b": float_spec(size=(2,), stride=(2,), offset=1)},
-                     {"0": struct.pack("<6f", *range(6))})
+    path = torch_zip(
+        tmp_path / "ok.pt",
+        {"a": float_spec(size=(2, 3), stride=(3, 1)), "b": float_spec(size=(2,), stride=(2,), offset=1)},
+        {"0": struct.pack("<6f", *range(6))},
+    )
     ours = read_checkpoint(path).obj
     theirs = torch.load(path, weights_only=True)
     Comparer().check(ours, theirs)
@@ -368,8 +399,11 @@ def test_compressed_member_is_refused(tmp_path: Path) -> None:
 
 
 def test_duplicate_member_is_refused(tmp_path: Path) -> None:
-    members = [("archive/data.pkl", pickle_bytes({"a": float_spec()})), ("archive/data/0", bytes(24)),
-               ("archive/data/0", b"\x01" * 24)]
+    members = [
+        ("archive/data.pkl", pickle_bytes({"a": float_spec()})),
+        ("archive/data/0", bytes(24)),
+        ("archive/data/0", b"\x01" * 24),
+    ]
     refused(craft_zip(tmp_path / "dup.pt", members), r"duplicate ZIP member 'archive/data/0'")
 
 
@@ -449,8 +483,11 @@ def test_truncated_file(zoo: dict[str, Path], tmp_path: Path) -> None:
 
 def test_byteorder(tmp_path: Path) -> None:
     def with_order(order: bytes) -> Path:
-        members = [("archive/data.pkl", pickle_bytes({"a": float_spec()})), ("archive/byteorder", order),
-                   ("archive/data/0", bytes(24))]
+        members = [
+            ("archive/data.pkl", pickle_bytes({"a": float_spec()})),
+            ("archive/byteorder", order),
+            ("archive/data/0", bytes(24)),
+        ]
         return craft_zip(tmp_path / f"{order.decode()}.pt", members)
 
     with pytest.raises(EngineUnsupported, match="big-endian"):
@@ -538,8 +575,7 @@ def test_empty_bytes_are_refused_as_torch_refuses_them(tmp_path: Path) -> None:
 
 def test_unsafe_globals_in_legacy_files(tmp_path: Path) -> None:
     path = tmp_path / "legacy_args.pt"
-    torch.save({"args": argparse.Namespace(lr=0.1), "w": torch.ones(2)}, path,
-               _use_new_zipfile_serialization=False)
+    torch.save({"args": argparse.Namespace(lr=0.1), "w": torch.ones(2)}, path, _use_new_zipfile_serialization=False)
     with pytest.raises(UnsafeCheckpointError) as info:
         read_checkpoint(path)
     assert info.value.globals == ["argparse.Namespace"]
@@ -572,9 +608,13 @@ def test_deep_nesting_and_reference_bombs(tmp_path: Path) -> None:
     key = b"K\x01" + b"\x85" * 200_000  # a 200,000-deep tuple: hashing it overflows the C stack
     crash = b"\x80\x02}" + key + b"K\x02s."
     refused(craft_zip(tmp_path / "hash.pt", [("archive/data.pkl", crash)]), r"key or set member nested more")
-    chained = b"\x80\x02}" + b"".join(  # many keys, each 900 deeper than the last
-        b"h\x00" * (i > 0) + b"K\x01" * (i == 0) + b"\x85" * 900 + b"q\x00K\x00s" for i in range(50)
-    ) + b"."
+    chained = (
+        b"\x80\x02}"
+        + b"".join(  # many keys, each 900 deeper than the last
+            b"h\x00" * (i > 0) + b"K\x01" * (i == 0) + b"\x85" * 900 + b"q\x00K\x00s" for i in range(50)
+        )
+        + b"."
+    )
     refused(craft_zip(tmp_path / "chain.pt", [("archive/data.pkl", chained)]), r"key or set member nested more")
     loop: list = []
     loop.append(loop)
@@ -720,8 +760,12 @@ def u8(begin: int, end: int) -> dict:
 @pytest.mark.parametrize(
     ("header", "size", "match"),
     [
-        (b'{"a": {"dtype": "U8", "shape": [2], "data_offsets": [0, 2]}, "a": {"dtype": "U8", '
-         b'"shape": [2], "data_offsets": [0, 2]}}', 2, r"the name 'a' appears twice"),
+        (
+            b'{"a": {"dtype": "U8", "shape": [2], "data_offsets": [0, 2]}, "a": {"dtype": "U8", '
+            b'"shape": [2], "data_offsets": [0, 2]}}',
+            2,
+            r"the name 'a' appears twice",
+        ),
         ({"a": u8(0, 2), "b": u8(1, 3)}, 3, r"tensor 'b' at bytes \[1, 3\) overlaps"),
         ({"a": u8(0, 2), "b": u8(3, 4)}, 4, r"tensor 'b' at bytes \[3, 4\) leaves a gap"),
         ({"a": u8(0, 2)}, 3, r"1 bytes after the last tensor"),
@@ -752,8 +796,10 @@ def test_safetensors_limits_and_unmodelled_dtypes(tmp_path: Path) -> None:
 
 def test_safetensors_key_order_is_data_order(tmp_path: Path) -> None:
     path = tmp_path / "order.safetensors"
-    save_file({"zeta": torch.zeros(3, dtype=torch.int8), "alpha": torch.ones(2, dtype=torch.float64),
-               "mid": torch.ones(1)}, str(path))
+    save_file(
+        {"zeta": torch.zeros(3, dtype=torch.int8), "alpha": torch.ones(2, dtype=torch.float64), "mid": torch.ones(1)},
+        str(path),
+    )
     assert list(read_checkpoint(path).obj) == list(load_file(str(path))) == ["alpha", "mid", "zeta"]
 
 

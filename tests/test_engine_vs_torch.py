@@ -45,6 +45,7 @@ def _assert_same_file_content(a: Path, b: Path) -> None:
         for (k, s), (_, t) in zip(tx, ty):
             assert (s.dtype, s.shape, s.stride(), type(s)) == (t.dtype, t.shape, t.stride(), type(t)), k
             assert torch.equal(_bits(s), _bits(t)), k
+
         # which tensors share storage is the same
         def groups(ts: list[tuple[str, torch.Tensor]]) -> list[list[str]]:
             seen: dict[int, list[str]] = {}

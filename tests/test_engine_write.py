@@ -21,7 +21,9 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from zoo import data_start, masked_serialization_id
 
+from ckptsurgeon.engine.crc import crc32_zeros
 from ckptsurgeon.engine.materialize import tensor_from_meta, to_torch
 from ckptsurgeon.engine.meta import (
     DTYPE_ITEMSIZE,
@@ -33,10 +35,8 @@ from ckptsurgeon.engine.meta import (
 )
 from ckptsurgeon.engine.pickle_write import V3_DTYPES, pickle_graph, plan_storages
 from ckptsurgeon.engine.source import Source
-from ckptsurgeon.engine.crc import crc32_zeros
 from ckptsurgeon.engine.zipwrite import write_torch_zip
 from ckptsurgeon.errors import BadCheckpointError, EngineUnsupported, OutputError
-from zoo import data_start, masked_serialization_id
 
 # -- helpers ------------------------------------------------------------------------------------
 
@@ -422,9 +422,7 @@ def test_slice_of_big_tensor_is_compacted(tmp_path: Path) -> None:
 def test_storages_renumbered_in_first_use_order(tmp_path: Path) -> None:
     blob = Blob(tmp_path / "blob.bin")
     tensors = [random_tensor((i + 2,), torch.float32, seed=i) for i in range(4)]
-    storages = [
-        blob.add(storage_bytes(t.untyped_storage()), key=str(9 - i)) for i, t in enumerate(tensors)
-    ]
+    storages = [blob.add(storage_bytes(t.untyped_storage()), key=str(9 - i)) for i, t in enumerate(tensors)]
     metas = [TensorMeta(s, "float32", tuple(t.shape), (1,)) for s, t in zip(storages, tensors)]
     order = [2, 0, 3, 1, 2]  # references out of key order, one twice
     graph = {f"t{n}": metas[i] for n, i in enumerate(order)}
@@ -465,7 +463,10 @@ def test_source_crc_is_checked_never_trusted(tmp_path: Path) -> None:
     info = zipfile.ZipFile(part).getinfo("part/data/0")
     assert info.CRC == zlib.crc32(storage_bytes(data[4:12].clone().untyped_storage()))
     wrong = StorageMeta(s.source, s.key, s.dtype, s.nbytes, s.data_offset, crc32=0x12345678, record_name="a/data/0")
-    for name, tensor in (("w2", TensorMeta(wrong, "float32", (64,), (1,))), ("p2", TensorMeta(wrong, "float32", (8,), (1,), 4))):
+    for name, tensor in (
+        ("w2", TensorMeta(wrong, "float32", (64,), (1,))),
+        ("p2", TensorMeta(wrong, "float32", (8,), (1,), 4)),
+    ):
         with pytest.raises(BadCheckpointError, match="CRC-32 mismatch in record a/data/0"):
             write({name: tensor}, tmp_path / f"{name}.pt")
 
@@ -708,14 +709,14 @@ def _ordered(items: list[tuple[str, Any]], meta: Any) -> collections.OrderedDict
 
 _values = st.recursive(
     _leaves,
-    lambda inner: st.lists(inner, max_size=4)
-    | st.lists(inner, max_size=4).map(tuple)
-    | st.dictionaries(st.text(max_size=3) | st.integers(-5, 5), inner, max_size=4)
-    | st.builds(
-        _ordered, st.lists(st.tuples(st.text(max_size=3), inner), max_size=3), st.none() | inner
-    )
-    | st.sets(st.integers(-3, 300), max_size=4)
-    | st.binary(max_size=4).map(bytearray),
+    lambda inner: (
+        st.lists(inner, max_size=4)
+        | st.lists(inner, max_size=4).map(tuple)
+        | st.dictionaries(st.text(max_size=3) | st.integers(-5, 5), inner, max_size=4)
+        | st.builds(_ordered, st.lists(st.tuples(st.text(max_size=3), inner), max_size=3), st.none() | inner)
+        | st.sets(st.integers(-3, 300), max_size=4)
+        | st.binary(max_size=4).map(bytearray)
+    ),
     max_leaves=20,
 )
 
@@ -862,7 +863,11 @@ def test_records_past_the_writeback_step_start_the_disk_and_stay_exact(tmp_path:
 
     calls: list[tuple[int, int, int]] = []
     real = os.posix_fadvise
-    monkeypatch.setattr(zipwrite.os, "posix_fadvise", lambda fd, off, n, advice: calls.append((off, n, advice)) or real(fd, off, n, advice))
+    monkeypatch.setattr(
+        zipwrite.os,
+        "posix_fadvise",
+        lambda fd, off, n, advice: calls.append((off, n, advice)) or real(fd, off, n, advice),
+    )
     torch.manual_seed(0)
     sd = collections.OrderedDict((f"w{i}", torch.randn(1_500_000)) for i in range(4))  # 4 x 6 MB
     torch.save(sd, tmp_path / "ref.pt")
@@ -882,7 +887,9 @@ def test_writeback_starts_inside_one_large_record(tmp_path: Path, monkeypatch) -
 
     calls: list[tuple[int, int]] = []
     real = os.posix_fadvise
-    monkeypatch.setattr(zipwrite.os, "posix_fadvise", lambda fd, off, n, advice: calls.append((off, n)) or real(fd, off, n, advice))
+    monkeypatch.setattr(
+        zipwrite.os, "posix_fadvise", lambda fd, off, n, advice: calls.append((off, n)) or real(fd, off, n, advice)
+    )
     monkeypatch.setattr(zipwrite, "_KERNEL_COPY_CHUNK", 8 << 20)
     torch.manual_seed(0)
     sd = collections.OrderedDict(big=torch.randn(10_000_000))  # one 40 MB record

@@ -67,8 +67,13 @@ class ExtraNet(nn.Module):
 
 
 KEYS = [  # torch's order: a module's own entries (extra state last), then its children's
-    "encoder._extra_state", "encoder.lin.weight", "encoder.lin.bias",
-    "blob.table", "blob._extra_state", "head.weight", "head.bias",
+    "encoder._extra_state",
+    "encoder.lin.weight",
+    "encoder.lin.bias",
+    "blob.table",
+    "blob._extra_state",
+    "head.weight",
+    "head.bias",
 ]
 
 
@@ -166,7 +171,9 @@ def test_inspect_lists_extra_state_apart_from_tensors(cli, train_file, net):
     assert data["state_dict_key"] == "model_state_dict"
     assert [t["key"] for t in data["tensors"]] == [k for k in KEYS if not k.endswith("_extra_state")]
     assert data["num_tensors"] == data["num_tensors_in_state_dict"] == 5
-    assert data["total_bytes"] == sum(v.numel() * v.element_size() for v in net.state_dict().values() if isinstance(v, torch.Tensor))
+    assert data["total_bytes"] == sum(
+        v.numel() * v.element_size() for v in net.state_dict().values() if isinstance(v, torch.Tensor)
+    )
     assert data["extra_state"] == {"encoder._extra_state": "dict (3 entries)", "blob._extra_state": "bytes (7 bytes)"}
     assert data["other_entries"]["epoch"] == "2"
 
@@ -362,7 +369,9 @@ def test_console_script_extracts_extra_state(tmp_path, sd_file, net):
     out = tmp_path / "out.pt"
     proc = subprocess.run(
         [sys.executable, "-m", "ckptsurgeon", "extract", str(sd_file), "-o", str(out), "-i", "blob"],
-        capture_output=True, text=True, check=False,
+        capture_output=True,
+        text=True,
+        check=False,
     )
     assert proc.returncode == 0, proc.stderr
     assert "wrote 1 tensors and 1 extra state entry" in proc.stderr

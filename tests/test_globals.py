@@ -15,17 +15,15 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import types
 import warnings
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
+import globals_classes
 import pytest
 import torch
-
-import globals_classes
 from conftest import trained_smallcnn
 from hostile import corpus
 from hostile.corpus import G, NewObj, StateDict, base_state, legacy_of, state_zip
@@ -88,10 +86,26 @@ def test_allow_global_of_a_class_that_reaches_the_system_creates_and_truncates_n
 
 @pytest.mark.parametrize(
     "name",
-    ["logging.FileHandler", "logging.handlers.RotatingFileHandler", "zipfile.ZipFile", "tarfile.TarFile",
-     "shelve.DbfilenameShelf", "sqlite3.Connection", "socket.socket", "tempfile.SpooledTemporaryFile",
-     "threading.Thread", "subprocess.Popen", "io.FileIO", "pathlib.Path", "mmap.mmap", "weakref.finalize",
-     "multiprocessing.Process", "types.FunctionType", "types.CodeType", "builtins.type"],
+    [
+        "logging.FileHandler",
+        "logging.handlers.RotatingFileHandler",
+        "zipfile.ZipFile",
+        "tarfile.TarFile",
+        "shelve.DbfilenameShelf",
+        "sqlite3.Connection",
+        "socket.socket",
+        "tempfile.SpooledTemporaryFile",
+        "threading.Thread",
+        "subprocess.Popen",
+        "io.FileIO",
+        "pathlib.Path",
+        "mmap.mmap",
+        "weakref.finalize",
+        "multiprocessing.Process",
+        "types.FunctionType",
+        "types.CodeType",
+        "builtins.type",
+    ],
 )
 def test_allow_global_refuses_system_classes_before_reading(cli, tmp_path: Path, name: str) -> None:
     missing = tmp_path / "never-read.pt"  # refused before the file is even looked at
@@ -110,8 +124,14 @@ def test_console_script_allow_global_filehandler_truncates_nothing(tmp_path: Pat
     marker.write_text(PRECIOUS)
     path = write_case("exec-zip-logging-filehandler", tmp_path / "in.pt", marker)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
-    proc = subprocess.run([exe, "inspect", str(path), "--allow-global", "logging.FileHandler"],
-                          capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
+    proc = subprocess.run(
+        [exe, "inspect", str(path), "--allow-global", "logging.FileHandler"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=120,
+    )
     assert proc.returncode == 2 and len(proc.stderr.splitlines()) == 1, proc.stderr
     assert marker.read_text() == PRECIOUS
 
@@ -210,7 +230,13 @@ def test_dataclass_namedtuple_enum_and_simplenamespace_load_with_their_values(tm
     }
     path = tmp_path / "extras.pt"
     torch.save({"model": {"w": torch.ones(2)}, **extras}, path)
-    names = ["globals_classes.Hparams", "globals_classes.Slotted", "globals_classes.Pair", "globals_classes.Mode", "types.SimpleNamespace"]
+    names = [
+        "globals_classes.Hparams",
+        "globals_classes.Slotted",
+        "globals_classes.Pair",
+        "globals_classes.Mode",
+        "types.SimpleNamespace",
+    ]
     ckpt = load_checkpoint(path, allow_globals=names)
     for key, want in extras.items():
         got = ckpt.container[key]
@@ -243,8 +269,13 @@ def tricky_container() -> dict[str, Any]:
     torch.manual_seed(0)
     emb = torch.randn(5, 3)
     sd = OrderedDict(
-        [("emb.weight", emb), ("head.weight", emb), ("bias", torch.nn.Parameter(torch.randn(3))),
-         ("half", torch.randn(4, dtype=torch.float16)), ("steps", torch.tensor([1, 2, 3]))]
+        [
+            ("emb.weight", emb),
+            ("head.weight", emb),
+            ("bias", torch.nn.Parameter(torch.randn(3))),
+            ("half", torch.randn(4, dtype=torch.float16)),
+            ("steps", torch.tensor([1, 2, 3])),
+        ]
     )
     return {"epoch": 7, "state_dict": sd, "note": "ok"}
 
@@ -252,7 +283,9 @@ def tricky_container() -> dict[str, Any]:
 PROTOCOLS = [(p, legacy) for legacy in (False, True) for p in (1, 2, 3, 4, 5)]
 
 
-@pytest.mark.parametrize(("protocol", "legacy"), PROTOCOLS, ids=[f"p{p}-{'legacy' if lg else 'zip'}" for p, lg in PROTOCOLS])
+@pytest.mark.parametrize(
+    ("protocol", "legacy"), PROTOCOLS, ids=[f"p{p}-{'legacy' if lg else 'zip'}" for p, lg in PROTOCOLS]
+)
 def test_unsafe_reads_every_protocol_torch_reads(cli, tmp_path: Path, protocol: int, legacy: bool) -> None:
     path = tmp_path / "in.pt"
     with warnings.catch_warnings():
@@ -300,7 +333,7 @@ def test_protocols_weights_only_refuses_stay_refused_without_unsafe(cli, tmp_pat
 def test_protocol_0_fails_as_it_fails_in_torch(cli, tmp_path: Path) -> None:
     path = tmp_path / "p0.pt"
     torch.save({"w": torch.ones(2)}, path, pickle_protocol=0)
-    with pytest.raises(Exception):
+    with pytest.raises(Exception):  # noqa: B017 -- whatever torch raises: it cannot load the file
         torch.load(path, weights_only=False)
     r = cli("inspect", path, "--unsafe")
     assert r.exit_code == 2 and "p0.pt" in one_line_error(r)
@@ -322,8 +355,9 @@ def test_protocol_4_refusal_names_exactly_the_globals_torch_names(tmp_path: Path
     path = tmp_path / "p4.pt"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.save({"w": torch.ones(2), "b": torch.tensor([1]), "args": argparse.Namespace(lr=1)}, path,
-                   pickle_protocol=4)
+        torch.save(
+            {"w": torch.ones(2), "b": torch.tensor([1]), "args": argparse.Namespace(lr=1)}, path, pickle_protocol=4
+        )
     with pytest.raises(UnsafeCheckpointError) as info:
         load_checkpoint(path)
     assert info.value.globals == ["argparse.Namespace"]  # (torch's own scanner stops at FRAME)

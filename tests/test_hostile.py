@@ -235,7 +235,9 @@ def _stub_main(argv: list[str]) -> int:
 
     cmd, args = argv[0], argv[1:]
     out = args[args.index("-o") + 1] if "-o" in args else None
-    files = [a for i, a in enumerate(args) if not a.startswith("-") and (i == 0 or args[i - 1] not in ("-o", "--add-prefix"))]
+    files = [
+        a for i, a in enumerate(args) if not a.startswith("-") and (i == 0 or args[i - 1] not in ("-o", "--add-prefix"))
+    ]
     current = files[0]
     try:
         sds = []
@@ -279,8 +281,13 @@ class _Zygote:
         self.log = open(workdir / f"zygote-{id(self)}.log", "wb")
         self.proc = subprocess.Popen(
             [sys.executable, str(Path(__file__).resolve()), "--zygote", str(warm_up_file)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, text=True,
-            preexec_fn=_limit_address_space, env=_child_env(), cwd=workdir,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self.log,
+            text=True,
+            preexec_fn=_limit_address_space,
+            env=_child_env(),
+            cwd=workdir,
         )
         line = self.proc.stdout.readline()  # type: ignore[union-attr]
         if line != "ready\n":
@@ -381,10 +388,21 @@ class HostileRunner:
         commands = []
         for cmd, argv in COMMANDS.items():
             out = cwd / f"out-{cmd}.pt"
-            commands.append({"id": cmd, "argv": argv(str(case.path), str(self.reference), str(out)),
-                             "out": str(out) if cmd in WRITES_OUTPUT else None})
-        job = {"input": str(case.path), "marker": str(self.marker), "cwd": str(cwd), "capture": str(capture),
-               "timeout": COMMAND_TIMEOUT, "commands": commands}
+            commands.append(
+                {
+                    "id": cmd,
+                    "argv": argv(str(case.path), str(self.reference), str(out)),
+                    "out": str(out) if cmd in WRITES_OUTPUT else None,
+                }
+            )
+        job = {
+            "input": str(case.path),
+            "marker": str(self.marker),
+            "cwd": str(cwd),
+            "capture": str(capture),
+            "timeout": COMMAND_TIMEOUT,
+            "commands": commands,
+        }
         zygote = self._zygote()
         try:
             status = zygote.run(job)
@@ -436,8 +454,9 @@ def hostile_corpus(tmp_path_factory: pytest.TempPathFactory) -> Corpus:
 
 
 @pytest.fixture(scope="session")
-def hostile_runs(request: pytest.FixtureRequest, hostile_corpus: Corpus,
-                 tmp_path_factory: pytest.TempPathFactory) -> Any:
+def hostile_runs(
+    request: pytest.FixtureRequest, hostile_corpus: Corpus, tmp_path_factory: pytest.TempPathFactory
+) -> Any:
     """Starts every selected case at once (two at a time, in test order); tests wait for theirs."""
     c = hostile_corpus
     runner = HostileRunner(c.cases, c.reference, c.marker, tmp_path_factory.mktemp("hostile-runs"))
@@ -457,13 +476,19 @@ def _params() -> list[Any]:
 
 @pytest.mark.parametrize(("case_name", "command"), _params())
 def test_command(case_name: str, command: str, hostile_corpus: Corpus, hostile_runs: HostileRunner) -> None:
-    case, marker, reference, originals = (hostile_corpus.cases[case_name], hostile_corpus.marker,
-                                          hostile_corpus.reference, hostile_corpus.originals)
+    case, marker, reference, originals = (
+        hostile_corpus.cases[case_name],
+        hostile_corpus.marker,
+        hostile_corpus.reference,
+        hostile_corpus.originals,
+    )
     run = hostile_runs.result(case_name)
     r = run.command(command)
     stderr = r["stderr"]
-    context = f"{case.name} ({case.note}): {command}\nstatus {r['status']} rc {r['rc']} in {r['elapsed']} s\n" \
-              f"stderr: {stderr[-3000:]!r}\n{r['detail'][-3000:]}"
+    context = (
+        f"{case.name} ({case.note}): {command}\nstatus {r['status']} rc {r['rc']} in {r['elapsed']} s\n"
+        f"stderr: {stderr[-3000:]!r}\n{r['detail'][-3000:]}"
+    )
     assert r["status"] == "returned", context
     assert not r["marker"], f"{context}\nthe pickle's code RAN: {marker} exists"
     assert r["input_fingerprint"] == originals[case_name][0], f"{context}\nthe input changed"
@@ -518,7 +543,9 @@ def _assert_same_tensors(got: dict[str, Any], want: dict[str, Any], context: str
     assert sorted(got) == sorted(want), f"{context}: keys {sorted(got)} != {sorted(want)}"
     for k, w in want.items():
         g = got[k]
-        assert (g.dtype, g.shape) == (w.dtype, w.shape), f"{context}: {k}: {g.dtype}{list(g.shape)} != {w.dtype}{list(w.shape)}"
+        assert (g.dtype, g.shape) == (w.dtype, w.shape), (
+            f"{context}: {k}: {g.dtype}{list(g.shape)} != {w.dtype}{list(w.shape)}"
+        )
         assert torch.equal(_bits(g), _bits(w)), f"{context}: {k}: values differ"
 
 
@@ -551,8 +578,18 @@ def test_corpus_covers_every_class(hostile_corpus: Corpus) -> None:
     for c in cases.values():
         kinds[c.kind] = kinds.get(c.kind, 0) + 1
     assert sum(n for k, n in kinds.items() if k != "valid") >= 80
-    assert all(kinds.get(k, 0) >= 3 for k in ("not-checkpoint", "code-exec", "malformed-pickle", "zip-damage",
-                                             "legacy-damage", "safetensors-damage", "valid")), kinds
+    assert all(
+        kinds.get(k, 0) >= 3
+        for k in (
+            "not-checkpoint",
+            "code-exec",
+            "malformed-pickle",
+            "zip-damage",
+            "legacy-damage",
+            "safetensors-damage",
+            "valid",
+        )
+    ), kinds
     assert [c.name for c in cases.values()] == CASE_NAMES
 
 
@@ -567,7 +604,6 @@ def test_zip_writer_matches_torch_save_byte_for_byte(tmp_path: Path) -> None:
     from collections import OrderedDict
 
     import torch
-
     from hostile.corpus import base_state, state_zip, tricky_state
 
     w = torch.arange(12, dtype=torch.float32).reshape(3, 4)
@@ -627,8 +663,9 @@ print(json.dumps(ran))
 """
 
 
-def test_each_code_execution_case_runs_its_payload_when_unpickled_unsafely(tmp_path: Path,
-                                                                            hostile_corpus: Corpus) -> None:
+def test_each_code_execution_case_runs_its_payload_when_unpickled_unsafely(
+    tmp_path: Path, hostile_corpus: Corpus
+) -> None:
     """The corpus is real: torch.load(weights_only=False) creates the marker for every payload.
 
     Runs in a subprocess whose working directory is tmp_path; the payloads only create the marker.
@@ -639,7 +676,11 @@ def test_each_code_execution_case_runs_its_payload_when_unpickled_unsafely(tmp_p
     assert {c.name for c in exec_cases} == {c.name for c in cases.values() if c.kind == "code-exec"}
     proc = subprocess.run(
         [sys.executable, "-c", _UNSAFE_LOADER, str(marker)] + [str(c.path) for c in exec_cases],
-        capture_output=True, text=True, cwd=tmp_path, timeout=300, env=_child_env(),
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=300,
+        env=_child_env(),
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     ran = json.loads(proc.stdout.splitlines()[-1])
@@ -668,15 +709,30 @@ def test_torch_loads_these_without_error(case_name: str, hostile_corpus: Corpus)
 
 # ---------------- real processes: python -m ckptsurgeon and the console script
 
-_REAL_PROCESS_CASES = ["empty", "fifo", "exec-zip-os-system", "zip-bomb-data-pkl", "pkl-deep-list-nesting",
-                       "st-header-huge", "valid-zip"]
+_REAL_PROCESS_CASES = [
+    "empty",
+    "fifo",
+    "exec-zip-os-system",
+    "zip-bomb-data-pkl",
+    "pkl-deep-list-nesting",
+    "st-header-huge",
+    "valid-zip",
+]
 # a fresh interpreter imports torch before the command starts: allow for it on a busy machine
 _REAL_PROCESS_TIMEOUT = COMMAND_TIMEOUT + 50
 
 
 def _real_run(argv: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(argv, capture_output=True, text=True, cwd=cwd, timeout=_REAL_PROCESS_TIMEOUT,
-                          preexec_fn=_limit_address_space, env=_child_env(), stdin=subprocess.DEVNULL)
+    return subprocess.run(
+        argv,
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        timeout=_REAL_PROCESS_TIMEOUT,
+        preexec_fn=_limit_address_space,
+        env=_child_env(),
+        stdin=subprocess.DEVNULL,
+    )
 
 
 @pytest.mark.parametrize("case_name", _REAL_PROCESS_CASES)
@@ -720,16 +776,22 @@ if __name__ == "__main__" and sys.argv[1:2] == ["--zygote"]:
 
 def test_crc_damage_is_caught_wherever_data_is_read(hostile_corpus: Corpus, tmp_path: Path) -> None:
     """A flipped bit that torch loads silently: every command that reads the bytes refuses it."""
-    from ckptsurgeon.cli import main
-
     import torch
+
+    from ckptsurgeon.cli import main
 
     (name,) = DATA_ONLY_DAMAGE
     path = str(hostile_corpus.cases[name].path)
     out = str(tmp_path / "out.pt")
     wider = tmp_path / "wider.pt"  # same keys and shapes, other dtypes: compared after promotion
     torch.save({"w": torch.zeros(2, 3, dtype=torch.float64), "b": torch.zeros(2, dtype=torch.int32)}, wider)
-    for argv in (["diff", path, path], ["diff", path, str(wider), "--atol", "1"], ["inspect", path, "--verify"], ["extract", path, "-o", out],
-                 ["merge", path, path, "-o", out, "--average"], ["extract", path, "-o", out + ".safetensors"]):
+    for argv in (
+        ["diff", path, path],
+        ["diff", path, str(wider), "--atol", "1"],
+        ["inspect", path, "--verify"],
+        ["extract", path, "-o", out],
+        ["merge", path, path, "-o", out, "--average"],
+        ["extract", path, "-o", out + ".safetensors"],
+    ):
         assert main(argv) == 2, argv
     assert sorted(p.name for p in tmp_path.iterdir()) == ["wider.pt"]

@@ -170,7 +170,9 @@ def test_verify_passes_for_good_writes(tmp_path):
         assert set(back.state_dict) == {"w", "b"}
 
 
-@pytest.mark.parametrize("version, ok", [("2.9.1", False), ("2.5.1+cu121", False), ("2.10.0", True), ("2.13.0+cpu", True), ("3.0.0", True)])
+@pytest.mark.parametrize(
+    "version, ok", [("2.9.1", False), ("2.5.1+cu121", False), ("2.10.0", True), ("2.13.0+cpu", True), ("3.0.0", True)]
+)
 def test_old_torch_is_refused(version, ok):
     if ok:
         check_torch_version(version)

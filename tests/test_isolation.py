@@ -196,7 +196,9 @@ def test_inspect_selection_with_model_judges_the_whole_state_dict(cli):
 
 
 def test_inspect_selection_table_shows_only_selected_missing_rows(cli):
-    r = cli("inspect", SAMPLES / "smallcnn.pt", "-x", "fc", "-x", "head.0", "--model", "sample_models.models:TransferCNN")
+    r = cli(
+        "inspect", SAMPLES / "smallcnn.pt", "-x", "fc", "-x", "head.0", "--model", "sample_models.models:TransferCNN"
+    )
     assert r.exit_code == 1  # head.* missing, fc.* unexpected: judged on the whole state_dict
     rows = {line.split()[0]: line.split()[-1] for line in r.stdout.splitlines()[2:] if line.split()}
     assert rows["head.2.weight"] == "missing" and rows["head.2.bias"] == "missing"
@@ -207,7 +209,10 @@ def test_inspect_selection_table_shows_only_selected_missing_rows(cli):
 # ------------------------------------------------------------------------- strict JSON, tolerances
 
 
-@pytest.mark.parametrize(("option", "value"), [("--atol", "inf"), ("--atol", "nan"), ("--atol", "-1"), ("--rtol", "1e400"), ("--rtol", "NaN")])
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [("--atol", "inf"), ("--atol", "nan"), ("--atol", "-1"), ("--rtol", "1e400"), ("--rtol", "NaN")],
+)
 def test_diff_refuses_a_tolerance_that_is_not_finite_and_non_negative(cli, files, option, value):
     r = cli("diff", files / "ckpt.pt", files / "ckpt.pt", option, value, "--json")
     assert r.exit_code == 2 and strict_json(r.stdout)["error"]["kind"] == "usage"
@@ -298,7 +303,7 @@ def test_plain_table_aligns_wide_keys_and_quotes_blank_ones(cli, tmp_path):
     assert r.exit_code == 0, r.stderr
     rows = r.stdout.splitlines()[2 : 2 + len(keys)]
     shown = [row[: row.index("(")].rstrip() for row in rows]
-    assert shown == ["''", "' '", "'x '", "層.重み", "e\u0301.w", '"\'q\'"', "long_ascii_key.weight"]
+    assert shown == ["''", "' '", "'x '", "層.重み", "e\u0301.w", "\"'q'\"", "long_ascii_key.weight"]
     assert len({columns(row[: row.index("(")]) for row in rows}) == 1  # the shape column starts at one column
     assert len({columns(row) for row in rows}) == 1  # right-aligned bytes end at one column
 

@@ -81,12 +81,25 @@ def test_json_after_double_dash_is_not_an_option(capsys, tmp_path):
 def test_the_console_script_pipes_into_a_json_reader(tmp_path):
     """The real process, as `ckptsurgeon ... --json | jq .error.kind` would run it."""
     r = subprocess.run(
-        [sys.executable, "-m", "ckptsurgeon", "extract", str(tmp_path / "missing.pt"), "-o", str(tmp_path / "o.pt"), "--json"],
-        capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            "-m",
+            "ckptsurgeon",
+            "extract",
+            str(tmp_path / "missing.pt"),
+            "-o",
+            str(tmp_path / "o.pt"),
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert r.returncode == 2
     assert json.loads(r.stdout)["error"] == {
-        "exit_code": 2, "kind": "bad_checkpoint", "message": f"{tmp_path / 'missing.pt'}: no such file",
+        "exit_code": 2,
+        "kind": "bad_checkpoint",
+        "message": f"{tmp_path / 'missing.pt'}: no such file",
     }
     assert not (tmp_path / "o.pt").exists()
 
@@ -96,8 +109,11 @@ def test_a_writer_refused_by_model_prints_its_report_marked_not_written(capsys, 
     """Exit 1 (the result does not fit --model) with --json: one document, `"written": false`."""
     src = Path(__file__).resolve().parent.parent / "sample_models" / "smallcnn_dp.pt"
     out = tmp_path / "out.pt"
-    args = {"extract": ["extract", src], "rename": ["rename", src, "--add-prefix", "x."],
-            "merge": ["merge", src, src, "--on-conflict", "first"]}[command]
+    args = {
+        "extract": ["extract", src],
+        "rename": ["rename", src, "--add-prefix", "x."],
+        "merge": ["merge", src, src, "--on-conflict", "first"],
+    }[command]
     rc, stdout, _ = _run(capsys, *args, "-o", out, "--model", "sample_models.models:SmallCNN", "--json")
     doc = json.loads(stdout)
     assert rc == 1 and doc["written"] is False and doc["command"] == command and not out.exists()

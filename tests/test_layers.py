@@ -3,8 +3,9 @@ core module that is in neither list would escape them. This test keeps the lists
 
 from __future__ import annotations
 
-import tomllib
 from pathlib import Path
+
+import tomllib
 
 ROOT = Path(__file__).resolve().parent.parent
 BASE = {"__init__", "__main__", "_version", "errors"}  # below every layer (or the entry point)
@@ -20,4 +21,6 @@ def test_every_core_module_is_in_both_layer_contracts() -> None:
     assert engine_rule["source_modules"] == ["ckptsurgeon.engine"]
     assert core <= set(engine_rule["forbidden_modules"]), sorted(core - set(engine_rule["forbidden_modules"]))
     assert set(core_rule["source_modules"]) == core
-    assert {"ckptsurgeon.cli", "typer", "rich"} <= set(engine_rule["forbidden_modules"]) & set(core_rule["forbidden_modules"])
+    assert {"ckptsurgeon.cli", "typer", "rich"} <= set(engine_rule["forbidden_modules"]) & set(
+        core_rule["forbidden_modules"]
+    )

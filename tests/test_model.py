@@ -65,13 +65,16 @@ def test_module_spec_builds_on_meta_with_kwargs_as_mapping_or_json():
 
 
 def test_module_spec_is_imported_from_the_current_directory(tmp_path, monkeypatch):
-    write(tmp_path / "cwd_only_models_7f3a.py", """
+    write(
+        tmp_path / "cwd_only_models_7f3a.py",
+        """
         from torch import nn
         class Net(nn.Module):
             def __init__(self, width=2):
                 super().__init__()
                 self.lin = nn.Linear(width, width)
-    """)
+    """,
+    )
     monkeypatch.chdir(tmp_path)
     # like the installed console script: the working directory is not on sys.path
     monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", ".", str(tmp_path))])
@@ -81,19 +84,25 @@ def test_module_spec_is_imported_from_the_current_directory(tmp_path, monkeypatc
 
 
 def test_file_spec_relative_absolute_and_sibling_import(tmp_path, monkeypatch):
-    write(tmp_path / "proj" / "layers_sibling_91c.py", """
+    write(
+        tmp_path / "proj" / "layers_sibling_91c.py",
+        """
         from torch import nn
         def block(n):
             return nn.Sequential(nn.Linear(n, n), nn.LayerNorm(n))
-    """)
-    write(tmp_path / "proj" / "net.py", """
+    """,
+    )
+    write(
+        tmp_path / "proj" / "net.py",
+        """
         from torch import nn
         from layers_sibling_91c import block
         class Net(nn.Module):
             def __init__(self, n=4):
                 super().__init__()
                 self.body = block(n)
-    """)
+    """,
+    )
     before = list(sys.path)
     absolute = load_model(f"{tmp_path / 'proj' / 'net.py'}:Net", '{"n": 6}')
     assert absolute.body[0].weight.shape == (6, 6) and all_meta(absolute)
@@ -110,7 +119,9 @@ def test_sample_models_file_spec():
 
 
 def test_dotted_name_and_factory_function(tmp_path):
-    path = write(tmp_path / "nested.py", """
+    path = write(
+        tmp_path / "nested.py",
+        """
         from torch import nn
         class Outer:
             class Inner(nn.Module):
@@ -119,7 +130,8 @@ def test_dotted_name_and_factory_function(tmp_path):
                     self.w = nn.Parameter(nn.init.normal_(__import__("torch").empty(2, 5)))
         def make(depth=1):
             return nn.Sequential(*[nn.Linear(2, 2) for _ in range(depth)])
-    """)
+    """,
+    )
     inner = load_model(f"{path}:Outer.Inner")
     assert inner.w.shape == (2, 5) and inner.w.is_meta
     made = load_model(f"{path}:make", {"depth": 3})
@@ -127,7 +139,9 @@ def test_dotted_name_and_factory_function(tmp_path):
 
 
 def test_seven_billion_parameter_model_builds_without_weight_memory(tmp_path):
-    path = write(tmp_path / "big.py", """
+    path = write(
+        tmp_path / "big.py",
+        """
         from torch import nn
         class Block(nn.Module):
             def __init__(self, d=4096, h=11008):
@@ -142,7 +156,8 @@ def test_seven_billion_parameter_model_builds_without_weight_memory(tmp_path):
                 self.embed = nn.Embedding(32000, 4096)
                 self.layers = nn.ModuleList(Block() for _ in range(layers))
                 self.lm_head = nn.Linear(4096, 32000, bias=False)
-    """)
+    """,
+    )
     model = load_model(f"{path}:LM")
     assert sum(p.numel() for p in model.parameters()) > 6.7e9
     assert all_meta(model)  # 27 GB of float32 would not fit this machine otherwise
@@ -150,7 +165,9 @@ def test_seven_billion_parameter_model_builds_without_weight_memory(tmp_path):
 
 def test_seven_billion_build_time_and_memory_in_a_fresh_process(tmp_path):
     """The budget: well under 5 s and 1 GB; initialisers on meta must not drag in torch._dynamo."""
-    script = write(tmp_path / "measure.py", """
+    script = write(
+        tmp_path / "measure.py",
+        """
         import resource, sys, time
         import torch
         from ckptsurgeon.model import load_model
@@ -160,8 +177,11 @@ def test_seven_billion_build_time_and_memory_in_a_fresh_process(tmp_path):
         rss_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         params = sum(p.numel() for p in model.parameters())
         print(seconds, rss_mib, params, "torch._dynamo" in sys.modules)
-    """)
-    write(tmp_path / "big.py", """
+    """,
+    )
+    write(
+        tmp_path / "big.py",
+        """
         from torch import nn
         class LM(nn.Module):
             def __init__(self):
@@ -172,10 +192,14 @@ def test_seven_billion_build_time_and_memory_in_a_fresh_process(tmp_path):
                                    "down": nn.Linear(11008, 4096), "norm": nn.LayerNorm(4096)})
                     for _ in range(32)
                 )
-    """)
+    """,
+    )
     result = subprocess.run(
         [sys.executable, str(script), str(tmp_path / "big.py")],
-        capture_output=True, text=True, timeout=120, cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=REPO,
         env={**os.environ, "PYTHONPATH": str(REPO)},
     )
     assert result.returncode == 0, result.stderr
@@ -225,7 +249,9 @@ def test_import_errors_name_the_exception(tmp_path, monkeypatch):
 
 
 def test_not_a_module_results_and_constructor_errors(tmp_path):
-    path = write(tmp_path / "odd.py", """
+    path = write(
+        tmp_path / "odd.py",
+        """
         from torch import nn
         def not_a_model():
             return [1, 2]
@@ -236,7 +262,8 @@ def test_not_a_module_results_and_constructor_errors(tmp_path):
                 if size < 0:
                     raise ValueError(f"size must be >= 0,\\n got {size}")
                 self.lin = nn.Linear(size, size)
-    """)
+    """,
+    )
     assert "returned a list, not an nn.Module" in spec_error(f"{path}:not_a_model")
     assert "names an nn.Module instance" in spec_error(f"{path}:instance")
     assert "raised ValueError: size must be >= 0, got -1" in spec_error(f"{path}:Picky", {"size": -1})
@@ -291,8 +318,10 @@ def assert_agrees(make_model, sd) -> ModelReport:
     metadata = getattr(sd, "_metadata", None)
     with torch.device("meta"):
         meta_model = make_model()
-    reports = [check_model(shapes_of(sd), meta_model, metadata=metadata),
-               check_model(shapes_of(sd), make_model(), metadata=metadata)]
+    reports = [
+        check_model(shapes_of(sd), meta_model, metadata=metadata),
+        check_model(shapes_of(sd), make_model(), metadata=metadata),
+    ]
     for report in reports:
         assert list(report.missing_keys) == missing
         assert list(report.unexpected_keys) == unexpected
@@ -316,8 +345,12 @@ def test_identical_checkpoint_is_compatible_and_keys_are_classified():
     assert report.kinds["bn1.running_mean"] == "buffer"
     assert report.kinds["bn1.num_batches_tracked"] == "buffer"
     assert report.to_dict() == {
-        "compatible": True, "missing_keys": [], "unexpected_keys": [], "shape_mismatches": [],
-        "errors": [], "suggestions": [],
+        "compatible": True,
+        "missing_keys": [],
+        "unexpected_keys": [],
+        "shape_mismatches": [],
+        "errors": [],
+        "suggestions": [],
     }
 
 
@@ -483,9 +516,7 @@ def test_suggest_strip_module_prefix_even_with_a_stray_key():
     (best,) = suggest_renames(ckpt, model)
     assert (best.strip_prefix, best.add_prefix, best.matched) == ("module.", None, 3)
     assert best.command() == "ckptsurgeon rename CKPT -o OUT --strip-prefix module."
-    assert best.command("my ckpt.pt", "out.pt") == (
-        "ckptsurgeon rename 'my ckpt.pt' -o out.pt --strip-prefix module."
-    )
+    assert best.command("my ckpt.pt", "out.pt") == ("ckptsurgeon rename 'my ckpt.pt' -o out.pt --strip-prefix module.")
 
 
 def test_suggest_backbone_prefix_both_ways():
@@ -503,9 +534,7 @@ def test_suggest_replacing_one_prefix_with_another():
     model = ["backbone.layer.0.w", "backbone.layer.1.w"]
     (best,) = suggest_renames(ckpt, model)
     assert (best.strip_prefix, best.add_prefix, best.matched) == ("model.encoder.", "backbone.", 2)
-    assert best.command() == (
-        "ckptsurgeon rename CKPT -o OUT --strip-prefix model.encoder. --add-prefix backbone."
-    )
+    assert best.command() == ("ckptsurgeon rename CKPT -o OUT --strip-prefix model.encoder. --add-prefix backbone.")
 
 
 def test_no_suggestion_unless_strictly_better():
@@ -520,7 +549,9 @@ def test_no_suggestion_unless_strictly_better():
 
 keys_strategy = st.lists(
     st.lists(st.from_regex(r"[a-z][a-z0-9_]{0,6}", fullmatch=True), min_size=1, max_size=4).map(".".join),
-    min_size=1, max_size=12, unique=True,
+    min_size=1,
+    max_size=12,
+    unique=True,
 )
 
 
@@ -541,8 +572,15 @@ def test_suggestion_recovers_a_wrapping_prefix(keys, prefix):
 def test_sample_checkpoints_are_small_and_load_safely():
     from safetensors.torch import load_file
 
-    for name in ("smallcnn.pt", "smallcnn_train.ckpt", "smallcnn_dp.pt", "smallcnn.safetensors",
-                 "smallcnn_legacy.pt", "tiedlm.pt", "buffernet.pt"):
+    for name in (
+        "smallcnn.pt",
+        "smallcnn_train.ckpt",
+        "smallcnn_dp.pt",
+        "smallcnn.safetensors",
+        "smallcnn_legacy.pt",
+        "tiedlm.pt",
+        "buffernet.pt",
+    ):
         assert (SAMPLES / name).stat().st_size < 200_000, name
     sd = torch.load(SAMPLES / "smallcnn.pt", weights_only=True)
     SmallCNN().load_state_dict(sd)  # strict
@@ -585,7 +623,11 @@ def test_make_samples_script_reproduces_the_committed_files(tmp_path, cpu):
         env.update(ATEN_CPU_CAPABILITY="default", OMP_NUM_THREADS="1")
     result = subprocess.run(
         [sys.executable, str(SAMPLES / "make_samples.py"), "--out", str(tmp_path)],
-        capture_output=True, text=True, timeout=120, cwd=tmp_path, env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+        env=env,
     )
     assert result.returncode == 0, result.stderr
     made = sorted(p.name for p in tmp_path.iterdir())

@@ -84,7 +84,9 @@ WRITERS = {
 @pytest.mark.parametrize("force", [False, True])
 @pytest.mark.parametrize("node", sorted(NODES))
 @pytest.mark.parametrize("writer", sorted(WRITERS))
-def test_an_output_that_is_not_a_regular_file_is_refused_even_with_force(cli, two_inputs, tmp_path, writer, node, force):
+def test_an_output_that_is_not_a_regular_file_is_refused_even_with_force(
+    cli, two_inputs, tmp_path, writer, node, force
+):
     make, is_kind, kind = NODES[node]
     out = tmp_path / "out.pt"
     make(out)
@@ -197,7 +199,11 @@ def test_a_fifo_output_is_reported_before_any_input_is_read(unreadable, tmp_path
 
 @pytest.mark.parametrize(
     "weights, message",
-    [("1,2,3", "--weights has 3 values for 2 inputs"), ("1,nan", "--weights must be finite"), ("0,0", "positive finite sum")],
+    [
+        ("1,2,3", "--weights has 3 values for 2 inputs"),
+        ("1,nan", "--weights must be finite"),
+        ("0,0", "positive finite sum"),
+    ],
 )
 def test_bad_weights_are_reported_before_any_input_is_read(cli, unreadable, tmp_path, weights, message):
     result = cli("merge", *unreadable, "-o", tmp_path / "avg.pt", "--average", "--weights", weights)
@@ -229,7 +235,11 @@ def test_a_write_that_hits_the_size_limit_names_the_output(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "ckptsurgeon", "extract", str(src), "-o", str(out), "-f"],
         preexec_fn=_file_size_limit(1 << 20),
-        capture_output=True, text=True, env=_env(), timeout=60, check=False,
+        capture_output=True,
+        text=True,
+        env=_env(),
+        timeout=60,
+        check=False,
     )
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [f"error: {out}: cannot write: File too large"]
@@ -340,7 +350,10 @@ def test_merge_average_interrupted_leaves_the_output_untouched(average_inputs, t
     out.write_bytes(b"precious")
     proc = subprocess.Popen(
         [sys.executable, "-m", "ckptsurgeon", "merge", "--average", *map(str, average_inputs), "-o", str(out), "-f"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=_env(),
     )
     _when(proc, MOMENTS[moment])
     proc.send_signal(sig)
@@ -360,7 +373,10 @@ def test_interrupted_while_averaging_or_writing_is_all_or_nothing(average_inputs
     out.write_bytes(b"precious")
     proc = subprocess.Popen(
         [sys.executable, "-m", "ckptsurgeon", "merge", "--average", *map(str, average_inputs), "-o", str(out), "-f"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=_env(),
     )
     _when(proc, lambda pid: len(temps(tmp_path)) >= stage, must_run=False)
     time.sleep(delay)
@@ -382,7 +398,10 @@ def test_extract_without_typer_or_torch_is_interrupted_cleanly(average_inputs, t
     out = tmp_path / "out.pt"
     proc = subprocess.Popen(
         [sys.executable, "-m", "ckptsurgeon", "extract", str(average_inputs[0]), "-o", str(out)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=_env(),
     )
     _when(proc, _handlers_installed)
     proc.send_signal(signal.SIGINT)
@@ -396,7 +415,10 @@ def test_a_signal_ignored_at_start_stays_ignored(average_inputs, tmp_path):
     out = tmp_path / "out.pt"
     proc = subprocess.Popen(
         [sys.executable, "-m", "ckptsurgeon", "extract", str(average_inputs[0]), "-o", str(out)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=_env(),
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),  # noqa: PLW1509 (no threads here)
     )
     _when(proc, _handlers_installed)

@@ -48,7 +48,16 @@ def _examples(text: str) -> list[tuple[str, list[str]]]:
 
 def _run(cmd: str, cwd: Path) -> list[str]:
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "COLUMNS": "400", "PYTHONPATH": str(cwd)}
-    r = subprocess.run(["bash", "-c", cmd], cwd=cwd, capture_output=False, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, timeout=120)
+    r = subprocess.run(
+        ["bash", "-c", cmd],
+        cwd=cwd,
+        capture_output=False,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+        timeout=120,
+    )
     return [ln.rstrip() for ln in r.stdout.splitlines()]
 
 
@@ -128,6 +137,8 @@ def test_readme_python_example_runs(tmp_path):
     assert blocks
     env = {**os.environ, "PYTHONPATH": str(tmp_path)}
     for code in blocks:
-        r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, env=env, timeout=300)
+        r = subprocess.run(
+            [sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, env=env, timeout=300
+        )
         assert r.returncode == 0, r.stdout + r.stderr
         assert "identical" in r.stdout

@@ -75,7 +75,14 @@ def test_rename_to_empty_is_refused():
 
 
 def test_metadata_follows_dataparallel_strip():
-    meta = OrderedDict([("", {"version": 1}), ("module", {"version": 1}), ("module.conv1", {"version": 1}), ("module.bn", {"version": 2})])
+    meta = OrderedDict(
+        [
+            ("", {"version": 1}),
+            ("module", {"version": 1}),
+            ("module.conv1", {"version": 1}),
+            ("module.bn", {"version": 2}),
+        ]
+    )
     keys = ["module.conv1.weight", "module.bn.weight", "module.bn.num_batches_tracked"]
     rules = RenameRules(strip_prefixes=("module.",))
     new = rename_metadata(meta, plan_rename(keys, rules), rules)

@@ -24,7 +24,9 @@ def run(cli: Any, *args: Any, code: int = 0) -> Any:
 def mixed_state_dict() -> dict[str, torch.Tensor]:
     """Not in alphabetical order, of several dtypes and element sizes (as a real model's is)."""
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Flatten(), torch.nn.Linear(4, 2))
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Flatten(), torch.nn.Linear(4, 2)
+    )
     sd = dict(model.state_dict())  # ends with 1.num_batches_tracked (int64) between float32s
     sd["0.bias"] = sd["0.bias"].to(torch.bfloat16)
     sd["3.weight"] = sd["3.weight"].to(torch.float64)

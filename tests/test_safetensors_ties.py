@@ -52,9 +52,14 @@ def test_extract_writes_a_tie_once_and_records_it_as_safetensors_does(cli, tmp_p
     ours, theirs = header["__metadata__"], _header(reference)["__metadata__"]
     assert theirs == {"head.weight": "embed.weight"}
     assert ours == {"format": "pt", **theirs}  # plus the format tag huggingface_hub writes
-    assert _data_bytes(out) == _data_bytes(reference) == sum(  # the tied matrix is stored once
-        p.numel() * p.element_size() for p in model.state_dict().values()
-    ) - model.head.weight.numel() * 4
+    assert (
+        _data_bytes(out)
+        == _data_bytes(reference)
+        == sum(  # the tied matrix is stored once
+            p.numel() * p.element_size() for p in model.state_dict().values()
+        )
+        - model.head.weight.numel() * 4
+    )
     plain = load_file(str(out))  # the library reads it (without the tie: it does not restore it)
     assert torch.equal(plain["embed.weight"], model.embed.weight.detach())
 

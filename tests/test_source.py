@@ -50,8 +50,10 @@ def test_a_file_renamed_onto_the_path_is_never_read(tmp_path: Path, make) -> Non
         save_checkpoint(ckpt.state_dict, out)
     written = torch.load(out, weights_only=True)
     for key, value in original.items():
-        assert torch.equal(written[key], value) if not value.is_quantized else torch.equal(
-            written[key].int_repr(), value.int_repr()
+        assert (
+            torch.equal(written[key], value)
+            if not value.is_quantized
+            else torch.equal(written[key].int_repr(), value.int_repr())
         ), key
     assert not torch.equal(written["bias"], impostor["bias"])
     assert written["emb"].untyped_storage().data_ptr() == written["head"].untyped_storage().data_ptr()

@@ -17,7 +17,6 @@ import torch
 from torch import nn
 
 import ckptsurgeon
-
 from ckptsurgeon import (
     ConflictError,
     ContainerError,
@@ -30,8 +29,17 @@ from ckptsurgeon import (
 from sample_models.models import SmallCNN, TiedLM, TransferCNN
 
 BACKBONE_PARAMS = [
-    "conv1.weight", "conv1.bias", "bn1.weight", "bn1.bias", "conv2.weight", "conv2.bias",
-    "bn2.weight", "bn2.bias", "conv1x1.weight", "bn3.weight", "bn3.bias",
+    "conv1.weight",
+    "conv1.bias",
+    "bn1.weight",
+    "bn1.bias",
+    "conv2.weight",
+    "conv2.bias",
+    "bn2.weight",
+    "bn2.bias",
+    "conv1x1.weight",
+    "bn3.weight",
+    "bn3.bias",
 ]
 BN_STATS = [f"bn{i}.{s}" for i in (1, 2, 3) for s in ("running_mean", "running_var", "num_batches_tracked")]
 
@@ -438,7 +446,12 @@ def test_gradual_unfreezing(bare_path: Path) -> None:
     assert unfreeze(new, "conv1") == []  # already trainable
     names = {id(p): n for n, p in new.named_parameters()}
     assert [names[id(p)] for p in report.trainable_parameters(new)] == [  # never stale
-        "conv1.weight", "conv1.bias", "bn3.weight", "bn3.bias", "fc.weight", "fc.bias",
+        "conv1.weight",
+        "conv1.bias",
+        "bn3.weight",
+        "bn3.bias",
+        "fc.weight",
+        "fc.bias",
     ]
     with pytest.raises(SelectionError, match="no parameter matches"):
         unfreeze(new, "nope")

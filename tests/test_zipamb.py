@@ -136,8 +136,12 @@ def test_a_second_end_record_in_the_comment_is_refused_by_every_command(
     # the file is real: torch reads directory B, i.e. other weights than the original's
     theirs, want = _torch(crafted), _state_dict()
     assert not torch.equal(theirs["w"], want["w"]) and torch.equal(theirs["b"], want["b"])
-    for argv in (["diff", str(original), str(crafted)], ["inspect", str(crafted), "--verify"],
-                 ["inspect", str(crafted)], ["extract", str(crafted), "-o", str(tmp_path / "out.pt")]):
+    for argv in (
+        ["diff", str(original), str(crafted)],
+        ["inspect", str(crafted), "--verify"],
+        ["inspect", str(crafted)],
+        ["extract", str(crafted), "-o", str(tmp_path / "out.pt")],
+    ):
         _refused(argv, capsys, "crafted.pt", "ambiguous ZIP archive", "end-of-central-directory")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["crafted.pt"]
 
@@ -150,7 +154,9 @@ def test_a_second_end_record_reaching_the_end_of_the_file_is_refused(
     entries = _entries(original)
     crafted = tmp_path / "crafted.pt"
     crafted.write_bytes(_two_central_directories(entries, _index(entries, "/data/0"), junk=b""))
-    _refused(["inspect", str(crafted), "--json"], capsys, "ambiguous ZIP archive", "two end-of-central-directory records")
+    _refused(
+        ["inspect", str(crafted), "--json"], capsys, "ambiguous ZIP archive", "two end-of-central-directory records"
+    )
 
 
 @pytest.mark.parametrize("variant", ["DATA/0", "Data/0", "daTa/0"])
@@ -164,8 +170,14 @@ def test_members_whose_names_differ_only_in_case_are_refused(
     entries.insert(i if before else i + 1, other)
     crafted = tmp_path / "crafted.pt"
     crafted.write_bytes(bytes(write_zip(entries).data))
-    _refused(["diff", str(original), str(crafted)], capsys, "crafted.pt", "ambiguous ZIP archive",
-             "differ only in case", f"'orig/{variant}'")
+    _refused(
+        ["diff", str(original), str(crafted)],
+        capsys,
+        "crafted.pt",
+        "ambiguous ZIP archive",
+        "differ only in case",
+        f"'orig/{variant}'",
+    )
 
 
 def test_torch_reads_the_case_variant_in_one_of_the_orders(original: Path, tmp_path: Path) -> None:
@@ -211,8 +223,9 @@ def test_records_are_looked_up_with_case_folded_as_torch_does(original: Path, tm
 
 
 def test_records_in_other_case_are_read_as_torch_reads_them(original: Path, tmp_path: Path) -> None:
-    entries = [ZipEntry(e.name.replace("data.pkl", "DATA.PKL").replace("data/1", "Data/1"), e.data)
-               for e in _entries(original)]
+    entries = [
+        ZipEntry(e.name.replace("data.pkl", "DATA.PKL").replace("data/1", "Data/1"), e.data) for e in _entries(original)
+    ]
     path = tmp_path / "upper.pt"
     path.write_bytes(bytes(write_zip(entries).data))
     _assert_same(_ours(path), _torch(path))
@@ -314,14 +327,38 @@ def _variant(name: str, kind: str, pick: int) -> str:
 
 @st.composite
 def _zip_plan(draw: Any) -> dict[str, Any]:
-    op = st.tuples(st.sampled_from(["add", "rename", "front"]), st.integers(0, 50),
-                   st.sampled_from(_NAME_VARIANTS), st.integers(0, 50), st.integers(0, 50))
+    op = st.tuples(
+        st.sampled_from(["add", "rename", "front"]),
+        st.integers(0, 50),
+        st.sampled_from(_NAME_VARIANTS),
+        st.integers(0, 50),
+        st.integers(0, 50),
+    )
     member_ops = draw(st.one_of(st.just([]), st.lists(op, min_size=1, max_size=3)))
-    tail = draw(st.sampled_from(["none", "none", "trailing", "comment", "comment", "fake-end",
-                                 "two-directories", "gap", "eocd32", "signature-in-data"]))
-    return {"members": member_ops, "tail": tail, "junk": draw(st.binary(max_size=24)),
-            "sig_at": draw(st.integers(0, 24)), "count_comment": draw(st.booleans()),
-            "target": draw(st.integers(0, 50))}
+    tail = draw(
+        st.sampled_from(
+            [
+                "none",
+                "none",
+                "trailing",
+                "comment",
+                "comment",
+                "fake-end",
+                "two-directories",
+                "gap",
+                "eocd32",
+                "signature-in-data",
+            ]
+        )
+    )
+    return {
+        "members": member_ops,
+        "tail": tail,
+        "junk": draw(st.binary(max_size=24)),
+        "sig_at": draw(st.integers(0, 24)),
+        "count_comment": draw(st.booleans()),
+        "target": draw(st.integers(0, 50)),
+    }
 
 
 def _build(entries: list[ZipEntry], plan: dict[str, Any]) -> bytes:
@@ -374,9 +411,13 @@ def _oracle(path: Path) -> str:
     return "same"
 
 
-_SETTINGS = settings(max_examples=300, deadline=None, derandomize=True,
-                     phases=[Phase.explicit, Phase.reuse, Phase.generate, Phase.shrink],
-                     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+_SETTINGS = settings(
+    max_examples=300,
+    deadline=None,
+    derandomize=True,
+    phases=[Phase.explicit, Phase.reuse, Phase.generate, Phase.shrink],
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
 
 
 @_SETTINGS
@@ -398,15 +439,22 @@ def test_the_zip_oracle_sees_both_outcomes(original: Path, tmp_path: Path) -> No
         "plain": plain,
         "comment": {**plain, "tail": "comment", "junk": b"hello"},
         "renamed": {**plain, "members": [("rename", 4, "upper-folder", 0, 0)]},
-            "renamed-folder": {**plain, "members": [("rename", 4, "folder-case", 0, 0)]},
+        "renamed-folder": {**plain, "members": [("rename", 4, "folder-case", 0, 0)]},
         "case-dup": {**plain, "members": [("add", 4, "swap-one", 3, 5)]},
         "two-directories": {**plain, "tail": "two-directories", "junk": b"\0\0"},
         "signature-in-data": {**plain, "tail": "signature-in-data", "junk": b"xy", "target": 8},
     }.items():
         path.write_bytes(_build(_entries(original), plan))
         outcomes[name] = _oracle(path)
-    assert outcomes == {"plain": "same", "comment": "same", "renamed": "same", "renamed-folder": "refused",
-                        "case-dup": "refused", "two-directories": "refused", "signature-in-data": "same"}
+    assert outcomes == {
+        "plain": "same",
+        "comment": "same",
+        "renamed": "same",
+        "renamed-folder": "refused",
+        "case-dup": "refused",
+        "two-directories": "refused",
+        "signature-in-data": "same",
+    }
 
 
 # --------------------------------------------------------------------- the oracle, legacy format
@@ -473,8 +521,12 @@ def _tar_polyglot(head: bytes, rest: bytes) -> bytes:
     """A legacy file whose first 512 bytes are also a valid tar header: sys_info carries a string
     that covers the header's numeric fields (empty) and its checksum."""
     magic_and_protocol = head[: head.index(b"}")]  # sys_info is the first dict pickled
-    sys_info = {"pad": "A" * 420, "protocol_version": 1001, "little_endian": True,
-                "type_sizes": {"short": 2, "int": 4, "long": 4}}
+    sys_info = {
+        "pad": "A" * 420,
+        "protocol_version": 1001,
+        "little_endian": True,
+        "type_sizes": {"short": 2, "int": 4, "long": 4},
+    }
     data = bytearray(magic_and_protocol + pickle.dumps(sys_info, protocol=2) + rest)
     start = data.index(b"A" * 420)
     assert start < 100 and start + 420 > 345

@@ -102,8 +102,20 @@ def dtype_tensors() -> dict[str, torch.Tensor]:
 
 # torch 2.13 saves float8 / uint16-64 tensors in the legacy format (as UntypedStorage) but cannot
 # load them back ("'UntypedStorage' has no attribute 'dtype'"), so legacy_dtypes leaves them out.
-LEGACY_DTYPES = ("float64", "float32", "float16", "bfloat16", "complex64", "complex128", "int8",
-                 "int16", "int32", "int64", "uint8", "bool")
+LEGACY_DTYPES = (
+    "float64",
+    "float32",
+    "float16",
+    "bfloat16",
+    "complex64",
+    "complex128",
+    "int8",
+    "int16",
+    "int32",
+    "int64",
+    "uint8",
+    "bool",
+)
 
 
 def view_tensors() -> dict[str, torch.Tensor]:
@@ -168,8 +180,7 @@ def training_checkpoint() -> dict[str, Any]:
     net = tiny_net()
     opt = torch.optim.Adam(net.parameters(), lr=1e-3)
     opt.step()
-    return {"epoch": 5, "model_state_dict": net.state_dict(), "optimizer_state_dict": opt.state_dict(),
-            "loss": 0.25}
+    return {"epoch": 5, "model_state_dict": net.state_dict(), "optimizer_state_dict": opt.state_dict(), "loss": 0.25}
 
 
 def lightning_checkpoint() -> dict[str, Any]:
@@ -179,8 +190,14 @@ def lightning_checkpoint() -> dict[str, Any]:
         "global_step": 120,
         "pytorch-lightning_version": "2.4.0",
         "state_dict": collections.OrderedDict(("model." + k, v) for k, v in net.state_dict().items()),
-        "hyper_parameters": {"lr": 1e-3, "layers": [4, 8], "name": "tiny", "betas": (0.9, 0.999),
-                             "flag": True, "nothing": None},
+        "hyper_parameters": {
+            "lr": 1e-3,
+            "layers": [4, 8],
+            "name": "tiny",
+            "betas": (0.9, 0.999),
+            "flag": True,
+            "nothing": None,
+        },
         "callbacks": {},
         "loops": {"fit_loop": {"epoch_progress": {"current": {"completed": 3}}}},
         "lr_schedulers": [],
@@ -241,8 +258,9 @@ _BUILDERS: dict[str, Callable[[Path], Path]] = {
     "tensor": lambda d: _save(torch.arange(12.0).reshape(3, 4)[1:], d / "tensor.pt"),
     "legacy_module": lambda d: _save(tiny_net().state_dict(), d / "legacy_module.pt", legacy=True),
     "legacy_training": lambda d: _save(training_checkpoint(), d / "legacy_training.pt", legacy=True),
-    "legacy_dtypes": lambda d: _save({k: v for k, v in dtype_tensors().items() if k in LEGACY_DTYPES},
-                                     d / "legacy_dtypes.pt", legacy=True),
+    "legacy_dtypes": lambda d: _save(
+        {k: v for k, v in dtype_tensors().items() if k in LEGACY_DTYPES}, d / "legacy_dtypes.pt", legacy=True
+    ),
     "legacy_views": lambda d: _save({**view_tensors(), **tied_tensors()}, d / "legacy_views.pt", legacy=True),
     "safetensors": lambda d: _safetensors(d / "zoo.safetensors"),
 }
@@ -299,9 +317,10 @@ class TensorSpec:
     requires_grad: bool = False
 
     def __reduce__(self) -> tuple:
-        return (torch._utils._rebuild_tensor_v2,
-                (self.storage, self.offset, self.size, self.stride, self.requires_grad,
-                 collections.OrderedDict()))
+        return (
+            torch._utils._rebuild_tensor_v2,
+            (self.storage, self.offset, self.size, self.stride, self.requires_grad, collections.OrderedDict()),
+        )
 
 
 class _Pickler(pickle.Pickler):
@@ -332,8 +351,14 @@ def craft_zip(path: Path, members: list[tuple[str, bytes]], *, compress: set[str
     return path
 
 
-def torch_zip(path: Path, obj: Any, records: dict[str, bytes], *, prefix: str = "archive",
-              extra: list[tuple[str, bytes]] | None = None) -> Path:
+def torch_zip(
+    path: Path,
+    obj: Any,
+    records: dict[str, bytes],
+    *,
+    prefix: str = "archive",
+    extra: list[tuple[str, bytes]] | None = None,
+) -> Path:
     """A checkpoint laid out like torch.save's: `prefix/data.pkl` = pickle_bytes(obj), then
     `prefix/data/<key>` for each record, `byteorder` and `version`."""
     members = [(f"{prefix}/data.pkl", pickle_bytes(obj)), (f"{prefix}/byteorder", b"little")]

@@ -10,14 +10,14 @@ from __future__ import annotations
 import signal
 import sys
 from collections.abc import Sequence
-from typing import Any, Optional
+from typing import Any
 
 from ..errors import EXIT_INTERNAL
 
 __all__ = ["app", "entrypoint", "main"]
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI on `argv` (default: sys.argv[1:]) and return the exit code; never raises SystemExit.
 
     SIGINT and SIGTERM are handled from the first moment (before torch or Typer is imported):

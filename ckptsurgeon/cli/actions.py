@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from ..errors import EXIT_DIFFERENT, EXIT_OK, SelectionError, UsageError
 from . import text
@@ -19,7 +19,7 @@ from .console import notice, print_json, progress, say, show, total_bytes
 JSON_SCHEMA_VERSION = 1
 
 
-def load(path: Path, *, key: Optional[str], unsafe: bool, allow_global: Optional[list[str]]) -> Any:
+def load(path: Path, *, key: str | None, unsafe: bool, allow_global: list[str] | None) -> Any:
     from ..io import load_checkpoint
 
     if unsafe:
@@ -27,7 +27,7 @@ def load(path: Path, *, key: Optional[str], unsafe: bool, allow_global: Optional
     return load_checkpoint(path, unsafe=unsafe, key=key, allow_globals=checked_globals(allow_global))
 
 
-def checked_globals(names: Optional[list[str]]) -> tuple[str, ...]:
+def checked_globals(names: list[str] | None) -> tuple[str, ...]:
     if not names:
         return ()
     from ..safety import resolve_allowed_globals
@@ -36,7 +36,7 @@ def checked_globals(names: Optional[list[str]]) -> tuple[str, ...]:
     return tuple(names)
 
 
-def select(keys: Sequence[str], include: Optional[list[str]], exclude: Optional[list[str]], regex: bool) -> list[str]:
+def select(keys: Sequence[str], include: list[str] | None, exclude: list[str] | None, regex: bool) -> list[str]:
     from ..patterns import select_keys, unmatched_includes
 
     selected = select_keys(keys, include or (), exclude or (), regex=regex)
@@ -54,14 +54,14 @@ def note_container(ckpt: Any) -> None:
 
 def model_check(
     state_dict: Mapping[str, Any],
-    spec: Optional[str],
-    kwargs: Optional[str],
+    spec: str | None,
+    kwargs: str | None,
     *,
     allow_missing: bool,
     allow_unexpected: bool,
     ckpt_path: str,
     out_path: str = "OUT",
-) -> Optional[dict[str, Any]]:
+) -> dict[str, Any] | None:
     """Run the --model check; returns its JSON-ready result (None without --model)."""
     if spec is None:
         if kwargs is not None:
@@ -85,7 +85,7 @@ def model_check(
     return data
 
 
-def public_model(data: Optional[dict[str, Any]]) -> dict[str, Any]:
+def public_model(data: dict[str, Any] | None) -> dict[str, Any]:
     if data is None:
         return {}
     hidden = {"kinds", "compatible_allowed"}
@@ -97,18 +97,18 @@ def public_model(data: Optional[dict[str, Any]]) -> dict[str, Any]:
 def inspect(
     ckpt: Path,
     *,
-    include: Optional[list[str]] = None,
-    exclude: Optional[list[str]] = None,
+    include: list[str] | None = None,
+    exclude: list[str] | None = None,
     regex: bool = False,
-    key: Optional[str] = None,
+    key: str | None = None,
     as_json: bool = False,
-    model: Optional[str] = None,
-    model_kwargs: Optional[str] = None,
+    model: str | None = None,
+    model_kwargs: str | None = None,
     allow_missing: bool = False,
     allow_unexpected: bool = False,
     verify: bool = False,
     unsafe: bool = False,
-    allow_global: Optional[list[str]] = None,
+    allow_global: list[str] | None = None,
 ) -> int:
     """The `inspect` command; returns its exit code (see `commands.inspect` for the options)."""
     from ..containers import describe_value
@@ -120,7 +120,11 @@ def inspect(
 
         with progress("verifying", total_bytes(iter_tensors(ckpt_obj.container))) as advance:
             verify_data(ckpt_obj, advance)
-    keys = select(list(ckpt_obj.state_dict), include, exclude, regex) if (include or exclude) else list(ckpt_obj.state_dict)
+    keys = (
+        select(list(ckpt_obj.state_dict), include, exclude, regex)
+        if (include or exclude)
+        else list(ckpt_obj.state_dict)
+    )
     report = inspect_state_dict(
         ckpt_obj.state_dict,
         keys,
@@ -131,7 +135,11 @@ def inspect(
     # the model judges the whole state_dict (a selection only narrows what is shown): a key the
     # patterns leave out is not missing from the checkpoint
     model_data = model_check(
-        ckpt_obj.state_dict, model, model_kwargs, allow_missing=allow_missing, allow_unexpected=allow_unexpected,
+        ckpt_obj.state_dict,
+        model,
+        model_kwargs,
+        allow_missing=allow_missing,
+        allow_unexpected=allow_unexpected,
         ckpt_path=str(ckpt),
     )
     if as_json:
@@ -161,8 +169,10 @@ def inspect(
 
 
 def refuse_incompatible(
-    model: Optional[dict[str, Any]], allow_missing: bool, allow_unexpected: bool,
-    json_report: Optional[dict[str, Any]] = None,
+    model: dict[str, Any] | None,
+    allow_missing: bool,
+    allow_unexpected: bool,
+    json_report: dict[str, Any] | None = None,
 ) -> bool:
     """With --model: say why nothing is written and return True when the result does not fit.
     `json_report` (with --json) is printed then, marked `"written": false`: the one document."""
@@ -193,7 +203,7 @@ def write_output(
     verify: bool,
     safetensors_metadata: Any = None,
     unsafe: bool = False,
-    allow_global: Optional[list[str]] = None,
+    allow_global: list[str] | None = None,
 ) -> list[str]:
     """Write `obj` to `output` (atomically, with a progress bar on a terminal); returns the notes."""
     from ..io import check_output, iter_tensors, save_checkpoint
@@ -201,15 +211,22 @@ def write_output(
     check_output(output, inputs, force=force)
     with progress("writing", total_bytes(iter_tensors(obj))) as advance:
         notes = save_checkpoint(
-            obj, output, safetensors_metadata=safetensors_metadata, verify=verify, progress=advance,
-            unsafe=unsafe, allow_globals=tuple(allow_global or ()),
+            obj,
+            output,
+            safetensors_metadata=safetensors_metadata,
+            verify=verify,
+            progress=advance,
+            unsafe=unsafe,
+            allow_globals=tuple(allow_global or ()),
         )
     for n in notes:
         notice(f"note: {n}")
     return notes
 
 
-def writer_report(command: str, output: Path, state_dict: Mapping[str, Any], *, dry_run: bool, notes: Sequence[str], **extra: Any) -> dict[str, Any]:
+def writer_report(
+    command: str, output: Path, state_dict: Mapping[str, Any], *, dry_run: bool, notes: Sequence[str], **extra: Any
+) -> dict[str, Any]:
     return {
         "schema_version": JSON_SCHEMA_VERSION,
         "command": command,
@@ -239,7 +256,7 @@ def report_done(output: Path, state_dict: Mapping[str, Any]) -> None:
     notice(f"wrote {len(state_dict) - extra} tensors{also} ({text.human_bytes(total)}) to {output}")
 
 
-def model_extra(model_data: Optional[dict[str, Any]]) -> dict[str, Any]:
+def model_extra(model_data: dict[str, Any] | None) -> dict[str, Any]:
     return {"model": public_model(model_data)} if model_data is not None else {}
 
 
@@ -251,20 +268,20 @@ def extract(
     ckpt: Path,
     output: Path,
     *,
-    include: Optional[list[str]] = None,
-    exclude: Optional[list[str]] = None,
+    include: list[str] | None = None,
+    exclude: list[str] | None = None,
     regex: bool = False,
-    key: Optional[str] = None,
+    key: str | None = None,
     force: bool = False,
     dry_run: bool = False,
     verify: bool = False,
     as_json: bool = False,
-    model: Optional[str] = None,
-    model_kwargs: Optional[str] = None,
+    model: str | None = None,
+    model_kwargs: str | None = None,
     allow_missing: bool = False,
     allow_unexpected: bool = False,
     unsafe: bool = False,
-    allow_global: Optional[list[str]] = None,
+    allow_global: list[str] | None = None,
 ) -> int:
     """The `extract` command; returns its exit code (see `commands.extract` for the options)."""
     from ..surgery import extract_state_dict
@@ -276,25 +293,54 @@ def extract(
     keys = select(list(ckpt_obj.state_dict), include, exclude, regex)
     result = extract_state_dict(ckpt_obj.state_dict, keys)
     model_data = model_check(
-        result, model, model_kwargs, allow_missing=allow_missing, allow_unexpected=allow_unexpected,
-        ckpt_path=str(ckpt), out_path=str(output),
+        result,
+        model,
+        model_kwargs,
+        allow_missing=allow_missing,
+        allow_unexpected=allow_unexpected,
+        ckpt_path=str(ckpt),
+        out_path=str(output),
     )
     if refuse_incompatible(
-        model_data, allow_missing, allow_unexpected,
-        writer_report("extract", output, result, dry_run=dry_run, notes=[], state_dict_key=ckpt_obj.state_dict_key,
-                      **model_extra(model_data)) if as_json else None,
+        model_data,
+        allow_missing,
+        allow_unexpected,
+        writer_report(
+            "extract",
+            output,
+            result,
+            dry_run=dry_run,
+            notes=[],
+            state_dict_key=ckpt_obj.state_dict_key,
+            **model_extra(model_data),
+        )
+        if as_json
+        else None,
     ):
         return EXIT_DIFFERENT
     notes: list[str] = []
     if not dry_run:
         notes = write_output(
-            result, output, [ckpt], force=force, verify=verify, safetensors_metadata=safetensors_meta(ckpt_obj),
-            unsafe=unsafe, allow_global=allow_global,
+            result,
+            output,
+            [ckpt],
+            force=force,
+            verify=verify,
+            safetensors_metadata=safetensors_meta(ckpt_obj),
+            unsafe=unsafe,
+            allow_global=allow_global,
         )
     if as_json:
         print_json(
-            writer_report("extract", output, result, dry_run=dry_run, notes=notes,
-                          state_dict_key=ckpt_obj.state_dict_key, **model_extra(model_data))
+            writer_report(
+                "extract",
+                output,
+                result,
+                dry_run=dry_run,
+                notes=notes,
+                state_dict_key=ckpt_obj.state_dict_key,
+                **model_extra(model_data),
+            )
         )
     elif dry_run:
         show(text.keys_table(((k, str(ckpt)) for k in result), f"would write {len(result)} tensors to {output}"))

@@ -8,7 +8,7 @@ import os
 import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any
 
 import typer
 from typer.core import TyperGroup
@@ -53,7 +53,7 @@ def _errors_to_exit_codes() -> Iterator[None]:
             raise
         ctx = getattr(exc, "ctx", None)
         command = ctx.command_path if ctx else "ckptsurgeon"
-        error(f"{exc.format_message()} (see '{command} --help')", kind="usage", exit_code=EXIT_BAD_INPUT)
+        error(f"{exc.format_message()} (see '{command} --help')", kind="usage", exit_code=EXIT_BAD_INPUT)  # type: ignore[attr-defined]
         raise typer.Exit(EXIT_BAD_INPUT) from None
     except (typer.Exit, typer.Abort, KeyboardInterrupt):
         raise
@@ -74,34 +74,55 @@ app = typer.Typer(
 
 # --------------------------------------------------------------------------- shared options
 
-Ckpt = Annotated[Path, typer.Argument(help="Checkpoint file (torch.save zip or legacy format, or .safetensors).", show_default=False)]
+Ckpt = Annotated[
+    Path, typer.Argument(help="Checkpoint file (torch.save zip or legacy format, or .safetensors).", show_default=False)
+]
 Include = Annotated[
-    Optional[list[str]],
+    list[str] | None,
     typer.Option("--include", "-i", help="Select keys matching PATTERN (repeatable). See 'Key patterns' in README."),
 ]
-Exclude = Annotated[Optional[list[str]], typer.Option("--exclude", "-x", help="Drop keys matching PATTERN (repeatable).")]
+Exclude = Annotated[list[str] | None, typer.Option("--exclude", "-x", help="Drop keys matching PATTERN (repeatable).")]
 Regex = Annotated[bool, typer.Option("--regex", help="Patterns are Python regular expressions (re.search).")]
-Key = Annotated[Optional[str], typer.Option("--key", help="Dotted path of the state_dict inside a container, e.g. 'model_state_dict'.")]
+Key = Annotated[
+    str | None,
+    typer.Option("--key", help="Dotted path of the state_dict inside a container, e.g. 'model_state_dict'."),
+]
 Unsafe = Annotated[
-    bool, typer.Option("--unsafe", help="Allow a full unpickle (weights_only=False). EXECUTES CODE from the file: trusted files only.")
+    bool,
+    typer.Option(
+        "--unsafe", help="Allow a full unpickle (weights_only=False). EXECUTES CODE from the file: trusted files only."
+    ),
 ]
 AllowGlobal = Annotated[
-    Optional[list[str]],
-    typer.Option("--allow-global", help="Allow one pickle global, e.g. argparse.Namespace (repeatable); narrower than --unsafe."),
+    list[str] | None,
+    typer.Option(
+        "--allow-global", help="Allow one pickle global, e.g. argparse.Namespace (repeatable); narrower than --unsafe."
+    ),
 ]
 JsonOut = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout instead of tables.")]
 ModelSpec = Annotated[
-    Optional[str], typer.Option("--model", help="Check against a model: 'package.module:Name' or 'path/file.py:Name'.")
+    str | None, typer.Option("--model", help="Check against a model: 'package.module:Name' or 'path/file.py:Name'.")
 ]
-ModelKwargs = Annotated[Optional[str], typer.Option("--model-kwargs", help="JSON object of constructor arguments for --model.")]
-AllowMissing = Annotated[bool, typer.Option("--allow-missing", help="With --model: keys the model has but the checkpoint lacks are fine.")]
+ModelKwargs = Annotated[
+    str | None, typer.Option("--model-kwargs", help="JSON object of constructor arguments for --model.")
+]
+AllowMissing = Annotated[
+    bool, typer.Option("--allow-missing", help="With --model: keys the model has but the checkpoint lacks are fine.")
+]
 AllowUnexpected = Annotated[
     bool, typer.Option("--allow-unexpected", help="With --model: keys the checkpoint has but the model lacks are fine.")
 ]
-Output = Annotated[Path, typer.Option("--output", "-o", help="File to write (.safetensors: safetensors format; else torch.save).")]
+Output = Annotated[
+    Path, typer.Option("--output", "-o", help="File to write (.safetensors: safetensors format; else torch.save).")
+]
 Force = Annotated[bool, typer.Option("--force", "-f", help="Replace an existing output (also when it is an input).")]
 DryRun = Annotated[bool, typer.Option("--dry-run", help="Show what would be written; write nothing.")]
-Verify = Annotated[bool, typer.Option("--verify", help="Read the written file back and compare it with what was meant before it replaces OUT.")]
+Verify = Annotated[
+    bool,
+    typer.Option(
+        "--verify", help="Read the written file back and compare it with what was meant before it replaces OUT."
+    ),
+]
 Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="Log engine decisions on stderr.")]
 
 
@@ -151,9 +172,19 @@ def inspect(
     mismatch; the exit code then reports compatibility (0 compatible, 1 not).
     """
     return actions.inspect(
-        ckpt, include=include, exclude=exclude, regex=regex, key=key, as_json=as_json, model=model,
-        model_kwargs=model_kwargs, allow_missing=allow_missing, allow_unexpected=allow_unexpected, verify=verify,
-        unsafe=unsafe, allow_global=allow_global,
+        ckpt,
+        include=include,
+        exclude=exclude,
+        regex=regex,
+        key=key,
+        as_json=as_json,
+        model=model,
+        model_kwargs=model_kwargs,
+        allow_missing=allow_missing,
+        allow_unexpected=allow_unexpected,
+        verify=verify,
+        unsafe=unsafe,
+        allow_global=allow_global,
     )
 
 
@@ -181,9 +212,22 @@ def extract(
     With no pattern the whole state_dict is written, which unwraps a training checkpoint.
     """
     return actions.extract(
-        ckpt, output, include=include, exclude=exclude, regex=regex, key=key, force=force, dry_run=dry_run,
-        verify=verify, as_json=as_json, model=model, model_kwargs=model_kwargs, allow_missing=allow_missing,
-        allow_unexpected=allow_unexpected, unsafe=unsafe, allow_global=allow_global,
+        ckpt,
+        output,
+        include=include,
+        exclude=exclude,
+        regex=regex,
+        key=key,
+        force=force,
+        dry_run=dry_run,
+        verify=verify,
+        as_json=as_json,
+        model=model,
+        model_kwargs=model_kwargs,
+        allow_missing=allow_missing,
+        allow_unexpected=allow_unexpected,
+        unsafe=unsafe,
+        allow_global=allow_global,
     )
 
 
@@ -191,10 +235,22 @@ def extract(
 def rename(
     ckpt: Ckpt,
     output: Output,
-    strip_prefix: Annotated[Optional[list[str]], typer.Option("--strip-prefix", help="Remove prefix P where a key starts with it (repeatable, in order).")] = None,
-    add_prefix: Annotated[Optional[str], typer.Option("--add-prefix", help="Prepend P to every key (applied last).")] = None,
-    sub: Annotated[Optional[list[str]], typer.Option("--sub", help="sed-style s/REGEX/REPL/ on every key (repeatable, in order; Python re.sub syntax).")] = None,
-    map_file: Annotated[Optional[Path], typer.Option("--map", help="JSON file: an object old -> new (applied first).")] = None,
+    strip_prefix: Annotated[
+        list[str] | None,
+        typer.Option("--strip-prefix", help="Remove prefix P where a key starts with it (repeatable, in order)."),
+    ] = None,
+    add_prefix: Annotated[
+        str | None, typer.Option("--add-prefix", help="Prepend P to every key (applied last).")
+    ] = None,
+    sub: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--sub", help="sed-style s/REGEX/REPL/ on every key (repeatable, in order; Python re.sub syntax)."
+        ),
+    ] = None,
+    map_file: Annotated[
+        Path | None, typer.Option("--map", help="JSON file: an object old -> new (applied first).")
+    ] = None,
     key: Key = None,
     force: Force = False,
     dry_run: DryRun = False,
@@ -230,14 +286,30 @@ def rename(
     actions.note_container(ckpt_obj)
     renamed, plan = rename_state_dict(ckpt_obj.state_dict, rules)
     model_data = actions.model_check(
-        renamed, model, model_kwargs, allow_missing=allow_missing, allow_unexpected=allow_unexpected,
-        ckpt_path=str(ckpt), out_path=str(output),
+        renamed,
+        model,
+        model_kwargs,
+        allow_missing=allow_missing,
+        allow_unexpected=allow_unexpected,
+        ckpt_path=str(ckpt),
+        out_path=str(output),
     )
     changed = sum(1 for old, new in plan.items() if old != new)
-    refused_report = actions.writer_report(
-        "rename", output, renamed, dry_run=dry_run, notes=[], state_dict_key=ckpt_obj.state_dict_key,
-        renamed=dict(plan), num_changed=changed, **actions.model_extra(model_data),
-    ) if as_json else None
+    refused_report = (
+        actions.writer_report(
+            "rename",
+            output,
+            renamed,
+            dry_run=dry_run,
+            notes=[],
+            state_dict_key=ckpt_obj.state_dict_key,
+            renamed=dict(plan),
+            num_changed=changed,
+            **actions.model_extra(model_data),
+        )
+        if as_json
+        else None
+    )
     if actions.refuse_incompatible(model_data, allow_missing, allow_unexpected, refused_report):
         return EXIT_DIFFERENT
     if changed == 0:
@@ -247,12 +319,28 @@ def rename(
         target = renamed if output.suffix.lower() == ".safetensors" else with_state_dict(ckpt_obj, renamed)
         if target is renamed and ckpt_obj.state_dict_path:
             notice("note: a .safetensors output holds the state_dict only; the container's other entries are dropped")
-        notes = actions.write_output(target, output, [ckpt], force=force, verify=verify, safetensors_metadata=actions.safetensors_meta(ckpt_obj), unsafe=unsafe, allow_global=allow_global)
+        notes = actions.write_output(
+            target,
+            output,
+            [ckpt],
+            force=force,
+            verify=verify,
+            safetensors_metadata=actions.safetensors_meta(ckpt_obj),
+            unsafe=unsafe,
+            allow_global=allow_global,
+        )
     if as_json:
         print_json(
             actions.writer_report(
-                "rename", output, renamed, dry_run=dry_run, notes=notes, state_dict_key=ckpt_obj.state_dict_key,
-                renamed={old: new for old, new in plan.items()}, num_changed=changed, **actions.model_extra(model_data),
+                "rename",
+                output,
+                renamed,
+                dry_run=dry_run,
+                notes=notes,
+                state_dict_key=ckpt_obj.state_dict_key,
+                renamed={old: new for old, new in plan.items()},
+                num_changed=changed,
+                **actions.model_extra(model_data),
             )
         )
     elif dry_run:
@@ -279,9 +367,15 @@ def _read_map(path: Path) -> dict[str, str]:
 def merge(
     ckpts: Annotated[list[Path], typer.Argument(help="Two or more checkpoints.", show_default=False)],
     output: Output,
-    on_conflict: Annotated[OnConflict, typer.Option("--on-conflict", help="A key in several inputs: error, first or last.")] = OnConflict.error,
-    average: Annotated[bool, typer.Option("--average", help="Weighted mean of floating-point tensors (same keys and shapes required).")] = False,
-    weights: Annotated[Optional[str], typer.Option("--weights", help="With --average: comma-separated weights, normalised to sum 1.")] = None,
+    on_conflict: Annotated[
+        OnConflict, typer.Option("--on-conflict", help="A key in several inputs: error, first or last.")
+    ] = OnConflict.error,
+    average: Annotated[
+        bool, typer.Option("--average", help="Weighted mean of floating-point tensors (same keys and shapes required).")
+    ] = False,
+    weights: Annotated[
+        str | None, typer.Option("--weights", help="With --average: comma-separated weights, normalised to sum 1.")
+    ] = None,
     key: Key = None,
     force: Force = False,
     dry_run: DryRun = False,
@@ -327,25 +421,47 @@ def merge(
         else:
             result, report = merge_state_dicts(sds, on_conflict)
         model_data = actions.model_check(
-            result, model, model_kwargs, allow_missing=allow_missing, allow_unexpected=allow_unexpected,
-            ckpt_path=str(ckpts[0]), out_path=str(output),
+            result,
+            model,
+            model_kwargs,
+            allow_missing=allow_missing,
+            allow_unexpected=allow_unexpected,
+            ckpt_path=str(ckpts[0]),
+            out_path=str(output),
         )
         sources = report.sources if report is not None else {k: 0 for k in result}
-        refused_report = actions.writer_report(
-            "merge", output, result, dry_run=dry_run, notes=[], average=average,
-            sources={k: str(ckpts[i]) for k, i in sources.items()}, **actions.model_extra(model_data),
-        ) if as_json else None
+        refused_report = (
+            actions.writer_report(
+                "merge",
+                output,
+                result,
+                dry_run=dry_run,
+                notes=[],
+                average=average,
+                sources={k: str(ckpts[i]) for k, i in sources.items()},
+                **actions.model_extra(model_data),
+            )
+            if as_json
+            else None
+        )
         if actions.refuse_incompatible(model_data, allow_missing, allow_unexpected, refused_report):
             return EXIT_DIFFERENT
         for w in text.merge_warnings(report) if report is not None else ():
             notice(f"warning: {w}", style="yellow")
         notes: list[str] = []
         if not dry_run:
-            notes = actions.write_output(result, output, ckpts, force=force, verify=verify, unsafe=unsafe, allow_global=allow_global)
+            notes = actions.write_output(
+                result, output, ckpts, force=force, verify=verify, unsafe=unsafe, allow_global=allow_global
+            )
     if as_json:
         print_json(
             actions.writer_report(
-                "merge", output, result, dry_run=dry_run, notes=notes, average=average,
+                "merge",
+                output,
+                result,
+                dry_run=dry_run,
+                notes=notes,
+                average=average,
                 sources={k: str(ckpts[i]) for k, i in sources.items()},
                 conflicts=list(report.conflicts) if report else [],
                 warnings=list(report.warnings) if report else [],
@@ -374,14 +490,24 @@ def diff(
     include: Include = None,
     exclude: Exclude = None,
     regex: Regex = False,
-    rtol: Annotated[float, typer.Option("--rtol", help="Relative tolerance: equal when |a-b| <= atol + rtol*|b|.", min=0.0)] = 0.0,
+    rtol: Annotated[
+        float, typer.Option("--rtol", help="Relative tolerance: equal when |a-b| <= atol + rtol*|b|.", min=0.0)
+    ] = 0.0,
     atol: Annotated[float, typer.Option("--atol", help="Absolute tolerance.", min=0.0)] = 0.0,
     ignore_dtype: Annotated[
-        bool, typer.Option("--ignore-dtype", help="Report dtype changes but do not count them as differences (values must still agree).")
+        bool,
+        typer.Option(
+            "--ignore-dtype",
+            help="Report dtype changes but do not count them as differences (values must still agree).",
+        ),
     ] = False,
     key: Key = None,
-    key_a: Annotated[Optional[str], typer.Option("--key-a", help="Dotted path of A's state_dict (overrides --key for A).")] = None,
-    key_b: Annotated[Optional[str], typer.Option("--key-b", help="Dotted path of B's state_dict (overrides --key for B).")] = None,
+    key_a: Annotated[
+        str | None, typer.Option("--key-a", help="Dotted path of A's state_dict (overrides --key for A).")
+    ] = None,
+    key_b: Annotated[
+        str | None, typer.Option("--key-b", help="Dotted path of B's state_dict (overrides --key for B).")
+    ] = None,
     as_json: JsonOut = False,
     model: ModelSpec = None,
     model_kwargs: ModelKwargs = None,
@@ -409,7 +535,14 @@ def diff(
         )
     models = {}
     for side, c in (("a", ca), ("b", cb)):
-        m = actions.model_check(c.state_dict, model, model_kwargs, allow_missing=allow_missing, allow_unexpected=allow_unexpected, ckpt_path=str(c.path))
+        m = actions.model_check(
+            c.state_dict,
+            model,
+            model_kwargs,
+            allow_missing=allow_missing,
+            allow_unexpected=allow_unexpected,
+            ckpt_path=str(c.path),
+        )
         if m is not None:
             models[side] = m
     if as_json:

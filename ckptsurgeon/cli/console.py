@@ -10,8 +10,8 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
-from collections.abc import Iterable, Iterator, Mapping
-from typing import Any, Callable, Optional
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any
 
 from ..errors import EXIT_INTERNAL, EXIT_OK, CheckpointError
 from . import text
@@ -126,14 +126,20 @@ PROGRESS_MIN_BYTES = 256 << 20
 
 
 @contextlib.contextmanager
-def progress(description: str, total_bytes: int) -> Iterator[Optional[Callable[[int], None]]]:
+def progress(description: str, total_bytes: int) -> Iterator[Callable[[int], None] | None]:
     """A byte-counting progress callback drawn on stderr, for big jobs on a terminal only."""
     if total_bytes < PROGRESS_MIN_BYTES or not sys.stderr.isatty():
         yield None
         return
     from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 
-    columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn())
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        TimeRemainingColumn(),
+    )
     with Progress(*columns, console=consoles.err, transient=True) as bar:
         task = bar.add_task(description, total=total_bytes)
         yield lambda n: bar.advance(task, n)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from typing import Any, NamedTuple, Optional
+from typing import Any, NamedTuple
 
 
 class _Spec(NamedTuple):
@@ -29,14 +29,20 @@ _SPECS = {
     "inspect": _Spec(_SELECT, {"--json": "as_json", "--regex": "regex", "--verify": "verify"}),
     "extract": _Spec(
         {**_SELECT, "--output": "output", "-o": "output"},
-        {"--json": "as_json", "--regex": "regex", "--verify": "verify", "--force": "force", "-f": "force",
-         "--dry-run": "dry_run"},
+        {
+            "--json": "as_json",
+            "--regex": "regex",
+            "--verify": "verify",
+            "--force": "force",
+            "-f": "force",
+            "--dry-run": "dry_run",
+        },
         frozenset({"output"}),
     ),
 }
 
 
-def parse(args: Sequence[str]) -> Optional[tuple[str, dict[str, Any]]]:
+def parse(args: Sequence[str]) -> tuple[str, dict[str, Any]] | None:
     """(command, its keyword arguments) for `args` (a whole command line after the program name),
     or None when the command line is not one this parser takes (Typer then parses it)."""
     if len(args) < 2 or args[0] not in _SPECS or os.environ.get("CKPTSURGEON_DEBUG"):
@@ -81,7 +87,7 @@ def parse(args: Sequence[str]) -> Optional[tuple[str, dict[str, Any]]]:
     return args[0], opts
 
 
-def run_fast(args: Sequence[str]) -> Optional[int]:
+def run_fast(args: Sequence[str]) -> int | None:
     """Run the command of `args` if `parse` takes them and return the exit code; else None."""
     parsed = parse(args)
     if parsed is None:

@@ -195,7 +195,10 @@ def model_lines(model: Mapping[str, Any], allow_missing: bool, allow_unexpected:
         )
     ]
     lines += [
-        Line(f"  shape mismatch {key_text(m['key'])}: checkpoint {shape_text(m['checkpoint'])}, model {shape_text(m['model'])}")
+        Line(
+            f"  shape mismatch {key_text(m['key'])}: "
+            f"checkpoint {shape_text(m['checkpoint'])}, model {shape_text(m['model'])}"
+        )
         for m in model["shape_mismatches"]
     ]
     lines += [Line(f"  suggestion: {safe(s)}") for s in model["suggestions"]]
@@ -212,11 +215,14 @@ def diff_table(report: DiffReport) -> TableData | None:
     rows += [[key_text(m.key), f"shape {shape_text(m.a)} vs {shape_text(m.b)}"] for m in report.shape_mismatches]
     ignored = " (ignored)" if report.ignore_dtype else ""
     rows += [[key_text(m.key), f"dtype {m.a} vs {m.b}{ignored}"] for m in report.dtype_mismatches]
-    rows += [[key_text(m.key), f"extra state: {safe(m.a)} vs {safe(m.b)}, not equal"] for m in report.extra_state_mismatches]
+    rows += [
+        [key_text(m.key), f"extra state: {safe(m.a)} vs {safe(m.b)}, not equal"] for m in report.extra_state_mismatches
+    ]
     rows += [
         [
             key_text(v.key),
-            f"values: {v.num_different:,} of {v.numel:,} differ, max abs {v.max_abs_diff:.6g}, max rel {v.max_rel_diff:.6g}",
+            f"values: {v.num_different:,} of {v.numel:,} differ, "
+            f"max abs {v.max_abs_diff:.6g}, max rel {v.max_rel_diff:.6g}",
         ]
         for v in report.value_mismatches
     ]
@@ -256,9 +262,13 @@ def merge_warnings(report: Any, shown: int = 3) -> list[str]:
     taken = list(report.taken_from_first)
     lines = [w for w in report.warnings[len(taken) :]]  # taken_from_first's own lines come first
     if taken:
-        names = ", ".join(key_text(k) for k in taken[:shown]) + (f" (+{len(taken) - shown} more)" if len(taken) > shown else "")
+        names = ", ".join(key_text(k) for k in taken[:shown]) + (
+            f" (+{len(taken) - shown} more)" if len(taken) > shown else ""
+        )
         verb = "differ between inputs and were" if len(taken) > 1 else "differs between inputs and was"
-        lines.insert(0, f"{len(taken)} integer tensor{'s' if len(taken) > 1 else ''} {verb} taken from the first: {names}")
+        lines.insert(
+            0, f"{len(taken)} integer tensor{'s' if len(taken) > 1 else ''} {verb} taken from the first: {names}"
+        )
     return lines
 
 

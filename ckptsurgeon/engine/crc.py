@@ -68,5 +68,3 @@ def _x8nmodp(n: int) -> int:
         n >>= 1
         k += 1
     return p
-
-

@@ -32,9 +32,7 @@ def pread_exact(fd: int, buf: bytearray | memoryview, offset: int, path: str) ->
     while done < total:
         n = os.preadv(fd, [view[done:]], offset + done)
         if n == 0:
-            raise BadCheckpointError(
-                f"{path}: truncated or changed while reading: no data at byte {offset + done}"
-            )
+            raise BadCheckpointError(f"{path}: truncated or changed while reading: no data at byte {offset + done}")
         done += n
 
 
@@ -50,9 +48,7 @@ def pread_bytes(fd: int, offset: int, size: int, path: str) -> bytes:
 
 def _check_span(storage: StorageMeta, start: int, end: int) -> None:
     if not (0 <= start <= end <= storage.nbytes):
-        raise ValueError(
-            f"byte span [{start}, {end}) is outside storage {storage.key!r} of {storage.nbytes} bytes"
-        )
+        raise ValueError(f"byte span [{start}, {end}) is outside storage {storage.key!r} of {storage.nbytes} bytes")
 
 
 def read_bytes(storage: StorageMeta, start: int, end: int) -> bytearray:
@@ -172,7 +168,7 @@ def same_bytes(a: bytes | bytearray | memoryview, b: bytes | bytearray | memoryv
         return True
     if memcmp is None or a.readonly or b.readonly:  # ctypes maps writable buffers only
         return a.tobytes() == b.tobytes()
-    return memcmp((ctypes.c_char * n).from_buffer(a), (ctypes.c_char * n).from_buffer(b), n) == 0
+    return bool(memcmp((ctypes.c_char * n).from_buffer(a), (ctypes.c_char * n).from_buffer(b), n) == 0)
 
 
 @functools.lru_cache(maxsize=1)
@@ -321,7 +317,8 @@ class _SpanScan:
                 (memoryview(bufs[0]), memoryview(bufs[1])),
                 (ctypes.addressof(arrays[0]), ctypes.addressof(arrays[1])),
             )
-        return self.local.buffers
+        buffers: tuple[tuple[memoryview, memoryview], tuple[int, int]] = self.local.buffers
+        return buffers
 
 
 def share_out(

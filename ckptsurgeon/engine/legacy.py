@@ -15,8 +15,8 @@ from typing import Any
 from ..errors import BadCheckpointError, EngineUnsupported, UnsafeCheckpointError
 from .data import pread_bytes
 from .meta import DTYPE_ITEMSIZE, RawCheckpoint, StorageMeta
-from .source import Source
 from .sniff import MAGIC_NUMBER
+from .source import Source
 from .unpickle import PickleTruncated, Unsupported, container_budget, resolve_storage_id, unpickle
 
 PROTOCOL_VERSION = 1001
@@ -55,8 +55,13 @@ class _Pickles:
         while True:
             try:
                 obj, end = unpickle(
-                    self.buf, path=self.path, where=where, persistent_load=persistent_load,
-                    allow_globals=self.allow_globals, start=self.pos, complete=False,
+                    self.buf,
+                    path=self.path,
+                    where=where,
+                    persistent_load=persistent_load,
+                    allow_globals=self.allow_globals,
+                    start=self.pos,
+                    complete=False,
                     # the storage count comes after the object: bound it by what the file could hold
                     max_containers=container_budget(self.file_size // 64),
                 )
@@ -124,7 +129,7 @@ def read_torch_legacy(src: Source, *, allow_globals: frozenset[str] = frozenset(
     # created with data_offset -1 and completed below, before anyone else sees them.
     storages: dict[str, StorageMeta] = {}
 
-    def persistent_load(pid: tuple) -> Any:
+    def persistent_load(pid: tuple[Any, ...]) -> Any:
         cls, key, location, nbytes, known = resolve_storage_id(pid, 6, storages, bytes_key=True)
         if pid[5] is not None:
             raise Unsupported("a legacy storage view")

@@ -12,7 +12,6 @@ MAX_DIMS = 64  # dimensions of one tensor (real ones have a handful)
 MAX_DIM_SIZE = 1 << 63  # one size, stride or offset: torch's int64
 
 
-
 def numel_overflows(shape: Any) -> bool:
     """True when the product of a shape's non-zero sizes does not fit torch's int64: torch
     (`numel: integer multiplication overflow`) and safetensors refuse such a shape even when a

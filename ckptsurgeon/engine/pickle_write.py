@@ -106,7 +106,6 @@ class PlannedStorage:
 _SCALARS = frozenset({type(None), bool, int, float, str, bytes, complex})
 
 
-
 def _encode_long(x: int) -> bytes:
     """pickle.encode_long (LONG1/LONG4 payload): little-endian two's complement, shortest form."""
     if x == 0:
@@ -116,6 +115,7 @@ def _encode_long(x: int) -> bytes:
     if x < 0 and nbytes > 1 and result[-1] == 0xFF and (result[-2] & 0x80) != 0:
         result = result[:-1]
     return result
+
 
 def iter_tensors(obj: Any) -> Iterator[TensorMeta]:
     """Yield each TensorMeta of an object graph once, in first-reached (pickling) order."""
@@ -173,14 +173,10 @@ def plan_storages(obj: Any) -> dict[StorageId, PlannedStorage]:
             plan[ident] = PlannedStorage(storage, t.dtype, start, stop - start)
             continue
         if planned.source is not storage and planned.source != storage:
-            raise EngineUnsupported(
-                f"{storage.source}: storage {storage.key!r} is described twice, differently"
-            )
+            raise EngineUnsupported(f"{storage.source}: storage {storage.key!r} is described twice, differently")
         if planned.dtype != t.dtype:
             dtypes = ", ".join(sorted({planned.dtype, t.dtype}))
-            raise EngineUnsupported(
-                f"{storage.source}: storage {storage.key!r} is viewed as several dtypes: {dtypes}"
-            )
+            raise EngineUnsupported(f"{storage.source}: storage {storage.key!r} is viewed as several dtypes: {dtypes}")
         lo = min(planned.start, start)
         hi = max(planned.start + planned.nbytes, stop)
         plan[ident] = PlannedStorage(storage, t.dtype, lo, hi - lo)
@@ -379,7 +375,7 @@ class _Pickler:
     def save_global(self, module: str, name: str) -> None:
         key = ("global", module, name)
         if not self.get(key):
-            self.write(_GLOBAL + f"{module}\n{name}\n".encode("utf-8"))
+            self.write(_GLOBAL + f"{module}\n{name}\n".encode())
             self.put(key)
 
     def save_dtype(self, name: str) -> None:

@@ -29,9 +29,7 @@ __all__ = [
 ]
 
 
-def read_checkpoint(
-    path: str | os.PathLike[str], *, allow_globals: frozenset[str] = frozenset()
-) -> RawCheckpoint:
+def read_checkpoint(path: str | os.PathLike[str], *, allow_globals: frozenset[str] = frozenset()) -> RawCheckpoint:
     """Open the checkpoint at `path` as a :class:`Source` and `read_source` it (the Source is
     closed again if reading fails; else `RawCheckpoint.source` holds it)."""
     src = Source(path)
@@ -79,7 +77,7 @@ def read_source(src: Source, *, allow_globals: frozenset[str] = frozenset()) -> 
 
 
 def detect_format(src: Source) -> str:
-    """"torch-zip", "torch-legacy" or "safetensors", from the magic bytes; BadCheckpointError else."""
+    """ "torch-zip", "torch-legacy" or "safetensors", from the magic bytes; BadCheckpointError else."""
     try:
         return sniff_format(src.pread(min(src.size, HEAD_SIZE), 0), src.size, src.name)
     except OSError as e:

@@ -60,8 +60,9 @@ def _pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def parse_header(header: bytes, data_size: int, path: str, source: Source, data_start: int
-                 ) -> tuple[OrderedDict[str, TensorMeta], dict[str, str] | None]:
+def parse_header(
+    header: bytes, data_size: int, path: str, source: Source, data_start: int
+) -> tuple[OrderedDict[str, TensorMeta], dict[str, str] | None]:
     """Tensors (in the header's order: a state_dict's order when ckptsurgeon wrote the file) and
     `__metadata__` of a safetensors header whose data region holds `data_size` bytes."""
 
@@ -104,8 +105,13 @@ def parse_header(header: bytes, data_size: int, path: str, source: Source, data_
             numel *= d
         if numel_overflows(shape):
             raise bad(f"tensor {name!r} has shape {brief(shape)}, whose number of elements overflows int64")
-        if (type(offsets) is not list or len(offsets) != 2 or type(offsets[0]) is not int
-                or type(offsets[1]) is not int or not 0 <= offsets[0] <= offsets[1]):
+        if (
+            type(offsets) is not list
+            or len(offsets) != 2
+            or type(offsets[0]) is not int
+            or type(offsets[1]) is not int
+            or not 0 <= offsets[0] <= offsets[1]
+        ):
             raise bad(f"tensor {name!r} has data_offsets {brief(offsets)}")
         if numel * DTYPE_ITEMSIZE[dtype] != offsets[1] - offsets[0]:
             raise bad(
@@ -131,8 +137,7 @@ def parse_header(header: bytes, data_size: int, path: str, source: Source, data_
     if expected != data_size:
         if expected > data_size:
             raise BadCheckpointError(
-                f"{path}: truncated safetensors file: the header needs {expected} data bytes, "
-                f"the file has {data_size}"
+                f"{path}: truncated safetensors file: the header needs {expected} data bytes, the file has {data_size}"
             )
         raise bad(f"{data_size - expected} bytes after the last tensor")
     return tensors, metadata
@@ -152,6 +157,4 @@ def read_safetensors(src: Source) -> RawCheckpoint:
         raise BadCheckpointError(f"{path}: truncated safetensors file (the header is cut)")
     header = pread_bytes(fd, 8, header_len, path)
     tensors, metadata = parse_header(header, file_size - 8 - header_len, path, src, 8 + header_len)
-    return RawCheckpoint(
-        path=os.path.abspath(path), format="safetensors", obj=tensors, metadata=metadata, source=src
-    )
+    return RawCheckpoint(path=os.path.abspath(path), format="safetensors", obj=tensors, metadata=metadata, source=src)

@@ -51,8 +51,8 @@ class Source:
     """A regular file open for positioned reads, with the identity it had when it was opened.
 
     `name` is the path as given (for messages); `size` the size validated. Two Sources of one
-    file (same device and inode, whatever the path) compare equal: they read the same bytes. Close with `close()` or a `with`
-    block; a Source nobody references any more closes its descriptor itself.
+    file (same device and inode, whatever the path) compare equal: they read the same bytes.
+    Close with `close()` or a `with` block; a Source nobody references any more closes its descriptor itself.
     """
 
     __slots__ = ("name", "identity", "file_id", "_fd", "__weakref__")

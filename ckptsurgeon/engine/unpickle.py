@@ -75,11 +75,38 @@ NAME_MAPPING = {
 _TENSOR_TYPES = ("Double", "Float", "Half", "BFloat16", "Long", "Int", "Short", "Char", "Byte", "Bool")
 _DTYPE_GLOBALS = frozenset(
     [
-        "bfloat16", "bits16", "bits1x8", "bits2x4", "bits4x2", "bits8", "bool", "complex128",
-        "complex32", "complex64", "float16", "float32", "float4_e2m1fn_x2", "float64",
-        "float8_e4m3fn", "float8_e4m3fnuz", "float8_e5m2", "float8_e5m2fnuz", "float8_e8m0fnu",
-        "int16", "int32", "int64", "int8", "qint32", "qint8", "quint2x4", "quint4x2", "quint8",
-        "uint16", "uint32", "uint64", "uint8",
+        "bfloat16",
+        "bits16",
+        "bits1x8",
+        "bits2x4",
+        "bits4x2",
+        "bits8",
+        "bool",
+        "complex128",
+        "complex32",
+        "complex64",
+        "float16",
+        "float32",
+        "float4_e2m1fn_x2",
+        "float64",
+        "float8_e4m3fn",
+        "float8_e4m3fnuz",
+        "float8_e5m2",
+        "float8_e5m2fnuz",
+        "float8_e8m0fnu",
+        "int16",
+        "int32",
+        "int64",
+        "int8",
+        "qint32",
+        "qint8",
+        "quint2x4",
+        "quint4x2",
+        "quint8",
+        "uint16",
+        "uint32",
+        "uint64",
+        "uint8",
     ]
     + [f"int{i}" for i in range(1, 8)]
     + [f"uint{i}" for i in range(1, 8)]
@@ -88,22 +115,44 @@ _DTYPE_GLOBALS = frozenset(
 # torch 2.13's `_weights_only_unpickler._get_allowed_globals()` keys (a test compares them).
 TORCH_WEIGHTS_ONLY_GLOBALS = frozenset(
     [
-        "_codecs.encode", "builtins.bytearray", "builtins.complex", "builtins.set",
-        "collections.Counter", "collections.OrderedDict", "torch.Size", "torch.Tensor",
-        "torch.device", "torch.nn.parameter.Parameter", "torch.serialization._get_layout",
-        "torch.storage.TypedStorage", "torch.storage.UntypedStorage",
+        "_codecs.encode",
+        "builtins.bytearray",
+        "builtins.complex",
+        "builtins.set",
+        "collections.Counter",
+        "collections.OrderedDict",
+        "torch.Size",
+        "torch.Tensor",
+        "torch.device",
+        "torch.nn.parameter.Parameter",
+        "torch.serialization._get_layout",
+        "torch.storage.TypedStorage",
+        "torch.storage.UntypedStorage",
         "torch._tensor._rebuild_from_type_v2",
-        "torch.per_channel_affine", "torch.per_channel_affine_float_qparams",
-        "torch.per_channel_symmetric", "torch.per_tensor_affine", "torch.per_tensor_symmetric",
+        "torch.per_channel_affine",
+        "torch.per_channel_affine_float_qparams",
+        "torch.per_channel_symmetric",
+        "torch.per_tensor_affine",
+        "torch.per_tensor_symmetric",
     ]
     + [f"torch.{d}" for d in _DTYPE_GLOBALS]
-    + [f"torch._utils.{f}" for f in (
-        "_rebuild_device_tensor_from_cpu_tensor", "_rebuild_device_tensor_from_numpy",
-        "_rebuild_meta_tensor_no_storage", "_rebuild_nested_tensor", "_rebuild_parameter",
-        "_rebuild_parameter_with_state", "_rebuild_qtensor", "_rebuild_sparse_tensor",
-        "_rebuild_tensor", "_rebuild_tensor_v2", "_rebuild_tensor_v3",
-        "_rebuild_wrapper_subclass",
-    )]
+    + [
+        f"torch._utils.{f}"
+        for f in (
+            "_rebuild_device_tensor_from_cpu_tensor",
+            "_rebuild_device_tensor_from_numpy",
+            "_rebuild_meta_tensor_no_storage",
+            "_rebuild_nested_tensor",
+            "_rebuild_parameter",
+            "_rebuild_parameter_with_state",
+            "_rebuild_qtensor",
+            "_rebuild_sparse_tensor",
+            "_rebuild_tensor",
+            "_rebuild_tensor_v2",
+            "_rebuild_tensor_v3",
+            "_rebuild_wrapper_subclass",
+        )
+    ]
     + [f"torch.{n}Storage" for n in _TENSOR_TYPES + ("ComplexDouble", "ComplexFloat")]
     + [f"torch.{n}Storage" for n in ("QInt32", "QInt8", "QUInt2x4", "QUInt4x2", "QUInt8")]
     + [f"torch.cuda.{n}Storage" for n in _TENSOR_TYPES + ("ComplexDouble", "ComplexFloat")]
@@ -220,9 +269,11 @@ def _opcode_refusal(op: int, offset: int) -> str:
 
     for info in pickletools.opcodes:
         if info.code.encode("latin-1")[0] == op:
-            return (f"unsupported pickle opcode 0x{op:02x} ({info.name}) at offset {offset}; "
-                    "torch's weights_only loader refuses it too; only --unsafe (a full unpickle, for "
-                    "trusted files) reads it")
+            return (
+                f"unsupported pickle opcode 0x{op:02x} ({info.name}) at offset {offset}; "
+                "torch's weights_only loader refuses it too; only --unsafe (a full unpickle, for "
+                "trusted files) reads it"
+            )
     return f"invalid pickle opcode 0x{op:02x} at offset {offset}: the pickle is corrupt"
 
 
@@ -245,7 +296,7 @@ class _Machine:
 
     def __init__(
         self,
-        persistent_load: Callable[[tuple], Any] | None,
+        persistent_load: Callable[[tuple[Any, ...]], Any] | None,
         allow_globals: frozenset[str],
         max_containers: int = 1_000_000,
     ):
@@ -255,7 +306,7 @@ class _Machine:
         self.unsafe: set[str] = set()
         self.unsupported: list[str] = []
         self._globals: dict[bytes, Any] = {}
-        self._key_heights: dict[int, tuple[tuple, int]] = {}
+        self._key_heights: dict[int, tuple[tuple[Any, ...], int]] = {}
 
     # -- globals -------------------------------------------------------------------------
     def find_global(self, line_module: bytes, line_name: bytes) -> Any:
@@ -301,9 +352,7 @@ class _Machine:
                         known = verified.get(id(part))
                         reach = depth + (known[1] if known else 1)
                         if reach > MAX_DEPTH:
-                            raise Malformed(
-                                f"a dict key or set member nested more than {MAX_DEPTH} deep"
-                            )
+                            raise Malformed(f"a dict key or set member nested more than {MAX_DEPTH} deep")
                         height = max(height, reach)
                         if known is None:
                             todo.append((part, depth + 1))
@@ -325,8 +374,7 @@ class _Machine:
             if func.name in _ALLOCATING and any(_is_int(a) for a in args):
                 shown = ", ".join(brief(a) for a in args[:4])
                 raise Malformed(
-                    f"refused {func.name}({shown}): a constructor that allocates memory sized by "
-                    "a number in the file"
+                    f"refused {func.name}({shown}): a constructor that allocates memory sized by a number in the file"
                 )
             if func.name in self.unsafe:
                 return func
@@ -572,7 +620,7 @@ class _Machine:
 # -- handlers for the modelled callables ------------------------------------------------------
 
 
-def _h_ordered_dict(args: tuple) -> OrderedDict:
+def _h_ordered_dict(args: tuple[Any, ...]) -> OrderedDict[Any, Any]:
     if not args:
         return OrderedDict()
     if len(args) == 1 and type(args[0]) in (list, tuple):
@@ -582,7 +630,7 @@ def _h_ordered_dict(args: tuple) -> OrderedDict:
     raise Malformed("collections.OrderedDict called with unexpected arguments")
 
 
-def _h_set(args: tuple) -> set:
+def _h_set(args: tuple[Any, ...]) -> set[Any]:
     if not args:
         return set()
     if len(args) == 1 and type(args[0]) in (list, tuple):
@@ -590,7 +638,7 @@ def _h_set(args: tuple) -> set:
     raise Malformed("builtins.set called with unexpected arguments")
 
 
-def _h_encode(args: tuple) -> bytes:
+def _h_encode(args: tuple[Any, ...]) -> bytes:
     if len(args) in (1, 2) and type(args[0]) is str and all(type(a) is str for a in args):
         encoding = args[1].lower().replace("_", "-") if len(args) == 2 else "utf-8"
         try:
@@ -604,7 +652,7 @@ def _h_encode(args: tuple) -> bytes:
     raise Malformed("_codecs.encode called with unexpected arguments")
 
 
-def _h_size(args: tuple) -> TorchSize:
+def _h_size(args: tuple[Any, ...]) -> TorchSize:
     if not args:
         return TorchSize()
     if len(args) == 1 and type(args[0]) in (tuple, list, TorchSize) and all(_is_int(x) for x in args[0]):
@@ -612,7 +660,7 @@ def _h_size(args: tuple) -> TorchSize:
     raise Malformed("torch.Size called with something other than a tuple of ints")
 
 
-def _h_device(args: tuple) -> TorchDevice:
+def _h_device(args: tuple[Any, ...]) -> TorchDevice:
     if len(args) == 1 and type(args[0]) is str:
         spec = args[0]
         kind, _, index = spec.partition(":")
@@ -646,8 +694,9 @@ def _check_ints(values: Any, what: str) -> tuple[int, ...]:
     return values if type(values) is tuple else tuple(values)
 
 
-def _make_tensor(storage: Any, offset: Any, size: Any, stride: Any, requires_grad: Any, hooks: Any,
-                 dtype: str, metadata: Any) -> Any:
+def _make_tensor(
+    storage: Any, offset: Any, size: Any, stride: Any, requires_grad: Any, hooks: Any, dtype: str, metadata: Any
+) -> Any:
     if type(storage) is Opaque:
         return storage
     if type(storage) is not StorageMeta:
@@ -689,15 +738,16 @@ def _make_tensor(storage: Any, offset: Any, size: Any, stride: Any, requires_gra
     return TensorMeta(storage, dtype, shape, strides, offset, requires_grad, False)
 
 
-def _h_rebuild_v2(args: tuple) -> Any:
+def _h_rebuild_v2(args: tuple[Any, ...]) -> Any:
     if len(args) not in (6, 7):
         raise Malformed(f"_rebuild_tensor_v2 called with {len(args)} arguments")
     storage = args[0]
     dtype = storage.dtype if type(storage) is StorageMeta else ""
-    return _make_tensor(*args[:6], dtype, args[6] if len(args) == 7 else None)
+    storage, offset, size, stride, requires_grad, hooks = args[:6]
+    return _make_tensor(storage, offset, size, stride, requires_grad, hooks, dtype, args[6] if len(args) == 7 else None)
 
 
-def _h_rebuild_v3(args: tuple) -> Any:
+def _h_rebuild_v3(args: tuple[Any, ...]) -> Any:
     if len(args) not in (7, 8):
         raise Malformed(f"_rebuild_tensor_v3 called with {len(args)} arguments")
     dtype = args[6]
@@ -705,10 +755,13 @@ def _h_rebuild_v3(args: tuple) -> Any:
         return dtype
     if type(dtype) is not TorchDtype:
         raise Malformed(f"_rebuild_tensor_v3 with dtype argument of type {type(dtype).__name__}")
-    return _make_tensor(*args[:6], dtype.name, args[7] if len(args) == 8 else None)
+    storage, offset, size, stride, requires_grad, hooks = args[:6]
+    return _make_tensor(
+        storage, offset, size, stride, requires_grad, hooks, dtype.name, args[7] if len(args) == 8 else None
+    )
 
 
-def _h_rebuild_parameter(args: tuple) -> Any:
+def _h_rebuild_parameter(args: tuple[Any, ...]) -> Any:
     if len(args) != 3:
         raise Malformed(f"_rebuild_parameter called with {len(args)} arguments")
     data, requires_grad, hooks = args
@@ -726,11 +779,10 @@ def _h_rebuild_parameter(args: tuple) -> Any:
         raise Unsupported("a Parameter with backward hooks")
     if requires_grad and data.dtype not in FLOATING_DTYPES and not data.dtype.startswith("complex"):
         raise Malformed(f"a {data.dtype} Parameter that requires grad")
-    return TensorMeta(data.storage, data.dtype, data.shape, data.stride, data.storage_offset,
-                      requires_grad, True)
+    return TensorMeta(data.storage, data.dtype, data.shape, data.stride, data.storage_offset, requires_grad, True)
 
 
-_HANDLERS: dict[str, Callable[[tuple], Any]] = {
+_HANDLERS: dict[str, Callable[[tuple[Any, ...]], Any]] = {
     "collections.OrderedDict": _h_ordered_dict,
     "builtins.set": _h_set,
     "_codecs.encode": _h_encode,
@@ -786,9 +838,7 @@ def check_graph(root: Any, max_nodes: int) -> None:
             if depth > MAX_DEPTH:
                 raise Malformed(f"containers nested more than {MAX_DEPTH} deep")
             if size > max_nodes:
-                raise Malformed(
-                    f"shared references expand the object graph past {max_nodes} nodes"
-                )
+                raise Malformed(f"shared references expand the object graph past {max_nodes} nodes")
             done[nid] = (depth, size)
             continue
         if nid in done:
@@ -853,12 +903,12 @@ def scan_globals(data: bytes, start: int = 0) -> set[str]:
                 if last is not None:
                     memo[memoized] = last
                 memoized += 1
-            elif name in ("BINPUT", "LONG_BINPUT", "PUT"):
+            elif name in ("BINPUT", "LONG_BINPUT", "PUT") and isinstance(arg, int):
                 if last is not None:
                     memo[arg] = last
                 elif arg in memo:
                     del memo[arg]
-            elif name in ("BINGET", "LONG_BINGET", "GET"):
+            elif name in ("BINGET", "LONG_BINGET", "GET") and isinstance(arg, int):
                 last = memo.get(arg)
                 if last is not None:
                     strings.append(last)
@@ -889,7 +939,7 @@ def _refused(names: set[str], allow_globals: frozenset[str]) -> set[str]:
 
 
 def resolve_storage_id(
-    pid: tuple, fields: int, storages: Mapping[str, StorageMeta], *, bytes_key: bool = False
+    pid: tuple[Any, ...], fields: int, storages: Mapping[str, StorageMeta], *, bytes_key: bool = False
 ) -> tuple[StorageClass, str, str, int, StorageMeta | None]:
     """Check a `('storage', cls, key, location, numel, ...)` persistent id.
 
@@ -938,7 +988,7 @@ def unpickle(
     *,
     path: str,
     where: str,
-    persistent_load: Callable[[tuple], Any] | None = None,
+    persistent_load: Callable[[tuple[Any, ...]], Any] | None = None,
     allow_globals: frozenset[str] = frozenset(),
     start: int = 0,
     complete: bool = True,
@@ -952,8 +1002,8 @@ def unpickle(
     UnsafeCheckpointError (all refused globals), EngineUnsupported, PickleTruncated (the data
     ended early; with `complete=False` even when refused globals were seen, so that the caller
     can read more and retry), RestrictedPickleError (an opcode or construct the VM refuses, as
-    weights_only does) or BadCheckpointError (storages that do not match the records). `max_containers` bounds the number of
-    container-making opcodes (see `container_budget`).
+    weights_only does) or BadCheckpointError (storages that do not match the records).
+    `max_containers` bounds the number of container-making opcodes (see `container_budget`).
     """
     machine = _Machine(persistent_load, allow_globals, max_containers)
     try:
@@ -966,9 +1016,7 @@ def unpickle(
         # the VM ran every opcode up to the cut, so it saw every GLOBAL there is
         if machine.unsafe and complete:
             raise UnsafeCheckpointError(path, machine.unsafe) from None
-        raise PickleTruncated(
-            f"{path}: {where} is truncated (the pickle has no STOP opcode)", machine.unsafe
-        ) from None
+        raise PickleTruncated(f"{path}: {where} is truncated (the pickle has no STOP opcode)", machine.unsafe) from None
     except Malformed as e:
         refused = machine.unsafe | _refused(scan_globals(data, start), allow_globals)
         if refused:

@@ -98,8 +98,7 @@ def _find_eocd(fd: int, file_size: int, path: str) -> tuple[int, int, int, int]:
     if pos < 0:
         raise _bad(
             path,
-            "truncated or not a ZIP archive: no end-of-central-directory record at the end "
-            "of the file",
+            "truncated or not a ZIP archive: no end-of-central-directory record at the end of the file",
         )
     _sig, disk, cd_disk, here, entries, cd_size, cd_offset, comment = _EOCD.unpack_from(tail, pos)
     eocd_offset = file_size - tail_len + pos
@@ -133,8 +132,11 @@ def _find_eocd(fd: int, file_size: int, path: str) -> tuple[int, int, int, int]:
     region_end = eocd_offset
     loc_pos = pos - _EOCD64_LOCATOR.size
     if eocd_offset >= _EOCD64_LOCATOR.size:
-        loc = (tail[loc_pos:pos] if loc_pos >= 0
-               else pread_bytes(fd, eocd_offset - _EOCD64_LOCATOR.size, _EOCD64_LOCATOR.size, path))
+        loc = (
+            tail[loc_pos:pos]
+            if loc_pos >= 0
+            else pread_bytes(fd, eocd_offset - _EOCD64_LOCATOR.size, _EOCD64_LOCATOR.size, path)
+        )
     else:
         loc = b""
     if loc[:4] == b"PK\x06\x07":
@@ -144,9 +146,7 @@ def _find_eocd(fd: int, file_size: int, path: str) -> tuple[int, int, int, int]:
         if eocd64_offset + _EOCD64.size > eocd_offset - _EOCD64_LOCATOR.size:
             raise _bad(path, "the ZIP64 end-of-central-directory record lies outside the file")
         rec = pread_bytes(fd, eocd64_offset, _EOCD64.size, path)
-        sig, size, _made, _need, disk, cd_disk, here64, entries64, cd_size64, cd_offset64 = (
-            _EOCD64.unpack(rec)
-        )
+        sig, size, _made, _need, disk, cd_disk, here64, entries64, cd_size64, cd_offset64 = _EOCD64.unpack(rec)
         if sig != b"PK\x06\x06":
             raise _bad(path, "corrupt ZIP64 end-of-central-directory record")
         if disk or cd_disk or here64 != entries64:
@@ -160,8 +160,11 @@ def _find_eocd(fd: int, file_size: int, path: str) -> tuple[int, int, int, int]:
             )
         # torch takes the ZIP64 values; readers that use them only where the 32-bit fields are
         # saturated would take these: they must agree
-        if (entries not in (entries64, _U16_MAX) or cd_size not in (cd_size64, _U32_MAX)
-                or cd_offset not in (cd_offset64, _U32_MAX)):
+        if (
+            entries not in (entries64, _U16_MAX)
+            or cd_size not in (cd_size64, _U32_MAX)
+            or cd_offset not in (cd_offset64, _U32_MAX)
+        ):
             raise _ambiguous(
                 path,
                 f"the end-of-central-directory record ({entries} entries, {cd_size} bytes at byte "
@@ -203,8 +206,25 @@ def _read_central(fd: int, file_size: int, path: str) -> tuple[list[_Entry], int
     for _ in range(entries):
         if pos + _CENTRAL.size > cd_size:
             raise _bad(path, "the ZIP central directory is truncated")
-        (sig, _made, _need, flags, method, _time, _date, crc, csize, usize, nlen, elen, clen,
-         disk, _iattr, _eattr, offset) = _CENTRAL.unpack_from(cd, pos)
+        (
+            sig,
+            _made,
+            _need,
+            flags,
+            method,
+            _time,
+            _date,
+            crc,
+            csize,
+            usize,
+            nlen,
+            elen,
+            clen,
+            disk,
+            _iattr,
+            _eattr,
+            offset,
+        ) = _CENTRAL.unpack_from(cd, pos)
         if sig != b"PK\x01\x02":
             raise _bad(path, f"corrupt ZIP central directory at byte {cd_offset + pos}")
         raw = cd[pos + 46 : pos + 46 + nlen]
@@ -217,8 +237,7 @@ def _read_central(fd: int, file_size: int, path: str) -> tuple[list[_Entry], int
         except UnicodeDecodeError:
             raise _bad(path, f"a ZIP member name is not UTF-8: {raw!r:.60}") from None
         if usize == _U32_MAX or csize == _U32_MAX or offset == _U32_MAX or disk == _U16_MAX:
-            wanted = [f for f, v in (("usize", usize), ("csize", csize), ("offset", offset))
-                      if v == _U32_MAX]
+            wanted = [f for f, v in (("usize", usize), ("csize", csize), ("offset", offset)) if v == _U32_MAX]
             if disk == _U16_MAX:
                 wanted.append("disk")
             z64 = _zip64_values(extra, wanted, path, name)
@@ -297,9 +316,7 @@ def _check_local_headers(
     return _locate_checked(fd, members, raw_names, cd_offset, path)
 
 
-def _locate_plain(
-    fd: int, members: list[ZipMember], raw_names: list[bytes], cd_offset: int
-) -> list[ZipMember] | None:
+def _locate_plain(fd: int, members: list[ZipMember], raw_names: list[bytes], cd_offset: int) -> list[ZipMember] | None:
     """`_locate_checked` in one tight loop for archives as torch.save writes them: local headers
     that repeat the central directory or defer to a signed data descriptor. Returns None at the
     first thing that is not so (it accepts a subset of what `_locate_checked` accepts, with the
@@ -465,7 +482,9 @@ def _check_torch_parses(fd: int, records: dict[bytes, ZipMember], path: str) -> 
         try:
             int(data)
         except ValueError:
-            raise _bad(path, f"the .storage_alignment record {data[:20]!r} is not a number (torch refuses the file)") from None
+            raise _bad(
+                path, f"the .storage_alignment record {data[:20]!r} is not a number (torch refuses the file)"
+            ) from None
 
 
 def read_torch_zip(src: Source, *, allow_globals: frozenset[str] = frozenset()) -> RawCheckpoint:
@@ -490,9 +509,7 @@ def read_torch_zip(src: Source, *, allow_globals: frozenset[str] = frozenset()) 
             raise _bad(path, f"ZIP member {n!r} lies outside the archive folder {head!r} (torch refuses the file)")
     short = {n[len(head) :] for n in names}
     if "constants.pkl" in short or any(r.startswith("code/") for r in short):
-        raise _bad(
-            path, "a TorchScript archive, not a checkpoint; ckptsurgeon never calls torch.jit.load"
-        )
+        raise _bad(path, "a TorchScript archive, not a checkpoint; ckptsurgeon never calls torch.jit.load")
     members = _validate(fd, entries, cd_offset, path)
     # looked up as torch does: by name with ASCII case folded (unique, as _validate checked)
     records = {e[1][cut:].lower(): m for e, m in zip(entries, members)}
@@ -511,7 +528,7 @@ def read_torch_zip(src: Source, *, allow_globals: frozenset[str] = frozenset()) 
     data = _record_bytes(fd, pkl, path)
     storages: dict[str, StorageMeta] = {}
 
-    def persistent_load(pid: tuple) -> Any:
+    def persistent_load(pid: tuple[Any, ...]) -> Any:
         cls, key, location, nbytes, known = resolve_storage_id(pid, 5, storages)
         if known is not None:
             return known
@@ -525,13 +542,18 @@ def read_torch_zip(src: Source, *, allow_globals: frozenset[str] = frozenset()) 
                 f"record {record.name} holds {record.size} bytes but storage {key!r} needs {nbytes} "
                 f"({nbytes // DTYPE_ITEMSIZE[cls.dtype]} x {cls.dtype})"
             )
-        meta = StorageMeta(src, key, cls.dtype, nbytes, record.data_offset, location,
-                           record.crc32, record.name)
+        meta = StorageMeta(src, key, cls.dtype, nbytes, record.data_offset, location, record.crc32, record.name)
         storages[key] = meta
         return meta
 
-    obj, _ = unpickle(data, path=path, where="data.pkl", persistent_load=persistent_load,
-                      allow_globals=allow_globals, max_containers=container_budget(len(records)))
+    obj, _ = unpickle(
+        data,
+        path=path,
+        where="data.pkl",
+        persistent_load=persistent_load,
+        allow_globals=allow_globals,
+        max_containers=container_budget(len(records)),
+    )
     return RawCheckpoint(
         path=os.path.abspath(path),
         format="torch-zip",

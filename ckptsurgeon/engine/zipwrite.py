@@ -24,8 +24,8 @@ from typing import Any, BinaryIO
 
 from ckptsurgeon.engine.crc import crc32, crc32_zeros
 from ckptsurgeon.engine.data import check_read_crc
-from ckptsurgeon.engine.source import Source
 from ckptsurgeon.engine.pickle_write import PlannedStorage, pickle_graph
+from ckptsurgeon.engine.source import Source
 from ckptsurgeon.errors import BadCheckpointError, EngineUnsupported, OutputError
 
 _ZIP64_LIMIT = 0xFFFFFFFF  # miniz switches to zip64 fields at sizes/offsets >= this
@@ -225,11 +225,7 @@ class _ZipWriter:
         cd_size = self.pos - cd_offset
         n = len(self.entries)
         zip64_end = self.pos
-        self.write(
-            struct.pack(
-                "<IQHHIIQQQQ", _ZIP64_END_SIG, 44, 0x031E, 45, 0, 0, n, n, cd_size, cd_offset
-            )
-        )
+        self.write(struct.pack("<IQHHIIQQQQ", _ZIP64_END_SIG, 44, 0x031E, 45, 0, 0, n, n, cd_size, cd_offset))
         self.write(struct.pack("<IIQI", _ZIP64_LOCATOR_SIG, 0, zip64_end, 1))
         self.write(
             struct.pack(
@@ -284,9 +280,7 @@ class _ZipWriter:
             self.buffer = memoryview(bytearray(_CHUNK))
         return self.buffer
 
-    def _copy_kernel_crc_threaded(
-        self, src: _Source, offset: int, length: int, out_pos: int, crc: int
-    ) -> int:
+    def _copy_kernel_crc_threaded(self, src: _Source, offset: int, length: int, out_pos: int, crc: int) -> int:
         """Copy in the kernel while a second thread reads the same source bytes for the CRC-32
         (both release the GIL): about the speed of a plain copy on two cores."""
         result: dict[str, Any] = {}
@@ -388,11 +382,7 @@ def _local_header(name: bytes, size: int, offset: int) -> bytes:
     pad = -data_start % _ALIGNMENT
     extra = zip64 + b"FB" + struct.pack("<H", pad) + b"Z" * pad
     flags = _FLAGS_DESCRIPTOR if size else _FLAGS_EMPTY
-    return (
-        struct.pack("<IHHHHHIIIHH", _LOCAL_SIG, 0, flags, 0, 0, 0, 0, 0, 0, len(name), len(extra))
-        + name
-        + extra
-    )
+    return struct.pack("<IHHHHHIIIHH", _LOCAL_SIG, 0, flags, 0, 0, 0, 0, 0, 0, len(name), len(extra)) + name + extra
 
 
 def _descriptor(crc: int, size: int, offset: int) -> bytes:

@@ -226,8 +226,16 @@ def _contiguous_stride(size: tuple[int, ...]) -> tuple[int, ...]:
 # in-memory state dicts (pickle graph + storage bytes)
 
 _PACK = {"FloatStorage": "f", "DoubleStorage": "d", "LongStorage": "q", "IntStorage": "i", "HalfStorage": "e"}
-_ITEMSIZE = {"FloatStorage": 4, "DoubleStorage": 8, "LongStorage": 8, "IntStorage": 4, "HalfStorage": 2,
-             "BFloat16Storage": 2, "ByteStorage": 1, "BoolStorage": 1}
+_ITEMSIZE = {
+    "FloatStorage": 4,
+    "DoubleStorage": 8,
+    "LongStorage": 8,
+    "IntStorage": 4,
+    "HalfStorage": 2,
+    "BFloat16Storage": 2,
+    "ByteStorage": 1,
+    "BoolStorage": 1,
+}
 
 
 @dataclass
@@ -359,8 +367,24 @@ def write_zip(entries: list[ZipEntry], *, alignment: int = 64) -> ZipLayout:
     for name, flags, crc, size, offset, e in meta:
         central.append(len(out))
         out += struct.pack(
-            "<4sHHHHHHIIIHHHHHII", b"PK\x01\x02", 0, 0, flags, e.method, 0, 0, crc, len(e.data), size,
-            len(name), 0, 0, 0, 0, 0, offset,
+            "<4sHHHHHHIIIHHHHHII",
+            b"PK\x01\x02",
+            0,
+            0,
+            flags,
+            e.method,
+            0,
+            0,
+            crc,
+            len(e.data),
+            size,
+            len(name),
+            0,
+            0,
+            0,
+            0,
+            0,
+            offset,
         )
         out += name
     cd_size = len(out) - cd_start
@@ -378,7 +402,9 @@ def serialization_id(seed: bytes) -> bytes:
     return str(int.from_bytes(hashlib.sha256(seed).digest()[:16], "little")).zfill(40)[:40].encode()
 
 
-def torch_zip_entries(pkl: bytes, blobs: list[Blob], prefix: str = "archive", sid: bytes | None = None) -> list[ZipEntry]:
+def torch_zip_entries(
+    pkl: bytes, blobs: list[Blob], prefix: str = "archive", sid: bytes | None = None
+) -> list[ZipEntry]:
     """The members torch 2.13 writes, in its order (`sid`: the serialization id, random in torch)."""
     entries = [
         ZipEntry(f"{prefix}/data.pkl", pkl),
@@ -568,11 +594,20 @@ def write_reference(path: Path) -> Path:
 
 # ---------------- valid files
 
-_add("valid-zip", "valid", "torch.save of {'w': float32 2x3, 'b': int64[2]}, byte-identical to torch 2.13", ".pt",
-     lambda ctx: state_zip(base_state(prefix="layer."), prefix="valid-zip"))
-_add("valid-zip-tricky", "valid",
-     "tied weights, a view at an offset, 0-dim float64, empty, bfloat16, a Parameter, _metadata", ".pt",
-     lambda ctx: state_zip(tricky_state(), prefix="valid-zip-tricky"))
+_add(
+    "valid-zip",
+    "valid",
+    "torch.save of {'w': float32 2x3, 'b': int64[2]}, byte-identical to torch 2.13",
+    ".pt",
+    lambda ctx: state_zip(base_state(prefix="layer."), prefix="valid-zip"),
+)
+_add(
+    "valid-zip-tricky",
+    "valid",
+    "tied weights, a view at an offset, 0-dim float64, empty, bfloat16, a Parameter, _metadata",
+    ".pt",
+    lambda ctx: state_zip(tricky_state(), prefix="valid-zip-tricky"),
+)
 
 
 def _container(ctx: _Ctx) -> bytes:
@@ -580,15 +615,32 @@ def _container(ctx: _Ctx) -> bytes:
     return torch_zip({"state_dict": sd.obj, "epoch": 3, "lr": 0.1}, sd.blobs, "valid-zip-container")
 
 
-_add("valid-zip-container", "valid", "{'state_dict': ..., 'epoch': 3, 'lr': 0.1}: a training checkpoint", ".pt",
-     _container)
-_add("valid-legacy", "valid", "the pre-1.6 (non-zip) torch.save format", ".pt",
-     lambda ctx: legacy_of(base_state(legacy=True, prefix="layer.")))
-_add("valid-safetensors", "valid", "a safetensors file written like safetensors 0.8", ".safetensors",
-     lambda ctx: safetensors_file([
-         ("layer.b", "I64", [2], pack("LongStorage", [1, 2])),
-         ("layer.w", "F32", [2, 3], pack("FloatStorage", [0, 1, 2, 3, 4, 5])),
-     ]))
+_add(
+    "valid-zip-container",
+    "valid",
+    "{'state_dict': ..., 'epoch': 3, 'lr': 0.1}: a training checkpoint",
+    ".pt",
+    _container,
+)
+_add(
+    "valid-legacy",
+    "valid",
+    "the pre-1.6 (non-zip) torch.save format",
+    ".pt",
+    lambda ctx: legacy_of(base_state(legacy=True, prefix="layer.")),
+)
+_add(
+    "valid-safetensors",
+    "valid",
+    "a safetensors file written like safetensors 0.8",
+    ".safetensors",
+    lambda ctx: safetensors_file(
+        [
+            ("layer.b", "I64", [2], pack("LongStorage", [1, 2])),
+            ("layer.w", "F32", [2, 3], pack("FloatStorage", [0, 1, 2, 3, 4, 5])),
+        ]
+    ),
+)
 
 # ---------------- not a checkpoint
 
@@ -596,8 +648,10 @@ _HTML = b"""<!DOCTYPE html>
 <html><head><title>404 Not Found</title></head>
 <body><h1>Not Found</h1><p>The requested URL /models/resnet50.pt was not found on this server.</p></body></html>
 """
-_LFS = (b"version https://git-lfs.github.com/spec/v1\n"
-        b"oid sha256:4d7a2146b5e3f5c6e2b9f6d1c8a0b3e7d5c2a1f0e9d8c7b6a5f4e3d2c1b0a998\nsize 102467823\n")
+_LFS = (
+    b"version https://git-lfs.github.com/spec/v1\n"
+    b"oid sha256:4d7a2146b5e3f5c6e2b9f6d1c8a0b3e7d5c2a1f0e9d8c7b6a5f4e3d2c1b0a998\nsize 102467823\n"
+)
 
 
 def _not(name: str, note: str, data: bytes, ext: str = ".pt") -> None:
@@ -612,18 +666,44 @@ _not("html-error-page", "an HTML 404 page saved by a failed download", _HTML)
 _not("git-lfs-pointer", "a Git LFS pointer file instead of the weights", _LFS)
 _not("json-config", "a config.json saved under a checkpoint name", b'{"hidden_size": 768, "num_layers": 12}\n')
 _not("random-bytes", "4 KiB of random bytes", random.Random(1234).randbytes(4096))
-_not("numpy-npy", "a NumPy .npy file",
-     b"\x93NUMPY\x01\x00v\x00{'descr': '<f4', 'fortran_order': False, 'shape': (2,), }" + b" " * 53 + b"\n"
-     + struct.pack("<2f", 1, 2))
-_add("gzip-of-checkpoint", "not-checkpoint", "a valid checkpoint, gzip-compressed", ".pt",
-     lambda ctx: gzip.compress(state_zip(base_state()), mtime=0))
-_add("zip-not-torch", "not-checkpoint", "an ordinary zip archive (README + CSV), no data.pkl", ".pt",
-     lambda ctx: bytes(write_zip([ZipEntry("dataset/README.txt", b"hello\n"),
-                                  ZipEntry("dataset/train.csv", b"a,b\n1,2\n")]).data))
-_add("zip-pickle-int", "not-checkpoint", "a well-formed torch zip whose object is the int 42 (no tensors)", ".pt",
-     lambda ctx: torch_zip(42))
-_add("zip-pickle-strings", "not-checkpoint", "a well-formed torch zip holding a list of strings", ".pt",
-     lambda ctx: torch_zip(["not", "a", "state", "dict"]))
+_not(
+    "numpy-npy",
+    "a NumPy .npy file",
+    b"\x93NUMPY\x01\x00v\x00{'descr': '<f4', 'fortran_order': False, 'shape': (2,), }"
+    + b" " * 53
+    + b"\n"
+    + struct.pack("<2f", 1, 2),
+)
+_add(
+    "gzip-of-checkpoint",
+    "not-checkpoint",
+    "a valid checkpoint, gzip-compressed",
+    ".pt",
+    lambda ctx: gzip.compress(state_zip(base_state()), mtime=0),
+)
+_add(
+    "zip-not-torch",
+    "not-checkpoint",
+    "an ordinary zip archive (README + CSV), no data.pkl",
+    ".pt",
+    lambda ctx: bytes(
+        write_zip([ZipEntry("dataset/README.txt", b"hello\n"), ZipEntry("dataset/train.csv", b"a,b\n1,2\n")]).data
+    ),
+)
+_add(
+    "zip-pickle-int",
+    "not-checkpoint",
+    "a well-formed torch zip whose object is the int 42 (no tensors)",
+    ".pt",
+    lambda ctx: torch_zip(42),
+)
+_add(
+    "zip-pickle-strings",
+    "not-checkpoint",
+    "a well-formed torch zip holding a list of strings",
+    ".pt",
+    lambda ctx: torch_zip(["not", "a", "state", "dict"]),
+)
 
 
 def _torchscript(ctx: _Ctx) -> bytes:
@@ -631,23 +711,36 @@ def _torchscript(ctx: _Ctx) -> bytes:
     net = NewObj(G("__torch__", "Net"), (), {"training": True, "w": sd.obj["w"]})
     entries = torch_zip_entries(dumps(net), sd.blobs, "net")
     entries[1:1] = [
-        ZipEntry("net/code/__torch__.py", b"class Net(Module):\n  __parameters__ = []\n  def forward(self, x):\n    return x\n"),
+        ZipEntry(
+            "net/code/__torch__.py",
+            b"class Net(Module):\n  __parameters__ = []\n  def forward(self, x):\n    return x\n",
+        ),
         ZipEntry("net/code/__torch__.py.debug_pkl", dumps(())),
         ZipEntry("net/constants.pkl", dumps(())),
     ]
     return bytes(write_zip(entries).data)
 
 
-_add("torchscript-archive", "not-checkpoint", "a TorchScript archive (torch.jit.save): constants.pkl and code/", ".pt",
-     _torchscript)
+_add(
+    "torchscript-archive",
+    "not-checkpoint",
+    "a TorchScript archive (torch.jit.save): constants.pkl and code/",
+    ".pt",
+    _torchscript,
+)
 
 
 def _tar_legacy(ctx: _Ctx) -> bytes:
     members = {
         "sys_info": dumps(SYS_INFO),
-        "storages": dumps(1) + dumps(("1", "cpu", G("torch", "FloatStorage"))) + struct.pack("<q", 2)
-        + pack("FloatStorage", [1, 2]) + dumps([]),
-        "tensors": dumps(1) + dumps(("2", "1", G("torch", "FloatTensor"))) + struct.pack("<ii", 1, 0)
+        "storages": dumps(1)
+        + dumps(("1", "cpu", G("torch", "FloatStorage")))
+        + struct.pack("<q", 2)
+        + pack("FloatStorage", [1, 2])
+        + dumps([]),
+        "tensors": dumps(1)
+        + dumps(("2", "1", G("torch", "FloatTensor")))
+        + struct.pack("<ii", 1, 0)
         + struct.pack("<qqq", 2, 1, 0),
         "pickle": dumps(OrderedDict(w=Raw(op_str("2") + b"Q"))),
     }
@@ -683,12 +776,15 @@ def _write_dangling(path: Path, ctx: _Ctx) -> None:
 
 
 _add_special("directory", "not-checkpoint", "a directory named like a checkpoint", "model.pt", _write_dir)
-_add_special("fifo", "not-checkpoint", "a named pipe with no writer: opening it for reading blocks", "pipe.pt",
-             _write_fifo)
-_add_special("symlink-loop", "not-checkpoint", "a symlink loop (loop-a.pt -> loop-b.pt -> loop-a.pt)", "loop-a.pt",
-             _write_loop)
-_add_special("symlink-dangling", "not-checkpoint", "a symlink to a file that does not exist", "dangling.pt",
-             _write_dangling)
+_add_special(
+    "fifo", "not-checkpoint", "a named pipe with no writer: opening it for reading blocks", "pipe.pt", _write_fifo
+)
+_add_special(
+    "symlink-loop", "not-checkpoint", "a symlink loop (loop-a.pt -> loop-b.pt -> loop-a.pt)", "loop-a.pt", _write_loop
+)
+_add_special(
+    "symlink-dangling", "not-checkpoint", "a symlink to a file that does not exist", "dangling.pt", _write_dangling
+)
 
 # ---------------- code execution
 
@@ -743,10 +839,24 @@ def _payload_state(ctx: _Ctx, payload: str, *, legacy: bool) -> StateDict:
 
 
 _ZIP_PAYLOADS = list(_payloads(_Ctx(Path("/x"))))
-_LEGACY_PAYLOADS = ["os-system", "builtins-eval", "main-net-module", "torch-load-from-bytes", "numpy-runstring",
-                    "argparse-namespace", "logging-filehandler", "zipfile-zipfile"]
-_BARE_PAYLOADS = ["posix-system", "builtins-exec", "subprocess-popen", "pickle-loads-nested", "runpy-run-code",
-                  "getattr-chain"]
+_LEGACY_PAYLOADS = [
+    "os-system",
+    "builtins-eval",
+    "main-net-module",
+    "torch-load-from-bytes",
+    "numpy-runstring",
+    "argparse-namespace",
+    "logging-filehandler",
+    "zipfile-zipfile",
+]
+_BARE_PAYLOADS = [
+    "posix-system",
+    "builtins-exec",
+    "subprocess-popen",
+    "pickle-loads-nested",
+    "runpy-run-code",
+    "getattr-chain",
+]
 # Payload -> the class a user would pass to --allow-global for it (its exec-zip-* and exec-legacy-*
 # cases must still be refused then, and create nothing).
 ALLOW_GLOBAL_PAYLOADS = {
@@ -758,14 +868,29 @@ ALLOW_GLOBAL_PAYLOADS = {
 }
 
 for _p in _ZIP_PAYLOADS:
-    _add(f"exec-zip-{_p}", "code-exec", f"torch zip whose data.pkl calls {_p} next to real tensors", ".pt",
-         lambda ctx, p=_p: state_zip(_payload_state(ctx, p, legacy=False)))
+    _add(
+        f"exec-zip-{_p}",
+        "code-exec",
+        f"torch zip whose data.pkl calls {_p} next to real tensors",
+        ".pt",
+        lambda ctx, p=_p: state_zip(_payload_state(ctx, p, legacy=False)),
+    )
 for _p in _LEGACY_PAYLOADS:
-    _add(f"exec-legacy-{_p}", "code-exec", f"legacy-format file whose object pickle calls {_p}", ".pt",
-         lambda ctx, p=_p: legacy_of(_payload_state(ctx, p, legacy=True)))
+    _add(
+        f"exec-legacy-{_p}",
+        "code-exec",
+        f"legacy-format file whose object pickle calls {_p}",
+        ".pt",
+        lambda ctx, p=_p: legacy_of(_payload_state(ctx, p, legacy=True)),
+    )
 for _p in _BARE_PAYLOADS:
-    _add(f"exec-bare-{_p}", "code-exec", f"a bare pickle that calls {_p}", ".pkl",
-         lambda ctx, p=_p: dumps(_payloads(ctx)[p]))
+    _add(
+        f"exec-bare-{_p}",
+        "code-exec",
+        f"a bare pickle that calls {_p}",
+        ".pkl",
+        lambda ctx, p=_p: dumps(_payloads(ctx)[p]),
+    )
 
 
 def _inst(ctx: _Ctx) -> bytes:
@@ -782,15 +907,35 @@ def _stack_global(ctx: _Ctx) -> bytes:
     return b"\x80\x04\x8c\x02os\x8c\x06system\x93" + op_str(ctx.shell) + b"\x85R."
 
 
-_add("exec-bare-inst-opcode", "code-exec", "a bare pickle calling os.system through the INST opcode (no GLOBAL)",
-     ".pkl", _inst)
+_add(
+    "exec-bare-inst-opcode",
+    "code-exec",
+    "a bare pickle calling os.system through the INST opcode (no GLOBAL)",
+    ".pkl",
+    _inst,
+)
 _add("exec-bare-obj-opcode", "code-exec", "a bare pickle calling posix.system through the OBJ opcode", ".pkl", _obj)
-_add("exec-bare-stack-global", "code-exec", "a protocol-4 pickle calling os.system through STACK_GLOBAL", ".pkl",
-     _stack_global)
-_add("exec-zip-inst-opcode", "code-exec", "a torch zip whose data.pkl calls os.system through INST", ".pt",
-     lambda ctx: torch_zip(b"\x80\x02" + _inst(ctx)))
-_add("exec-zip-stack-global", "code-exec", "a torch zip whose data.pkl uses STACK_GLOBAL to reach os.system", ".pt",
-     lambda ctx: torch_zip(_stack_global(ctx)))
+_add(
+    "exec-bare-stack-global",
+    "code-exec",
+    "a protocol-4 pickle calling os.system through STACK_GLOBAL",
+    ".pkl",
+    _stack_global,
+)
+_add(
+    "exec-zip-inst-opcode",
+    "code-exec",
+    "a torch zip whose data.pkl calls os.system through INST",
+    ".pt",
+    lambda ctx: torch_zip(b"\x80\x02" + _inst(ctx)),
+)
+_add(
+    "exec-zip-stack-global",
+    "code-exec",
+    "a torch zip whose data.pkl uses STACK_GLOBAL to reach os.system",
+    ".pt",
+    lambda ctx: torch_zip(_stack_global(ctx)),
+)
 
 
 def _payload_in_pid(ctx: _Ctx) -> bytes:
@@ -798,18 +943,38 @@ def _payload_in_pid(ctx: _Ctx) -> bytes:
     return torch_zip(OrderedDict(w=rebuild_tensor(storage, 0, (2, 3), (3, 1))), base_state().blobs[:1])
 
 
-_add("exec-zip-in-persistent-id", "code-exec", "the storage type inside a persistent id is a posix.system call",
-     ".pt", _payload_in_pid)
-_add("exec-legacy-in-magic", "code-exec", "legacy format whose first pickle (the magic number) calls posix.system",
-     ".pt", lambda ctx: legacy_of(base_state(legacy=True), magic=G("posix", "system")(ctx.shell)))
-_add("exec-legacy-in-protocol", "code-exec", "legacy format whose protocol-version pickle calls builtins.eval",
-     ".pt", lambda ctx: legacy_of(base_state(legacy=True), protocol=G("builtins", "eval")(ctx.python)))
+_add(
+    "exec-zip-in-persistent-id",
+    "code-exec",
+    "the storage type inside a persistent id is a posix.system call",
+    ".pt",
+    _payload_in_pid,
+)
+_add(
+    "exec-legacy-in-magic",
+    "code-exec",
+    "legacy format whose first pickle (the magic number) calls posix.system",
+    ".pt",
+    lambda ctx: legacy_of(base_state(legacy=True), magic=G("posix", "system")(ctx.shell)),
+)
+_add(
+    "exec-legacy-in-protocol",
+    "code-exec",
+    "legacy format whose protocol-version pickle calls builtins.eval",
+    ".pt",
+    lambda ctx: legacy_of(base_state(legacy=True), protocol=G("builtins", "eval")(ctx.python)),
+)
 
 # ---------------- malformed pickles (inside an otherwise well-formed torch zip)
 
 
-def _pkl_zip(name: str, note: str, make_pkl: Callable[[], bytes], blobs: Callable[[], list[Blob]] = lambda: [],
-             kind: str = "malformed-pickle") -> None:
+def _pkl_zip(
+    name: str,
+    note: str,
+    make_pkl: Callable[[], bytes],
+    blobs: Callable[[], list[Blob]] = lambda: [],
+    kind: str = "malformed-pickle",
+) -> None:
     _add(name, kind, note, ".pt", lambda ctx: torch_zip(make_pkl(), blobs()))
 
 
@@ -820,12 +985,20 @@ def _base_blobs() -> list[Blob]:
     return base_state().blobs
 
 
-_pkl_zip("pkl-truncated-half", "data.pkl cut in half (zip CRCs match the cut bytes)",
-         lambda: _BASE_PKL[: len(_BASE_PKL) // 2], _base_blobs)
+_pkl_zip(
+    "pkl-truncated-half",
+    "data.pkl cut in half (zip CRCs match the cut bytes)",
+    lambda: _BASE_PKL[: len(_BASE_PKL) // 2],
+    _base_blobs,
+)
 _pkl_zip("pkl-truncated-no-stop", "data.pkl without its final STOP opcode", lambda: _BASE_PKL[:-1], _base_blobs)
 _pkl_zip("pkl-empty", "an empty data.pkl record", lambda: b"", _base_blobs)
-_pkl_zip("pkl-bad-opcode", "an opcode byte 0xff that no pickle protocol defines",
-         lambda: _BASE_PKL[:2] + b"\xff" + _BASE_PKL[2:], _base_blobs)
+_pkl_zip(
+    "pkl-bad-opcode",
+    "an opcode byte 0xff that no pickle protocol defines",
+    lambda: _BASE_PKL[:2] + b"\xff" + _BASE_PKL[2:],
+    _base_blobs,
+)
 _pkl_zip("pkl-nul-opcode", "a NUL byte where an opcode should be", lambda: b"\x80\x02\x00.")
 _pkl_zip("pkl-stop-empty-stack", "STOP with nothing on the stack", lambda: b"\x80\x02.")
 _pkl_zip("pkl-underflow-reduce", "REDUCE on an empty stack", lambda: b"\x80\x02R.")
@@ -834,16 +1007,28 @@ _pkl_zip("pkl-underflow-setitems", "SETITEMS with no MARK", lambda: b"\x80\x02}K
 _pkl_zip("pkl-underflow-appends", "APPENDS with no MARK", lambda: b"\x80\x02]K\x01e.")
 _pkl_zip("pkl-memo-get-missing", "BINGET of a memo slot never written", lambda: b"\x80\x02}q\x00h\xc8.")
 _pkl_zip("pkl-memo-long-get-huge", "LONG_BINGET 2**31", lambda: b"\x80\x02" + long_get(2**31) + b".")
-_pkl_zip("pkl-setitem-on-list", "SETITEM on a list (the CVE-2026-24747 shape)",
-         lambda: b"\x80\x02]" + op_str("k") + op_str("v") + b"s.")
-_pkl_zip("pkl-deep-list-nesting", "100,000 nested lists as a value next to a real tensor",
-         lambda: dumps(OrderedDict(w=base_state().obj["w"], deep=Raw(b"]" * 100_000 + b"a" * 99_999))),
-         lambda: base_state().blobs[:1])
-_pkl_zip("pkl-deep-tuple-nesting", "a tuple nested 100,000 deep as the whole object",
-         lambda: b"\x80\x02K\x01" + b"\x85" * 100_000 + b".")
-_pkl_zip("pkl-deep-dict-nesting", "dicts nested 50,000 deep around the state dict's tensor",
-         lambda: b"\x80\x02" + (b"}" + op_str("k")) * 50_000 + dumps(base_state().obj["w"])[2:-1] + b"s" * 50_000
-         + b".", lambda: base_state().blobs[:1])
+_pkl_zip(
+    "pkl-setitem-on-list",
+    "SETITEM on a list (the CVE-2026-24747 shape)",
+    lambda: b"\x80\x02]" + op_str("k") + op_str("v") + b"s.",
+)
+_pkl_zip(
+    "pkl-deep-list-nesting",
+    "100,000 nested lists as a value next to a real tensor",
+    lambda: dumps(OrderedDict(w=base_state().obj["w"], deep=Raw(b"]" * 100_000 + b"a" * 99_999))),
+    lambda: base_state().blobs[:1],
+)
+_pkl_zip(
+    "pkl-deep-tuple-nesting",
+    "a tuple nested 100,000 deep as the whole object",
+    lambda: b"\x80\x02K\x01" + b"\x85" * 100_000 + b".",
+)
+_pkl_zip(
+    "pkl-deep-dict-nesting",
+    "dicts nested 50,000 deep around the state dict's tensor",
+    lambda: b"\x80\x02" + (b"}" + op_str("k")) * 50_000 + dumps(base_state().obj["w"])[2:-1] + b"s" * 50_000 + b".",
+    lambda: base_state().blobs[:1],
+)
 
 
 def _billion_laughs(levels: int = 64) -> bytes:
@@ -853,20 +1038,39 @@ def _billion_laughs(levels: int = 64) -> bytes:
     return bytes(out)
 
 
-_pkl_zip("pkl-billion-laughs", "a 64-level DAG of shared tuples: 2**64 leaves if walked without a memo",
-         lambda: dumps(OrderedDict(w=base_state().obj["w"], laughs=Raw(_billion_laughs()))),
-         lambda: base_state().blobs[:1])
-_pkl_zip("pkl-huge-object-count", "a list of 3,000,000 empty dicts (3 MB data.pkl)",
-         lambda: b"\x80\x02](" + b"}" * 3_000_000 + b"e.")
-_pkl_zip("pkl-bytearray-2g", "builtins.bytearray(2**31) (allowlisted by weights_only): 2 GiB from a tiny file",
-         lambda: dumps(OrderedDict(w=base_state().obj["w"], buf=G("builtins", "bytearray")(2**31))),
-         lambda: base_state().blobs[:1])
+_pkl_zip(
+    "pkl-billion-laughs",
+    "a 64-level DAG of shared tuples: 2**64 leaves if walked without a memo",
+    lambda: dumps(OrderedDict(w=base_state().obj["w"], laughs=Raw(_billion_laughs()))),
+    lambda: base_state().blobs[:1],
+)
+_pkl_zip(
+    "pkl-huge-object-count",
+    "a list of 3,000,000 empty dicts (3 MB data.pkl)",
+    lambda: b"\x80\x02](" + b"}" * 3_000_000 + b"e.",
+)
+_pkl_zip(
+    "pkl-bytearray-2g",
+    "builtins.bytearray(2**31) (allowlisted by weights_only): 2 GiB from a tiny file",
+    lambda: dumps(OrderedDict(w=base_state().obj["w"], buf=G("builtins", "bytearray")(2**31))),
+    lambda: base_state().blobs[:1],
+)
 _pkl_zip("pkl-bytearray-1t", "builtins.bytearray(2**40)", lambda: dumps({"buf": G("builtins", "bytearray")(2**40)}))
-_pkl_zip("pkl-torch-tensor-ctor", "torch.Tensor(2**31): an 8 GiB uninitialised tensor from an allowlisted global",
-         lambda: dumps(OrderedDict(w=G("torch", "Tensor")(2**31))))
-_pkl_zip("pkl-long-tensor-ctor", "torch.LongTensor(2**32): 32 GiB", lambda: dumps(OrderedDict(w=G("torch", "LongTensor")(2**32))))
-_pkl_zip("pkl-tensor-ctor-2d", "torch.Tensor(65536, 65536): 16 GiB",
-         lambda: dumps(OrderedDict(w=G("torch", "Tensor")(65536, 65536))))
+_pkl_zip(
+    "pkl-torch-tensor-ctor",
+    "torch.Tensor(2**31): an 8 GiB uninitialised tensor from an allowlisted global",
+    lambda: dumps(OrderedDict(w=G("torch", "Tensor")(2**31))),
+)
+_pkl_zip(
+    "pkl-long-tensor-ctor",
+    "torch.LongTensor(2**32): 32 GiB",
+    lambda: dumps(OrderedDict(w=G("torch", "LongTensor")(2**32))),
+)
+_pkl_zip(
+    "pkl-tensor-ctor-2d",
+    "torch.Tensor(65536, 65536): 16 GiB",
+    lambda: dumps(OrderedDict(w=G("torch", "Tensor")(65536, 65536))),
+)
 
 
 def _one_tensor(storage: Storage, offset: Any, size: Any, stride: Any) -> Callable[[], bytes]:
@@ -875,61 +1079,144 @@ def _one_tensor(storage: Storage, offset: Any, size: Any, stride: Any) -> Callab
 
 _F6 = lambda: [Blob("0", "FloatStorage", 6, pack("FloatStorage", range(6)))]  # noqa: E731
 
-_pkl_zip("pkl-pid-huge-numel", "the persistent id claims 2**40 floats; data/0 holds 6",
-         _one_tensor(Storage("FloatStorage", "0", 2**40), 0, (2, 3), (3, 1)), _F6)
-_pkl_zip("pkl-pid-overflow-numel", "numel 2**62 doubles: numel * itemsize overflows int64",
-         _one_tensor(Storage("DoubleStorage", "0", 2**62), 0, (2, 3), (3, 1)), _F6)
-_pkl_zip("pkl-pid-negative-numel", "the persistent id claims -1 elements",
-         _one_tensor(Storage("FloatStorage", "0", -1), 0, (2, 3), (3, 1)), _F6)
+_pkl_zip(
+    "pkl-pid-huge-numel",
+    "the persistent id claims 2**40 floats; data/0 holds 6",
+    _one_tensor(Storage("FloatStorage", "0", 2**40), 0, (2, 3), (3, 1)),
+    _F6,
+)
+_pkl_zip(
+    "pkl-pid-overflow-numel",
+    "numel 2**62 doubles: numel * itemsize overflows int64",
+    _one_tensor(Storage("DoubleStorage", "0", 2**62), 0, (2, 3), (3, 1)),
+    _F6,
+)
+_pkl_zip(
+    "pkl-pid-negative-numel",
+    "the persistent id claims -1 elements",
+    _one_tensor(Storage("FloatStorage", "0", -1), 0, (2, 3), (3, 1)),
+    _F6,
+)
 _pkl_zip("pkl-pid-not-tuple", "a persistent id that is a string", lambda: b"\x80\x02" + op_str("0") + b"Q.")
-_pkl_zip("pkl-pid-short-tuple", "a persistent id ('storage',) with no fields",
-         lambda: dumps(OrderedDict(w=rebuild_tensor(Storage("FloatStorage", "0", 6, pid_override=("storage",)), 0, (6,), (1,)))),
-         _F6)
-_pkl_zip("pkl-pid-module-typename", "a persistent id ('module', ...) instead of a storage",
-         lambda: dumps(OrderedDict(w=Storage("x", "0", 0, pid_override=("module", "Net", "net.py", "src")))))
-_pkl_zip("pkl-pid-type-is-string", "the storage type in the persistent id is the string 'FloatStorage'",
-         _one_tensor(Storage(Raw(op_str("FloatStorage")), "0", 6), 0, (2, 3), (3, 1)), _F6)
-_pkl_zip("pkl-pid-key-not-string", "the storage key is a list", _one_tensor(Storage("FloatStorage", Raw(b"]"), 6), 0,
-                                                                             (2, 3), (3, 1)), _F6)
+_pkl_zip(
+    "pkl-pid-short-tuple",
+    "a persistent id ('storage',) with no fields",
+    lambda: dumps(
+        OrderedDict(w=rebuild_tensor(Storage("FloatStorage", "0", 6, pid_override=("storage",)), 0, (6,), (1,)))
+    ),
+    _F6,
+)
+_pkl_zip(
+    "pkl-pid-module-typename",
+    "a persistent id ('module', ...) instead of a storage",
+    lambda: dumps(OrderedDict(w=Storage("x", "0", 0, pid_override=("module", "Net", "net.py", "src")))),
+)
+_pkl_zip(
+    "pkl-pid-type-is-string",
+    "the storage type in the persistent id is the string 'FloatStorage'",
+    _one_tensor(Storage(Raw(op_str("FloatStorage")), "0", 6), 0, (2, 3), (3, 1)),
+    _F6,
+)
+_pkl_zip(
+    "pkl-pid-key-not-string",
+    "the storage key is a list",
+    _one_tensor(Storage("FloatStorage", Raw(b"]"), 6), 0, (2, 3), (3, 1)),
+    _F6,
+)
 _pkl_zip("pkl-negative-size", "size (-2, 3)", _one_tensor(Storage("FloatStorage", "0", 6), 0, (-2, 3), (3, 1)), _F6)
 _pkl_zip("pkl-negative-stride", "stride (-3, 1)", _one_tensor(Storage("FloatStorage", "0", 6), 0, (2, 3), (-3, 1)), _F6)
-_pkl_zip("pkl-negative-offset", "storage_offset -1", _one_tensor(Storage("FloatStorage", "0", 6), -1, (2, 3), (3, 1)),
-         _F6)
-_pkl_zip("pkl-span-past-storage", "size (100,) on a 6-element storage",
-         _one_tensor(Storage("FloatStorage", "0", 6), 0, (100,), (1,)), _F6)
-_pkl_zip("pkl-offset-past-storage", "offset 5, size (2,) on a 6-element storage (ends at element 7)",
-         _one_tensor(Storage("FloatStorage", "0", 6), 5, (2,), (1,)), _F6)
-_pkl_zip("pkl-huge-stride", "stride (2**40, 1) for a (2, 3) tensor on 6 elements",
-         _one_tensor(Storage("FloatStorage", "0", 6), 0, (2, 3), (2**40, 1)), _F6)
-_pkl_zip("pkl-size-stride-rank-mismatch", "size (2, 3) with stride (1,)",
-         _one_tensor(Storage("FloatStorage", "0", 6), 0, (2, 3), (1,)), _F6)
-_pkl_zip("pkl-size-not-ints", "size ('2', 3.5)", _one_tensor(Storage("FloatStorage", "0", 6), 0, ("2", 3.5), (3, 1)),
-         _F6)
-_pkl_zip("pkl-rebuild-too-few-args", "_rebuild_tensor_v2(storage, 0)",
-         lambda: dumps(OrderedDict(w=G("torch._utils", "_rebuild_tensor_v2")(Storage("FloatStorage", "0", 6), 0))),
-         _F6)
-_pkl_zip("pkl-rebuild-storage-none", "_rebuild_tensor_v2 with None for the storage",
-         lambda: dumps(OrderedDict(w=rebuild_tensor(None, 0, (2, 3), (3, 1)))))  # type: ignore[arg-type]
-_pkl_zip("pkl-storage-two-dtypes", "storage '0' used as float32 (6) by 'w' and as int64 (3) by 'v'",
-         lambda: dumps(OrderedDict(w=rebuild_tensor(Storage("FloatStorage", "0", 6), 0, (2, 3), (3, 1)),
-                                   v=rebuild_tensor(Storage("LongStorage", "0", 3), 0, (3,), (1,)))), _F6)
-_pkl_zip("pkl-storage-two-sizes", "storage '0' claimed as 6 floats and as 6 doubles (48 bytes; record has 24)",
-         lambda: dumps(OrderedDict(w=rebuild_tensor(Storage("FloatStorage", "0", 6), 0, (2, 3), (3, 1)),
-                                   v=rebuild_tensor(Storage("DoubleStorage", "0", 6), 0, (6,), (1,)))), _F6)
-_pkl_zip("pkl-unicode-key", "a key whose BINUNICODE bytes are not UTF-8 (\\xff\\xfe)",
-         lambda: dumps(OrderedDict([(Raw(op_str(b"\xff\xfe")), base_state().obj["w"])])), lambda: base_state().blobs[:1])
+_pkl_zip(
+    "pkl-negative-offset", "storage_offset -1", _one_tensor(Storage("FloatStorage", "0", 6), -1, (2, 3), (3, 1)), _F6
+)
+_pkl_zip(
+    "pkl-span-past-storage",
+    "size (100,) on a 6-element storage",
+    _one_tensor(Storage("FloatStorage", "0", 6), 0, (100,), (1,)),
+    _F6,
+)
+_pkl_zip(
+    "pkl-offset-past-storage",
+    "offset 5, size (2,) on a 6-element storage (ends at element 7)",
+    _one_tensor(Storage("FloatStorage", "0", 6), 5, (2,), (1,)),
+    _F6,
+)
+_pkl_zip(
+    "pkl-huge-stride",
+    "stride (2**40, 1) for a (2, 3) tensor on 6 elements",
+    _one_tensor(Storage("FloatStorage", "0", 6), 0, (2, 3), (2**40, 1)),
+    _F6,
+)
+_pkl_zip(
+    "pkl-size-stride-rank-mismatch",
+    "size (2, 3) with stride (1,)",
+    _one_tensor(Storage("FloatStorage", "0", 6), 0, (2, 3), (1,)),
+    _F6,
+)
+_pkl_zip(
+    "pkl-size-not-ints", "size ('2', 3.5)", _one_tensor(Storage("FloatStorage", "0", 6), 0, ("2", 3.5), (3, 1)), _F6
+)
+_pkl_zip(
+    "pkl-rebuild-too-few-args",
+    "_rebuild_tensor_v2(storage, 0)",
+    lambda: dumps(OrderedDict(w=G("torch._utils", "_rebuild_tensor_v2")(Storage("FloatStorage", "0", 6), 0))),
+    _F6,
+)
+_pkl_zip(
+    "pkl-rebuild-storage-none",
+    "_rebuild_tensor_v2 with None for the storage",
+    lambda: dumps(OrderedDict(w=rebuild_tensor(None, 0, (2, 3), (3, 1)))),
+)  # type: ignore[arg-type]
+_pkl_zip(
+    "pkl-storage-two-dtypes",
+    "storage '0' used as float32 (6) by 'w' and as int64 (3) by 'v'",
+    lambda: dumps(
+        OrderedDict(
+            w=rebuild_tensor(Storage("FloatStorage", "0", 6), 0, (2, 3), (3, 1)),
+            v=rebuild_tensor(Storage("LongStorage", "0", 3), 0, (3,), (1,)),
+        )
+    ),
+    _F6,
+)
+_pkl_zip(
+    "pkl-storage-two-sizes",
+    "storage '0' claimed as 6 floats and as 6 doubles (48 bytes; record has 24)",
+    lambda: dumps(
+        OrderedDict(
+            w=rebuild_tensor(Storage("FloatStorage", "0", 6), 0, (2, 3), (3, 1)),
+            v=rebuild_tensor(Storage("DoubleStorage", "0", 6), 0, (6,), (1,)),
+        )
+    ),
+    _F6,
+)
+_pkl_zip(
+    "pkl-unicode-key",
+    "a key whose BINUNICODE bytes are not UTF-8 (\\xff\\xfe)",
+    lambda: dumps(OrderedDict([(Raw(op_str(b"\xff\xfe")), base_state().obj["w"])])),
+    lambda: base_state().blobs[:1],
+)
 _pkl_zip("pkl-unicode-global", "a GLOBAL whose module name is not UTF-8", lambda: b"\x80\x02c\xff\xfe\n\xfd\n.")
-_pkl_zip("pkl-unicode-storage-key", "a storage key that is not UTF-8",
-         _one_tensor(Storage("FloatStorage", Raw(op_str(b"\xc3\x28")), 6), 0, (2, 3), (3, 1)), _F6)
-_pkl_zip("pkl-binunicode-past-end", "BINUNICODE claims 2**31 bytes in a 20-byte pickle",
-         lambda: b"\x80\x02X" + struct.pack("<I", 2**31) + b"abc.")
+_pkl_zip(
+    "pkl-unicode-storage-key",
+    "a storage key that is not UTF-8",
+    _one_tensor(Storage("FloatStorage", Raw(op_str(b"\xc3\x28")), 6), 0, (2, 3), (3, 1)),
+    _F6,
+)
+_pkl_zip(
+    "pkl-binunicode-past-end",
+    "BINUNICODE claims 2**31 bytes in a 20-byte pickle",
+    lambda: b"\x80\x02X" + struct.pack("<I", 2**31) + b"abc.",
+)
 _pkl_zip("pkl-global-no-newline", "GLOBAL whose name never ends", lambda: b"\x80\x02ctorch\n" + b"A" * 100)
 
 # ---------------- zip-level damage
 
 
-def _zip_case(name: str, note: str, damage: Callable[[ZipLayout, list[ZipEntry]], bytes | bytearray],
-              entries: Callable[[], list[ZipEntry]] | None = None) -> None:
+def _zip_case(
+    name: str,
+    note: str,
+    damage: Callable[[ZipLayout, list[ZipEntry]], bytes | bytearray],
+    entries: Callable[[], list[ZipEntry]] | None = None,
+) -> None:
     def make(ctx: _Ctx) -> bytes:
         es = entries() if entries is not None else torch_zip_entries(_BASE_PKL, _base_blobs())
         layout = write_zip(es)
@@ -953,14 +1240,27 @@ def _without(suffix: str) -> Callable[[], list[ZipEntry]]:
 
 
 _W = pack("FloatStorage", range(6))
-_zip_case("zip-record-short", "data/0 has 20 bytes, its storage needs 24 (torch mmap=True loads it silently)",
-          lambda lay, es: lay.data, _replace_blob("0", _W[:20]))
-_zip_case("zip-record-long", "data/0 has 28 bytes, its storage needs 24 (torch mmap=True loads it silently)",
-          lambda lay, es: lay.data, _replace_blob("0", _W + b"\x00" * 4))
-_zip_case("zip-record-empty", "data/0 is empty, its storage needs 24 bytes", lambda lay, es: lay.data,
-          _replace_blob("0", b""))
-_zip_case("zip-missing-record", "no data/1 record for a storage the pickle references", lambda lay, es: lay.data,
-          _without("/data/1"))
+_zip_case(
+    "zip-record-short",
+    "data/0 has 20 bytes, its storage needs 24 (torch mmap=True loads it silently)",
+    lambda lay, es: lay.data,
+    _replace_blob("0", _W[:20]),
+)
+_zip_case(
+    "zip-record-long",
+    "data/0 has 28 bytes, its storage needs 24 (torch mmap=True loads it silently)",
+    lambda lay, es: lay.data,
+    _replace_blob("0", _W + b"\x00" * 4),
+)
+_zip_case(
+    "zip-record-empty", "data/0 is empty, its storage needs 24 bytes", lambda lay, es: lay.data, _replace_blob("0", b"")
+)
+_zip_case(
+    "zip-missing-record",
+    "no data/1 record for a storage the pickle references",
+    lambda lay, es: lay.data,
+    _without("/data/1"),
+)
 _zip_case("zip-missing-data-pkl", "no data.pkl record", lambda lay, es: lay.data, _without("/data.pkl"))
 
 
@@ -972,10 +1272,16 @@ def _flip(offset_of: Callable[[ZipLayout, list[ZipEntry]], int], xor: int = 0x01
     return damage
 
 
-_zip_case("zip-crc-flip-data", "one bit flipped in data/0 (CRC-32 mismatch; torch loads a wrong value)",
-          _flip(lambda lay, es: lay.payload[_entry_index(es, "/data/0")] + 5))
-_zip_case("zip-crc-flip-pkl", "key 'w' changed to 'v' inside data.pkl (CRC-32 mismatch; torch loads key 'v')",
-          _flip(lambda lay, es: lay.payload[0] + _BASE_PKL.index(op_str("w")) + 5, ord("w") ^ ord("v")))
+_zip_case(
+    "zip-crc-flip-data",
+    "one bit flipped in data/0 (CRC-32 mismatch; torch loads a wrong value)",
+    _flip(lambda lay, es: lay.payload[_entry_index(es, "/data/0")] + 5),
+)
+_zip_case(
+    "zip-crc-flip-pkl",
+    "key 'w' changed to 'v' inside data.pkl (CRC-32 mismatch; torch loads key 'v')",
+    _flip(lambda lay, es: lay.payload[0] + _BASE_PKL.index(op_str("w")) + 5, ord("w") ^ ord("v")),
+)
 
 
 def _deflate_bomb(prefix: bytes, gib: int = 1) -> tuple[bytes, int, int]:
@@ -1001,17 +1307,26 @@ def _bomb_entries(lie: bool) -> Callable[[], list[ZipEntry]]:
             _BOMB["pkl"] = _deflate_bomb(_BASE_PKL)
         stream, size, crc = _BOMB["pkl"]
         es = torch_zip_entries(_BASE_PKL, _base_blobs())
-        es[0] = ZipEntry(es[0].name, stream, crc=_crc(_BASE_PKL) if lie else crc,
-                         size=len(_BASE_PKL) if lie else size, method=8)
+        es[0] = ZipEntry(
+            es[0].name, stream, crc=_crc(_BASE_PKL) if lie else crc, size=len(_BASE_PKL) if lie else size, method=8
+        )
         return es
 
     return entries
 
 
-_zip_case("zip-bomb-data-pkl", "data.pkl DEFLATE-compressed: ~1 MiB in the file, 1 GiB inflated",
-          lambda lay, es: lay.data, _bomb_entries(False))
-_zip_case("zip-bomb-lying-size", "as zip-bomb-data-pkl, but the headers claim the 246-byte uncompressed size",
-          lambda lay, es: lay.data, _bomb_entries(True))
+_zip_case(
+    "zip-bomb-data-pkl",
+    "data.pkl DEFLATE-compressed: ~1 MiB in the file, 1 GiB inflated",
+    lambda lay, es: lay.data,
+    _bomb_entries(False),
+)
+_zip_case(
+    "zip-bomb-lying-size",
+    "as zip-bomb-data-pkl, but the headers claim the 246-byte uncompressed size",
+    lambda lay, es: lay.data,
+    _bomb_entries(True),
+)
 
 
 def _set_flags(index_suffix: str, bit: int):
@@ -1027,13 +1342,20 @@ def _set_flags(index_suffix: str, bit: int):
 
 _zip_case("zip-encrypted-pkl", "the encrypted flag is set on data.pkl", _set_flags("/data.pkl", 0x1))
 _zip_case("zip-encrypted-data", "the encrypted flag is set on data/0", _set_flags("/data/0", 0x1))
-_zip_case("zip-duplicate-data-record", "two members named archive/data/0 with different bytes",
-          lambda lay, es: lay.data,
-          lambda: (lambda es: es[:5] + [ZipEntry(es[4].name, pack("FloatStorage", [9] * 6))] + es[5:])(
-              torch_zip_entries(_BASE_PKL, _base_blobs())))
-_zip_case("zip-duplicate-data-pkl", "two members named archive/data.pkl (the second one a different object)",
-          lambda lay, es: lay.data,
-          lambda: torch_zip_entries(_BASE_PKL, _base_blobs()) + [ZipEntry("archive/data.pkl", dumps({"x": 1}))])
+_zip_case(
+    "zip-duplicate-data-record",
+    "two members named archive/data/0 with different bytes",
+    lambda lay, es: lay.data,
+    lambda: (lambda es: es[:5] + [ZipEntry(es[4].name, pack("FloatStorage", [9] * 6))] + es[5:])(
+        torch_zip_entries(_BASE_PKL, _base_blobs())
+    ),
+)
+_zip_case(
+    "zip-duplicate-data-pkl",
+    "two members named archive/data.pkl (the second one a different object)",
+    lambda lay, es: lay.data,
+    lambda: torch_zip_entries(_BASE_PKL, _base_blobs()) + [ZipEntry("archive/data.pkl", dumps({"x": 1}))],
+)
 
 
 def _patch(pos_of: Callable[[ZipLayout, list[ZipEntry]], int], fmt: str, value: int):
@@ -1057,43 +1379,98 @@ def _local_name_differs(lay: ZipLayout, es: list[ZipEntry]) -> bytearray:
     return lay.data
 
 
-_zip_case("zip-local-cd-name-mismatch", "local header names archive/data/7, central directory archive/data/0",
-          _local_name_differs)
-_zip_case("zip-cd-offset-wrong", "the central directory's offset for data/0 points at data/1's local header",
-          lambda lay, es: _patch(lambda l, e: l.central[_entry_index(e, "/data/0")] + 42, "<I",
-                                 lay.local[_entry_index(es, "/data/1")])(lay, es))
-_zip_case("zip-cd-offset-inside-data", "the central directory's offset for data/0 points into tensor bytes",
-          lambda lay, es: _patch(lambda l, e: l.central[_entry_index(e, "/data/0")] + 42, "<I",
-                                 lay.payload[_entry_index(es, "/data/0")] + 4)(lay, es))
-_zip_case("zip-cd-size-larger", "the central directory says data/0 holds 48 bytes; 24 are stored",
-          lambda lay, es: _patch(lambda l, e: l.central[_entry_index(e, "/data/0")] + 20, "<Q",
-                                 48 | (48 << 32))(lay, es))
-_zip_case("zip-cd-size-past-eof", "the central directory says data/0 holds 2**31 bytes",
-          lambda lay, es: _patch(lambda l, e: l.central[_entry_index(e, "/data/0")] + 20, "<Q",
-                                 2**31 | (2**31 << 32))(lay, es))
-_zip_case("zip-local-extra-huge", "data/0's local header extra length is 0xFFFF (data offset past the record)",
-          _patch(lambda l, e: l.local[_entry_index(e, "/data/0")] + 28, "<H", 0xFFFF))
-_zip_case("zip-method-unknown", "data/0 uses compression method 99",
-          lambda lay, es: _multi_patch(lay, [(lay.local[_entry_index(es, "/data/0")] + 8, "<H", (99,)),
-                                             (lay.central[_entry_index(es, "/data/0")] + 10, "<H", (99,))]))
-_zip_case("zip-cd-truncated", "cut in the middle of the central directory",
-          lambda lay, es: lay.data[: (lay.cd_start + lay.zip64_eocd) // 2])
-_zip_case("zip-no-end-records", "the zip64 end record, locator and end of central directory are missing",
-          lambda lay, es: lay.data[: lay.zip64_eocd])
-_zip_case("zip-eocd-fewer-entries", "the end records claim 3 entries; the central directory has 8",
-          lambda lay, es: _multi_patch(lay, [(lay.eocd + 8, "<HH", (3, 3)), (lay.zip64_eocd + 24, "<QQ", (3, 3))]))
-_zip_case("zip-cd-offset-past-eof", "the end records put the central directory past the end of the file",
-          lambda lay, es: _multi_patch(lay, [(lay.eocd + 16, "<I", (len(lay.data) + 4096,)),
-                                             (lay.zip64_eocd + 48, "<Q", (len(lay.data) + 4096,))]))
-_zip_case("zip-multi-disk", "the end record claims a multi-disk (spanned) archive",
-          lambda lay, es: _multi_patch(lay, [(lay.eocd + 4, "<HH", (1, 1)), (lay.zip64_eocd + 16, "<II", (1, 1)),
-                                             (lay.locator + 16, "<I", (2,))]))
-_zip_case("zip-prefix-mismatch", "data.pkl under archive/, its data records under other/", lambda lay, es: lay.data,
-          lambda: [ZipEntry(e.name.replace("archive/data/", "other/data/"), e.data)
-                   for e in torch_zip_entries(_BASE_PKL, _base_blobs())])
-_zip_case("zip-non-utf8-name", "data/0's name is not UTF-8 although the UTF-8 flag is set",
-          lambda lay, es: _xor_bytes(lay, [lay.local[_entry_index(es, "/data/0")] + 30 + 2,
-                                           lay.central[_entry_index(es, "/data/0")] + 46 + 2], 0x80))
+_zip_case(
+    "zip-local-cd-name-mismatch",
+    "local header names archive/data/7, central directory archive/data/0",
+    _local_name_differs,
+)
+_zip_case(
+    "zip-cd-offset-wrong",
+    "the central directory's offset for data/0 points at data/1's local header",
+    lambda lay, es: _patch(
+        lambda lo, e: lo.central[_entry_index(e, "/data/0")] + 42, "<I", lay.local[_entry_index(es, "/data/1")]
+    )(lay, es),
+)
+_zip_case(
+    "zip-cd-offset-inside-data",
+    "the central directory's offset for data/0 points into tensor bytes",
+    lambda lay, es: _patch(
+        lambda lo, e: lo.central[_entry_index(e, "/data/0")] + 42, "<I", lay.payload[_entry_index(es, "/data/0")] + 4
+    )(lay, es),
+)
+_zip_case(
+    "zip-cd-size-larger",
+    "the central directory says data/0 holds 48 bytes; 24 are stored",
+    lambda lay, es: _patch(lambda lo, e: lo.central[_entry_index(e, "/data/0")] + 20, "<Q", 48 | (48 << 32))(lay, es),
+)
+_zip_case(
+    "zip-cd-size-past-eof",
+    "the central directory says data/0 holds 2**31 bytes",
+    lambda lay, es: _patch(lambda lo, e: lo.central[_entry_index(e, "/data/0")] + 20, "<Q", 2**31 | (2**31 << 32))(
+        lay, es
+    ),
+)
+_zip_case(
+    "zip-local-extra-huge",
+    "data/0's local header extra length is 0xFFFF (data offset past the record)",
+    _patch(lambda lo, e: lo.local[_entry_index(e, "/data/0")] + 28, "<H", 0xFFFF),
+)
+_zip_case(
+    "zip-method-unknown",
+    "data/0 uses compression method 99",
+    lambda lay, es: _multi_patch(
+        lay,
+        [
+            (lay.local[_entry_index(es, "/data/0")] + 8, "<H", (99,)),
+            (lay.central[_entry_index(es, "/data/0")] + 10, "<H", (99,)),
+        ],
+    ),
+)
+_zip_case(
+    "zip-cd-truncated",
+    "cut in the middle of the central directory",
+    lambda lay, es: lay.data[: (lay.cd_start + lay.zip64_eocd) // 2],
+)
+_zip_case(
+    "zip-no-end-records",
+    "the zip64 end record, locator and end of central directory are missing",
+    lambda lay, es: lay.data[: lay.zip64_eocd],
+)
+_zip_case(
+    "zip-eocd-fewer-entries",
+    "the end records claim 3 entries; the central directory has 8",
+    lambda lay, es: _multi_patch(lay, [(lay.eocd + 8, "<HH", (3, 3)), (lay.zip64_eocd + 24, "<QQ", (3, 3))]),
+)
+_zip_case(
+    "zip-cd-offset-past-eof",
+    "the end records put the central directory past the end of the file",
+    lambda lay, es: _multi_patch(
+        lay, [(lay.eocd + 16, "<I", (len(lay.data) + 4096,)), (lay.zip64_eocd + 48, "<Q", (len(lay.data) + 4096,))]
+    ),
+)
+_zip_case(
+    "zip-multi-disk",
+    "the end record claims a multi-disk (spanned) archive",
+    lambda lay, es: _multi_patch(
+        lay, [(lay.eocd + 4, "<HH", (1, 1)), (lay.zip64_eocd + 16, "<II", (1, 1)), (lay.locator + 16, "<I", (2,))]
+    ),
+)
+_zip_case(
+    "zip-prefix-mismatch",
+    "data.pkl under archive/, its data records under other/",
+    lambda lay, es: lay.data,
+    lambda: [
+        ZipEntry(e.name.replace("archive/data/", "other/data/"), e.data)
+        for e in torch_zip_entries(_BASE_PKL, _base_blobs())
+    ],
+)
+_zip_case(
+    "zip-non-utf8-name",
+    "data/0's name is not UTF-8 although the UTF-8 flag is set",
+    lambda lay, es: _xor_bytes(
+        lay, [lay.local[_entry_index(es, "/data/0")] + 30 + 2, lay.central[_entry_index(es, "/data/0")] + 46 + 2], 0x80
+    ),
+)
 
 
 def _xor_bytes(lay: ZipLayout, positions: list[int], xor: int) -> bytearray:
@@ -1103,11 +1480,17 @@ def _xor_bytes(lay: ZipLayout, positions: list[int], xor: int) -> bytearray:
 
 
 for _pct in (10, 50, 90):
-    _zip_case(f"zip-truncated-{_pct}pct", f"a valid checkpoint cut at {_pct}% of its length",
-              lambda lay, es, p=_pct: lay.data[: len(lay.data) * p // 100])
+    _zip_case(
+        f"zip-truncated-{_pct}pct",
+        f"a valid checkpoint cut at {_pct}% of its length",
+        lambda lay, es, p=_pct: lay.data[: len(lay.data) * p // 100],
+    )
 _zip_case("zip-truncated-last-byte", "a valid checkpoint without its last byte", lambda lay, es: lay.data[:-1])
-_zip_case("zip-truncated-after-data", "cut right after the last local record, before the central directory",
-          lambda lay, es: lay.data[: lay.cd_start])
+_zip_case(
+    "zip-truncated-after-data",
+    "cut right after the last local record, before the central directory",
+    lambda lay, es: lay.data[: lay.cd_start],
+)
 
 
 def _zip64_cd_offset(lay: ZipLayout, es: list[ZipEntry]) -> bytearray:
@@ -1115,15 +1498,25 @@ def _zip64_cd_offset(lay: ZipLayout, es: list[ZipEntry]) -> bytearray:
 
 
 _zip_case("zip64-cd-offset-huge", "the zip64 end record puts the central directory at 2**62", _zip64_cd_offset)
-_zip_case("zip64-entries-huge", "the zip64 end record claims 2**40 entries",
-          lambda lay, es: _multi_patch(lay, [(lay.eocd + 8, "<HH", (0xFFFF, 0xFFFF)),
-                                             (lay.zip64_eocd + 24, "<QQ", (2**40, 2**40))]))
-_zip_case("zip64-locator-past-eof", "the zip64 locator points past the end of the file",
-          lambda lay, es: _multi_patch(lay, [(lay.eocd + 16, "<I", (0xFFFFFFFF,)),
-                                             (lay.locator + 8, "<Q", (2**40,))]))
-_zip_case("zip64-bad-signature", "the zip64 end record's signature is wrong while the end record defers to it",
-          lambda lay, es: _multi_patch(lay, [(lay.eocd + 16, "<I", (0xFFFFFFFF,)),
-                                             (lay.zip64_eocd, "<4s", (b"PK\x06\x05",))]))
+_zip_case(
+    "zip64-entries-huge",
+    "the zip64 end record claims 2**40 entries",
+    lambda lay, es: _multi_patch(
+        lay, [(lay.eocd + 8, "<HH", (0xFFFF, 0xFFFF)), (lay.zip64_eocd + 24, "<QQ", (2**40, 2**40))]
+    ),
+)
+_zip_case(
+    "zip64-locator-past-eof",
+    "the zip64 locator points past the end of the file",
+    lambda lay, es: _multi_patch(lay, [(lay.eocd + 16, "<I", (0xFFFFFFFF,)), (lay.locator + 8, "<Q", (2**40,))]),
+)
+_zip_case(
+    "zip64-bad-signature",
+    "the zip64 end record's signature is wrong while the end record defers to it",
+    lambda lay, es: _multi_patch(
+        lay, [(lay.eocd + 16, "<I", (0xFFFFFFFF,)), (lay.zip64_eocd, "<4s", (b"PK\x06\x05",))]
+    ),
+)
 
 
 def _zip64_extra_size(lay: ZipLayout, es: list[ZipEntry]) -> bytes:
@@ -1136,7 +1529,7 @@ def _zip64_extra_size(lay: ZipLayout, es: list[ZipEntry]) -> bytes:
     extra = struct.pack("<HHQQ", 0x0001, 16, 2**40, 2**40)
     struct.pack_into("<H", entry, 30, len(extra))
     entry += extra
-    cd = data[lay.cd_start:start] + bytes(entry) + data[end:lay.zip64_eocd]
+    cd = data[lay.cd_start : start] + bytes(entry) + data[end : lay.zip64_eocd]
     out = bytearray(data[: lay.cd_start] + cd)
     z64 = len(out)
     n = len(es)
@@ -1198,25 +1591,57 @@ def _gap_after_cd(lay: ZipLayout, es: list[ZipEntry]) -> bytes:
     return bytes(lay.data[: lay.zip64_eocd] + junk + lay.data[lay.zip64_eocd :])
 
 
-_zip_case("zip-two-end-records", "a second end-of-central-directory record (and 2 junk bytes) in the archive comment "
-          "points at a central directory with another data/0", _two_end_records(b"\0\0"), _with_evil_data0(99))
-_zip_case("zip-two-end-records-exact", "as zip-two-end-records without the junk: both end records reach the end of "
-          "the file", _two_end_records(b""), _with_evil_data0(99))
-_zip_case("zip-case-variant-after", "archive/DATA/0 (other bytes) listed after archive/data/0",
-          lambda lay, es: lay.data, _with_evil_data0(1))
-_zip_case("zip-case-variant-before", "archive/DATA/0 (other bytes) listed before archive/data/0",
-          lambda lay, es: lay.data, _with_evil_data0(0))
-_zip_case("zip-member-outside-folder", "a member other/readme.txt beside the archive/ folder (torch refuses it too)",
-          lambda lay, es: lay.data,
-          lambda: torch_zip_entries(_BASE_PKL, _base_blobs()) + [ZipEntry("other/readme.txt", b"hello\n")])
-_zip_case("zip-trailing-bytes", "two zero bytes after the end-of-central-directory record",
-          lambda lay, es: bytes(lay.data) + b"\0\0")
-_zip_case("zip-end-record-copy-in-comment", "the archive comment is a copy of the end-of-central-directory record",
-          lambda lay, es: _comment(lay, bytes(lay.data[lay.eocd :])))
-_zip_case("zip-gap-after-central-directory", "32 bytes starting with a central-directory signature between the "
-          "central directory and the ZIP64 end record", _gap_after_cd)
-_zip_case("zip-end-records-disagree", "the 32-bit end record puts the central directory at data.pkl's local header, "
-          "the ZIP64 one at the real one", lambda lay, es: _multi_patch(lay, [(lay.eocd + 16, "<I", (0,))]))
+_zip_case(
+    "zip-two-end-records",
+    "a second end-of-central-directory record (and 2 junk bytes) in the archive comment "
+    "points at a central directory with another data/0",
+    _two_end_records(b"\0\0"),
+    _with_evil_data0(99),
+)
+_zip_case(
+    "zip-two-end-records-exact",
+    "as zip-two-end-records without the junk: both end records reach the end of the file",
+    _two_end_records(b""),
+    _with_evil_data0(99),
+)
+_zip_case(
+    "zip-case-variant-after",
+    "archive/DATA/0 (other bytes) listed after archive/data/0",
+    lambda lay, es: lay.data,
+    _with_evil_data0(1),
+)
+_zip_case(
+    "zip-case-variant-before",
+    "archive/DATA/0 (other bytes) listed before archive/data/0",
+    lambda lay, es: lay.data,
+    _with_evil_data0(0),
+)
+_zip_case(
+    "zip-member-outside-folder",
+    "a member other/readme.txt beside the archive/ folder (torch refuses it too)",
+    lambda lay, es: lay.data,
+    lambda: torch_zip_entries(_BASE_PKL, _base_blobs()) + [ZipEntry("other/readme.txt", b"hello\n")],
+)
+_zip_case(
+    "zip-trailing-bytes",
+    "two zero bytes after the end-of-central-directory record",
+    lambda lay, es: bytes(lay.data) + b"\0\0",
+)
+_zip_case(
+    "zip-end-record-copy-in-comment",
+    "the archive comment is a copy of the end-of-central-directory record",
+    lambda lay, es: _comment(lay, bytes(lay.data[lay.eocd :])),
+)
+_zip_case(
+    "zip-gap-after-central-directory",
+    "32 bytes starting with a central-directory signature between the central directory and the ZIP64 end record",
+    _gap_after_cd,
+)
+_zip_case(
+    "zip-end-records-disagree",
+    "the 32-bit end record puts the central directory at data.pkl's local header, the ZIP64 one at the real one",
+    lambda lay, es: _multi_patch(lay, [(lay.eocd + 16, "<I", (0,))]),
+)
 
 # ---------------- legacy-format damage
 
@@ -1232,22 +1657,40 @@ def _legacy_base(**kw: Any) -> bytes:
 
 _LEGACY_LEN = len(_legacy_base())
 _legacy_case("legacy-truncated-data", "the last storage's bytes are cut short", lambda: _legacy_base()[:-5])
-_legacy_case("legacy-truncated-count", "cut inside the last storage's int64 element count",
-             lambda: _legacy_base()[: _LEGACY_LEN - 24 - 4])
+_legacy_case(
+    "legacy-truncated-count",
+    "cut inside the last storage's int64 element count",
+    lambda: _legacy_base()[: _LEGACY_LEN - 24 - 4],
+)
 for _pct in (10, 50, 90):
-    _legacy_case(f"legacy-truncated-{_pct}pct", f"a valid legacy checkpoint cut at {_pct}%",
-                 lambda p=_pct: _legacy_base()[: _LEGACY_LEN * p // 100])
-_legacy_case("legacy-count-too-big", "a storage's element count says 1,000,000 (the pickle says 6)",
-             lambda: _legacy_base(counts={str(140_000_000_000_000): 1_000_000}))
-_legacy_case("legacy-count-too-small", "a storage's element count says 3 (the pickle says 6)",
-             lambda: _legacy_base(counts={str(140_000_000_000_000): 3}))
-_legacy_case("legacy-count-negative", "a storage's element count is -1",
-             lambda: _legacy_base(counts={str(140_000_000_000_000): -1}))
+    _legacy_case(
+        f"legacy-truncated-{_pct}pct",
+        f"a valid legacy checkpoint cut at {_pct}%",
+        lambda p=_pct: _legacy_base()[: _LEGACY_LEN * p // 100],
+    )
+_legacy_case(
+    "legacy-count-too-big",
+    "a storage's element count says 1,000,000 (the pickle says 6)",
+    lambda: _legacy_base(counts={str(140_000_000_000_000): 1_000_000}),
+)
+_legacy_case(
+    "legacy-count-too-small",
+    "a storage's element count says 3 (the pickle says 6)",
+    lambda: _legacy_base(counts={str(140_000_000_000_000): 3}),
+)
+_legacy_case(
+    "legacy-count-negative",
+    "a storage's element count is -1",
+    lambda: _legacy_base(counts={str(140_000_000_000_000): -1}),
+)
 _legacy_case("legacy-bad-magic", "the magic number is off by one", lambda: _legacy_base(magic=MAGIC_NUMBER + 1))
 _legacy_case("legacy-bad-protocol", "protocol version 1000 instead of 1001", lambda: _legacy_base(protocol=1000))
 _legacy_case("legacy-magic-only", "the magic number and nothing else", lambda: dumps(MAGIC_NUMBER))
-_legacy_case("legacy-missing-keys", "the object pickle with no storage-key list or data after it",
-             lambda: _LEGACY_HEAD + dumps(base_state(legacy=True).obj))
+_legacy_case(
+    "legacy-missing-keys",
+    "the object pickle with no storage-key list or data after it",
+    lambda: _LEGACY_HEAD + dumps(base_state(legacy=True).obj),
+)
 _LEGACY_HEAD = dumps(MAGIC_NUMBER) + dumps(PROTOCOL_VERSION) + dumps(SYS_INFO)
 
 
@@ -1263,19 +1706,25 @@ def _legacy_duplicate_key() -> bytes:
 
 _legacy_case("legacy-unknown-key", "the storage-key list names a key the object never used", _legacy_unknown_key)
 _legacy_case("legacy-duplicate-key", "the storage-key list names the same key twice", _legacy_duplicate_key)
-_legacy_case("legacy-keys-not-list", "the storage-key list is an int",
-             lambda: _LEGACY_HEAD + dumps(base_state(legacy=True).obj) + dumps(7))
+_legacy_case(
+    "legacy-keys-not-list",
+    "the storage-key list is an int",
+    lambda: _LEGACY_HEAD + dumps(base_state(legacy=True).obj) + dumps(7),
+)
 
 
 def _legacy_view() -> bytes:
     sd = base_state(legacy=True)
-    st = Storage("FloatStorage", sd.blobs[0].key, 6, pid_override=(
-        "storage", G("torch", "FloatStorage"), sd.blobs[0].key, "cpu", 6, ("view-1", 4, 100)))
+    st = Storage(
+        "FloatStorage",
+        sd.blobs[0].key,
+        6,
+        pid_override=("storage", G("torch", "FloatStorage"), sd.blobs[0].key, "cpu", 6, ("view-1", 4, 100)),
+    )
     return legacy_file(OrderedDict(w=rebuild_tensor(st, 0, (100,), (1,))), sd.blobs[:1])
 
 
-_legacy_case("legacy-view-past-storage", "a storage view (offset 4, 100 elements) of a 6-element storage",
-             _legacy_view)
+_legacy_case("legacy-view-past-storage", "a storage view (offset 4, 100 elements) of a 6-element storage", _legacy_view)
 
 
 def _legacy_tar_polyglot() -> bytes:
@@ -1291,8 +1740,11 @@ def _legacy_tar_polyglot() -> bytes:
     return bytes(data)
 
 
-_legacy_case("legacy-tar-polyglot", "a legacy file whose first 512 bytes are also a valid tar header (torch.load tries "
-             "the tar format first)", _legacy_tar_polyglot)
+_legacy_case(
+    "legacy-tar-polyglot",
+    "a legacy file whose first 512 bytes are also a valid tar header (torch.load tries the tar format first)",
+    _legacy_tar_polyglot,
+)
 
 # ---------------- safetensors damage
 
@@ -1313,33 +1765,59 @@ def _t(dtype: str = "F32", shape: list[int] | None = None, offsets: list[int] | 
     return {"dtype": dtype, "shape": [2, 3] if shape is None else shape, "data_offsets": offsets or [0, 24]}
 
 
-_st("st-header-past-eof", "the header length (1,000,000) runs past the end of the file",
-    lambda: _st_header({"w": _t()}, header_len=1_000_000))
-_st("st-header-huge", "the header length claims 200 MB (over the format's 100 MB limit)",
-    lambda: _st_header({"w": _t()}, header_len=200_000_000))
+_st(
+    "st-header-past-eof",
+    "the header length (1,000,000) runs past the end of the file",
+    lambda: _st_header({"w": _t()}, header_len=1_000_000),
+)
+_st(
+    "st-header-huge",
+    "the header length claims 200 MB (over the format's 100 MB limit)",
+    lambda: _st_header({"w": _t()}, header_len=200_000_000),
+)
 _st("st-header-len-2-63", "the header length is 2**63 - 1", lambda: _st_header({"w": _t()}, header_len=2**63 - 1))
 _st("st-header-len-zero", "the header length is 0", lambda: _st_header({"w": _t()}, header_len=0))
 _st("st-shorter-than-length", "a 5-byte file (shorter than the 8-byte header length)", lambda: b"\x10\x00\x00\x00\x00")
 _st("st-invalid-json", "the header is truncated JSON", lambda: _st_header(b'{"w":{"dtype":"F32","shape":[2,3],"data_'))
 _st("st-json-not-object", "the header is a JSON list", lambda: _st_header(b"[1, 2, 3]"))
 _st("st-header-not-utf8", "the header is not UTF-8", lambda: _st_header(b'{"\xff\xfe":{}}'))
-_st("st-duplicate-names", "the header names tensor 'w' twice, as float32 [2, 3] then int32 [6] (the library keeps the last)",
-    lambda: _st_header(b'{"w":{"dtype":"F32","shape":[2,3],"data_offsets":[0,24]},'
-                       b'"w":{"dtype":"I32","shape":[6],"data_offsets":[0,24]}}'))
-_st("st-overlap", "two tensors share bytes 8..16",
-    lambda: _st_header({"a": _t(shape=[4], offsets=[0, 16]), "b": _t(shape=[4], offsets=[8, 24])}))
-_st("st-gap", "bytes 8..16 belong to no tensor",
-    lambda: _st_header({"a": _t(shape=[2], offsets=[0, 8]), "b": _t(shape=[2], offsets=[16, 24])}))
+_st(
+    "st-duplicate-names",
+    "the header names tensor 'w' twice, as float32 [2, 3] then int32 [6] (the library keeps the last)",
+    lambda: _st_header(
+        b'{"w":{"dtype":"F32","shape":[2,3],"data_offsets":[0,24]},'
+        b'"w":{"dtype":"I32","shape":[6],"data_offsets":[0,24]}}'
+    ),
+)
+_st(
+    "st-overlap",
+    "two tensors share bytes 8..16",
+    lambda: _st_header({"a": _t(shape=[4], offsets=[0, 16]), "b": _t(shape=[4], offsets=[8, 24])}),
+)
+_st(
+    "st-gap",
+    "bytes 8..16 belong to no tensor",
+    lambda: _st_header({"a": _t(shape=[2], offsets=[0, 8]), "b": _t(shape=[2], offsets=[16, 24])}),
+)
 _st("st-trailing-bytes", "16 bytes after the last tensor", lambda: _st_header({"w": _t()}, _W24 + b"\x00" * 16))
-_st("st-unknown-dtype", "dtype 'F128'",
-    lambda: _st_header({"w": _t(dtype="F128", shape=[3], offsets=[0, 48])}, _W24 + b"\x00" * 24))
-_st("st-shape-offset-mismatch", "shape [2, 3] float32 needs 24 bytes; offsets span 20",
-    lambda: _st_header({"w": _t(offsets=[0, 20])}, _W24[:20]))
+_st(
+    "st-unknown-dtype",
+    "dtype 'F128'",
+    lambda: _st_header({"w": _t(dtype="F128", shape=[3], offsets=[0, 48])}, _W24 + b"\x00" * 24),
+)
+_st(
+    "st-shape-offset-mismatch",
+    "shape [2, 3] float32 needs 24 bytes; offsets span 20",
+    lambda: _st_header({"w": _t(offsets=[0, 20])}, _W24[:20]),
+)
 _st("st-offsets-past-eof", "offsets [0, 24] but only 16 data bytes", lambda: _st_header({"w": _t()}, _W24[:16]))
 _st("st-offsets-reversed", "data_offsets [24, 0]", lambda: _st_header({"w": _t(offsets=[24, 0])}))
 _st("st-negative-shape", "shape [-1, 6]", lambda: _st_header({"w": _t(shape=[-1, 6])}))
 _st("st-huge-shape", "shape [2**40, 2**40]: numel overflows int64", lambda: _st_header({"w": _t(shape=[2**40, 2**40])}))
 _st("st-metadata-not-strings", "__metadata__ maps to an int", lambda: _st_header({"__metadata__": {"a": 1}, "w": _t()}))
 _st("st-tensor-not-object", "a tensor entry that is a string", lambda: _st_header({"w": "F32"}))
-_st("st-truncated-last-byte", "a valid safetensors file without its last byte",
-    lambda: safetensors_file([("w", "F32", [2, 3], _W24)])[:-1])
+_st(
+    "st-truncated-last-byte",
+    "a valid safetensors file without its last byte",
+    lambda: safetensors_file([("w", "F32", [2, 3], _W24)])[:-1],
+)
