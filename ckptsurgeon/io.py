@@ -17,6 +17,7 @@ import os
 import stat
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from enum import Enum
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -363,8 +364,22 @@ def _same_file(a: Path, b: Path) -> bool:
         return False
 
 
-def is_safetensors_path(path: Path) -> bool:
-    return path.suffix.lower() == ".safetensors"
+class OutputFormat(str, Enum):
+    """The layout a writer produces (`--format`)."""
+
+    pt = "pt"  # torch.save's zip format
+    safetensors = "safetensors"
+
+
+def output_format(path: Path, format: str | None = None) -> OutputFormat:
+    """`format` when given, else from the output's name: `*.safetensors` -> safetensors, else pt."""
+    if format is not None:
+        try:
+            return OutputFormat(format)
+        except ValueError:
+            choices = ", ".join(f.value for f in OutputFormat)
+            raise UsageError(f"--format {format!r}: expected one of {choices}") from None
+    return OutputFormat.safetensors if path.suffix.lower() == ".safetensors" else OutputFormat.pt
 
 
 def save_checkpoint(
@@ -376,8 +391,10 @@ def save_checkpoint(
     progress: Callable[[int], None] | None = None,
     unsafe: bool = False,
     allow_globals: Sequence[str] = (),
+    format: str | None = None,
 ) -> list[str]:
-    """Write `obj` atomically; `.safetensors` outputs get the safetensors format, others torch.save's.
+    """Write `obj` atomically in `format` (see `output_format`: by default `.safetensors` outputs
+    get the safetensors format, others torch.save's).
 
     Returns notices for the user (e.g. what safetensors cannot represent). On any failure the
     destination is left exactly as it was and no temporary file remains. With `verify`, the
@@ -387,7 +404,7 @@ def save_checkpoint(
     """
     output = Path(output)
     notes: list[str] = []
-    safetensors = is_safetensors_path(output)
+    safetensors = output_format(output, format) is OutputFormat.safetensors
     if safetensors:
         _check_safetensors_target(obj, output)
 

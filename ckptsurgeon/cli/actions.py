@@ -204,8 +204,10 @@ def write_output(
     safetensors_metadata: Any = None,
     unsafe: bool = False,
     allow_global: list[str] | None = None,
+    format: str | None = None,
 ) -> list[str]:
-    """Write `obj` to `output` (atomically, with a progress bar on a terminal); returns the notes."""
+    """Write `obj` to `output` in `format` (atomically, with a progress bar on a terminal); returns
+    the notes."""
     from ..io import check_output, iter_tensors, save_checkpoint
 
     check_output(output, inputs, force=force)
@@ -218,6 +220,7 @@ def write_output(
             progress=advance,
             unsafe=unsafe,
             allow_globals=tuple(allow_global or ()),
+            format=format,
         )
     for n in notes:
         notice(f"note: {n}")
@@ -225,12 +228,22 @@ def write_output(
 
 
 def writer_report(
-    command: str, output: Path, state_dict: Mapping[str, Any], *, dry_run: bool, notes: Sequence[str], **extra: Any
+    command: str,
+    output: Path,
+    state_dict: Mapping[str, Any],
+    *,
+    dry_run: bool,
+    notes: Sequence[str],
+    format: str | None = None,
+    **extra: Any,
 ) -> dict[str, Any]:
+    from ..io import output_format
+
     return {
         "schema_version": JSON_SCHEMA_VERSION,
         "command": command,
         "output": str(output),
+        "format": output_format(output, format).value,
         "dry_run": dry_run,
         "written": not dry_run,
         "keys": list(state_dict),
@@ -275,6 +288,7 @@ def extract(
     force: bool = False,
     dry_run: bool = False,
     verify: bool = False,
+    format: str | None = None,
     as_json: bool = False,
     model: str | None = None,
     model_kwargs: str | None = None,
@@ -310,6 +324,7 @@ def extract(
             output,
             result,
             dry_run=dry_run,
+            format=format,
             notes=[],
             state_dict_key=ckpt_obj.state_dict_key,
             **model_extra(model_data),
@@ -329,6 +344,7 @@ def extract(
             safetensors_metadata=safetensors_meta(ckpt_obj),
             unsafe=unsafe,
             allow_global=allow_global,
+            format=format,
         )
     if as_json:
         print_json(
@@ -337,6 +353,7 @@ def extract(
                 output,
                 result,
                 dry_run=dry_run,
+                format=format,
                 notes=notes,
                 state_dict_key=ckpt_obj.state_dict_key,
                 **model_extra(model_data),

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import importlib
 import json
 import os
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from inspect import Parameter, Signature
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, get_args
 
 import typer
 from typer.core import TyperGroup
@@ -18,6 +20,7 @@ from ..errors import EXIT_BAD_INPUT, EXIT_DIFFERENT, EXIT_OK, UsageError
 from ..merge import OnConflict
 from . import actions, text
 from .console import error, exit_code_for, expect_json, notice, print_json, progress, say, show, total_bytes
+from .options import Kind, Opt, options_for
 
 # Typer vendors click and exports only BadParameter of its exceptions; its base is UsageError.
 ClickUsageError: type[Exception] = typer.BadParameter.__mro__[1]
@@ -72,59 +75,6 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
-# --------------------------------------------------------------------------- shared options
-
-Ckpt = Annotated[
-    Path, typer.Argument(help="Checkpoint file (torch.save zip or legacy format, or .safetensors).", show_default=False)
-]
-Include = Annotated[
-    list[str] | None,
-    typer.Option("--include", "-i", help="Select keys matching PATTERN (repeatable). See 'Key patterns' in README."),
-]
-Exclude = Annotated[list[str] | None, typer.Option("--exclude", "-x", help="Drop keys matching PATTERN (repeatable).")]
-Regex = Annotated[bool, typer.Option("--regex", help="Patterns are Python regular expressions (re.search).")]
-Key = Annotated[
-    str | None,
-    typer.Option("--key", help="Dotted path of the state_dict inside a container, e.g. 'model_state_dict'."),
-]
-Unsafe = Annotated[
-    bool,
-    typer.Option(
-        "--unsafe", help="Allow a full unpickle (weights_only=False). EXECUTES CODE from the file: trusted files only."
-    ),
-]
-AllowGlobal = Annotated[
-    list[str] | None,
-    typer.Option(
-        "--allow-global", help="Allow one pickle global, e.g. argparse.Namespace (repeatable); narrower than --unsafe."
-    ),
-]
-JsonOut = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout instead of tables.")]
-ModelSpec = Annotated[
-    str | None, typer.Option("--model", help="Check against a model: 'package.module:Name' or 'path/file.py:Name'.")
-]
-ModelKwargs = Annotated[
-    str | None, typer.Option("--model-kwargs", help="JSON object of constructor arguments for --model.")
-]
-AllowMissing = Annotated[
-    bool, typer.Option("--allow-missing", help="With --model: keys the model has but the checkpoint lacks are fine.")
-]
-AllowUnexpected = Annotated[
-    bool, typer.Option("--allow-unexpected", help="With --model: keys the checkpoint has but the model lacks are fine.")
-]
-Output = Annotated[
-    Path, typer.Option("--output", "-o", help="File to write (.safetensors: safetensors format; else torch.save).")
-]
-Force = Annotated[bool, typer.Option("--force", "-f", help="Replace an existing output (also when it is an input).")]
-DryRun = Annotated[bool, typer.Option("--dry-run", help="Show what would be written; write nothing.")]
-Verify = Annotated[
-    bool,
-    typer.Option(
-        "--verify", help="Read the written file back and compare it with what was meant before it replaces OUT."
-    ),
-]
-Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="Log engine decisions on stderr.")]
-
 
 def _version_callback(value: bool) -> None:
     if value:
@@ -147,128 +97,51 @@ def _root(
 # --------------------------------------------------------------------------- commands
 
 
-@app.command()
-def inspect(
-    ckpt: Ckpt,
-    include: Include = None,
-    exclude: Exclude = None,
-    regex: Regex = False,
-    key: Key = None,
-    as_json: JsonOut = False,
-    model: ModelSpec = None,
-    model_kwargs: ModelKwargs = None,
-    allow_missing: AllowMissing = False,
-    allow_unexpected: AllowUnexpected = False,
-    verify: Annotated[
-        bool, typer.Option("--verify", help="Also read all tensor data once and check every record's CRC-32.")
-    ] = False,
-    unsafe: Unsafe = False,
-    allow_global: AllowGlobal = None,
-) -> int:
+def _inspect(**options: Any) -> int:
     """List tensors (key, shape, dtype, elements, bytes), totals, container entries, tied storage.
 
     Reads metadata only (milliseconds, whatever the file size); --verify also reads the data and
     checks CRCs. With --model, mark each key as parameter, buffer, missing, unexpected or shape
     mismatch; the exit code then reports compatibility (0 compatible, 1 not).
     """
-    return actions.inspect(
-        ckpt,
-        include=include,
-        exclude=exclude,
-        regex=regex,
-        key=key,
-        as_json=as_json,
-        model=model,
-        model_kwargs=model_kwargs,
-        allow_missing=allow_missing,
-        allow_unexpected=allow_unexpected,
-        verify=verify,
-        unsafe=unsafe,
-        allow_global=allow_global,
-    )
+    return actions.inspect(**options)
 
 
-@app.command()
-def extract(
-    ckpt: Ckpt,
-    output: Output,
-    include: Include = None,
-    exclude: Exclude = None,
-    regex: Regex = False,
-    key: Key = None,
-    force: Force = False,
-    dry_run: DryRun = False,
-    verify: Verify = False,
-    as_json: JsonOut = False,
-    model: ModelSpec = None,
-    model_kwargs: ModelKwargs = None,
-    allow_missing: AllowMissing = False,
-    allow_unexpected: AllowUnexpected = False,
-    unsafe: Unsafe = False,
-    allow_global: AllowGlobal = None,
-) -> int:
+def _extract(**options: Any) -> int:
     """Write the selected entries as a bare state_dict (the container is dropped).
 
     With no pattern the whole state_dict is written, which unwraps a training checkpoint.
     """
-    return actions.extract(
-        ckpt,
-        output,
-        include=include,
-        exclude=exclude,
-        regex=regex,
-        key=key,
-        force=force,
-        dry_run=dry_run,
-        verify=verify,
-        as_json=as_json,
-        model=model,
-        model_kwargs=model_kwargs,
-        allow_missing=allow_missing,
-        allow_unexpected=allow_unexpected,
-        unsafe=unsafe,
-        allow_global=allow_global,
-    )
+    return actions.extract(**options)
 
 
-@app.command()
-def rename(
-    ckpt: Ckpt,
-    output: Output,
-    strip_prefix: Annotated[
-        list[str] | None,
-        typer.Option("--strip-prefix", help="Remove prefix P where a key starts with it (repeatable, in order)."),
-    ] = None,
-    add_prefix: Annotated[
-        str | None, typer.Option("--add-prefix", help="Prepend P to every key (applied last).")
-    ] = None,
-    sub: Annotated[
-        list[str] | None,
-        typer.Option(
-            "--sub", help="sed-style s/REGEX/REPL/ on every key (repeatable, in order; Python re.sub syntax)."
-        ),
-    ] = None,
-    map_file: Annotated[
-        Path | None, typer.Option("--map", help="JSON file: an object old -> new (applied first).")
-    ] = None,
-    key: Key = None,
-    force: Force = False,
-    dry_run: DryRun = False,
-    verify: Verify = False,
-    as_json: JsonOut = False,
-    model: ModelSpec = None,
-    model_kwargs: ModelKwargs = None,
-    allow_missing: AllowMissing = False,
-    allow_unexpected: AllowUnexpected = False,
-    unsafe: Unsafe = False,
-    allow_global: AllowGlobal = None,
+def _rename(
+    *,
+    ckpt: Path,
+    strip_prefix: list[str] | None,
+    add_prefix: str | None,
+    sub: list[str] | None,
+    map_file: Path | None,
+    output: Path,
+    force: bool,
+    dry_run: bool,
+    verify: bool,
+    format: str | None,
+    key: str | None,
+    unsafe: bool,
+    allow_global: list[str] | None,
+    model: str | None,
+    model_kwargs: str | None,
+    allow_missing: bool,
+    allow_unexpected: bool,
+    as_json: bool,
 ) -> int:
     """Rename keys: --map, then --strip-prefix, then each --sub, then --add-prefix.
 
     The container is kept: only the state_dict inside it is renamed; every other entry is written
     back unchanged.
     """
-    from ..io import with_state_dict
+    from ..io import OutputFormat, output_format, with_state_dict
     from ..rename import RenameRules, parse_sub
     from ..surgery import rename_state_dict
 
@@ -301,6 +174,7 @@ def rename(
             output,
             renamed,
             dry_run=dry_run,
+            format=format,
             notes=[],
             state_dict_key=ckpt_obj.state_dict_key,
             renamed=dict(plan),
@@ -316,7 +190,8 @@ def rename(
         notice("warning: no key changed", style="yellow")
     notes: list[str] = []
     if not dry_run:
-        target = renamed if output.suffix.lower() == ".safetensors" else with_state_dict(ckpt_obj, renamed)
+        st_output = output_format(output, format) is OutputFormat.safetensors
+        target = renamed if st_output else with_state_dict(ckpt_obj, renamed)
         if target is renamed and ckpt_obj.state_dict_path:
             notice("note: a .safetensors output holds the state_dict only; the container's other entries are dropped")
         notes = actions.write_output(
@@ -328,6 +203,7 @@ def rename(
             safetensors_metadata=actions.safetensors_meta(ckpt_obj),
             unsafe=unsafe,
             allow_global=allow_global,
+            format=format,
         )
     if as_json:
         print_json(
@@ -336,6 +212,7 @@ def rename(
                 output,
                 renamed,
                 dry_run=dry_run,
+                format=format,
                 notes=notes,
                 state_dict_key=ckpt_obj.state_dict_key,
                 renamed={old: new for old, new in plan.items()},
@@ -363,30 +240,25 @@ def _read_map(path: Path) -> dict[str, str]:
     return data
 
 
-@app.command()
-def merge(
-    ckpts: Annotated[list[Path], typer.Argument(help="Two or more checkpoints.", show_default=False)],
-    output: Output,
-    on_conflict: Annotated[
-        OnConflict, typer.Option("--on-conflict", help="A key in several inputs: error, first or last.")
-    ] = OnConflict.error,
-    average: Annotated[
-        bool, typer.Option("--average", help="Weighted mean of floating-point tensors (same keys and shapes required).")
-    ] = False,
-    weights: Annotated[
-        str | None, typer.Option("--weights", help="With --average: comma-separated weights, normalised to sum 1.")
-    ] = None,
-    key: Key = None,
-    force: Force = False,
-    dry_run: DryRun = False,
-    verify: Verify = False,
-    as_json: JsonOut = False,
-    model: ModelSpec = None,
-    model_kwargs: ModelKwargs = None,
-    allow_missing: AllowMissing = False,
-    allow_unexpected: AllowUnexpected = False,
-    unsafe: Unsafe = False,
-    allow_global: AllowGlobal = None,
+def _merge(
+    *,
+    ckpts: list[Path],
+    on_conflict: OnConflict,
+    average: bool,
+    weights: str | None,
+    output: Path,
+    force: bool,
+    dry_run: bool,
+    verify: bool,
+    format: str | None,
+    key: str | None,
+    unsafe: bool,
+    allow_global: list[str] | None,
+    model: str | None,
+    model_kwargs: str | None,
+    allow_missing: bool,
+    allow_unexpected: bool,
+    as_json: bool,
 ) -> int:
     """Union of the inputs' state_dicts in first-seen order, or (--average) their weighted mean."""
     from ..merge import average_state_dicts, merge_state_dicts, normalise_weights
@@ -436,6 +308,7 @@ def merge(
                 output,
                 result,
                 dry_run=dry_run,
+                format=format,
                 notes=[],
                 average=average,
                 sources={k: str(ckpts[i]) for k, i in sources.items()},
@@ -451,7 +324,14 @@ def merge(
         notes: list[str] = []
         if not dry_run:
             notes = actions.write_output(
-                result, output, ckpts, force=force, verify=verify, unsafe=unsafe, allow_global=allow_global
+                result,
+                output,
+                ckpts,
+                force=force,
+                verify=verify,
+                unsafe=unsafe,
+                allow_global=allow_global,
+                format=format,
             )
     if as_json:
         print_json(
@@ -460,6 +340,7 @@ def merge(
                 output,
                 result,
                 dry_run=dry_run,
+                format=format,
                 notes=notes,
                 average=average,
                 sources={k: str(ckpts[i]) for k, i in sources.items()},
@@ -483,38 +364,26 @@ def _parse_weights(value: str) -> list[float]:
         raise UsageError(f"--weights {value!r}: expected comma-separated numbers") from None
 
 
-@app.command()
-def diff(
-    a: Annotated[Path, typer.Argument(help="First checkpoint (A).", show_default=False)],
-    b: Annotated[Path, typer.Argument(help="Second checkpoint (B).", show_default=False)],
-    include: Include = None,
-    exclude: Exclude = None,
-    regex: Regex = False,
-    rtol: Annotated[
-        float, typer.Option("--rtol", help="Relative tolerance: equal when |a-b| <= atol + rtol*|b|.", min=0.0)
-    ] = 0.0,
-    atol: Annotated[float, typer.Option("--atol", help="Absolute tolerance.", min=0.0)] = 0.0,
-    ignore_dtype: Annotated[
-        bool,
-        typer.Option(
-            "--ignore-dtype",
-            help="Report dtype changes but do not count them as differences (values must still agree).",
-        ),
-    ] = False,
-    key: Key = None,
-    key_a: Annotated[
-        str | None, typer.Option("--key-a", help="Dotted path of A's state_dict (overrides --key for A).")
-    ] = None,
-    key_b: Annotated[
-        str | None, typer.Option("--key-b", help="Dotted path of B's state_dict (overrides --key for B).")
-    ] = None,
-    as_json: JsonOut = False,
-    model: ModelSpec = None,
-    model_kwargs: ModelKwargs = None,
-    allow_missing: AllowMissing = False,
-    allow_unexpected: AllowUnexpected = False,
-    unsafe: Unsafe = False,
-    allow_global: AllowGlobal = None,
+def _diff(
+    *,
+    a: Path,
+    b: Path,
+    include: list[str] | None,
+    exclude: list[str] | None,
+    regex: bool,
+    rtol: float,
+    atol: float,
+    ignore_dtype: bool,
+    key_a: str | None,
+    key_b: str | None,
+    key: str | None,
+    unsafe: bool,
+    allow_global: list[str] | None,
+    model: str | None,
+    model_kwargs: str | None,
+    allow_missing: bool,
+    allow_unexpected: bool,
+    as_json: bool,
 ) -> int:
     """Compare two checkpoints: keys only in one, shape, dtype and value mismatches.
 
@@ -560,6 +429,55 @@ def diff(
                 say(text.Line(f"{side.upper()}: {line.text}", line.style))
     fits = all(m["compatible_allowed"] for m in models.values())
     return EXIT_OK if report.identical and fits else EXIT_DIFFERENT
+
+
+# ------------------------------------------------------ the commands, built from the option table
+
+
+def _annotation(opt: Opt) -> Any:
+    """`Annotated[type, typer.Argument/Option(...)]` for one entry of the option table."""
+    python_type: Any
+    if opt.kind is Kind.CHOICE:
+        assert opt.choices is not None
+        module, _, name = opt.choices.partition(":")
+        python_type = getattr(importlib.import_module(module), name)
+    else:
+        python_type = {
+            Kind.FLAG: bool,
+            Kind.TEXT: str | None,
+            Kind.TEXTS: list[str] | None,
+            Kind.PATH: Path if opt.required else Path | None,
+            Kind.PATHS: list[Path],
+            Kind.FLOAT: float,
+        }[opt.kind]
+    if not opt.flags:
+        return Annotated[python_type, typer.Argument(help=opt.help, metavar=opt.metavar, show_default=False)]
+    show_default = opt.kind in (Kind.FLOAT, Kind.CHOICE)
+    info = typer.Option(*opt.flags, help=opt.help, metavar=opt.metavar or None, show_default=show_default)
+    return Annotated[python_type, info]
+
+
+def _add_command(name: str, body: Callable[..., int]) -> None:
+    """Register `body` as command `name`, its parameters those of the option table."""
+    params = []
+    for opt in options_for(name):
+        default: Any = Parameter.empty if opt.required else opt.default
+        if opt.kind is Kind.CHOICE and default is not None:
+            default = get_args(_annotation(opt))[0](default)
+        params.append(Parameter(opt.dest, Parameter.KEYWORD_ONLY, default=default, annotation=_annotation(opt)))
+
+    def command(**options: Any) -> int:
+        return body(**options)
+
+    command.__signature__ = Signature(params)  # type: ignore[attr-defined]
+    command.__annotations__ = {p.name: p.annotation for p in params}
+    command.__doc__ = body.__doc__
+    app.command(name)(command)
+
+
+for _name, _body in (("inspect", _inspect), ("extract", _extract), ("rename", _rename), ("merge", _merge),
+                     ("diff", _diff)):  # fmt: skip
+    _add_command(_name, _body)
 
 
 # --------------------------------------------------------------------------- entry points

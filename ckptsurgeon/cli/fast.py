@@ -2,12 +2,12 @@
 little more than the time of Python's own start-up.
 
 Typer (and the click it vendors) takes longer to import than `inspect` takes to read the metadata
-of a 100 GB checkpoint. `parse` reads the everyday forms of these two commands (one checkpoint;
---include/-i, --exclude/-x, --regex, --key, --json, --verify, and for extract --output/-o,
---force/-f, --dry-run; `--opt=value`, `-iVALUE`) and declines anything else (help, --model,
---unsafe, unknown options, a missing value or output, `--`, extra arguments), which then goes to
-Typer, the reference parser, with its own messages. Both run the same bodies (`actions.inspect`,
-`actions.extract`); tests compare their outputs argv by argv.
+of a 100 GB checkpoint. `parse` reads the everyday forms of these two commands: one checkpoint and
+the options the table in `options` marks `fast` (their flags, kinds and keywords come from there:
+nothing is declared twice), as `--opt value`, `--opt=value` or `-oVALUE`. It declines anything else
+(help, --model, --unsafe, unknown options, a missing value or output, `--`, extra arguments), which
+then goes to Typer, the reference parser, with its own messages. Both run the same bodies
+(`actions.inspect`, `actions.extract`); tests compare their outputs argv by argv.
 """
 
 from __future__ import annotations
@@ -16,38 +16,36 @@ import os
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
+from .options import Kind, options_for
+
 
 class _Spec(NamedTuple):
     valued: dict[str, str]  # option -> keyword
     flags: dict[str, str]
-    required: frozenset[str] = frozenset()
+    lists: frozenset[str]  # keywords whose option repeats
+    required: frozenset[str]
 
 
-_SELECT = {"--include": "include", "-i": "include", "--exclude": "exclude", "-x": "exclude", "--key": "key"}
-_LISTS = frozenset({"include", "exclude"})
-_SPECS = {
-    "inspect": _Spec(_SELECT, {"--json": "as_json", "--regex": "regex", "--verify": "verify"}),
-    "extract": _Spec(
-        {**_SELECT, "--output": "output", "-o": "output"},
-        {
-            "--json": "as_json",
-            "--regex": "regex",
-            "--verify": "verify",
-            "--force": "force",
-            "-f": "force",
-            "--dry-run": "dry_run",
-        },
-        frozenset({"output"}),
-    ),
-}
+def _spec(command: str) -> _Spec:
+    """What this parser takes of `command`: the entries of the option table marked `fast`."""
+    mine = [o for o in options_for(command) if o.fast and o.flags]
+    return _Spec(
+        valued={flag: o.dest for o in mine if o.kind is not Kind.FLAG for flag in o.flags},
+        flags={flag: o.dest for o in mine if o.kind is Kind.FLAG for flag in o.flags},
+        lists=frozenset(o.dest for o in mine if o.kind is Kind.TEXTS),
+        required=frozenset(o.dest for o in mine if o.required),
+    )
+
+
+FAST_COMMANDS = ("inspect", "extract")
 
 
 def parse(args: Sequence[str]) -> tuple[str, dict[str, Any]] | None:
     """(command, its keyword arguments) for `args` (a whole command line after the program name),
     or None when the command line is not one this parser takes (Typer then parses it)."""
-    if len(args) < 2 or args[0] not in _SPECS or os.environ.get("CKPTSURGEON_DEBUG"):
+    if len(args) < 2 or args[0] not in FAST_COMMANDS or os.environ.get("CKPTSURGEON_DEBUG"):
         return None
-    spec = _SPECS[args[0]]
+    spec = _spec(args[0])
     opts: dict[str, Any] = {}
     positional: list[str] = []
     i = 1
@@ -75,7 +73,7 @@ def parse(args: Sequence[str]) -> tuple[str, dict[str, Any]] | None:
             else:
                 return None  # a missing value: Typer says so
             dest = spec.valued[name]
-            if dest in _LISTS:
+            if dest in spec.lists:
                 opts.setdefault(dest, []).append(value)
             else:
                 opts[dest] = value

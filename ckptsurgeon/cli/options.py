@@ -1,0 +1,154 @@
+"""Every argument and option of the command line, declared once, as plain data.
+
+Both parsers are built from this table: Typer's command signatures (`commands`) and the Typer-free
+parser of the everyday `inspect` / `extract` lines (`fast`, for the options marked `fast`). Help
+texts and metavars live here and nowhere else. No typer import: `fast` reads this module on every
+call. Adding an option is one entry here plus its use in the command's body.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+from typing import Any, NamedTuple
+
+
+class Kind(str, Enum):
+    """How an entry takes its value."""
+
+    FLAG = "flag"  # --json: True when given
+    TEXT = "text"  # --key PATH: one string
+    TEXTS = "texts"  # -i PATTERN: repeatable, a list of strings
+    PATH = "path"  # a file name (pathlib.Path)
+    PATHS = "paths"  # positional, one or more file names
+    FLOAT = "float"
+    CHOICE = "choice"  # one value of an Enum (`choices`)
+
+
+class Group(str, Enum):
+    """What an option is about; the order of the groups is the order in `--help`."""
+
+    INPUT = "input"
+    SELECTION = "selection"
+    LOADING = "loading"
+    OPERATION = "operation"
+    MODEL = "model check"
+    WRITING = "writing"
+    OUTPUT = "output"
+
+
+COMMANDS = ("inspect", "extract", "rename", "merge", "diff")
+WRITERS = ("extract", "rename", "merge")
+PATTERN_HELP = (
+    "'conv1' selects the key conv1 and the module under it (conv1.weight; never conv10.* or conv1x1.*), "
+    "'fc.' keys starting with fc., '*.bias' a glob over the whole key (* crosses dots); "
+    "with --regex a Python regex searched anywhere"
+)
+
+
+class Opt(NamedTuple):
+    """One argument (no `flags`) or option of one or more commands."""
+
+    dest: str  # the keyword the command's body receives
+    flags: tuple[str, ...]  # ("--include", "-i"); () for a positional argument
+    kind: Kind
+    metavar: str
+    help: str
+    commands: tuple[str, ...]
+    group: Group
+    required: bool = False
+    default: Any = None  # None, False for a flag, a list for TEXTS
+    fast: bool = False  # the Typer-free parser takes it (inspect and extract only)
+    choices: str | None = None  # CHOICE: "module:Enum" of the core, imported only by Typer's parser
+
+
+OPTIONS: tuple[Opt, ...] = (
+    # ------------------------------------------------------------------------------ arguments
+    Opt("ckpt", (), Kind.PATH, "CKPT", "Checkpoint file: torch.save zip or legacy format, or .safetensors.",
+        ("inspect", "extract", "rename"), Group.INPUT, required=True, fast=True),
+    Opt("ckpts", (), Kind.PATHS, "CKPT...", "Two or more checkpoint files.", ("merge",), Group.INPUT, required=True),
+    Opt("a", (), Kind.PATH, "A", "First checkpoint (A).", ("diff",), Group.INPUT, required=True),
+    Opt("b", (), Kind.PATH, "B", "Second checkpoint (B).", ("diff",), Group.INPUT, required=True),
+    # ------------------------------------------------------------------------------ selection
+    Opt("include", ("--include", "-i"), Kind.TEXTS, "PATTERN",
+        f"Select keys matching PATTERN (repeatable; any include matches): {PATTERN_HELP}.",
+        ("inspect", "extract", "diff"), Group.SELECTION, fast=True),
+    Opt("exclude", ("--exclude", "-x"), Kind.TEXTS, "PATTERN",
+        "Drop keys matching PATTERN (repeatable; same rules as --include, applied after it).",
+        ("inspect", "extract", "diff"), Group.SELECTION, fast=True),
+    Opt("regex", ("--regex",), Kind.FLAG, "", "Patterns are Python regular expressions (re.search).",
+        ("inspect", "extract", "diff"), Group.SELECTION, default=False, fast=True),
+    # -------------------------------------------------------------------------------- loading
+    Opt("key", ("--key",), Kind.TEXT, "PATH",
+        "Dotted path of the state_dict inside a container, e.g. 'model_state_dict' or 'ema.0'.",
+        COMMANDS, Group.LOADING, fast=True),
+    Opt("key_a", ("--key-a",), Kind.TEXT, "PATH", "The state_dict's path inside A (overrides --key for A).",
+        ("diff",), Group.LOADING),
+    Opt("key_b", ("--key-b",), Kind.TEXT, "PATH", "The state_dict's path inside B (overrides --key for B).",
+        ("diff",), Group.LOADING),
+    Opt("unsafe", ("--unsafe",), Kind.FLAG, "",
+        "Allow a full unpickle (weights_only=False). EXECUTES CODE from the file: trusted files only.",
+        COMMANDS, Group.LOADING, default=False),
+    Opt("allow_global", ("--allow-global",), Kind.TEXTS, "MODULE.NAME",
+        "Allow one plain-data class in the pickle, e.g. argparse.Namespace (repeatable); built from attribute "
+        "state only, never called; narrower than --unsafe.",
+        COMMANDS, Group.LOADING),
+    # ------------------------------------------------------------------------------ operation
+    Opt("strip_prefix", ("--strip-prefix",), Kind.TEXTS, "P",
+        "Remove prefix P where a key starts with it (repeatable, in order).", ("rename",), Group.OPERATION),
+    Opt("add_prefix", ("--add-prefix",), Kind.TEXT, "P", "Prepend P to every key (applied last).",
+        ("rename",), Group.OPERATION),
+    Opt("sub", ("--sub",), Kind.TEXTS, "s/REGEX/REPL/",
+        "sed-style substitution on every key (repeatable, in order; Python re.sub syntax, flags g and i).",
+        ("rename",), Group.OPERATION),
+    Opt("map_file", ("--map",), Kind.PATH, "FILE.json", "JSON object old -> new (applied first).",
+        ("rename",), Group.OPERATION),
+    Opt("on_conflict", ("--on-conflict",), Kind.CHOICE, "error|first|last",
+        "A key found in several inputs: error (exit 2), or take the first or last.",
+        ("merge",), Group.OPERATION, default="error", choices="ckptsurgeon.merge:OnConflict"),
+    Opt("average", ("--average",), Kind.FLAG, "",
+        "Weighted mean of floating-point tensors (same keys and shapes required).",
+        ("merge",), Group.OPERATION, default=False),
+    Opt("weights", ("--weights",), Kind.TEXT, "W,W,...",
+        "With --average: comma-separated weights, normalised to sum 1.", ("merge",), Group.OPERATION),
+    Opt("rtol", ("--rtol",), Kind.FLOAT, "R", "Relative tolerance: equal when |a-b| <= atol + rtol*|b|.",
+        ("diff",), Group.OPERATION, default=0.0),
+    Opt("atol", ("--atol",), Kind.FLOAT, "A", "Absolute tolerance.", ("diff",), Group.OPERATION, default=0.0),
+    Opt("ignore_dtype", ("--ignore-dtype",), Kind.FLAG, "",
+        "Report dtype changes without failing on them (the values must still agree).",
+        ("diff",), Group.OPERATION, default=False),
+    # ---------------------------------------------------------------------------- model check
+    Opt("model", ("--model",), Kind.TEXT, "SPEC",
+        "Check against a model class: 'package.module:Name' or 'path/file.py:Name'.", COMMANDS, Group.MODEL),
+    Opt("model_kwargs", ("--model-kwargs",), Kind.TEXT, "JSON", "JSON object of constructor arguments for --model.",
+        COMMANDS, Group.MODEL),
+    Opt("allow_missing", ("--allow-missing",), Kind.FLAG, "",
+        "With --model: keys the model has but the checkpoint lacks are fine.", COMMANDS, Group.MODEL, default=False),
+    Opt("allow_unexpected", ("--allow-unexpected",), Kind.FLAG, "",
+        "With --model: keys the checkpoint has but the model lacks are fine.", COMMANDS, Group.MODEL, default=False),
+    # -------------------------------------------------------------------------------- writing
+    Opt("output", ("--output", "-o"), Kind.PATH, "OUT",
+        "File to write (.safetensors: safetensors format; else torch.save's).",
+        WRITERS, Group.WRITING, required=True, fast=True),
+    Opt("force", ("--force", "-f"), Kind.FLAG, "", "Replace an existing output (also when it is an input).",
+        WRITERS, Group.WRITING, default=False, fast=True),
+    Opt("dry_run", ("--dry-run",), Kind.FLAG, "", "Show what would be written; write nothing.",
+        WRITERS, Group.WRITING, default=False, fast=True),
+    Opt("format", ("--format",), Kind.CHOICE, "pt|safetensors",
+        "Layout of OUT; by default from its name: *.safetensors -> safetensors, anything else -> pt "
+        "(torch.save's zip format).",
+        WRITERS, Group.WRITING, fast=True, choices="ckptsurgeon.io:OutputFormat"),
+    Opt("verify", ("--verify",), Kind.FLAG, "",
+        "Read the data back and check it: inspect checks every record's CRC-32; a writer compares the written "
+        "file with what was meant before it replaces OUT.",
+        ("inspect", *WRITERS), Group.WRITING, default=False, fast=True),
+    # --------------------------------------------------------------------------------- output
+    Opt("as_json", ("--json",), Kind.FLAG, "", "Print one JSON document on stdout instead of tables.",
+        COMMANDS, Group.OUTPUT, default=False, fast=True),
+)  # fmt: skip
+
+
+def options_for(command: str) -> list[Opt]:
+    """The entries of `command`: arguments first, then options by group (the order of `--help`)."""
+    mine = [o for o in OPTIONS if command in o.commands]
+    order = list(Group)
+    return sorted(mine, key=lambda o: (bool(o.flags), order.index(o.group)))
