@@ -572,15 +572,9 @@ def test_suggestion_recovers_a_wrapping_prefix(keys, prefix):
 def test_sample_checkpoints_are_small_and_load_safely():
     from safetensors.torch import load_file
 
-    for name in (
-        "smallcnn.pt",
-        "smallcnn_train.ckpt",
-        "smallcnn_dp.pt",
-        "smallcnn.safetensors",
-        "smallcnn_legacy.pt",
-        "tiedlm.pt",
-        "buffernet.pt",
-    ):
+    from sample_models.make_samples import FILES
+
+    for name in FILES:
         assert (SAMPLES / name).stat().st_size < 200_000, name
     sd = torch.load(SAMPLES / "smallcnn.pt", weights_only=True)
     SmallCNN().load_state_dict(sd)  # strict
