@@ -8,7 +8,6 @@ Typer.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -153,6 +152,8 @@ def rename(
 
 
 def _read_map(path: Path) -> dict[str, str]:
+    import json  # not at the top: inspect and extract never pay for it
+
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
