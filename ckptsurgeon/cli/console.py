@@ -145,13 +145,6 @@ def progress(description: str, total_bytes: int) -> Iterator[Callable[[int], Non
         yield lambda n: bar.advance(task, n)
 
 
-def total_bytes(tensors: Iterable[Any]) -> int:
-    """Bytes of the tensors among `tensors` (a state_dict's extra state entries count nothing)."""
-    from ..tensors import is_tensor, nbytes_of
-
-    return sum(nbytes_of(t) for t in tensors if is_tensor(t))
-
-
 def exit_code_for(exc: Exception) -> int:
     """Report `exc` on stderr and return the exit code it maps to (the one place this happens):
     a CheckpointError is its one-line cause and its code; a closed stdout pipe is a quiet success;

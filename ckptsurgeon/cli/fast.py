@@ -92,7 +92,6 @@ def run_fast(args: Sequence[str]) -> int | None:
         return None
     command, opts = parsed
     import gc
-    from pathlib import Path
 
     from .console import exit_code_for, expect_json, notice
 
@@ -107,10 +106,8 @@ def run_fast(args: Sequence[str]) -> int | None:
         from . import actions
 
         check_torch_version()
-        ckpt = Path(opts.pop("ckpt"))
-        if command == "extract":
-            return actions.extract(ckpt, Path(opts.pop("output")), **opts)
-        return actions.inspect(ckpt, **opts)
+        body = actions.extract if command == "extract" else actions.inspect
+        return body(**opts)
     except KeyboardInterrupt:
         notice("interrupted")
         return 130

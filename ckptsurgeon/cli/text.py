@@ -256,22 +256,6 @@ def rename_table(plan: Mapping[str, str]) -> TableData:
     return TableData(("old", "new"), rows, styles=styles)
 
 
-def merge_warnings(report: Any, shown: int = 3) -> list[str]:
-    """A MergeReport's warnings for stderr: one summary line for the integer tensors taken from the
-    first input (a ResNet has one `num_batches_tracked` per BatchNorm), then any others."""
-    taken = list(report.taken_from_first)
-    lines = [w for w in report.warnings[len(taken) :]]  # taken_from_first's own lines come first
-    if taken:
-        names = ", ".join(key_text(k) for k in taken[:shown]) + (
-            f" (+{len(taken) - shown} more)" if len(taken) > shown else ""
-        )
-        verb = "differ between inputs and were" if len(taken) > 1 else "differs between inputs and was"
-        lines.insert(
-            0, f"{len(taken)} integer tensor{'s' if len(taken) > 1 else ''} {verb} taken from the first: {names}"
-        )
-    return lines
-
-
 def keys_table(rows: Iterable[tuple[str, str]], title: str, headers: tuple[str, str] = ("key", "from")) -> TableData:
     return TableData(headers, [[key_text(a), safe(b)] for a, b in rows], title)
 

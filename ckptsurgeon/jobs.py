@@ -1,0 +1,631 @@
+"""One job per command: the whole pipeline of `inspect`, `extract`, `rename`, `merge` and `diff`.
+
+Each job takes a checkpoint path (or two, or several) and small immutable option objects, and
+returns an immutable result: `exit_code` (0 ok, 1 a difference or a model that does not fit),
+`notices` (the lines the CLI writes on stderr: which state_dict was used, warnings, notes of the
+writer) and `to_dict()`, the command's `--json` document. Bad input raises the `CheckpointError`
+family, as everywhere in the core. The CLI is one client: it builds the options from argv, passes
+`notify` to see the notices as they happen (before an error, too), and renders the result.
+
+Plain NamedTuples (no dataclasses import): `inspect` and `extract` run on the CLI's fast path,
+whose start-up time is most of their run time. Nothing heavy is imported before it is needed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+from .errors import EXIT_DIFFERENT, EXIT_OK, SelectionError, UsageError
+
+if TYPE_CHECKING:
+    from .diff import DiffReport
+    from .io import Checkpoint
+    from .merge import MergeReport, OnConflict
+    from .rename import RenameRules
+    from .summary import InspectReport
+
+__all__ = [
+    "DiffResult",
+    "InspectResult",
+    "Loading",
+    "ModelCheck",
+    "Selection",
+    "WriteResult",
+    "Writing",
+    "diff",
+    "extract",
+    "inspect",
+    "merge",
+    "rename",
+]
+
+JSON_SCHEMA_VERSION = 1
+
+Notify = Callable[[str], None]
+# progress(description, total_bytes) -> a context giving a byte-count callback (or None)
+Progress = Callable[[str, int], AbstractContextManager["Callable[[int], None] | None"]]
+
+
+# ------------------------------------------------------------------------------------ options
+
+
+class Selection(NamedTuple):
+    """`-i/--include`, `-x/--exclude`, `--regex`: which keys (all when both are empty)."""
+
+    include: Sequence[str] = ()
+    exclude: Sequence[str] = ()
+    regex: bool = False
+
+    @property
+    def is_all(self) -> bool:
+        return not self.include and not self.exclude
+
+
+class Loading(NamedTuple):
+    """`--key`, `--unsafe`, `--allow-global`: how a checkpoint is read."""
+
+    key: str | None = None
+    unsafe: bool = False
+    allow_globals: Sequence[str] = ()
+
+
+class ModelCheck(NamedTuple):
+    """`--model SPEC` (None: no check), `--model-kwargs JSON`, `--allow-missing`, `--allow-unexpected`."""
+
+    spec: str | None = None
+    kwargs: str | None = None
+    allow_missing: bool = False
+    allow_unexpected: bool = False
+
+
+class Writing(NamedTuple):
+    """`-o/--output`, `-f/--force`, `--dry-run`, `--verify`, `--format pt|safetensors` (None: from the name)."""
+
+    output: str | Path
+    force: bool = False
+    dry_run: bool = False
+    verify: bool = False
+    format: str | None = None
+
+
+ALL_KEYS = Selection()
+SAFE_LOADING = Loading()  # the state_dict found by itself, weights-only unpickling
+NO_MODEL = ModelCheck()
+
+
+# ------------------------------------------------------------------------------------ results
+
+
+class InspectResult(NamedTuple):
+    """What `inspect` found. `model` is the `--model` check (None without it); `shown_missing` the
+    model's missing keys that the selection selects (the rows a table shows)."""
+
+    report: InspectReport
+    model: Mapping[str, Any] | None
+    model_options: ModelCheck
+    shown_missing: Sequence[str]
+    notices: tuple[str, ...]
+
+    @property
+    def exit_code(self) -> int:
+        return EXIT_DIFFERENT if self.model is not None and not self.model["compatible_allowed"] else EXIT_OK
+
+    def to_dict(self) -> dict[str, Any]:
+        data = self.report.to_dict()
+        data.update(public_model(self.model))
+        if self.model is not None:
+            data["kinds"] = self.model["kinds"]
+        return data
+
+
+class WriteResult(NamedTuple):
+    """What a writer (`extract`, `rename`, `merge`) wrote, or would write (`dry_run`), or refused
+    to write because the result does not fit `--model` (`refused`: exit 1, nothing written)."""
+
+    command: str
+    output: str
+    format: str
+    dry_run: bool
+    refused: bool
+    keys: tuple[str, ...]
+    num_tensors: int
+    extra_state: tuple[str, ...]
+    total_bytes: int
+    notes: tuple[str, ...]
+    sources: Mapping[str, str]  # key -> the input it comes from ("mean of all inputs" with --average)
+    state_dict_key: str | None = None  # extract, rename
+    renamed: Mapping[str, str] | None = None  # rename: old -> new, every key
+    average: bool = False  # merge
+    conflicts: tuple[str, ...] = ()  # merge
+    warnings: tuple[str, ...] = ()  # merge
+    model: Mapping[str, Any] | None = None
+    model_options: ModelCheck = NO_MODEL
+    notices: tuple[str, ...] = ()
+
+    @property
+    def written(self) -> bool:
+        return not self.dry_run and not self.refused
+
+    @property
+    def exit_code(self) -> int:
+        return EXIT_DIFFERENT if self.refused else EXIT_OK
+
+    @property
+    def num_changed(self) -> int:
+        return sum(1 for old, new in (self.renamed or {}).items() if old != new)
+
+    def to_dict(self) -> dict[str, Any]:
+        data: dict[str, Any] = {
+            "schema_version": JSON_SCHEMA_VERSION,
+            "command": self.command,
+            "output": self.output,
+            "format": self.format,
+            "dry_run": self.dry_run,
+            "written": self.written,
+            "keys": list(self.keys),
+            "num_tensors": self.num_tensors,
+            "extra_state": list(self.extra_state),
+            "total_bytes": self.total_bytes,
+            "notes": list(self.notes),
+        }
+        if self.command in ("extract", "rename"):
+            data["state_dict_key"] = self.state_dict_key
+        if self.command == "rename":
+            data["renamed"] = dict(self.renamed or {})
+            data["num_changed"] = self.num_changed
+        if self.command == "merge":
+            data["average"] = self.average
+            data["sources"] = dict(self.sources)
+            if not self.refused:
+                data["conflicts"] = list(self.conflicts)
+                data["warnings"] = list(self.warnings)
+        if self.model is not None:
+            data["model"] = public_model(self.model)
+        return data
+
+
+class DiffResult(NamedTuple):
+    """What `diff` found; `models` the `--model` check of each side ("a", "b") that was checked."""
+
+    report: DiffReport
+    models: Mapping[str, Mapping[str, Any]]
+    model_options: ModelCheck
+    notices: tuple[str, ...]
+
+    @property
+    def exit_code(self) -> int:
+        fits = all(m["compatible_allowed"] for m in self.models.values())
+        return EXIT_OK if self.report.identical and fits else EXIT_DIFFERENT
+
+    def to_dict(self) -> dict[str, Any]:
+        data = self.report.to_dict()
+        if self.models:
+            data["model"] = {side: public_model(m) for side, m in self.models.items()}
+        return data
+
+
+# --------------------------------------------------------------------------------------- jobs
+
+
+@contextlib.contextmanager
+def _no_progress(description: str, total: int) -> Iterator[None]:
+    yield None
+
+
+class _Notices:
+    """The notices of one job: kept for its result, and passed on to `notify` as they happen."""
+
+    def __init__(self, notify: Notify | None) -> None:
+        self.lines: list[str] = []
+        self._notify = notify
+
+    def __call__(self, line: str) -> None:
+        self.lines.append(line)
+        if self._notify is not None:
+            self._notify(line)
+
+
+def inspect(
+    ckpt: str | Path,
+    *,
+    selection: Selection = ALL_KEYS,
+    loading: Loading = SAFE_LOADING,
+    model: ModelCheck = NO_MODEL,
+    verify: bool = False,
+    notify: Notify | None = None,
+    progress: Progress | None = None,
+) -> InspectResult:
+    """List the tensors of `ckpt`'s state_dict (the selected ones), its totals, the container's other
+    entries and tied storage; `verify` also reads all data and checks every CRC-32. With `model`,
+    the whole state_dict is checked against the model (`exit_code` 1 when it does not fit)."""
+    from .containers import describe_value
+    from .summary import inspect_state_dict
+
+    say = _Notices(notify)
+    progress = progress or _no_progress
+    ckpt = Path(ckpt)
+    ckpt_obj = _load(ckpt, loading, say)
+    if verify:
+        from .io import iter_tensors, verify_data
+
+        with progress("verifying", total_bytes(iter_tensors(ckpt_obj.container))) as advance:
+            verify_data(ckpt_obj, advance)
+    keys = list(ckpt_obj.state_dict) if selection.is_all else _select(list(ckpt_obj.state_dict), selection, say)
+    report = inspect_state_dict(
+        ckpt_obj.state_dict,
+        keys,
+        format=ckpt_obj.format,
+        state_dict_key=ckpt_obj.state_dict_key,
+        other_entries=[(k, describe_value(v)) for k, v in ckpt_obj.other_entries()],
+    )
+    # the model judges the whole state_dict (a selection only narrows what is shown): a key the
+    # patterns leave out is not missing from the checkpoint
+    model_data = _model_check(ckpt_obj.state_dict, model, ckpt_path=str(ckpt))
+    shown_missing: list[str] = []
+    if model_data is not None:
+        shown_missing = list(model_data["missing_keys"])
+        if not selection.is_all:
+            from .patterns import select_keys
+
+            shown_missing = select_keys(shown_missing, selection.include, selection.exclude, regex=selection.regex)
+    return InspectResult(report, model_data, model, shown_missing, tuple(say.lines))
+
+
+def extract(
+    ckpt: str | Path,
+    writing: Writing,
+    *,
+    selection: Selection = ALL_KEYS,
+    loading: Loading = SAFE_LOADING,
+    model: ModelCheck = NO_MODEL,
+    notify: Notify | None = None,
+    progress: Progress | None = None,
+) -> WriteResult:
+    """Write the selected entries of `ckpt`'s state_dict as a bare state_dict to `writing.output`
+    (the container is dropped; no selection: the whole state_dict). Nothing selected is an error."""
+    from .surgery import extract_state_dict
+
+    say = _Notices(notify)
+    ckpt, output = Path(ckpt), Path(writing.output)
+    if not writing.dry_run:
+        _check_output(output, [ckpt], writing.force)
+    ckpt_obj = _load(ckpt, loading, say)
+    _note_container(ckpt_obj, say)
+    keys = _select(list(ckpt_obj.state_dict), selection, say)
+    result = extract_state_dict(ckpt_obj.state_dict, keys)
+    model_data = _model_check(result, model, ckpt_path=str(ckpt), out_path=str(output))
+    fields: dict[str, Any] = dict(sources={k: str(ckpt) for k in result}, state_dict_key=ckpt_obj.state_dict_key)
+    if _refused(model_data):
+        return _write_result("extract", writing, result, (), model_data, model, say, refused=True, **fields)
+    notes = _write(result, writing, [ckpt], loading, say, progress, safetensors_metadata=_st_meta(ckpt_obj))
+    return _write_result("extract", writing, result, notes, model_data, model, say, **fields)
+
+
+def rename(
+    ckpt: str | Path,
+    rules: RenameRules,
+    writing: Writing,
+    *,
+    loading: Loading = SAFE_LOADING,
+    model: ModelCheck = NO_MODEL,
+    notify: Notify | None = None,
+    progress: Progress | None = None,
+) -> WriteResult:
+    """Rename the keys of `ckpt`'s state_dict by `rules` and write it back in its container (every
+    other entry unchanged) to `writing.output`. Two keys given one name is an error."""
+    from .io import OutputFormat, output_format, with_state_dict
+    from .surgery import rename_state_dict
+
+    say = _Notices(notify)
+    ckpt, output = Path(ckpt), Path(writing.output)
+    if rules.is_empty:
+        raise UsageError("nothing to do: give --map, --strip-prefix, --sub or --add-prefix")
+    if not writing.dry_run:
+        _check_output(output, [ckpt], writing.force)
+    ckpt_obj = _load(ckpt, loading, say)
+    _note_container(ckpt_obj, say)
+    renamed, plan = rename_state_dict(ckpt_obj.state_dict, rules)
+    model_data = _model_check(renamed, model, ckpt_path=str(ckpt), out_path=str(output))
+    fields: dict[str, Any] = dict(
+        sources={k: str(ckpt) for k in renamed}, state_dict_key=ckpt_obj.state_dict_key, renamed=dict(plan)
+    )
+    if _refused(model_data):
+        return _write_result("rename", writing, renamed, (), model_data, model, say, refused=True, **fields)
+    if all(old == new for old, new in plan.items()):
+        say("warning: no key changed")
+    target: Any = renamed
+    if not writing.dry_run:
+        if output_format(output, writing.format) is not OutputFormat.safetensors:
+            target = with_state_dict(ckpt_obj, renamed)
+        elif ckpt_obj.state_dict_path:
+            say("note: a .safetensors output holds the state_dict only; the container's other entries are dropped")
+    notes = _write(target, writing, [ckpt], loading, say, progress, safetensors_metadata=_st_meta(ckpt_obj))
+    return _write_result("rename", writing, renamed, notes, model_data, model, say, **fields)
+
+
+def merge(
+    ckpts: Sequence[str | Path],
+    writing: Writing,
+    *,
+    on_conflict: OnConflict | str = "error",
+    average: bool = False,
+    weights: Sequence[float] | None = None,
+    loading: Loading = SAFE_LOADING,
+    model: ModelCheck = NO_MODEL,
+    notify: Notify | None = None,
+    progress: Progress | None = None,
+) -> WriteResult:
+    """The union of the state_dicts of `ckpts` in first-seen order (a key in several: `on_conflict`
+    error, first or last), or with `average` their weighted mean (`weights`, normalised; equal by
+    default), written to `writing.output`."""
+    from .merge import OnConflict, average_state_dicts, merge_state_dicts, normalise_weights
+
+    say = _Notices(notify)
+    progress = progress or _no_progress
+    paths, output = [Path(p) for p in ckpts], Path(writing.output)
+    if len(paths) < 2:
+        raise UsageError("merge needs at least two checkpoints")
+    if weights is not None and not average:
+        raise UsageError("--weights needs --average")
+    if average:
+        normalise_weights(None if weights is None else list(weights), len(paths))  # before any input is read
+    if not writing.dry_run:
+        _check_output(output, paths, writing.force)
+    loaded = [_load(p, loading, say) for p in paths]
+    for c in loaded:
+        _note_container(c, say)
+    sds = [c.state_dict for c in loaded]
+    report: MergeReport | None = None
+    with contextlib.ExitStack() as stack:
+        if average:
+            from .io import check_output, staged_tensors
+            from .merge import check_averageable
+
+            check_averageable(sds)
+            if writing.dry_run:
+                result = sds[0]
+            else:
+                check_output(output, paths, force=writing.force)  # before minutes of averaging, not after
+                stage = stack.enter_context(staged_tensors(output))  # the mean goes to disk as it is made
+                with progress("averaging", total_bytes(sds[0].values()) * len(sds)) as advance:
+                    result, report = average_state_dicts(
+                        sds, None if weights is None else list(weights), progress=advance, sink=stage.add
+                    )
+        else:
+            result, report = merge_state_dicts(sds, OnConflict(on_conflict))
+        model_data = _model_check(result, model, ckpt_path=str(paths[0]), out_path=str(output))
+        indexes = report.sources if report is not None else {k: 0 for k in result}
+        fields: dict[str, Any] = dict(average=average, sources={k: str(paths[i]) for k, i in indexes.items()})
+        if _refused(model_data):
+            return _write_result("merge", writing, result, (), model_data, model, say, refused=True, **fields)
+        for w in merge_warnings(report) if report is not None else ():
+            say(f"warning: {w}")
+        notes = _write(result, writing, paths, loading, say, progress)
+    if report is not None:
+        fields.update(conflicts=tuple(report.conflicts), warnings=tuple(report.warnings))
+    return _write_result("merge", writing, result, notes, model_data, model, say, **fields)
+
+
+def diff(
+    a: str | Path,
+    b: str | Path,
+    *,
+    selection: Selection = ALL_KEYS,
+    loading: Loading = SAFE_LOADING,
+    key_a: str | None = None,
+    key_b: str | None = None,
+    rtol: float = 0.0,
+    atol: float = 0.0,
+    ignore_dtype: bool = False,
+    model: ModelCheck = NO_MODEL,
+    notify: Notify | None = None,
+    progress: Progress | None = None,
+) -> DiffResult:
+    """Compare the state_dicts of `a` and `b` (the selected keys of their union): keys only in one,
+    shape, dtype, extra state and value mismatches; equal when `|a-b| <= atol + rtol*|b|`.
+    `key_a`/`key_b` override `loading.key` for one side. `exit_code` 0 identical, 1 different (or
+    a side that does not fit `model`)."""
+    from .diff import check_tolerances, diff_state_dicts
+
+    say = _Notices(notify)
+    progress = progress or _no_progress
+    check_tolerances(rtol, atol, prefix="--")  # before anything is read
+    ca = _load(Path(a), loading._replace(key=key_a if key_a is not None else loading.key), say)
+    cb = _load(Path(b), loading._replace(key=key_b if key_b is not None else loading.key), say)
+    union = list(ca.state_dict) + [k for k in cb.state_dict if k not in ca.state_dict]
+    keys = union if selection.is_all else _select(union, selection, say)
+    with progress("comparing", total_bytes(ca.state_dict[k] for k in keys if k in ca.state_dict)) as advance:
+        report = diff_state_dicts(
+            ca.state_dict, cb.state_dict, keys, rtol=rtol, atol=atol, ignore_dtype=ignore_dtype, progress=advance
+        )
+    models = {}
+    for side, c in (("a", ca), ("b", cb)):
+        m = _model_check(c.state_dict, model, ckpt_path=str(c.path))
+        if m is not None:
+            models[side] = m
+    return DiffResult(report, models, model, tuple(say.lines))
+
+
+# ------------------------------------------------------------------------------------ helpers
+
+
+def total_bytes(tensors: Iterable[Any]) -> int:
+    """Bytes of the tensors among `tensors` (a state_dict's extra state entries count nothing)."""
+    from .tensors import is_tensor, nbytes_of
+
+    return sum(nbytes_of(t) for t in tensors if is_tensor(t))
+
+
+def public_model(data: Mapping[str, Any] | None) -> dict[str, Any]:
+    """A `--model` check as the JSON documents show it."""
+    if data is None:
+        return {}
+    hidden = {"kinds", "compatible_allowed"}
+    out = {k: v for k, v in data.items() if k not in hidden}
+    out["compatible_with_allowances"] = data["compatible_allowed"]
+    return out
+
+
+def merge_warnings(report: MergeReport, shown: int = 3) -> list[str]:
+    """A MergeReport's warnings as notices: one summary line for the integer tensors taken from the
+    first input (a ResNet has one `num_batches_tracked` per BatchNorm), then any others."""
+    taken = list(report.taken_from_first)
+    lines = list(report.warnings[len(taken) :])  # taken_from_first's own lines come first
+    if taken:
+        names = ", ".join(_key_text(k) for k in taken[:shown]) + (
+            f" (+{len(taken) - shown} more)" if len(taken) > shown else ""
+        )
+        verb = "differ between inputs and were" if len(taken) > 1 else "differs between inputs and was"
+        lines.insert(
+            0, f"{len(taken)} integer tensor{'s' if len(taken) > 1 else ''} {verb} taken from the first: {names}"
+        )
+    return lines
+
+
+def _key_text(key: str) -> str:
+    """A key in a line: quoted as repr quotes it when it is empty, has leading or trailing
+    whitespace or starts with a quote (so `''`, `' x'` and `x` differ)."""
+    return repr(key) if not key or key[0] in "'\"" or key != key.strip() else key
+
+
+def _load(path: Path, loading: Loading, say: Notify) -> Checkpoint:
+    from .io import load_checkpoint
+
+    if loading.unsafe:
+        say(f"warning: --unsafe: {path} is fully unpickled; it can run code")
+    allow_globals = tuple(loading.allow_globals)
+    if allow_globals:
+        from .safety import resolve_allowed_globals
+
+        resolve_allowed_globals(list(allow_globals))  # refuse code-running names before anything is read
+    return load_checkpoint(path, unsafe=loading.unsafe, key=loading.key, allow_globals=allow_globals)
+
+
+def _select(keys: Sequence[str], selection: Selection, say: Notify) -> list[str]:
+    from .patterns import select_keys, unmatched_includes
+
+    selected = select_keys(keys, selection.include, selection.exclude, regex=selection.regex)
+    for p in unmatched_includes(keys, selection.include, regex=selection.regex):
+        say(f"warning: --include {p!r} matches no key")
+    if not selected:
+        raise SelectionError("nothing selected: no key matches the patterns")
+    return selected
+
+
+def _note_container(ckpt: Checkpoint, say: Notify) -> None:
+    if ckpt.state_dict_key:
+        say(f"using the state_dict at key {ckpt.state_dict_key!r} of {ckpt.path}")
+
+
+def _model_check(
+    state_dict: Mapping[str, Any], model: ModelCheck, *, ckpt_path: str, out_path: str = "OUT"
+) -> dict[str, Any] | None:
+    """Run the --model check; returns its JSON-ready result (None without a model)."""
+    if model.spec is None:
+        if model.kwargs is not None:
+            raise UsageError("--model-kwargs needs --model")
+        return None
+    from .model import check_model_spec
+    from .tensors import is_tensor, shape_of
+
+    # the model's code runs in a child process: it cannot print on stdout or end this process
+    report = check_model_spec(
+        model.spec,
+        {k: shape_of(v) if is_tensor(v) else None for k, v in state_dict.items()},
+        model.kwargs,
+        metadata=getattr(state_dict, "_metadata", None),
+    )
+    data = report.to_dict()
+    data["suggestions"] = [s.command(ckpt_path, out_path) for s in report.renames]
+    data["compatible_allowed"] = report.compatible(
+        allow_missing=model.allow_missing, allow_unexpected=model.allow_unexpected
+    )
+    data["kinds"] = dict(report.kinds)
+    data["model"] = model.spec
+    return data
+
+
+def _refused(model_data: Mapping[str, Any] | None) -> bool:
+    return model_data is not None and not model_data["compatible_allowed"]
+
+
+def _check_output(output: Path, inputs: Sequence[Path], force: bool) -> None:
+    """The output checks before any input is read: a refusal should not wait for gigabytes to be
+    parsed. `_write` checks again."""
+    from .io import check_output
+
+    check_output(output, inputs, force=force)
+
+
+def _st_meta(ckpt_obj: Checkpoint) -> Any:
+    return ckpt_obj.safetensors_metadata if ckpt_obj.format == "safetensors" else None
+
+
+def _write(
+    obj: Any,
+    writing: Writing,
+    inputs: Sequence[Path],
+    loading: Loading,
+    say: Notify,
+    progress: Progress | None,
+    safetensors_metadata: Any = None,
+) -> list[str]:
+    """Write `obj` (atomically) unless this is a dry run; returns the writer's notes."""
+    if writing.dry_run:
+        return []
+    from .io import check_output, iter_tensors, save_checkpoint
+
+    output = Path(writing.output)
+    check_output(output, inputs, force=writing.force)
+    with (progress or _no_progress)("writing", total_bytes(iter_tensors(obj))) as advance:
+        notes = save_checkpoint(
+            obj,
+            output,
+            safetensors_metadata=safetensors_metadata,
+            verify=writing.verify,
+            progress=advance,
+            unsafe=loading.unsafe,
+            allow_globals=tuple(loading.allow_globals),
+            format=writing.format,
+        )
+    for n in notes:
+        say(f"note: {n}")
+    return notes
+
+
+def _write_result(
+    command: str,
+    writing: Writing,
+    state_dict: Mapping[str, Any],
+    notes: Sequence[str],
+    model_data: Mapping[str, Any] | None,
+    model: ModelCheck,
+    say: _Notices,
+    *,
+    refused: bool = False,
+    **fields: Any,
+) -> WriteResult:
+    from .containers import non_tensor_keys
+    from .io import output_format
+
+    extra = non_tensor_keys(state_dict)
+    return WriteResult(
+        command=command,
+        output=str(writing.output),
+        format=output_format(Path(writing.output), writing.format).value,
+        dry_run=writing.dry_run,
+        refused=refused,
+        keys=tuple(state_dict),
+        num_tensors=len(state_dict) - len(extra),
+        extra_state=tuple(extra),
+        total_bytes=total_bytes(state_dict.values()),
+        notes=tuple(notes),
+        model=model_data,
+        model_options=model,
+        notices=tuple(say.lines),
+        **fields,
+    )
