@@ -492,7 +492,7 @@ def _write_torch(obj: Any, f: BinaryIO) -> None:
     import torch
 
     from .engine.limits import recursion_room
-    from .engine.unpickle import MAX_DEPTH
+    from .engine.pickle_checks import MAX_DEPTH
 
     with recursion_room(MAX_DEPTH):  # the converters and torch.save's pickler recurse per level
         obj = compact_views(as_torch(obj))
