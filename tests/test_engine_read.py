@@ -38,8 +38,8 @@ from zoo import (
 
 from ckptsurgeon.engine.data import iter_chunks, read_bytes, verify_crc
 from ckptsurgeon.engine.meta import DTYPE_ITEMSIZE, TensorMeta, TorchDevice, TorchDtype, TorchSize
+from ckptsurgeon.engine.pickle_globals import TORCH_WEIGHTS_ONLY_GLOBALS
 from ckptsurgeon.engine.read import read_checkpoint
-from ckptsurgeon.engine.unpickle import TORCH_WEIGHTS_ONLY_GLOBALS
 from ckptsurgeon.errors import BadCheckpointError, EngineUnsupported, UnsafeCheckpointError
 
 REPO = Path(__file__).resolve().parents[1]

@@ -12,7 +12,7 @@ import pytest
 import torch
 from zoo import ZOO, build
 
-from ckptsurgeon import io as ck_io
+from ckptsurgeon.io import load as ck_io
 from ckptsurgeon.io import load_checkpoint, save_checkpoint, with_state_dict
 from ckptsurgeon.rename import RenameRules
 from ckptsurgeon.surgery import extract_state_dict, rename_state_dict

@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from ckptsurgeon import io as ck_io
 from ckptsurgeon.errors import OutputError, UsageError
 from ckptsurgeon.io import TMP_MARK, atomic_output, check_output, load_checkpoint, save_checkpoint
+from ckptsurgeon.io import save as ck_io
 from ckptsurgeon.safety import check_torch_version
 
 
@@ -131,7 +131,7 @@ def test_kill_during_write_keeps_destination(tmp_path):
         "        f.write(b'x' * 4096); f.flush(); print('writing', flush=True)\n"
         "        import time; time.sleep(60)\n"
         "        yield f\n"
-        "io.atomic_output = slow\n"
+        "io.save.atomic_output = slow\n"
         f"io.save_checkpoint(io.load_checkpoint({str(big)!r}).state_dict, {str(dest)!r})\n"
     )
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)

@@ -124,7 +124,7 @@ def test_dev_null_is_refused_and_stays_a_device(two_inputs, capsys):
 def test_the_core_writer_refuses_a_fifo_before_making_a_temp_file(tmp_path, monkeypatch):
     fifo = tmp_path / "out.pt"
     os.mkfifo(fifo)
-    from ckptsurgeon import io
+    from ckptsurgeon.io import atomic as io
 
     def no_temp(dest):
         raise AssertionError("a temporary file was made")
@@ -266,7 +266,8 @@ def test_a_swallowed_signal_still_stops_the_write_before_the_rename(tmp_path):
 
 
 def test_a_signal_while_the_temp_file_is_made_leaves_no_temp_file(tmp_path, monkeypatch):
-    from ckptsurgeon import interrupts, io
+    from ckptsurgeon import interrupts
+    from ckptsurgeon.io import atomic as io
 
     real = io._temp_beside
 

@@ -15,9 +15,10 @@ from typing import Any
 from ..errors import BadCheckpointError, EngineUnsupported, UnsafeCheckpointError
 from .data import pread_bytes
 from .meta import DTYPE_ITEMSIZE, RawCheckpoint, StorageMeta
+from .pickle_checks import Unsupported, container_budget, resolve_storage_id
 from .sniff import MAGIC_NUMBER
 from .source import Source
-from .unpickle import PickleTruncated, Unsupported, container_budget, resolve_storage_id, unpickle
+from .unpickle import PickleTruncated, unpickle
 
 PROTOCOL_VERSION = 1001
 _FIRST_READ = 1 << 20

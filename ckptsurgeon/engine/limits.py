@@ -42,7 +42,7 @@ def brief(value: Any) -> str:
 def recursion_room(depth: int, frames_per_level: int = 4) -> Iterator[None]:
     """Let recursive code (a pickler, a converter) walk a graph nested `depth` deep.
 
-    The readers accept graphs nested up to unpickle.MAX_DEPTH (1,000); walking one takes a few
+    The readers accept graphs nested up to pickle_checks.MAX_DEPTH (1,000); walking one takes a few
     Python frames per level, more than the default limit of 1,000 frames. The limit is raised
     for the duration only (Python frames cost no C stack since 3.11, and little before).
     """

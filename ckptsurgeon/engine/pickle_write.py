@@ -229,7 +229,7 @@ def pickle_graph(obj: Any) -> PickledGraph:
     cannot write (unknown types, recursive tuples, OrderedDict subclasses, ...).
     """
     from .limits import recursion_room
-    from .unpickle import MAX_DEPTH
+    from .pickle_checks import MAX_DEPTH
 
     pickler = _Pickler(plan_storages(obj))
     with recursion_room(MAX_DEPTH):  # the pickler recurses, 2-3 frames a level

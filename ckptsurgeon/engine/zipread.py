@@ -23,8 +23,9 @@ from ..errors import BadCheckpointError, EngineUnsupported
 from .crc import crc32
 from .data import pread_bytes
 from .meta import DTYPE_ITEMSIZE, RawCheckpoint, StorageMeta
+from .pickle_checks import Malformed, container_budget, resolve_storage_id
 from .source import Source
-from .unpickle import Malformed, container_budget, resolve_storage_id, unpickle
+from .unpickle import unpickle
 
 MAX_PICKLE_BYTES = 1 << 30  # a data.pkl larger than this is left to torch
 

@@ -1,0 +1,286 @@
+"""The globals a checkpoint's pickle may name, and what each resolves to (for :mod:`.unpickle`).
+
+Three tables, checked in this order by the VM's GLOBAL / STACK_GLOBAL:
+
+* :data:`MODELLED_GLOBALS`: the globals the engine models (OrderedDict, the tensor/parameter
+  rebuild functions, storage classes, dtypes, `torch.Size`, `torch.device`, `_codecs.encode` for
+  bytes, `builtins.set`), each as the value the VM pushes (what calling one does is in
+  :mod:`.pickle_calls`);
+* the rest of torch's weights_only allowlist (:data:`TORCH_WEIGHTS_ONLY_GLOBALS`) and the caller's
+  `allow_globals`: valid, but not modelled (an :class:`Opaque` placeholder);
+* everything else, and any name in :data:`BLOCKLISTED_MODULES`: refused.
+
+Also here: :func:`resolve_name` (torch's Python 2 renames) and :func:`scan_globals`, which lists
+the names a pickle refers to without running it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .meta import STORAGE_DTYPE, TorchDtype
+
+# Modules torch never allows, even when a user allowlists a name from them.
+BLOCKLISTED_MODULES = frozenset({"sys", "os", "posix", "nt"})
+
+# From torch/_utils.py (itself from CPython's _compat_pickle): Python 2 names torch renames.
+IMPORT_MAPPING = {
+    "__builtin__": "builtins",
+    "copy_reg": "copyreg",
+    "Queue": "queue",
+    "repr": "reprlib",
+    "_abcoll": "collections.abc",
+    "UserDict": "collections",
+    "UserList": "collections",
+    "UserString": "collections",
+    "whichdb": "dbm",
+    "StringIO": "io",
+    "cStringIO": "io",
+}
+NAME_MAPPING = {
+    ("__builtin__", "xrange"): ("builtins", "range"),
+    ("__builtin__", "reduce"): ("functools", "reduce"),
+    ("__builtin__", "intern"): ("sys", "intern"),
+    ("__builtin__", "unichr"): ("builtins", "chr"),
+    ("__builtin__", "unicode"): ("builtins", "str"),
+    ("__builtin__", "long"): ("builtins", "int"),
+    ("itertools", "izip"): ("builtins", "zip"),
+    ("itertools", "imap"): ("builtins", "map"),
+    ("itertools", "ifilter"): ("builtins", "filter"),
+    ("itertools", "ifilterfalse"): ("itertools", "filterfalse"),
+    ("itertools", "izip_longest"): ("itertools", "zip_longest"),
+    ("UserDict", "IterableUserDict"): ("collections", "UserDict"),
+    ("UserList", "UserList"): ("collections", "UserList"),
+    ("UserString", "UserString"): ("collections", "UserString"),
+    ("__builtin__", "basestring"): ("builtins", "str"),
+    ("exceptions", "StandardError"): ("builtins", "Exception"),
+    ("UserDict", "UserDict"): ("collections", "UserDict"),
+}
+
+_TENSOR_TYPES = ("Double", "Float", "Half", "BFloat16", "Long", "Int", "Short", "Char", "Byte", "Bool")
+_DTYPE_GLOBALS = frozenset(
+    [
+        "bfloat16",
+        "bits16",
+        "bits1x8",
+        "bits2x4",
+        "bits4x2",
+        "bits8",
+        "bool",
+        "complex128",
+        "complex32",
+        "complex64",
+        "float16",
+        "float32",
+        "float4_e2m1fn_x2",
+        "float64",
+        "float8_e4m3fn",
+        "float8_e4m3fnuz",
+        "float8_e5m2",
+        "float8_e5m2fnuz",
+        "float8_e8m0fnu",
+        "int16",
+        "int32",
+        "int64",
+        "int8",
+        "qint32",
+        "qint8",
+        "quint2x4",
+        "quint4x2",
+        "quint8",
+        "uint16",
+        "uint32",
+        "uint64",
+        "uint8",
+    ]
+    + [f"int{i}" for i in range(1, 8)]
+    + [f"uint{i}" for i in range(1, 8)]
+)
+
+# torch 2.13's `_weights_only_unpickler._get_allowed_globals()` keys (a test compares them).
+TORCH_WEIGHTS_ONLY_GLOBALS = frozenset(
+    [
+        "_codecs.encode",
+        "builtins.bytearray",
+        "builtins.complex",
+        "builtins.set",
+        "collections.Counter",
+        "collections.OrderedDict",
+        "torch.Size",
+        "torch.Tensor",
+        "torch.device",
+        "torch.nn.parameter.Parameter",
+        "torch.serialization._get_layout",
+        "torch.storage.TypedStorage",
+        "torch.storage.UntypedStorage",
+        "torch._tensor._rebuild_from_type_v2",
+        "torch.per_channel_affine",
+        "torch.per_channel_affine_float_qparams",
+        "torch.per_channel_symmetric",
+        "torch.per_tensor_affine",
+        "torch.per_tensor_symmetric",
+    ]
+    + [f"torch.{d}" for d in _DTYPE_GLOBALS]
+    + [
+        f"torch._utils.{f}"
+        for f in (
+            "_rebuild_device_tensor_from_cpu_tensor",
+            "_rebuild_device_tensor_from_numpy",
+            "_rebuild_meta_tensor_no_storage",
+            "_rebuild_nested_tensor",
+            "_rebuild_parameter",
+            "_rebuild_parameter_with_state",
+            "_rebuild_qtensor",
+            "_rebuild_sparse_tensor",
+            "_rebuild_tensor",
+            "_rebuild_tensor_v2",
+            "_rebuild_tensor_v3",
+            "_rebuild_wrapper_subclass",
+        )
+    ]
+    + [f"torch.{n}Storage" for n in _TENSOR_TYPES + ("ComplexDouble", "ComplexFloat")]
+    + [f"torch.{n}Storage" for n in ("QInt32", "QInt8", "QUInt2x4", "QUInt4x2", "QUInt8")]
+    + [f"torch.cuda.{n}Storage" for n in _TENSOR_TYPES + ("ComplexDouble", "ComplexFloat")]
+    + [f"torch.{n}Tensor" for n in _TENSOR_TYPES]
+    + [f"torch.cuda.{n}Tensor" for n in _TENSOR_TYPES]
+    + [f"torch.sparse.{n}Tensor" for n in _TENSOR_TYPES if n != "Bool"]
+    + [f"torch.cuda.sparse.{n}Tensor" for n in _TENSOR_TYPES if n != "Bool"]
+)
+
+# Allowed constructors that allocate memory sized by an int argument (`bytearray(10**12)`).
+ALLOCATING_GLOBALS = frozenset(
+    {"builtins.bytearray", "torch.Tensor", "torch.storage.TypedStorage", "torch.storage.UntypedStorage"}
+    | {n for n in TORCH_WEIGHTS_ONLY_GLOBALS if n.endswith(("Tensor", "Storage"))}
+)
+
+
+class StorageClass:
+    """A pickled storage class global (`torch.FloatStorage`, `torch.storage.UntypedStorage`, ...)."""
+
+    __slots__ = ("name", "dtype")
+
+    def __init__(self, name: str, dtype: str):
+        self.name = name
+        self.dtype = dtype
+
+    def __repr__(self) -> str:
+        return f"<storage class {self.name}>"
+
+
+class Opaque:
+    """Placeholder for a value the engine does not model (or refuses); `name` says what it was."""
+
+    __slots__ = ("name",)
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def __repr__(self) -> str:
+        return f"<opaque {self.name}>"
+
+
+class ModelledCallable:
+    """A modelled global callable; `kind` selects its handler."""
+
+    __slots__ = ("kind",)
+
+    def __init__(self, kind: str):
+        self.kind = kind
+
+    def __repr__(self) -> str:
+        return f"<global {self.kind}>"
+
+
+ORDERED_DICT = ModelledCallable("collections.OrderedDict")
+SET = ModelledCallable("builtins.set")
+MODELLED_GLOBALS: dict[str, Any] = {
+    "collections.OrderedDict": ORDERED_DICT,
+    "builtins.set": SET,
+    "_codecs.encode": ModelledCallable("_codecs.encode"),
+    "torch.Size": ModelledCallable("torch.Size"),
+    "torch.device": ModelledCallable("torch.device"),
+    "torch._utils._rebuild_tensor_v2": ModelledCallable("torch._utils._rebuild_tensor_v2"),
+    "torch._utils._rebuild_tensor_v3": ModelledCallable("torch._utils._rebuild_tensor_v3"),
+    "torch._utils._rebuild_parameter": ModelledCallable("torch._utils._rebuild_parameter"),
+    "torch.storage.UntypedStorage": StorageClass("torch.storage.UntypedStorage", "uint8"),
+}
+for _name, _dtype in STORAGE_DTYPE.items():
+    if _name != "UntypedStorage":
+        MODELLED_GLOBALS[f"torch.{_name}"] = StorageClass(f"torch.{_name}", _dtype)
+        MODELLED_GLOBALS[f"torch.cuda.{_name}"] = StorageClass(f"torch.cuda.{_name}", _dtype)
+for _name in _DTYPE_GLOBALS:
+    MODELLED_GLOBALS[f"torch.{_name}"] = TorchDtype(_name)
+del _name, _dtype
+
+
+def resolve_name(module: str, name: str) -> str:
+    """The dotted name torch's weights_only unpickler looks up for a GLOBAL opcode."""
+    if (module, name) in NAME_MAPPING:
+        module, name = NAME_MAPPING[(module, name)]
+    elif module in IMPORT_MAPPING:
+        module = IMPORT_MAPPING[module]
+    return f"{module}.{name}"
+
+
+def scan_globals(data: bytes, start: int = 0) -> set[str]:
+    """Every GLOBAL / STACK_GLOBAL name in the pickle at `start`, read without executing it."""
+    import io
+    import pickletools
+
+    names: set[str] = set()
+    strings: list[str] = []
+    # protocol 4 memoizes every string and fetches repeated module names from the memo
+    memo: dict[int, str] = {}
+    memoized = 0  # MEMOIZE's next index
+    last: str | None = None  # the string the last opcode pushed, if it pushed one
+    try:
+        for info, arg, _pos in pickletools.genops(io.BytesIO(memoryview(data)[start:])):
+            name = info.name
+            if type(arg) is str:
+                if name == "GLOBAL" or name == "INST":
+                    module, _, attr = arg.partition(" ")
+                    names.add(resolve_name(module, attr))
+                    last = None
+                elif "UNICODE" in name:
+                    strings.append(arg)
+                    last = arg
+                else:
+                    last = None
+            elif name == "MEMOIZE":
+                if last is not None:
+                    memo[memoized] = last
+                memoized += 1
+            elif name in ("BINPUT", "LONG_BINPUT", "PUT") and isinstance(arg, int):
+                if last is not None:
+                    memo[arg] = last
+                elif arg in memo:
+                    del memo[arg]
+            elif name in ("BINGET", "LONG_BINGET", "GET") and isinstance(arg, int):
+                last = memo.get(arg)
+                if last is not None:
+                    strings.append(last)
+            elif name == "STACK_GLOBAL":
+                if len(strings) >= 2:
+                    names.add(resolve_name(strings[-2], strings[-1]))
+                last = None
+            elif name == "STOP":
+                break
+            elif name != "FRAME" and name != "MARK":
+                last = None
+    except Exception:  # noqa: BLE001 - a malformed tail ends the scan; we report what we saw
+        pass
+    return names
+
+
+def refused_globals(names: set[str], allow_globals: frozenset[str]) -> set[str]:
+    """The names among `names` that the VM refuses (the blocklisted ones, and those in no table)."""
+    out = set()
+    for full in names:
+        module = full.rsplit(".", 1)[0]
+        if module in BLOCKLISTED_MODULES:
+            out.add(full)
+        elif full in MODELLED_GLOBALS or full in TORCH_WEIGHTS_ONLY_GLOBALS or full in allow_globals:
+            continue
+        else:
+            out.add(full)
+    return out
