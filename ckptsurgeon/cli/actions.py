@@ -38,6 +38,13 @@ def _model(spec: str | None, kwargs: str | None, allow_missing: bool, allow_unex
     return jobs.ModelCheck(spec, kwargs, allow_missing, allow_unexpected)
 
 
+def _writing(options: dict[str, Any]) -> jobs.Writing:
+    """The writer options (the option table's entries named as `jobs.Writing`'s fields), each
+    taken as given or at its default: a new option common to the writers needs no line here."""
+    writing = jobs.Writing(**{f: options[f] for f in jobs.Writing._fields if f in options})
+    return writing._replace(output=Path(writing.output))
+
+
 def inspect(
     *,
     ckpt: Path | str,
@@ -74,7 +81,6 @@ def inspect(
 def extract(
     *,
     ckpt: Path | str,
-    output: Path | str,
     include: list[str] | None = None,
     exclude: list[str] | None = None,
     regex: bool = False,
@@ -85,11 +91,8 @@ def extract(
     model_kwargs: str | None = None,
     allow_missing: bool = False,
     allow_unexpected: bool = False,
-    force: bool = False,
-    dry_run: bool = False,
-    verify: bool = False,
-    format: str | None = None,
     as_json: bool = False,
+    **writing: Any,
 ) -> int:
     """Write the selected entries as a bare state_dict (the container is dropped).
 
@@ -97,7 +100,7 @@ def extract(
     """
     result = jobs.extract(
         Path(ckpt),
-        jobs.Writing(Path(output), force, dry_run, verify, format),
+        _writing(writing),
         selection=_selection(include, exclude, regex),
         loading=_loading(key, unsafe, allow_global),
         model=_model(model, model_kwargs, allow_missing, allow_unexpected),
@@ -113,11 +116,6 @@ def rename(
     add_prefix: str | None,
     sub: list[str] | None,
     map_file: Path | None,
-    output: Path,
-    force: bool,
-    dry_run: bool,
-    verify: bool,
-    format: str | None,
     key: str | None,
     unsafe: bool,
     allow_global: list[str] | None,
@@ -126,6 +124,7 @@ def rename(
     allow_missing: bool,
     allow_unexpected: bool,
     as_json: bool,
+    **writing: Any,
 ) -> int:
     """Rename keys: --map, then --strip-prefix, then each --sub, then --add-prefix.
 
@@ -143,7 +142,7 @@ def rename(
     result = jobs.rename(
         ckpt,
         rules,
-        jobs.Writing(output, force, dry_run, verify, format),
+        _writing(writing),
         loading=_loading(key, unsafe, allow_global),
         model=_model(model, model_kwargs, allow_missing, allow_unexpected),
         **_live(),
@@ -171,11 +170,6 @@ def merge(
     on_conflict: Any,
     average: bool,
     weights: str | None,
-    output: Path,
-    force: bool,
-    dry_run: bool,
-    verify: bool,
-    format: str | None,
     key: str | None,
     unsafe: bool,
     allow_global: list[str] | None,
@@ -184,6 +178,7 @@ def merge(
     allow_missing: bool,
     allow_unexpected: bool,
     as_json: bool,
+    **writing: Any,
 ) -> int:
     """Union of the inputs' state_dicts in first-seen order, or (--average) their weighted mean."""
     parsed_weights: list[float] | None = None
@@ -192,7 +187,7 @@ def merge(
         parsed_weights = _parse_weights(weights) if average and len(ckpts) >= 2 else []
     result = jobs.merge(
         ckpts,
-        jobs.Writing(output, force, dry_run, verify, format),
+        _writing(writing),
         on_conflict=on_conflict,
         average=average,
         weights=parsed_weights,
