@@ -21,46 +21,45 @@ def _notify(line: str) -> None:
     notice(line, style="yellow" if line.startswith("warning:") else "")
 
 
-def _live() -> dict[str, Any]:
-    """What every job gets from the CLI: notices printed as they happen, progress bars on a terminal."""
+def _live(options: dict[str, Any]) -> dict[str, Any]:
+    """What every job gets from the CLI: notices printed as they happen, progress bars on a
+    terminal. Called last, once the option groups were taken out: a parsed option that no group
+    took is a bug (an option declared in the table but never used), said before the job runs."""
+    if options:
+        raise TypeError(f"options that no job takes: {', '.join(sorted(options))}")
     return {"notify": _notify, "progress": progress}
 
 
-def _selection(include: list[str] | None, exclude: list[str] | None, regex: bool) -> jobs.Selection:
-    return jobs.Selection(tuple(include or ()), tuple(exclude or ()), regex)
+def _selection(options: dict[str, Any]) -> jobs.Selection:
+    """`-i`, `-x`, `--regex`, taken out of the parsed keywords (absent ones at their defaults)."""
+    include, exclude = options.pop("include", None), options.pop("exclude", None)
+    return jobs.Selection(tuple(include or ()), tuple(exclude or ()), options.pop("regex", False))
 
 
-def _loading(key: str | None, unsafe: bool, allow_global: list[str] | None) -> jobs.Loading:
-    return jobs.Loading(key, unsafe, tuple(allow_global or ()))
+def _loading(options: dict[str, Any]) -> jobs.Loading:
+    """`--key`, `--unsafe`, `--allow-global`, taken out of the parsed keywords."""
+    allow = options.pop("allow_global", None)
+    return jobs.Loading(options.pop("key", None), options.pop("unsafe", False), tuple(allow or ()))
 
 
-def _model(spec: str | None, kwargs: str | None, allow_missing: bool, allow_unexpected: bool) -> jobs.ModelCheck:
-    return jobs.ModelCheck(spec, kwargs, allow_missing, allow_unexpected)
+def _model(options: dict[str, Any]) -> jobs.ModelCheck:
+    """`--model`, `--model-kwargs`, `--allow-missing`, `--allow-unexpected`, taken out likewise."""
+    return jobs.ModelCheck(
+        options.pop("model", None),
+        options.pop("model_kwargs", None),
+        options.pop("allow_missing", False),
+        options.pop("allow_unexpected", False),
+    )
 
 
 def _writing(options: dict[str, Any]) -> jobs.Writing:
     """The writer options (the option table's entries named as `jobs.Writing`'s fields), each
     taken as given or at its default: a new option common to the writers needs no line here."""
-    writing = jobs.Writing(**{f: options[f] for f in jobs.Writing._fields if f in options})
+    writing = jobs.Writing(**{f: options.pop(f) for f in jobs.Writing._fields if f in options})
     return writing._replace(output=Path(writing.output))
 
 
-def inspect(
-    *,
-    ckpt: Path | str,
-    include: list[str] | None = None,
-    exclude: list[str] | None = None,
-    regex: bool = False,
-    key: str | None = None,
-    unsafe: bool = False,
-    allow_global: list[str] | None = None,
-    model: str | None = None,
-    model_kwargs: str | None = None,
-    allow_missing: bool = False,
-    allow_unexpected: bool = False,
-    verify: bool = False,
-    as_json: bool = False,
-) -> int:
+def inspect(*, ckpt: Path | str, verify: bool = False, as_json: bool = False, **options: Any) -> int:
     """List tensors (key, shape, dtype, elements, bytes), totals, container entries, tied storage.
 
     Reads metadata only (milliseconds, whatever the file size); --verify also reads the data and
@@ -69,42 +68,27 @@ def inspect(
     """
     result = jobs.inspect(
         Path(ckpt),
-        selection=_selection(include, exclude, regex),
-        loading=_loading(key, unsafe, allow_global),
-        model=_model(model, model_kwargs, allow_missing, allow_unexpected),
+        selection=_selection(options),
+        loading=_loading(options),
+        model=_model(options),
         verify=verify,
-        **_live(),
+        **_live(options),
     )
     return render(result, as_json=as_json)
 
 
-def extract(
-    *,
-    ckpt: Path | str,
-    include: list[str] | None = None,
-    exclude: list[str] | None = None,
-    regex: bool = False,
-    key: str | None = None,
-    unsafe: bool = False,
-    allow_global: list[str] | None = None,
-    model: str | None = None,
-    model_kwargs: str | None = None,
-    allow_missing: bool = False,
-    allow_unexpected: bool = False,
-    as_json: bool = False,
-    **writing: Any,
-) -> int:
+def extract(*, ckpt: Path | str, as_json: bool = False, **options: Any) -> int:
     """Write the selected entries as a bare state_dict (the container is dropped).
 
     With no pattern the whole state_dict is written, which unwraps a training checkpoint.
     """
     result = jobs.extract(
         Path(ckpt),
-        _writing(writing),
-        selection=_selection(include, exclude, regex),
-        loading=_loading(key, unsafe, allow_global),
-        model=_model(model, model_kwargs, allow_missing, allow_unexpected),
-        **_live(),
+        selection=_selection(options),
+        loading=_loading(options),
+        model=_model(options),
+        writing=_writing(options),
+        **_live(options),
     )
     return render(result, as_json=as_json)
 
@@ -116,15 +100,8 @@ def rename(
     add_prefix: str | None,
     sub: list[str] | None,
     map_file: Path | None,
-    key: str | None,
-    unsafe: bool,
-    allow_global: list[str] | None,
-    model: str | None,
-    model_kwargs: str | None,
-    allow_missing: bool,
-    allow_unexpected: bool,
     as_json: bool,
-    **writing: Any,
+    **options: Any,
 ) -> int:
     """Rename keys: --map, then --strip-prefix, then each --sub, then --add-prefix.
 
@@ -142,10 +119,10 @@ def rename(
     result = jobs.rename(
         ckpt,
         rules,
-        _writing(writing),
-        loading=_loading(key, unsafe, allow_global),
-        model=_model(model, model_kwargs, allow_missing, allow_unexpected),
-        **_live(),
+        loading=_loading(options),
+        model=_model(options),
+        writing=_writing(options),
+        **_live(options),
     )
     return render(result, as_json=as_json)
 
@@ -170,15 +147,8 @@ def merge(
     on_conflict: Any,
     average: bool,
     weights: str | None,
-    key: str | None,
-    unsafe: bool,
-    allow_global: list[str] | None,
-    model: str | None,
-    model_kwargs: str | None,
-    allow_missing: bool,
-    allow_unexpected: bool,
     as_json: bool,
-    **writing: Any,
+    **options: Any,
 ) -> int:
     """Union of the inputs' state_dicts in first-seen order, or (--average) their weighted mean."""
     parsed_weights: list[float] | None = None
@@ -187,13 +157,13 @@ def merge(
         parsed_weights = _parse_weights(weights) if average and len(ckpts) >= 2 else []
     result = jobs.merge(
         ckpts,
-        _writing(writing),
         on_conflict=on_conflict,
         average=average,
         weights=parsed_weights,
-        loading=_loading(key, unsafe, allow_global),
-        model=_model(model, model_kwargs, allow_missing, allow_unexpected),
-        **_live(),
+        loading=_loading(options),
+        model=_model(options),
+        writing=_writing(options),
+        **_live(options),
     )
     return render(result, as_json=as_json)
 
@@ -209,22 +179,13 @@ def diff(
     *,
     a: Path,
     b: Path,
-    include: list[str] | None,
-    exclude: list[str] | None,
-    regex: bool,
     rtol: float,
     atol: float,
     ignore_dtype: bool,
     key_a: str | None,
     key_b: str | None,
-    key: str | None,
-    unsafe: bool,
-    allow_global: list[str] | None,
-    model: str | None,
-    model_kwargs: str | None,
-    allow_missing: bool,
-    allow_unexpected: bool,
     as_json: bool,
+    **options: Any,
 ) -> int:
     """Compare two checkpoints: keys only in one, shape, dtype and value mismatches.
 
@@ -235,14 +196,14 @@ def diff(
     result = jobs.diff(
         a,
         b,
-        selection=_selection(include, exclude, regex),
-        loading=_loading(key, unsafe, allow_global),
+        selection=_selection(options),
+        loading=_loading(options),
         key_a=key_a,
         key_b=key_b,
         rtol=rtol,
         atol=atol,
         ignore_dtype=ignore_dtype,
-        model=_model(model, model_kwargs, allow_missing, allow_unexpected),
-        **_live(),
+        model=_model(options),
+        **_live(options),
     )
     return render(result, as_json=as_json)
