@@ -59,13 +59,17 @@ def inspect(
     allow_missing: bool = False,
     allow_unexpected: bool = False,
     verify: bool = False,
+    stats: bool = False,
+    check_finite: bool = False,
+    sha256: bool = False,
     as_json: bool = False,
 ) -> int:
     """List tensors (key, shape, dtype, elements, bytes), totals, container entries, tied storage.
 
     Reads metadata only (milliseconds, whatever the file size); --verify also reads the data and
-    checks CRCs. With --model, mark each key as parameter, buffer, missing, unexpected or shape
-    mismatch; the exit code then reports compatibility (0 compatible, 1 not).
+    checks CRCs; --stats, --check-finite and --hash read the selected tensors' values (--check-finite:
+    exit 1 when one holds NaN or Inf). With --model, mark each key as parameter, buffer, missing,
+    unexpected or shape mismatch; the exit code then reports compatibility (0 compatible, 1 not).
     """
     result = jobs.inspect(
         Path(ckpt),
@@ -73,6 +77,9 @@ def inspect(
         loading=_loading(key, unsafe, allow_global),
         model=_model(model, model_kwargs, allow_missing, allow_unexpected),
         verify=verify,
+        stats=stats,
+        check_finite=check_finite,
+        sha256=sha256,
         **_live(),
     )
     return render(result, as_json=as_json)
