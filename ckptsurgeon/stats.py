@@ -55,6 +55,8 @@ def tensor_values(
     """Compute what is asked of tensor `t` (a TensorMeta or a torch tensor) in one pass over its
     values: `stats` (TensorStats), `finite` (NaN/Inf counts only), `sha256` (hex digest of the
     logical contiguous little-endian bytes, equal for the same values in any file format)."""
+    if type(t) is not TensorMeta:
+        t = _plain(t, key)
     dtype = t.dtype if type(t) is TensorMeta else _torch_dtype_name(t)
     numeric = dtype in _NUMERIC
     need_values = numeric and (stats or (finite and dtype in FLOATING_DTYPES))
@@ -104,13 +106,7 @@ def _logical_chunks(t: Any, key: str, chunk_bytes: int) -> Iterator[memoryview]:
 
         flat = tensor_from_meta(t)  # a strided view: its contiguous copy, bounded by its size
     else:
-        from .tensors import RAW_BITS_DTYPES, plain_values
-
-        flat = plain_values(t, key, "compute statistics of")
-        if _torch_dtype_name(flat) in RAW_BITS_DTYPES:  # no copy for bit patterns: view them as integers
-            import torch
-
-            flat = flat.view(torch.uint16 if flat.element_size() == 2 else torch.uint8)
+        flat = t
     import torch
 
     data: Any = flat.contiguous().reshape(-1).view(torch.uint8).numpy()
@@ -118,6 +114,18 @@ def _logical_chunks(t: Any, key: str, chunk_bytes: int) -> Iterator[memoryview]:
     step = max(flat.element_size(), chunk_bytes - chunk_bytes % flat.element_size())
     for pos in range(0, len(view), step):
         yield view[pos : pos + step]
+
+
+def _plain(t: Any, key: str) -> Any:
+    """A torch tensor as dense CPU values (`plain_values`); bit patterns viewed as integers (no copy)."""
+    from .tensors import RAW_BITS_DTYPES, plain_values
+
+    t = plain_values(t, key, "read the values of")
+    if _torch_dtype_name(t) in RAW_BITS_DTYPES:
+        import torch
+
+        t = t.view(torch.uint16 if t.element_size() == 2 else torch.uint8)
+    return t
 
 
 class _Accumulator:
