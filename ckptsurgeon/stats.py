@@ -102,18 +102,29 @@ def _logical_chunks(t: Any, key: str, chunk_bytes: int) -> Iterator[memoryview]:
             if t.nbytes:
                 yield from iter_chunks(t.storage, start, start + t.nbytes, step)
             return
-        from .engine.materialize import tensor_from_meta
-
-        flat = tensor_from_meta(t)  # a strided view: its contiguous copy, bounded by its size
+        data, itemsize = _contiguous_copy(t), t.itemsize  # a strided view: bounded by its span
     else:
-        flat = t
-    import torch
+        import torch
 
-    data: Any = flat.contiguous().reshape(-1).view(torch.uint8).numpy()
-    view = memoryview(data)
-    step = max(flat.element_size(), chunk_bytes - chunk_bytes % flat.element_size())
+        data, itemsize = t.contiguous().reshape(-1).view(torch.uint8).numpy(), t.element_size()
+    view = memoryview(data).cast("B")
+    step = max(itemsize, chunk_bytes - chunk_bytes % itemsize)
     for pos in range(0, len(view), step):
         yield view[pos : pos + step]
+
+
+def _contiguous_copy(t: TensorMeta) -> Any:
+    """The elements of a strided on-disk view in logical order, copied from its span with numpy's
+    `as_strided` (elements as opaque fixed-size records: any dtype, no torch)."""
+    import numpy as np
+    from numpy.lib.stride_tricks import as_strided
+
+    from .engine.data import read_bytes
+
+    start, end = t.span
+    raw = np.frombuffer(read_bytes(t.storage, start, end), np.dtype(f"V{t.itemsize}"))
+    strides = tuple(st * t.itemsize for st in t.stride)
+    return np.ascontiguousarray(as_strided(raw, shape=t.shape, strides=strides, writeable=False)).reshape(-1)
 
 
 def _plain(t: Any, key: str) -> Any:

@@ -307,3 +307,26 @@ def test_console_script_gate_without_torch(tmp_path: Path) -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60)
     assert out.stdout.split() == ["1", "False"], out.stderr
+
+
+def test_strided_views_on_disk_by_their_strides(tmp_path: Path) -> None:
+    """Views read from their span by their strides (no torch): a broadcast (stride 0), a slice
+    with an offset, an empty view, bfloat16 and int16 views."""
+    torch.manual_seed(3)
+    base = torch.randn(9, 8)
+    src = {
+        "expanded": torch.randn(1, 6).expand(4, 6),
+        "offset": base[3:, 2:7:2],
+        "empty": base.t()[:, :0],
+        "bf16": base.bfloat16().t()[1:],
+        "i16": torch.arange(60, dtype=torch.int16).reshape(6, 10)[:, ::3],
+    }
+    path = tmp_path / "views.pt"
+    torch.save(src, path)
+    metas = _meta(path)
+    assert not metas["offset"].is_contiguous and not metas["expanded"].is_contiguous
+    for key, t in src.items():
+        for chunk in (16, 1 << 20):
+            v = tensor_values(metas[key], key, stats=True, sha256=True, chunk_bytes=chunk)
+            assert v.sha256 == _hash(t), key
+            assert_stats(v.stats.to_dict() if v.stats else None, reference(t), _scale(t) if t.numel() else 1.0)
