@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from .io import Checkpoint
     from .merge import MergeReport, OnConflict
     from .rename import RenameRules
+    from .stats import TensorValues
     from .summary import InspectReport
 
 __all__ = [
@@ -109,13 +110,33 @@ class InspectResult(NamedTuple):
     model_options: ModelCheck
     shown_missing: Sequence[str]
     notices: tuple[str, ...]
+    values: Mapping[str, TensorValues] | None = None  # --stats / --check-finite / --hash, per key
+    check_finite: bool = False
+    stats: bool = False
+
+    @property
+    def non_finite(self) -> list[str]:
+        """The selected keys whose tensors hold NaN or Inf (with `check_finite`; else empty)."""
+        if not self.check_finite or self.values is None:
+            return []
+        return [k for k, v in self.values.items() if not v.finite]
 
     @property
     def exit_code(self) -> int:
-        return EXIT_DIFFERENT if self.model is not None and not self.model["compatible_allowed"] else EXIT_OK
+        unfit = self.model is not None and not self.model["compatible_allowed"]
+        return EXIT_DIFFERENT if unfit or self.non_finite else EXIT_OK
 
     def to_dict(self) -> dict[str, Any]:
         data = self.report.to_dict()
+        if self.values is not None:
+            for row in data["tensors"]:
+                v = self.values[row["key"]]
+                if self.stats:
+                    row["stats"] = v.stats.to_dict() if v.stats is not None else None
+                if v.sha256 is not None:
+                    row["sha256"] = v.sha256
+            if self.check_finite:
+                data["non_finite"] = self.non_finite
         data.update(public_model(self.model))
         if self.model is not None:
             data["kinds"] = self.model["kinds"]
@@ -236,12 +257,17 @@ def inspect(
     loading: Loading = SAFE_LOADING,
     model: ModelCheck = NO_MODEL,
     verify: bool = False,
+    stats: bool = False,
+    check_finite: bool = False,
+    sha256: bool = False,
     notify: Notify | None = None,
     progress: Progress | None = None,
 ) -> InspectResult:
     """List the tensors of `ckpt`'s state_dict (the selected ones), its totals, the container's other
     entries and tied storage; `verify` also reads all data and checks every CRC-32. With `model`,
-    the whole state_dict is checked against the model (`exit_code` 1 when it does not fit)."""
+    the whole state_dict is checked against the model (`exit_code` 1 when it does not fit).
+    `stats` computes each selected tensor's min, max, mean, std and NaN/Inf/zero counts, `sha256`
+    the sha256 of its contents; `check_finite` makes `exit_code` 1 when one holds NaN or Inf."""
     from .containers import describe_value
     from .summary import inspect_state_dict
 
@@ -272,7 +298,22 @@ def inspect(
             from .patterns import select_keys
 
             shown_missing = select_keys(shown_missing, selection.include, selection.exclude, regex=selection.regex)
-    return InspectResult(report, model_data, model, shown_missing, tuple(say.lines))
+    values = None
+    if stats or check_finite or sha256:
+        from .stats import tensor_values
+
+        values = {}
+        with progress("reading values", report.total_bytes) as advance:
+            for r in report.tensors:
+                t = ckpt_obj.state_dict[r.key]
+                values[r.key] = tensor_values(t, r.key, stats=stats, finite=check_finite, sha256=sha256)
+                if advance is not None:
+                    advance(r.nbytes)
+        bad = [k for k, v in values.items() if not v.finite] if check_finite else []
+        if bad:
+            named = ", ".join(f"{k} ({values[k].nan} NaN, {values[k].inf} Inf)" for k in bad)
+            say(f"not finite: {len(bad)} of {len(values)} tensors hold NaN or Inf: {named}")
+    return InspectResult(report, model_data, model, shown_missing, tuple(say.lines), values, check_finite, stats)
 
 
 def extract(

@@ -59,12 +59,22 @@ def _writing(options: dict[str, Any]) -> jobs.Writing:
     return writing._replace(output=Path(writing.output))
 
 
-def inspect(*, ckpt: Path | str, verify: bool = False, as_json: bool = False, **options: Any) -> int:
+def inspect(
+    *,
+    ckpt: Path | str,
+    verify: bool = False,
+    stats: bool = False,
+    check_finite: bool = False,
+    sha256: bool = False,
+    as_json: bool = False,
+    **options: Any,
+) -> int:
     """List tensors (key, shape, dtype, elements, bytes), totals, container entries, tied storage.
 
     Reads metadata only (milliseconds, whatever the file size); --verify also reads the data and
-    checks CRCs. With --model, mark each key as parameter, buffer, missing, unexpected or shape
-    mismatch; the exit code then reports compatibility (0 compatible, 1 not).
+    checks CRCs; --stats, --check-finite and --hash read the selected tensors' values (--check-finite:
+    exit 1 when one holds NaN or Inf). With --model, mark each key as parameter, buffer, missing,
+    unexpected or shape mismatch; the exit code then reports compatibility (0 compatible, 1 not).
     """
     result = jobs.inspect(
         Path(ckpt),
@@ -72,6 +82,9 @@ def inspect(*, ckpt: Path | str, verify: bool = False, as_json: bool = False, **
         loading=_loading(options),
         model=_model(options),
         verify=verify,
+        stats=stats,
+        check_finite=check_finite,
+        sha256=sha256,
         **_live(options),
     )
     return render(result, as_json=as_json)

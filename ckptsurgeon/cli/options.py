@@ -141,6 +141,17 @@ OPTIONS: tuple[Opt, ...] = (
         "Read the data back and check it: inspect checks every record's CRC-32; a writer compares the written "
         "file with what was meant before it replaces OUT.",
         ("inspect", *WRITERS), Group.WRITING, default=False, fast=True),
+    Opt("stats", ("--stats",), Kind.FLAG, "",
+        "Read the values: per tensor min, max, mean, std (sample, as torch.std) and the counts of NaN, Inf "
+        "and zeros, in float64, streamed.",
+        ("inspect",), Group.OPERATION, default=False, fast=True),
+    Opt("check_finite", ("--check-finite",), Kind.FLAG, "",
+        "Exit 1 when a selected tensor holds NaN or Inf, and name them (a CI gate against a diverged run).",
+        ("inspect",), Group.OPERATION, default=False, fast=True),
+    Opt("sha256", ("--hash",), Kind.FLAG, "",
+        "sha256 of each tensor's values (its contiguous little-endian bytes): equal for equal values in any "
+        "file format or layout.",
+        ("inspect",), Group.OPERATION, default=False, fast=True),
     # --------------------------------------------------------------------------------- output
     Opt("as_json", ("--json",), Kind.FLAG, "", "Print one JSON document on stdout instead of tables.",
         COMMANDS, Group.OUTPUT, default=False, fast=True),

@@ -45,7 +45,10 @@ class TextRenderer:
     def _inspect(self, result: InspectResult) -> None:
         report, model, opts = result.report, result.model, result.model_options
         shown = {**model, "missing_keys": list(result.shown_missing)} if model is not None else None
-        show(text.inspect_table(report, model["kinds"] if model else None, shown))
+        table = text.inspect_table(report, model["kinds"] if model else None, shown)
+        if result.values is not None:
+            table = text.with_values(table, report, result.values, stats=result.stats)
+        show(table)
         if len(report.dtypes) > 1:
             show(text.dtype_table(report))
         for line in text.other_entries_lines(report.other_entries) + text.shared_lines(report.shared_storage):

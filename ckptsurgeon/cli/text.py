@@ -169,6 +169,32 @@ def inspect_table(
     return TableData(headers, rows, f"{title} ({report.format})", caption, frozenset({3, 4}), styles)
 
 
+def _number(x: float) -> str:
+    return "nan" if math.isnan(x) else f"{x:.6g}"
+
+
+def with_values(table: TableData, report: InspectReport, values: Mapping[str, Any], *, stats: bool) -> TableData:
+    """`table` (inspect's) with the columns of `--stats` (min ... zeros) and `--hash` (sha256) added
+    to its tensor rows; the other rows (extra state, missing keys) get empty cells."""
+    hashed = any(v.sha256 is not None for v in values.values())
+    headers: tuple[str, ...] = ("min", "max", "mean", "std", "nan", "inf", "zeros") if stats else ()
+    headers += ("sha256",) if hashed else ()
+    first = len(table.headers)
+    rows = []
+    for i, row in enumerate(table.rows):
+        extra = [""] * len(headers)
+        if i < len(report.tensors):
+            v = values[report.tensors[i].key]
+            if stats and v.stats is not None:
+                s = v.stats
+                extra[:7] = [*map(_number, (s.min, s.max, s.mean, s.std)), f"{s.nan:,}", f"{s.inf:,}", f"{s.zeros:,}"]
+            if hashed:
+                extra[-1] = v.sha256 or ""
+        rows.append([*row[:first], *extra, *row[first:]])
+    right = table.right | (frozenset(range(first, first + 7)) if stats else frozenset())
+    return table._replace(headers=(*table.headers, *headers), rows=rows, right=right)
+
+
 def dtype_table(report: InspectReport) -> TableData:
     rows = [[d.dtype, str(d.num_tensors), f"{d.num_elements:,}", human_bytes(d.total_bytes)] for d in report.dtypes]
     return TableData(("dtype", "tensors", "elements", "bytes"), rows, "by dtype", right=frozenset({1, 2, 3}))
