@@ -344,18 +344,23 @@ MOMENTS = {
 }
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
-@pytest.mark.parametrize("moment", sorted(MOMENTS))
-def test_merge_average_interrupted_leaves_the_output_untouched(average_inputs, tmp_path, moment, sig):
-    out = tmp_path / "out.pt"
-    out.write_bytes(b"precious")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "ckptsurgeon", "merge", "--average", *map(str, average_inputs), "-o", str(out), "-f"],
+def _start_average(inputs, out: Path) -> subprocess.Popen:
+    """`ckptsurgeon merge --average INPUTS -o OUT -f`, started in a subprocess."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "ckptsurgeon", "merge", "--average", *map(str, inputs), "-o", str(out), "-f"],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
         env=_env(),
     )
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+@pytest.mark.parametrize("moment", sorted(MOMENTS))
+def test_merge_average_interrupted_leaves_the_output_untouched(average_inputs, tmp_path, moment, sig):
+    out = tmp_path / "out.pt"
+    out.write_bytes(b"precious")
+    proc = _start_average(average_inputs, out)
     _when(proc, MOMENTS[moment])
     proc.send_signal(sig)
     _, err = proc.communicate(timeout=60)
@@ -372,13 +377,7 @@ def test_interrupted_while_averaging_or_writing_is_all_or_nothing(average_inputs
     has finished (0) and the output is complete."""
     out = tmp_path / "out.pt"
     out.write_bytes(b"precious")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "ckptsurgeon", "merge", "--average", *map(str, average_inputs), "-o", str(out), "-f"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=_env(),
-    )
+    proc = _start_average(average_inputs, out)
     _when(proc, lambda pid: len(temps(tmp_path)) >= stage, must_run=False)
     time.sleep(delay)
     proc.send_signal(signal.SIGTERM)
