@@ -61,6 +61,12 @@ def non_tensor_keys(state_dict: Mapping[str, Any]) -> list[str]:
     return [k for k, v in state_dict.items() if not is_tensor(v)]
 
 
+def quote_key(key: str) -> str:
+    """A key as lines and tables show it: quoted as repr quotes it when it is empty, has leading or
+    trailing whitespace or starts with a quote (so `''`, `' x'` and `x` differ); else as it is."""
+    return repr(key) if not key or key[0] in "'\"" or key != key.strip() else key
+
+
 def format_key_path(path: KeyPath) -> str:
     return ".".join(str(p) for p in path)
 

@@ -514,10 +514,12 @@ def public_model(data: Mapping[str, Any] | None) -> dict[str, Any]:
 def merge_warnings(report: MergeReport, shown: int = 3) -> list[str]:
     """A MergeReport's warnings as notices: one summary line for the integer tensors taken from the
     first input (a ResNet has one `num_batches_tracked` per BatchNorm), then any others."""
+    from .containers import quote_key
+
     taken = list(report.taken_from_first)
     lines = list(report.warnings[len(taken) :])  # taken_from_first's own lines come first
     if taken:
-        names = ", ".join(_key_text(k) for k in taken[:shown]) + (
+        names = ", ".join(quote_key(k) for k in taken[:shown]) + (
             f" (+{len(taken) - shown} more)" if len(taken) > shown else ""
         )
         verb = "differ between inputs and were" if len(taken) > 1 else "differs between inputs and was"
@@ -525,12 +527,6 @@ def merge_warnings(report: MergeReport, shown: int = 3) -> list[str]:
             0, f"{len(taken)} integer tensor{'s' if len(taken) > 1 else ''} {verb} taken from the first: {names}"
         )
     return lines
-
-
-def _key_text(key: str) -> str:
-    """A key in a line: quoted as repr quotes it when it is empty, has leading or trailing
-    whitespace or starts with a quote (so `''`, `' x'` and `x` differ)."""
-    return repr(key) if not key or key[0] in "'\"" or key != key.strip() else key
 
 
 def _load(path: Path, loading: Loading, say: Notify) -> Checkpoint:

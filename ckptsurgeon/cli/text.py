@@ -12,6 +12,8 @@ import unicodedata
 from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, NamedTuple
 
+from ..containers import quote_key
+
 if TYPE_CHECKING:  # imported for annotations only: inspect never loads diff's machinery
     from ..diff import DiffReport
     from ..summary import InspectReport
@@ -45,9 +47,8 @@ def key_text(key: Any) -> str:
     """A key for a table or a line: `safe`, and quoted as repr quotes it when it is empty, has
     leading or trailing whitespace or starts with a quote (so `''`, `' x'` and `x` differ)."""
     s = str(key)
-    if not s or s[0] in "'\"" or s != s.strip():
-        return repr(s)
-    return safe(s)
+    quoted = quote_key(s)
+    return quoted if quoted != s else safe(s)
 
 
 def display_width(text: str) -> int:
