@@ -67,11 +67,23 @@ class Selection(NamedTuple):
 
 
 class Loading(NamedTuple):
-    """`--key`, `--unsafe`, `--allow-global`: how a checkpoint is read."""
+    """`--key`, `--unsafe`, `--allow-global`, `--jobs`: how a checkpoint is read."""
 
     key: str | None = None
     unsafe: bool = False
     allow_globals: Sequence[str] = ()
+    jobs: int | None = None  # threads for shards and tensors; None: the CPUs, at most 8
+
+    @property
+    def threads(self) -> int:
+        """`jobs`, or the number of CPUs this process may use, at most 8."""
+        if self.jobs is not None:
+            if self.jobs < 1:
+                raise UsageError(f"--jobs {self.jobs}: expected a number of threads >= 1")
+            return self.jobs
+        import os
+
+        return max(1, min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
 
 
 class ModelCheck(NamedTuple):

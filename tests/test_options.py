@@ -9,7 +9,7 @@ from ckptsurgeon.cli.commands import app
 from ckptsurgeon.cli.fast import FAST_COMMANDS, parse
 from ckptsurgeon.cli.options import COMMANDS, OPTIONS, Kind, options_for
 
-_VALUES = {Kind.TEXT: "v", Kind.TEXTS: "v", Kind.PATH: "p.pt", Kind.FLOAT: "0.5"}
+_VALUES = {Kind.TEXT: "v", Kind.TEXTS: "v", Kind.PATH: "p.pt", Kind.FLOAT: "0.5", Kind.INT: "3"}
 
 
 def _click_commands() -> dict:
@@ -46,6 +46,10 @@ def test_the_fast_parser_takes_what_the_table_marks_fast_and_nothing_else() -> N
                     continue
                 assert parsed is not None and parsed[0] == command, argv
                 value = parsed[1][opt.dest]
+                if opt.kind is Kind.INT:
+                    assert value == 3, argv
+                    assert parse(base + [flag, "v"]) is None, argv  # not a number: Typer says so
+                    continue
                 assert value == (True if opt.kind is Kind.FLAG else ["v"] if opt.kind is Kind.TEXTS else "v"), argv
         assert parse([command, "ckpt.pt", "--no-such-option"]) is None
 

@@ -37,9 +37,11 @@ def _selection(options: dict[str, Any]) -> jobs.Selection:
 
 
 def _loading(options: dict[str, Any]) -> jobs.Loading:
-    """`--key`, `--unsafe`, `--allow-global`, taken out of the parsed keywords."""
+    """`--key`, `--unsafe`, `--allow-global`, `--jobs`, taken out of the parsed keywords."""
     allow = options.pop("allow_global", None)
-    return jobs.Loading(options.pop("key", None), options.pop("unsafe", False), tuple(allow or ()))
+    return jobs.Loading(
+        options.pop("key", None), options.pop("unsafe", False), tuple(allow or ()), options.pop("jobs", None)
+    )
 
 
 def _model(options: dict[str, Any]) -> jobs.ModelCheck:

@@ -107,7 +107,10 @@ def _annotation(opt: Opt) -> Any:
             Kind.TEXTS: list[str] | None,
             Kind.PATH: Path if opt.required else Path | None,
             Kind.PATHS: list[Path],
+            Kind.LOCATION: str if opt.required else str | None,
+            Kind.LOCATIONS: list[str],
             Kind.FLOAT: float,
+            Kind.INT: int | None,
         }[opt.kind]
     if not opt.flags:
         return Annotated[python_type, typer.Argument(help=opt.help, metavar=opt.metavar, show_default=False)]

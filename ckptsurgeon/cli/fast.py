@@ -23,6 +23,7 @@ class _Spec(NamedTuple):
     valued: dict[str, str]  # option -> keyword
     flags: dict[str, str]
     lists: frozenset[str]  # keywords whose option repeats
+    ints: frozenset[str]  # keywords whose value is a number
     required: frozenset[str]
 
 
@@ -33,6 +34,7 @@ def _spec(command: str) -> _Spec:
         valued={flag: o.dest for o in mine if o.kind is not Kind.FLAG for flag in o.flags},
         flags={flag: o.dest for o in mine if o.kind is Kind.FLAG for flag in o.flags},
         lists=frozenset(o.dest for o in mine if o.kind is Kind.TEXTS),
+        ints=frozenset(o.dest for o in mine if o.kind is Kind.INT),
         required=frozenset(o.dest for o in mine if o.required),
     )
 
@@ -73,7 +75,11 @@ def parse(args: Sequence[str]) -> tuple[str, dict[str, Any]] | None:
             else:
                 return None  # a missing value: Typer says so
             dest = spec.valued[name]
-            if dest in spec.lists:
+            if dest in spec.ints:
+                if not value.isdigit():
+                    return None  # Typer says what is wrong with it
+                opts[dest] = int(value)
+            elif dest in spec.lists:
                 opts.setdefault(dest, []).append(value)
             else:
                 opts[dest] = value

@@ -20,7 +20,10 @@ class Kind(str, Enum):
     TEXTS = "texts"  # -i PATTERN: repeatable, a list of strings
     PATH = "path"  # a file name (pathlib.Path)
     PATHS = "paths"  # positional, one or more file names
+    LOCATION = "location"  # a checkpoint's file, directory or URL, kept as given (str: "out/", "s3://b/k")
+    LOCATIONS = "locations"  # positional, one or more locations
     FLOAT = "float"
+    INT = "int"
     CHOICE = "choice"  # one value of an Enum (`choices`)
 
 
@@ -63,11 +66,12 @@ class Opt(NamedTuple):
 
 OPTIONS: tuple[Opt, ...] = (
     # ------------------------------------------------------------------------------ arguments
-    Opt("ckpt", (), Kind.PATH, "CKPT", "Checkpoint file: torch.save zip or legacy format, or .safetensors.",
+    Opt("ckpt", (), Kind.LOCATION, "CKPT", "Checkpoint file: torch.save zip or legacy format, or .safetensors.",
         ("inspect", "extract", "rename"), Group.INPUT, required=True, fast=True),
-    Opt("ckpts", (), Kind.PATHS, "CKPT...", "Two or more checkpoint files.", ("merge",), Group.INPUT, required=True),
-    Opt("a", (), Kind.PATH, "A", "First checkpoint (A).", ("diff",), Group.INPUT, required=True),
-    Opt("b", (), Kind.PATH, "B", "Second checkpoint (B).", ("diff",), Group.INPUT, required=True),
+    Opt("ckpts", (), Kind.LOCATIONS, "CKPT...", "Two or more checkpoint files.", ("merge",), Group.INPUT,
+        required=True),
+    Opt("a", (), Kind.LOCATION, "A", "First checkpoint (A).", ("diff",), Group.INPUT, required=True),
+    Opt("b", (), Kind.LOCATION, "B", "Second checkpoint (B).", ("diff",), Group.INPUT, required=True),
     # ------------------------------------------------------------------------------ selection
     Opt("include", ("--include", "-i"), Kind.TEXTS, "PATTERN",
         f"Select keys matching PATTERN (repeatable; any include matches): {PATTERN_HELP}.",
@@ -92,6 +96,10 @@ OPTIONS: tuple[Opt, ...] = (
         "Allow one plain-data class in the pickle, e.g. argparse.Namespace (repeatable); built from attribute "
         "state only, never called; narrower than --unsafe.",
         COMMANDS, Group.LOADING),
+    Opt("jobs", ("--jobs", "-j"), Kind.INT, "N",
+        "Read, copy, check and compare shards and tensors in N threads (default: the CPUs, at most 8); "
+        "the result is the same for every N.",
+        COMMANDS, Group.LOADING, fast=True),
     # ------------------------------------------------------------------------------ operation
     Opt("strip_prefix", ("--strip-prefix",), Kind.TEXTS, "P",
         "Remove prefix P where a key starts with it (repeatable, in order).", ("rename",), Group.OPERATION),
@@ -126,7 +134,7 @@ OPTIONS: tuple[Opt, ...] = (
     Opt("allow_unexpected", ("--allow-unexpected",), Kind.FLAG, "",
         "With --model: keys the checkpoint has but the model lacks are fine.", COMMANDS, Group.MODEL, default=False),
     # -------------------------------------------------------------------------------- writing
-    Opt("output", ("--output", "-o"), Kind.PATH, "OUT",
+    Opt("output", ("--output", "-o"), Kind.LOCATION, "OUT",
         "File to write (.safetensors: safetensors format; else torch.save's).",
         WRITERS, Group.WRITING, required=True, fast=True),
     Opt("force", ("--force", "-f"), Kind.FLAG, "", "Replace an existing output (also when it is an input).",

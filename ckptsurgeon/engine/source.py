@@ -55,7 +55,7 @@ class Source:
     Close with `close()` or a `with` block; a Source nobody references any more closes its descriptor itself.
     """
 
-    __slots__ = ("name", "identity", "file_id", "_fd", "__weakref__")
+    __slots__ = ("name", "identity", "file_id", "_fd", "bytes_read", "__weakref__")
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         name = os.fspath(path)
@@ -80,6 +80,7 @@ class Source:
         self.identity: FileIdentity | None = FileIdentity.of(st)
         self.file_id = (st.st_dev, st.st_ino)  # equal for two Sources of one file, whatever the path
         self._fd: int | None = fd
+        self.bytes_read = 0  # bytes read from storage through this Source (`--json` bytes_read)
 
     @classmethod
     def scratch(cls, fd: int, name: str) -> Source:
@@ -92,6 +93,7 @@ class Source:
         self = cls.__new__(cls)
         self.name, self.identity, self.file_id = name, None, (st.st_dev, st.st_ino)
         self._fd = os.dup(fd)
+        self.bytes_read = 0
         return self
 
     # -------------------------------------------------------------------------- identity
@@ -145,6 +147,11 @@ class Source:
                     f"{self.name}: truncated or changed while reading: no data at byte {offset + done}"
                 )
             done += n
+        self.bytes_read += total
+
+    def count(self, nbytes: int) -> None:
+        """Count bytes read from this file by other means (`copy_file_range`, torch's mmap)."""
+        self.bytes_read += nbytes
 
     def pread(self, size: int, offset: int) -> bytes:
         """`size` bytes at `offset` (a short read is an error)."""
@@ -153,6 +160,7 @@ class Source:
             buf = bytearray(size)
             self.readinto(buf, offset)
             return bytes(buf)
+        self.bytes_read += size
         return data
 
     # --------------------------------------------------------------------------- lifetime

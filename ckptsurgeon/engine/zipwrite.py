@@ -123,6 +123,7 @@ class _Source:
 
     def __init__(self, source: Source):
         self.path = source.name
+        self.source = source  # counts what is read (`bytes_read`)
         self.fd = source.fd  # the Source owns it
         self.stat = os.fstat(self.fd)
         blocks = getattr(self.stat, "st_blocks", None)
@@ -335,6 +336,7 @@ class _ZipWriter:
                 break
             if n == 0:
                 raise BadCheckpointError(f"{src.path}: file is truncated at byte {offset + done}")
+            src.source.count(n)
             done += n
             self.start_writeback(out_pos + done)
         if done < length:
@@ -354,7 +356,9 @@ def _crc32_range(src: _Source, offset: int, length: int, crc: int, buf: memoryvi
 
 def _pread(src: _Source, buf: memoryview, offset: int) -> int:
     try:
-        return os.preadv(src.fd, [buf], offset)
+        n = os.preadv(src.fd, [buf], offset)
+        src.source.count(n)
+        return n
     except OSError as e:
         raise BadCheckpointError(f"{src.path}: read error: {e.strerror or e}") from e
 
