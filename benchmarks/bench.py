@@ -44,7 +44,26 @@ MODEL_FILE = HERE / "big_model.py"
 MODEL_CLASS = "Llama7B"
 
 MiB = 2**20
-GROUPS = ("help", "inspect", "extract", "rename", "merge", "diff", "average", "model")
+GROUPS = (
+    "help",
+    "inspect",
+    "extract",
+    "rename",
+    "merge",
+    "diff",
+    "average",
+    "model",
+    # sharded and distributed checkpoints (issue 11), statistics and casts (issue 13)
+    "safetensors",
+    "hfinspect",
+    "hf",
+    "dcp",
+    "hfdiff",
+    "stats",
+    "dtype",
+)
+HF_SHARDS = 40  # the HF directories: a.pt's tensors in 40 shards
+HF_OUT_SHARD = "500MB"  # `extract -o DIR/ --max-shard-size` (scaled with --size, see shard_size())
 N_TENSORS = 100  # the main file: 100 fp32 tensors (5M elements each at the default 2 GB)
 COLS = 1000  # tensors are (rows, 1000)
 EXTRACT_PATTERN = "encoder.layers.1?.*"  # layers 10..19: 10 of the 100 tensors
@@ -108,6 +127,62 @@ with torch.device("meta"):
 print(model.load_state_dict(load(sys.argv[1]), strict=True, assign=True))
 """
 
+TORCH_SAFETENSORS = """\
+from safetensors.torch import save_file
+save_file(load(sys.argv[2]), sys.argv[1], metadata={"format": "pt"})
+"""
+
+TORCH_HF = """\
+from huggingface_hub import save_torch_state_dict
+save_torch_state_dict(load(sys.argv[2]), sys.argv[1], max_shard_size=sys.argv[3])
+"""
+
+TORCH_STATS = """\
+for k, v in load(sys.argv[1]).items():
+    d = v.double()
+    print(k, d.min().item(), d.max().item(), d.mean().item(), d.std().item(),
+          int(v.isnan().sum()), int(v.isinf().sum()), int((v == 0).sum()))
+"""
+
+TORCH_HASH = """\
+import hashlib
+for k, v in load(sys.argv[1]).items():
+    print(k, hashlib.sha256(v.contiguous().view(torch.uint8).numpy().tobytes()).hexdigest())
+"""
+
+TORCH_DTYPE = """\
+torch.save({k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in load(sys.argv[2]).items()},
+           sys.argv[1])
+"""
+
+DCP_TO_TORCH = """\
+import sys
+from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+dcp_to_torch_save(sys.argv[2], sys.argv[1])
+"""
+
+VERIFY_DIR = """\
+import sys, torch
+from huggingface_hub import load_state_dict_from_file
+import glob, os
+def load(path):
+    if os.path.isdir(path):
+        sd = {}
+        for f in sorted(glob.glob(os.path.join(path, "*.safetensors"))):
+            sd.update(load_state_dict_from_file(f))
+        return sd
+    if path.endswith(".safetensors"):
+        return load_state_dict_from_file(path)
+    return torch.load(path, weights_only=True, mmap=True)
+a, b = load(sys.argv[1]), load(sys.argv[2])
+if sorted(a) != sorted(b):
+    print("keys differ"); sys.exit(1)
+for k in a:
+    if a[k].dtype != b[k].dtype or a[k].shape != b[k].shape or not torch.equal(a[k], b[k]):
+        print(f"{k} differs"); sys.exit(1)
+print(f"{len(a)} tensors equal")
+"""
+
 VERIFY = """\
 import sys, torch
 mode, mine, theirs = sys.argv[1:4]
@@ -162,6 +237,21 @@ if "many.pt" in todo:
     g = torch.Generator().manual_seed(4)
     save({f"blocks.{i // 20}.layers.{i % 20}.weight": torch.randn(8, 8, generator=g)
           for i in range(spec["n_many"])}, "many.pt")
+if todo & {"hf-a", "hf-b"}:
+    from huggingface_hub import save_torch_state_dict
+    for name in ("a", "b"):
+        if f"hf-{name}" in todo:
+            t = time.perf_counter()
+            sd = torch.load(os.path.join(out, f"{name}.pt"), weights_only=True, mmap=True)
+            total = sum(v.numel() * v.element_size() for v in sd.values())
+            save_torch_state_dict(sd, os.path.join(out, f"hf-{name}"), max_shard_size=total // spec["hf_shards"] + 1)
+            print(f"  generated hf-{name}/ in {time.perf_counter() - t:.1f} s", file=sys.stderr, flush=True)
+if "dcp2" in todo:
+    import subprocess
+    t = time.perf_counter()
+    subprocess.run([sys.executable, "-c", spec["dcp_script"], os.path.join(out, "a.pt"), os.path.join(out, "dcp2"),
+                    os.path.join(out, ".dcp-rendezvous")], check=True)
+    print(f"  generated dcp2/ in {time.perf_counter() - t:.1f} s", file=sys.stderr, flush=True)
 if "llama7b.pt" in todo:
     import importlib.util
     from torch._subclasses.fake_tensor import FakeTensorMode
@@ -176,6 +266,30 @@ if "llama7b.pt" in todo:
     # skip_data writes every header and seeks over the data: a sparse file with the real layout
     with torch.serialization.skip_data(materialize_fake_tensors=True):
         save(fake, "llama7b.pt")
+"""
+
+# DCP from two gloo ranks: every tensor of a.pt sharded on dim 0 (rank r writes its half)
+DCP_TWO_RANKS = r"""
+import os, sys
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+import torch.multiprocessing as mp
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import Shard, distribute_tensor
+
+def rank_main(rank, src, dst, rendezvous):
+    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=2)
+    mesh = init_device_mesh("cpu", (2,))
+    sd = torch.load(src, weights_only=True, mmap=True)
+    dcp.save({k: distribute_tensor(v, mesh, [Shard(0)]) for k, v in sd.items()}, checkpoint_id=dst)
+    dist.destroy_process_group()
+
+if __name__ == "__main__":
+    src, dst, rendezvous = sys.argv[1:4]
+    if os.path.exists(rendezvous):
+        os.unlink(rendezvous)
+    mp.spawn(rank_main, args=(src, dst, rendezvous), nprocs=2)
 """
 
 # --------------------------------------------------------------------------------------------
@@ -476,8 +590,8 @@ class Bench:
     def p(self, name: str) -> Path:
         return self.workdir / name
 
-    def out(self, name: str) -> Path:
-        path = self.workdir / f"out-{name}.pt"
+    def out(self, name: str, suffix: str = ".pt") -> Path:
+        path = self.workdir / f"out-{name}{suffix}"
         self.outputs.add(path)
         return path
 
@@ -488,7 +602,7 @@ class Bench:
 
     def prepare(self, case: Case) -> None:
         if case.output is not None:
-            case.output.unlink(missing_ok=True)
+            remove(case.output)
             os.sync()  # earlier writes are flushed outside the timed region
 
     def once(self, case: Case) -> Run:
@@ -540,7 +654,7 @@ class Bench:
                 )
         for c in cases:
             if c.output is not None and c.role != "cli":
-                c.output.unlink(missing_ok=True)
+                remove(c.output)
 
     def verify(self, report: GroupReport, mine: Case, theirs: Case, mode: str) -> None:
         """Compare the ckptsurgeon output of the warm-up with the torch way's, tensor by tensor."""
@@ -550,13 +664,16 @@ class Bench:
             report.targets.append(Target("output equals the torch way's", False, "not compared: a command failed"))
             return
         assert mine.output is not None and theirs.output is not None
-        argv = [self.py, "-c", VERIFY, mode, str(mine.output), str(theirs.output)]
+        if mode == "layouts":  # directories and safetensors files, read with huggingface_hub
+            argv = [self.py, "-c", VERIFY_DIR, str(mine.output), str(theirs.output)]
+        else:
+            argv = [self.py, "-c", VERIFY, mode, str(mine.output), str(theirs.output)]
         run = self.meter.run(argv, env=self.env, cwd=self.workdir)
         passed = run.returncode == 0
         detail = run.stdout.strip() or (run.stderr.strip().splitlines() or ["?"])[-1]
-        how = "bit for bit" if mode == "equal" else "allclose rtol 1e-5"
+        how = "allclose rtol 1e-5" if mode == "close" else "bit for bit"
         report.targets.append(Target(f"output equals the torch way's ({how})", passed, detail))
-        theirs.output.unlink(missing_ok=True)
+        remove(theirs.output)
 
     # ---- the groups
 
@@ -798,6 +915,195 @@ class Bench:
         rep.targets.append(time_below(rc, 5.0, "--model check of a 7 B model < 5 s"))
         rep.targets.append(rss_below(rc, 1024 * MiB, "--model check peak RSS < 1 GiB"))
         return rep
+
+    # ---- sharded and distributed checkpoints (issue 11)
+
+    def copy_tree_reference(self, src: Path) -> Case:
+        o = self.out("cp-tree", "")
+        return Case(
+            "cp -r + sync (reference)", ["sh", "-c", 'cp -r "$1" "$2" && sync', "sh", str(src), str(o)], "ref", o
+        )
+
+    def group_safetensors(self) -> GroupReport:
+        a = self.p("a.pt")
+        rep = GroupReport("safetensors", f"extract a.pt -o a.safetensors: the whole {fmt_size(a.stat().st_size)}")
+        o = self.out("safetensors-cli", ".safetensors")
+        cli = Case("ckptsurgeon extract a.pt -o out.safetensors", self.ck("extract", a, "-o", o), "cli", o)
+        full, mmap = self.torch_ways("safetensors", "save_file", TORCH_SAFETENSORS, a, writes=True)
+        full.output, mmap.output = (
+            self.out("safetensors-full", ".safetensors"),
+            self.out("safetensors-mmap", ".safetensors"),
+        )
+        full.argv[3], mmap.argv[3] = str(full.output), str(mmap.output)
+        self.measure(rep, [cli, full, mmap, self.copy_reference(a)], verify=(cli, full, "layouts"))
+        rc = rep.get("cli")
+        rep.targets.append(ratio_below(rc, rep.get("ref"), 1.5, ".pt -> .safetensors ≤ 1.5× the time of cp + sync"))
+        rep.targets.append(rss_below(rc, 64 * MiB, ".pt -> .safetensors peak RSS ≤ 64 MiB"))
+        return rep
+
+    def group_hfinspect(self) -> GroupReport:
+        a, hf = self.p("a.pt"), self.p("hf-a")
+        shards = len(list(hf.glob("*.safetensors")))
+        rep = GroupReport("hfinspect", f"inspect of an HF directory: {shards} shards, {fmt_size(tree_size(hf))}")
+        key = ("encoder.layers.0.weight",)
+        cli = Case(f"ckptsurgeon inspect hf-a/ ({shards} shards)", self.ck("inspect", hf), "cli", expect_stdout=key)
+        one = Case(
+            "ckptsurgeon inspect a.pt (the same tensors, one file)", self.ck("inspect", a), "ref", expect_stdout=key
+        )
+        self.measure(rep, [cli, one])
+        rc = rep.get("cli")
+        rep.targets.append(time_below(rc, 0.3, f"inspect of a {shards}-shard directory ≤ 0.3 s"))
+        rep.targets.append(ratio_below(rc, rep.get("ref"), 2.0, "≤ 2× the inspect of the same tensors in one file"))
+        run = self.meter.run(self.ck("inspect", hf, "--json"), env=self.env, cwd=self.workdir)
+        try:
+            got = json.loads(run.stdout)["bytes_read"]
+            index = hf / "model.safetensors.index.json"
+            headers = sum(8 + int.from_bytes(_head(f), "little") for f in hf.glob("*.safetensors"))
+            limit = index.stat().st_size + headers
+            rep.targets.append(
+                Target(
+                    "bytes_read ≤ the index plus the shard headers",
+                    got <= limit,
+                    f"{fmt_size(got)} read; index + headers = {fmt_size(limit)}",
+                )
+            )
+        except (ValueError, KeyError, TypeError) as exc:
+            rep.targets.append(Target("bytes_read ≤ the index plus the shard headers", False, f"not measured: {exc}"))
+        return rep
+
+    def group_hf(self) -> GroupReport:
+        a = self.p("a.pt")
+        shard = shard_size(self.args.size)
+        rep = GroupReport(
+            "hf", f"extract a.pt -o DIR/ --max-shard-size {shard}: {fmt_size(a.stat().st_size)} into HF shards"
+        )
+        o = self.out("hf-cli", "")
+        cli = Case(
+            f"ckptsurgeon extract -o DIR/ --max-shard-size {shard}",
+            self.ck("extract", a, "-o", f"{o}/", "--max-shard-size", shard),
+            "cli",
+            o,
+        )
+        full, mmap = self.torch_ways("hf", "save_torch_state_dict", TORCH_HF, a, shard, writes=True)
+        for case, name in ((full, "hf-full"), (mmap, "hf-mmap")):
+            case.output = self.out(name, "")
+            case.argv[3] = str(case.output)
+        self.measure(rep, [cli, full, mmap, self.copy_reference(a)], verify=(cli, full, "layouts"))
+        rc = rep.get("cli")
+        rep.targets.append(ratio_below(rc, rep.get("ref"), 1.5, ".pt -> HF shards ≤ 1.5× the time of cp + sync"))
+        rep.targets.append(rss_below(rc, 64 * MiB, ".pt -> HF shards peak RSS ≤ 64 MiB"))
+        rf = rep.get("full")
+        if rc and rf and rc.ok and rf.ok and rc.median and rf.median:
+            rep.notes.append(
+                f"against torch.load + huggingface_hub.save_torch_state_dict: {rf.median / rc.median:.1f}× the time, "
+                f"{(rf.maxrss or 0) / max(rc.maxrss or 1, 1):.1f}× the peak RSS"
+            )
+        return rep
+
+    def group_dcp(self) -> GroupReport:
+        a, d = self.p("a.pt"), self.p("dcp2")
+        rep = GroupReport(
+            "dcp", f"consolidate DCP written by two ranks (every tensor sharded on dim 0), {fmt_size(tree_size(d))}"
+        )
+        o = self.out("dcp-cli", ".safetensors")
+        cli = Case("ckptsurgeon extract dcp2/ -o out.safetensors", self.ck("extract", d, "-o", o), "cli", o)
+        ot = self.out("dcp-torch")
+        torch_way = Case("dcp_to_torch_save", [self.py, "-c", DCP_TO_TORCH, str(ot), str(d)], "full", ot)
+        self.measure(rep, [cli, torch_way, self.copy_tree_reference(d)], verify=(cli, torch_way, "layouts"))
+        rc = rep.get("cli")
+        rep.targets.append(ratio_below(rc, rep.get("ref"), 2.0, "DCP -> .safetensors ≤ 2× the time of cp + sync"))
+        largest = a.stat().st_size // N_TENSORS
+        rep.targets.append(
+            rss_below(rc, 64 * MiB + largest, f"peak RSS ≤ 64 MiB + the largest tensor ({fmt_size(largest)})")
+        )
+        rt = rep.get("full")
+        if rc and rt and rc.ok and rt.ok and rc.median and rt.median:
+            rep.notes.append(
+                f"against dcp_to_torch_save: {rt.median / rc.median:.1f}× the time, "
+                f"{(rt.maxrss or 0) / max(rc.maxrss or 1, 1):.1f}× the peak RSS"
+            )
+        return rep
+
+    def group_hfdiff(self) -> GroupReport:
+        ha, hb = self.p("hf-a"), self.p("hf-b")
+        rep = GroupReport(
+            "hfdiff", f"diff of two HF directories ({fmt_size(tree_size(ha))} each, {len(CHANGED)} tensors differ)"
+        )
+        changed = tuple(f"encoder.layers.{i}.weight" for i in CHANGED)
+        j2 = Case(
+            "ckptsurgeon diff --jobs 2",
+            self.ck("diff", ha, hb, "--jobs", "2"),
+            "cli",
+            expect_rc=1,
+            expect_stdout=changed,
+        )
+        j1 = Case(
+            "ckptsurgeon diff --jobs 1",
+            self.ck("diff", ha, hb, "--jobs", "1"),
+            "info",
+            expect_rc=1,
+            expect_stdout=changed,
+        )
+        files = [str(f) for f in sorted(ha.glob("*")) + sorted(hb.glob("*"))]
+        cat = Case(
+            "cat both directories > /dev/null (reference)", ["sh", "-c", 'cat "$@" > /dev/null', "sh", *files], "ref"
+        )
+        self.measure(rep, [j2, j1, cat])
+        r2, r1 = rep.get("cli"), rep.get("info")
+        if r2 and r1 and r2.ok and r1.ok and r2.median and r1.median:
+            rep.notes.append(f"--jobs 2 is {r1.median / r2.median:.2f}× as fast as --jobs 1")
+        rep.targets.append(ratio_below(r2, rep.get("ref"), 3.0, "diff of two HF directories ≤ 3× cat of both"))
+        return rep
+
+    # ---- statistics and casts (issue 13)
+
+    def group_stats(self) -> GroupReport:
+        a = self.p("a.pt")
+        size = a.stat().st_size
+        rep = GroupReport("stats", f"inspect --stats and --hash of {fmt_size(size)}")
+        key = ("encoder.layers.0.weight",)
+        stats = Case("ckptsurgeon inspect --stats", self.ck("inspect", a, "--stats"), "cli", expect_stdout=key)
+        hashed = Case("ckptsurgeon inspect --hash", self.ck("inspect", a, "--hash"), "cli-hash", expect_stdout=key)
+        full, _ = self.torch_ways("stats", "float64 stats", TORCH_STATS, a, expect_stdout=key)
+        hfull, _ = self.torch_ways("stats", "hashlib", TORCH_HASH, a, expect_stdout=key)
+        hfull.role = "info"
+        self.measure(rep, [stats, hashed, full, hfull])
+        for role, what in (("cli", "--stats"), ("cli-hash", "--hash")):
+            res = rep.get(role)
+            text = f"inspect {what} ≥ 1 GB/s"
+            if (bad := _failed(text, res)) is not None:
+                rep.targets.append(bad)
+                continue
+            assert res and res.median
+            rate = size / res.median
+            rep.targets.append(Target(text, rate >= 1e9, f"{rate / 1e9:.2f} GB/s ({fmt_s(res.median)}, whole process)"))
+            rep.targets.append(rss_below(res, 64 * MiB, f"inspect {what} peak RSS ≤ 64 MiB"))
+        return rep
+
+    def group_dtype(self) -> GroupReport:
+        a = self.p("a.pt")
+        rep = GroupReport("dtype", f"extract --dtype bfloat16 of {fmt_size(a.stat().st_size)}")
+        o = self.out("dtype-cli")
+        cli = Case(
+            "ckptsurgeon extract --dtype bfloat16", self.ck("extract", a, "-o", o, "--dtype", "bfloat16"), "cli", o
+        )
+        full, mmap = self.torch_ways("dtype", ".to(bfloat16) + torch.save", TORCH_DTYPE, a, writes=True)
+        self.measure(rep, [cli, full, mmap], verify=(cli, full, "equal"))
+        rc, rf = rep.get("cli"), rep.get("full")
+        rep.targets.append(rss_below(rc, 64 * MiB, "extract --dtype peak RSS ≤ 64 MiB"))
+        rep.targets.append(speedup(rc, rf, 1.0, "extract --dtype at least as fast as torch.load + .to() + torch.save"))
+        return rep
+
+
+def _head(path: Path) -> bytes:
+    """The 8-byte header length of a safetensors file."""
+    with open(path, "rb") as f:
+        return f.read(8)
+
+
+def shard_size(total: int) -> str:
+    """`--max-shard-size` for the `hf` group: 500MB at the default 2 GB, a quarter of the file otherwise."""
+    return HF_OUT_SHARD if total == DEFAULT_SIZE else str(max(total // 4, 1))
 
 
 # --------------------------------------------------------------------------------------------
@@ -1051,12 +1357,31 @@ def needed_files(groups: Sequence[str]) -> list[str]:
         "diff": ["a.pt", "b.pt"],
         "average": ["avg1.pt", "avg2.pt", "avg3.pt"],
         "model": ["llama7b.pt"],
+        "safetensors": ["a.pt"],
+        "hfinspect": ["a.pt", "hf-a"],
+        "hf": ["a.pt"],
+        "dcp": ["a.pt", "dcp2"],
+        "hfdiff": ["a.pt", "b.pt", "hf-a", "hf-b"],
+        "stats": ["a.pt"],
+        "dtype": ["a.pt"],
     }
     for g in groups:
         for name in want.get(g, []):
             if name not in need:
                 need.append(name)
     return need
+
+
+def remove(path: Path) -> None:
+    """Delete an output: a file or a directory layout."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def tree_size(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else path.stat().st_size
 
 
 def sparse_files_work(workdir: Path) -> bool:
@@ -1080,7 +1405,7 @@ def forget(workdir: Path, names: Sequence[str]) -> None:
     with contextlib.suppress(OSError, ValueError):
         manifest = json.loads(manifest_path.read_text())
     for n in names:
-        (workdir / n).unlink(missing_ok=True)
+        remove(workdir / n)
         manifest.get("files", {}).pop(n, None)
     if manifest.get("files"):
         manifest_path.write_text(json.dumps(manifest, indent=1))
@@ -1101,7 +1426,9 @@ def generate(bench: Bench, names: list[str], rows: int) -> list[str]:
     if {k: manifest.get(k) for k in stamp} != stamp:
         manifest = dict(stamp, files={})
     files = manifest.setdefault("files", {})
-    todo = [n for n in names if not ((workdir / n).exists() and files.get(n) == (workdir / n).stat().st_size)]
+    todo = [n for n in names if not ((workdir / n).exists() and files.get(n) == tree_size(workdir / n))]
+    for n in todo:
+        remove(workdir / n)  # a half-made directory from an interrupted run
     failed: list[str] = []
     if "llama7b.pt" in todo and not sparse_files_work(workdir):
         log(f"cannot generate llama7b.pt: {workdir} does not store sparse files (it would take 27 GB)")
@@ -1109,7 +1436,9 @@ def generate(bench: Bench, names: list[str], rows: int) -> list[str]:
         failed.append("llama7b.pt")
     bytes_needed = (
         sum(
-            {"a.pt": 1, "b.pt": 1, "half1.pt": 0.5, "half2.pt": 0.5}.get(n, 0.5 if n.startswith("avg") else 0)
+            {"a.pt": 1, "b.pt": 1, "half1.pt": 0.5, "half2.pt": 0.5, "hf-a": 1, "hf-b": 1, "dcp2": 1}.get(
+                n, 0.5 if n.startswith("avg") else 0
+            )
             for n in todo
         )
         * rows
@@ -1134,6 +1463,8 @@ def generate(bench: Bench, names: list[str], rows: int) -> list[str]:
             "n_many": N_MANY,
             "model_file": str(MODEL_FILE),
             "model_class": MODEL_CLASS,
+            "hf_shards": HF_SHARDS,
+            "dcp_script": DCP_TWO_RANKS,
         }
         proc = subprocess.run(
             [sys.executable, "-c", GENERATE, json.dumps(spec)], env=bench.env, stderr=subprocess.PIPE, text=True
@@ -1143,14 +1474,16 @@ def generate(bench: Bench, names: list[str], rows: int) -> list[str]:
             log("data generation failed:\n" + proc.stderr[-3000:])
         for n in todo:
             if proc.returncode == 0 and (workdir / n).exists():
-                files[n] = (workdir / n).stat().st_size
+                files[n] = tree_size(workdir / n)
             else:
                 failed.append(n)
         manifest_path.write_text(json.dumps(manifest, indent=1))
         os.sync()  # written data reaches the disk now, not during a timed run
     for n in names:
         if n not in failed and n != "llama7b.pt":
-            warm(workdir / n)
+            for f in sorted((workdir / n).rglob("*")) if (workdir / n).is_dir() else [workdir / n]:
+                if f.is_file():
+                    warm(f)
     return failed
 
 
@@ -1275,7 +1608,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         meter.close()
         for path in bench.outputs:
-            path.unlink(missing_ok=True)
+            remove(path)
         if not args.keep:
             forget(workdir, names)
     return 1 if any(not t.passed for rep in reports for t in rep.targets) else 0
