@@ -3,15 +3,22 @@
 A checkpoint is a bare state_dict, or a container such as `{'epoch': 5, 'model_state_dict': ...,
 'optimizer_state_dict': ...}`. These functions work on any object graph whose tensors are torch
 tensors or engine TensorMeta leaves; they never import torch.
+
+An opaque entry is a value the engine read without building it: an object the file makes by
+calling a global outside the allowlist (`argparse.Namespace`, an OmegaConf `DictConfig`, a
+dataclass, DeepSpeed's `ZeroStageEnum`), with no tensor in it and used by no tensor (see
+ckptsurgeon.engine.unpickle). Nothing in it is imported or run; writers pickle it again as it was.
 """
 
 from __future__ import annotations
 
 import io
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
-from .errors import ContainerError
+from .engine.pickle_checks import opaque_globals
+from .engine.pickle_globals import OpaqueObject, PickledGlobal
+from .errors import ContainerError, UnsafeCheckpointError
 from .tensors import is_tensor
 
 STATE_DICT_NAMES = (
@@ -170,8 +177,55 @@ def replace_at(obj: Any, path: KeyPath | None, value: Any) -> Any:
     return type(obj)(items) if isinstance(obj, list) else tuple(items)
 
 
+class OpaqueEntry(NamedTuple):
+    """An opaque value (see the module docstring) at `path` of a container, and the globals
+    outside the allowlist it names (sorted)."""
+
+    path: str
+    globals: tuple[str, ...]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"path": self.path, "globals": list(self.globals)}
+
+
+def is_opaque(value: Any) -> bool:
+    return type(value) is OpaqueObject or type(value) is PickledGlobal
+
+
+def opaque_entries(obj: Any) -> list[OpaqueEntry]:
+    """The opaque values of a container, outermost only, in container order, each with its path."""
+    out: list[OpaqueEntry] = []
+    seen: set[int] = set()
+    todo: list[tuple[Any, KeyPath]] = [(obj, ())]
+    while todo:
+        node, path = todo.pop()
+        if is_opaque(node):
+            out.append(OpaqueEntry(format_key_path(path), tuple(sorted(opaque_globals(node)))))
+            continue
+        if id(node) in seen or len(path) > 50:
+            continue
+        if isinstance(node, Mapping) and not is_tensor(node):
+            seen.add(id(node))
+            todo += reversed([(v, path + (k,)) for k, v in node.items() if not is_tensor(v)])
+        elif isinstance(node, (list, tuple)):
+            seen.add(id(node))
+            todo += reversed([(v, path + (i,)) for i, v in enumerate(node)])
+    return out
+
+
+def refuse_opaque_entries(path: str, obj: Any) -> None:
+    """Raise UnsafeCheckpointError naming the opaque globals of `obj` if it holds any: for a
+    container in which no state_dict is found beside them."""
+    names = opaque_globals(obj)
+    if names:
+        raise UnsafeCheckpointError(path, names)
+
+
 def describe_value(value: Any) -> str:
-    """A short description of a non-state_dict container entry (e.g. `5`, `dict (2 entries)`)."""
+    """A short description of a non-state_dict container entry (e.g. `5`, `dict (2 entries)`,
+    `argparse.Namespace (not loaded)`)."""
+    if is_opaque(value):
+        return f"{value.full} (not loaded)"
     if isinstance(value, (bool, int, float)) or value is None:
         return repr(value)
     if isinstance(value, str):
