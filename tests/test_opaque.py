@@ -173,6 +173,13 @@ def test_opaque_extra_state_is_written_back_by_extract(cli: Any, tmp_path: Path,
     back = torch.load(out, weights_only=False)
     assert back["lin._extra_state"] == LossScaler(128.0) and torch.equal(back["lin.weight"], sd["lin.weight"])
 
+    # diff compares opaque extra state by the pickle instructions that make it
+    assert cli("diff", path, out).exit_code == 0
+    sd["lin._extra_state"] = LossScaler(256.0)
+    other = save(sd, tmp_path / "other.pt")
+    r = cli("diff", path, other, "--json")
+    assert r.exit_code == 1 and json.loads(r.stdout)["extra_state_mismatches"][0]["key"] == "lin._extra_state"
+
 
 def test_commands_never_import_the_classes(tmp_path: Path) -> None:
     """In a fresh process, as a user runs it: the module the entries name is never imported."""

@@ -336,6 +336,14 @@ class PickledGlobal:
         self.name = name
         self.full = full
 
+    def __eq__(self, other: object) -> bool:
+        if type(other) is not PickledGlobal:
+            return NotImplemented
+        return (self.module, self.name) == (other.module, other.name)
+
+    def __hash__(self) -> int:
+        return hash((self.module, self.name))
+
     def __repr__(self) -> str:
         return f"<global {self.full} (not loaded)>"
 
@@ -347,8 +355,8 @@ class OpaqueObject:
     `callable` with `args` (a tuple) through REDUCE, or through NEWOBJ when `newobj`; then, in
     the order pickle writes them, the items APPEND(S) added (`listitems`), the pairs SETITEM(S)
     set (`dictitems`) and the states BUILD gave it (`states`). Pickling these again gives
-    `pickle.load` the same object (see :mod:`.pickle_write`). Compared by identity, as the object
-    it stands for would be.
+    `pickle.load` the same object (see :mod:`.pickle_write`). Equal when made by the same pickle
+    instructions from equal values (two reads of one file give equal entries); hashed by identity.
     """
 
     __slots__ = ("callable", "args", "newobj", "listitems", "dictitems", "states")
@@ -376,6 +384,20 @@ class OpaqueObject:
             out += (k, v)
         out += self.states
         return out
+
+    def __eq__(self, other: object) -> bool:
+        if type(other) is not OpaqueObject:
+            return NotImplemented
+        return self is other or (
+            self.newobj == other.newobj
+            and self.callable == other.callable
+            and self.args == other.args
+            and self.listitems == other.listitems
+            and self.dictitems == other.dictitems
+            and self.states == other.states
+        )
+
+    __hash__ = object.__hash__
 
     def __repr__(self) -> str:
         return f"<{self.full} (not loaded)>"
