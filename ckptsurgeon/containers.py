@@ -214,11 +214,28 @@ def opaque_entries(obj: Any) -> list[OpaqueEntry]:
 
 
 def refuse_opaque_entries(path: str, obj: Any) -> None:
-    """Raise UnsafeCheckpointError naming the opaque globals of `obj` if it holds any: for a
-    container in which no state_dict is found beside them."""
-    names = opaque_globals(obj)
-    if names:
-        raise UnsafeCheckpointError(path, names)
+    """For a container in which no state_dict is found: raise UnsafeCheckpointError naming every
+    opaque global of `obj` when a mapping in it holds tensors beside a value with an opaque part
+    (a state_dict the opaque value keeps from being one: it is not a container entry then)."""
+    todo: list[tuple[Any, int]] = [(obj, 0)]
+    seen: set[int] = set()
+    while todo:
+        node, depth = todo.pop()
+        if id(node) in seen or depth > 50 or is_opaque(node) or is_tensor(node):
+            continue
+        seen.add(id(node))
+        if isinstance(node, Mapping):
+            values = list(node.values())
+            if any(is_tensor(v) for v in values) and any(opaque_globals(v) for v in values if not is_tensor(v)):
+                raise UnsafeCheckpointError(path, opaque_globals(obj))
+            todo += ((v, depth + 1) for v in values)
+        elif isinstance(node, (list, tuple)):
+            todo += ((v, depth + 1) for v in node)
+
+
+def _not_loaded(value: Any) -> str:
+    n = len(opaque_entries(value))
+    return f", {n} not loaded" if n else ""
 
 
 def describe_value(value: Any) -> str:
@@ -237,7 +254,7 @@ def describe_value(value: Any) -> str:
     if isinstance(value, io.BytesIO):  # Transformer Engine's extra state (read only with --unsafe)
         return f"BytesIO ({len(value.getbuffer())} bytes)"
     if isinstance(value, Mapping):
-        return f"{type(value).__name__} ({len(value)} entries)"
+        return f"{type(value).__name__} ({len(value)} entries{_not_loaded(value)})"
     if isinstance(value, (list, tuple)):
-        return f"{type(value).__name__} ({len(value)} items)"
+        return f"{type(value).__name__} ({len(value)} items{_not_loaded(value)})"
     return type(value).__name__

@@ -114,6 +114,7 @@ def test_lightning_checkpoint_without_flags(cli: Any, tmp_path: Path, legacy: bo
     assert "hyper_parameters: argparse.Namespace (not loaded)" in r.stdout
     assert "cfg: opaque_classes.DictConfig (not loaded)" in r.stdout
     assert "epoch: 3" in r.stdout
+    assert "ds: dict (4 entries, 4 not loaded)" in r.stdout
 
     r = cli("inspect", path, "--json")
     assert r.exit_code == 0, r.stderr
@@ -367,6 +368,18 @@ def test_globals_a_tensor_depends_on_are_refused(cli: Any, tmp_path: Path, case:
         line = one_line(r)
         assert "refused to unpickle" in line and name in line and "--allow-global" in line, line
     assert not (tmp_path / "o.pt").exists() and not (tmp_path / "r.pt").exists()
+
+
+def test_container_errors_stay_container_errors_beside_opaque_entries(cli: Any, tmp_path: Path) -> None:
+    ns = argparse.Namespace(lr=1)
+    two = save({"a": {"w": torch.ones(1)}, "b": {"w": torch.ones(1)}, "args": ns}, tmp_path / "two.pt")
+    r = cli("inspect", two)
+    assert r.exit_code == 2 and "ambiguous container" in one_line(r)
+    one = save({"state_dict": {"w": torch.ones(1)}, "args": ns}, tmp_path / "one.pt")
+    r = cli("inspect", one, "--key", "args")
+    assert r.exit_code == 2 and "--key 'args' does not name a mapping of tensors" in one_line(r)
+    r = cli("inspect", one, "--key", "args.lr")
+    assert r.exit_code == 2 and "no entry 'lr'" in one_line(r)
 
 
 # ---------------------------------------------------------------- --allow-global and --unsafe
