@@ -293,3 +293,34 @@ def test_bininput_memo_and_long_ints_round_trip(tmp_path: Path) -> None:
     with load_checkpoint(path) as ckpt:
         assert ckpt.container["ints"] == values and ckpt.container["again"] == strings[::-1]
         assert ckpt.container["again"][0] is ckpt.container["strings"][-1]  # memo: one object
+
+
+ODD_VALUES = {
+    "long4": 2**3000,  # LONG4: torch's safe loader refuses the opcode
+    "bytes": b"\x00\xffraw",  # _codecs.encode(latin-1 text)
+    "bytearray": bytearray(b"ab"),  # builtins.bytearray: allowed, left to torch
+    "complex": 1 + 2j,
+    "set": {1, 2, 3},
+    "frozenset": frozenset({1}),  # builtins.frozenset: outside torch's allowlist
+    "counter": __import__("collections").Counter("aab"),
+    "torch-values": (torch.float16, torch.device("cpu"), torch.Size([2, 3])),
+    "nested": {"a": [[], {}, ()], "b": (1.5, None, True, "é" * 300)},
+}
+
+
+@pytest.mark.parametrize("name", list(ODD_VALUES))
+def test_odd_container_values_read_as_torch_reads_them(cli: Any, tmp_path: Path, name: str) -> None:
+    """Values beside the state_dict: the same as torch's, or refused by both (never exit 3)."""
+    path = tmp_path / "odd.pt"
+    torch.save({"state_dict": OrderedDict(w=torch.arange(4.0)), "value": ODD_VALUES[name]}, path)
+    want = torch_reads(path)
+    if want is None:
+        r = cli("inspect", path)
+        assert r.exit_code == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+        return
+    out = tmp_path / "renamed.pt"
+    r = cli("rename", path, "-o", out, "--add-prefix", "x.")
+    assert r.exit_code == 0, r.stderr
+    got = torch.load(out, weights_only=True)
+    assert got["value"] == want["value"] and type(got["value"]) is type(want["value"])
+    assert torch.equal(got["state_dict"]["x.w"], want["state_dict"]["w"])
