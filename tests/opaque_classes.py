@@ -6,8 +6,10 @@ creates `path`: a command that imported or called anything named here would leav
 
 from __future__ import annotations
 
+import collections
 import enum
 import os
+import typing
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,21 +27,38 @@ def touch(path: str) -> str:
     return path
 
 
+class AnyNode:
+    """A value node of DictConfig below, pointing back to its parent (a reference cycle)."""
+
+    def __init__(self, value: Any, parent: DictConfig):
+        self._val = value
+        self._parent = parent
+
+
 class DictConfig:
-    """Shaped like OmegaConf's DictConfig: content and flags in a state of its own making."""
+    """Shaped like OmegaConf's DictConfig: its values are nodes that point back to it, its metadata
+    names builtin types (`dict`, `int`) and `typing.Any`, its flags are a defaultdict, and it
+    pickles a state of its own making."""
 
     def __init__(self, content: dict[str, Any], flags: dict[str, bool] | None = None):
-        self._content = dict(content)
-        self._flags = dict(flags or {})
+        self._metadata = {"object_type": dict, "key_type": typing.Any, "element_type": int}
+        self._flags = collections.defaultdict(bool, flags or {})
+        self._content = {k: AnyNode(v, self) for k, v in content.items()}
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"_content": self._content, "_flags": self._flags}
+        return {"_metadata": self._metadata, "_flags": self._flags, "_content": self._content}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
 
     def __eq__(self, other: object) -> bool:
-        return type(other) is DictConfig and vars(other) == vars(self)
+        return (
+            type(other) is DictConfig
+            and other._metadata == self._metadata
+            and other._flags == self._flags
+            and {k: n._val for k, n in other._content.items()} == {k: n._val for k, n in self._content.items()}
+            and all(n._parent is other for n in other._content.values())
+        )
 
 
 class ZeroStageEnum(enum.IntEnum):

@@ -58,7 +58,18 @@ def lightning_container() -> dict[str, Any]:
 
 EXPECTED_OPAQUE = [
     {"path": "hyper_parameters", "globals": ["argparse.Namespace"]},
-    {"path": "cfg", "globals": ["opaque_classes.DictConfig"]},
+    {
+        "path": "cfg",
+        "globals": [
+            "builtins.bool",  # builtin types named as values: inert
+            "builtins.dict",
+            "builtins.int",
+            "collections.defaultdict",
+            "opaque_classes.AnyNode",
+            "opaque_classes.DictConfig",
+            "typing.Any",
+        ],
+    },
     {"path": "datamodule_hyper_parameters", "globals": ["opaque_classes.AttributeDict"]},
     {"path": "ds.zero_stage", "globals": ["opaque_classes.ZeroStageEnum"]},
     {"path": "ds.loss_scaler", "globals": ["opaque_classes.LossScaler"]},

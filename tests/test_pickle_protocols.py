@@ -316,6 +316,9 @@ def test_odd_container_values_read_as_torch_reads_them(cli: Any, tmp_path: Path,
     want = torch_reads(path)
     if want is None:
         r = cli("inspect", path)
+        if name == "frozenset":  # a call of a global outside torch's allowlist: an opaque entry
+            assert r.exit_code == 0 and "value: builtins.frozenset (not loaded)" in r.stdout, r.stderr
+            return
         assert r.exit_code == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
         return
     out = tmp_path / "renamed.pt"

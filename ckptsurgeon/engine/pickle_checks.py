@@ -142,6 +142,8 @@ def opaque_refusals(root: Any) -> set[str]:
 def check_graph(root: Any, max_nodes: int) -> None:
     """Refuse graphs that are cyclic, nested deeper than MAX_DEPTH, that expand (counting shared
     references once per use) to more than `max_nodes` nodes, or that hold values outside the model.
+    A cycle back to an opaque object (OmegaConf's nodes point to their parent) is no refusal: the
+    reference back counts as one node.
 
     Raises Malformed / Unsupported.
     """
@@ -160,7 +162,11 @@ def check_graph(root: Any, max_nodes: int) -> None:
             depth = size = 1
             for child in _children(node):
                 if type(child) in _CONTAINERS:
-                    cd, cs = done[id(child)]
+                    known = done.get(id(child))
+                    if known is None:  # a reference back to an opaque object on the path
+                        size += 1
+                        continue
+                    cd, cs = known
                     depth = max(depth, cd + 1)
                     size += cs
                 else:
@@ -171,7 +177,7 @@ def check_graph(root: Any, max_nodes: int) -> None:
                 raise Malformed(f"shared references expand the object graph past {max_nodes} nodes")
             done[nid] = (depth, size)
             continue
-        if nid in done:
+        if nid in done or (nid in on_path and type(node) is OpaqueObject):
             continue
         if nid in on_path:
             raise Unsupported("a container that contains itself")
@@ -184,7 +190,7 @@ def check_graph(root: Any, max_nodes: int) -> None:
         for child in _children(node):
             if type(child) in _CONTAINERS:
                 cid = id(child)
-                if cid in on_path:
+                if cid in on_path and type(child) is not OpaqueObject:
                     raise Unsupported("a container that contains itself")
                 if cid not in done:
                     work.append((child, False))
