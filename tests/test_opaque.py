@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import pathlib
 import subprocess
 import sys
 import warnings
@@ -44,7 +45,9 @@ def lightning_container() -> dict[str, Any]:
         "global_step": 120,
         "state_dict": model_state(),
         "optimizer_states": [{"state": {}, "param_groups": [{"lr": 0.1, "params": [0, 1, 2, 3]}]}],
-        "hyper_parameters": argparse.Namespace(lr=0.1, layers=[64, 32], nested={"betas": (0.9, 0.99)}),
+        "hyper_parameters": argparse.Namespace(
+            lr=0.1, layers=[64, 32], nested={"betas": (0.9, 0.99)}, data_dir=pathlib.PurePosixPath("/data/x")
+        ),
         "cfg": DictConfig({"model": {"width": 64}}, {"readonly": True}),
         "datamodule_hyper_parameters": AttributeDict(batch_size=32),
         "ds": {
@@ -57,7 +60,7 @@ def lightning_container() -> dict[str, Any]:
 
 
 EXPECTED_OPAQUE = [
-    {"path": "hyper_parameters", "globals": ["argparse.Namespace"]},
+    {"path": "hyper_parameters", "globals": ["argparse.Namespace", "pathlib.PurePosixPath"]},
     {
         "path": "cfg",
         "globals": [

@@ -146,12 +146,16 @@ DANGEROUS_NAMES = frozenset(
         "_load_from_bytes",
     }
 )
-# Builtin data types an opaque entry may name although `builtins` is refused: OmegaConf's
-# metadata names `dict`, `list` and `int` as types (nothing in an opaque entry is ever called).
-_INERT_BUILTINS = frozenset(
-    f"builtins.{t}"
-    for t in ("dict", "list", "tuple", "set", "frozenset", "int", "float", "complex", "str", "bytes", "bool")
-    + ("object", "slice", "range", "NoneType")
+# Data types an opaque entry may name although their module is refused: OmegaConf's metadata
+# names `dict`, `list` and `int` as types, hyper-parameters hold paths (nothing in an opaque
+# entry is ever called; these only make values when the owner unpickles the file).
+_INERT_GLOBALS = frozenset(
+    [
+        f"builtins.{t}"
+        for t in ("dict", "list", "tuple", "set", "frozenset", "int", "float", "complex", "str", "bytes", "bool")
+        + ("object", "slice", "range", "NoneType")
+    ]
+    + [f"pathlib.{c}" for c in ("Path", "PosixPath", "WindowsPath", "PurePath", "PurePosixPath", "PureWindowsPath")]
 )
 # More names that run code, which no opaque entry may name (a file naming one is refused).
 _OPAQUE_REFUSED_NAMES = DANGEROUS_NAMES | {"system", "popen", "runstring", "run_path", "run_module", "loads", "load"}
@@ -167,10 +171,10 @@ def denied_module(module: str) -> str | None:
 
 def runs_code(full: str) -> bool:
     """Whether the global `full` ("module.name") comes from a module of DANGEROUS_MODULES or
-    BLOCKLISTED_MODULES (but the builtin data types, `builtins.dict` ...) or is named like a
+    BLOCKLISTED_MODULES (but data types such as `builtins.dict` or `pathlib.PosixPath`) or is named like a
     function that runs code (`eval`, `system`, `loads`, ...): the globals an opaque entry may
     never name."""
-    if full in _INERT_BUILTINS:
+    if full in _INERT_GLOBALS:
         return False
     module, _, attr = full.rpartition(".")
     return module in BLOCKLISTED_MODULES or denied_module(module) is not None or attr in _OPAQUE_REFUSED_NAMES
