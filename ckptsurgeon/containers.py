@@ -3,15 +3,22 @@
 A checkpoint is a bare state_dict, or a container such as `{'epoch': 5, 'model_state_dict': ...,
 'optimizer_state_dict': ...}`. These functions work on any object graph whose tensors are torch
 tensors or engine TensorMeta leaves; they never import torch.
+
+An opaque entry is a value the engine read without building it: an object the file makes by
+calling a global outside the allowlist (`argparse.Namespace`, an OmegaConf `DictConfig`, a
+dataclass, DeepSpeed's `ZeroStageEnum`), with no tensor in it and used by no tensor (see
+ckptsurgeon.engine.unpickle). Nothing in it is imported or run; writers pickle it again as it was.
 """
 
 from __future__ import annotations
 
 import io
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
-from .errors import ContainerError
+from .engine.pickle_checks import opaque_globals
+from .engine.pickle_globals import OpaqueObject, PickledGlobal
+from .errors import ContainerError, UnsafeCheckpointError
 from .tensors import is_tensor
 
 STATE_DICT_NAMES = (
@@ -170,8 +177,72 @@ def replace_at(obj: Any, path: KeyPath | None, value: Any) -> Any:
     return type(obj)(items) if isinstance(obj, list) else tuple(items)
 
 
+class OpaqueEntry(NamedTuple):
+    """An opaque value (see the module docstring) at `path` of a container, and the globals
+    outside the allowlist it names (sorted)."""
+
+    path: str
+    globals: tuple[str, ...]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"path": self.path, "globals": list(self.globals)}
+
+
+def is_opaque(value: Any) -> bool:
+    return type(value) is OpaqueObject or type(value) is PickledGlobal
+
+
+def opaque_entries(obj: Any) -> list[OpaqueEntry]:
+    """The opaque values of a container, outermost only, in container order, each with its path."""
+    out: list[OpaqueEntry] = []
+    seen: set[int] = set()
+    todo: list[tuple[Any, KeyPath]] = [(obj, ())]
+    while todo:
+        node, path = todo.pop()
+        if is_opaque(node):
+            out.append(OpaqueEntry(format_key_path(path), tuple(sorted(opaque_globals(node)))))
+            continue
+        if id(node) in seen or len(path) > 50:
+            continue
+        if isinstance(node, Mapping) and not is_tensor(node):
+            seen.add(id(node))
+            todo += reversed([(v, path + (k,)) for k, v in node.items() if not is_tensor(v)])
+        elif isinstance(node, (list, tuple)):
+            seen.add(id(node))
+            todo += reversed([(v, path + (i,)) for i, v in enumerate(node)])
+    return out
+
+
+def refuse_opaque_entries(path: str, obj: Any) -> None:
+    """For a container in which no state_dict is found: raise UnsafeCheckpointError naming every
+    opaque global of `obj` when a mapping in it holds tensors beside a value with an opaque part
+    (a state_dict the opaque value keeps from being one: it is not a container entry then)."""
+    todo: list[tuple[Any, int]] = [(obj, 0)]
+    seen: set[int] = set()
+    while todo:
+        node, depth = todo.pop()
+        if id(node) in seen or depth > 50 or is_opaque(node) or is_tensor(node):
+            continue
+        seen.add(id(node))
+        if isinstance(node, Mapping):
+            values = list(node.values())
+            if any(is_tensor(v) for v in values) and any(opaque_globals(v) for v in values if not is_tensor(v)):
+                raise UnsafeCheckpointError(path, opaque_globals(obj))
+            todo += ((v, depth + 1) for v in values)
+        elif isinstance(node, (list, tuple)):
+            todo += ((v, depth + 1) for v in node)
+
+
+def _not_loaded(value: Any) -> str:
+    n = len(opaque_entries(value))
+    return f", {n} not loaded" if n else ""
+
+
 def describe_value(value: Any) -> str:
-    """A short description of a non-state_dict container entry (e.g. `5`, `dict (2 entries)`)."""
+    """A short description of a non-state_dict container entry (e.g. `5`, `dict (2 entries)`,
+    `argparse.Namespace (not loaded)`)."""
+    if is_opaque(value):
+        return f"{value.full} (not loaded)"
     if isinstance(value, (bool, int, float)) or value is None:
         return repr(value)
     if isinstance(value, str):
@@ -183,7 +254,7 @@ def describe_value(value: Any) -> str:
     if isinstance(value, io.BytesIO):  # Transformer Engine's extra state (read only with --unsafe)
         return f"BytesIO ({len(value.getbuffer())} bytes)"
     if isinstance(value, Mapping):
-        return f"{type(value).__name__} ({len(value)} entries)"
+        return f"{type(value).__name__} ({len(value)} entries{_not_loaded(value)})"
     if isinstance(value, (list, tuple)):
-        return f"{type(value).__name__} ({len(value)} items)"
+        return f"{type(value).__name__} ({len(value)} items{_not_loaded(value)})"
     return type(value).__name__

@@ -54,7 +54,8 @@ class UnsafeCheckpointError(BadCheckpointError):
         names = ", ".join(self.globals) if self.globals else "(unknown)"
         super().__init__(
             f"{path}: refused to unpickle: the file references globals outside the safe allowlist: "
-            f"{names}; --unsafe would import and execute code from the file"
+            f"{names}; --allow-global MODULE.NAME builds a plain data class without calling it, "
+            "--unsafe would import and execute code from the file"
         )
 
 

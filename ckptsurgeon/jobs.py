@@ -280,7 +280,7 @@ def inspect(
     the whole state_dict is checked against the model (`exit_code` 1 when it does not fit).
     `stats` computes each selected tensor's min, max, mean, std and NaN/Inf/zero counts, `sha256`
     the sha256 of its contents; `check_finite` makes `exit_code` 1 when one holds NaN or Inf."""
-    from .containers import describe_value
+    from .containers import describe_value, opaque_entries
     from .summary import inspect_state_dict
 
     say = _Notices(notify)
@@ -299,6 +299,7 @@ def inspect(
         format=ckpt_obj.format,
         state_dict_key=ckpt_obj.state_dict_key,
         other_entries=[(k, describe_value(v)) for k, v in ckpt_obj.other_entries()],
+        opaque_entries=opaque_entries(ckpt_obj.container) if ckpt_obj.engine == "raw" else (),
     )
     # the model judges the whole state_dict (a selection only narrows what is shown): a key the
     # patterns leave out is not missing from the checkpoint

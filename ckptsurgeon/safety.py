@@ -13,123 +13,13 @@ import types
 from collections.abc import Iterable
 from typing import Any
 
+# shared with the VM, which never reads a global of these as an opaque entry
+from .engine.pickle_globals import DANGEROUS_MODULES as DANGEROUS_MODULES
+from .engine.pickle_globals import DANGEROUS_NAMES, denied_module
 from .errors import BadCheckpointError, UsageError
 
-# Modules whose globals can run code or reach the system (files, sockets, processes, threads,
-# exit hooks), and builtins that do. Checked on the name given and on every class of the MRO.
-DANGEROUS_MODULES = (
-    "os",
-    "posix",
-    "nt",
-    "subprocess",
-    "sys",
-    "shutil",
-    "importlib",
-    "runpy",
-    "pickle",
-    "_pickle",
-    "pkgutil",
-    "builtins",
-    "__builtin__",
-    "socket",
-    "ctypes",
-    "code",
-    "codeop",
-    "pty",
-    "commands",
-    "multiprocessing",
-    "webbrowser",
-    "marshal",
-    "types",
-    "functools",
-    "operator",
-    "io",
-    "_io",
-    "timeit",
-    "pdb",
-    "bdb",
-    "trace",
-    "profile",
-    "cProfile",
-    "threading",
-    "asyncio",
-    "signal",
-    "torch.storage",
-    "torch.serialization",
-    "torch.jit",
-    "torch._C",
-    "torch.ops",
-    "torch.hub",
-    "torch.utils",
-    "torch.package",
-    "torch._dynamo",
-    "torch.fx",
-    "torch.compiler",
-    "logging",
-    "zipfile",
-    "tarfile",
-    "shelve",
-    "dbm",
-    "sqlite3",
-    "_sqlite3",
-    "tempfile",
-    "pathlib",
-    "mmap",
-    "select",
-    "selectors",
-    "_socket",
-    "ssl",
-    "_ssl",
-    "socketserver",
-    "http",
-    "urllib",
-    "ftplib",
-    "smtplib",
-    "poplib",
-    "imaplib",
-    "xmlrpc",
-    "wsgiref",
-    "_thread",
-    "concurrent",
-    "_posixsubprocess",
-    "_ctypes",
-    "gzip",
-    "bz2",
-    "lzma",
-    "zipimport",
-    "fileinput",
-    "glob",
-    "weakref",
-    "_weakref",
-    "atexit",
-    "gc",
-    "fcntl",
-    "termios",
-    "tty",
-    "resource",
-    "platform",
-    "sched",
-    "mailbox",
-    "netrc",
-    "_winapi",
-    "msvcrt",
-    "winreg",
-    "site",
-    "venv",
-    "ensurepip",
-)
-DANGEROUS_NAMES = frozenset(
-    {"eval", "exec", "compile", "getattr", "setattr", "__import__", "open", "apply", "_load_from_bytes"}
-)
 # Pure data classes of refused modules (a C type, built by its own argument-free constructor).
 _PURE_BUILTIN_CLASSES = {"types.SimpleNamespace": types.SimpleNamespace}
-
-
-def _denied_module(module: str) -> str | None:
-    for bad in DANGEROUS_MODULES:
-        if module == bad or module.startswith(bad + "."):
-            return bad
-    return None
 
 
 def check_allowed_global(name: str) -> None:
@@ -143,7 +33,7 @@ def check_allowed_global(name: str) -> None:
         raise UsageError(f"--allow-global {name!r}: expected MODULE.NAME, e.g. argparse.Namespace")
     if name in _PURE_BUILTIN_CLASSES:
         return
-    bad = _denied_module(module)
+    bad = denied_module(module)
     if bad:
         raise UsageError(
             f"--allow-global {name}: refused: globals of {bad} can execute code or reach the system; "
@@ -236,9 +126,9 @@ def check_allowed_target(name: str, target: object) -> str:
         return "namespace"
     for klass in target.__mro__:
         module = getattr(klass, "__module__", None) or ""
-        if module != "builtins" and _denied_module(module):
+        if module != "builtins" and denied_module(module):
             raise refuse(
-                f"{_qualified(klass)} belongs to {_denied_module(module)}, which can execute code or reach the system"
+                f"{_qualified(klass)} belongs to {denied_module(module)}, which can execute code or reach the system"
             )
     import enum
 

@@ -67,6 +67,7 @@ class InspectReport:
         "num_selected_of",
         "model",
         "extra_state",
+        "opaque_entries",
     )
 
     def __init__(
@@ -80,6 +81,7 @@ class InspectReport:
         num_selected_of: int = 0,  # size of the whole state_dict (rows may be a selection)
         model: Mapping[str, Any] | None = None,
         extra_state: tuple[tuple[str, str], ...] = (),
+        opaque_entries: tuple[Any, ...] = (),  # containers.OpaqueEntry: values read, not built
     ) -> None:
         self.format = format
         self.state_dict_key = state_dict_key
@@ -90,6 +92,7 @@ class InspectReport:
         self.num_selected_of = num_selected_of
         self.model = model
         self.extra_state = extra_state
+        self.opaque_entries = opaque_entries
 
     @property
     def num_tensors(self) -> int:
@@ -117,6 +120,7 @@ class InspectReport:
             "shared_storage": [list(g) for g in self.shared_storage],
             "other_entries": {k: v for k, v in self.other_entries},
             "extra_state": {k: v for k, v in self.extra_state},
+            "opaque_entries": [e.to_dict() for e in self.opaque_entries],
         }
         if self.model is not None:
             out.update(self.model)
@@ -137,6 +141,7 @@ def inspect_state_dict(
     format: str,
     state_dict_key: str | None = None,
     other_entries: Sequence[tuple[str, str]] = (),
+    opaque_entries: Sequence[Any] = (),
 ) -> InspectReport:
     """Summarise the tensors of `state_dict` named by `keys` (a selection, in order); selected
     non-tensor entries (extra state) are listed apart, with a short description."""
@@ -170,4 +175,5 @@ def inspect_state_dict(
         other_entries=tuple(other_entries),
         num_selected_of=num_in_state_dict,
         extra_state=extra,
+        opaque_entries=tuple(opaque_entries),
     )

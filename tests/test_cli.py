@@ -457,7 +457,9 @@ def test_legacy_format_and_safetensors_inputs(cli, tmp_path):
 
 def test_unsafe_pickle_refused_with_globals_named(cli, tmp_path):
     path = tmp_path / "args.ckpt"
-    torch.save({"args": argparse.Namespace(lr=0.1), "state_dict": trained_smallcnn().state_dict()}, path)
+    # a Namespace holding a tensor (one without is an opaque entry: see tests/test_opaque.py)
+    args = argparse.Namespace(lr=0.1, mask=torch.ones(2))
+    torch.save({"args": args, "state_dict": trained_smallcnn().state_dict()}, path)
     r = cli("inspect", path)
     assert r.exit_code == 2
     line = one_line_error(r)

@@ -31,8 +31,9 @@ def _bad(path: str, reason: str) -> BadCheckpointError:
 class _Pickles:
     """Reads consecutive pickles from the head of a file, reading more of it when one is cut."""
 
-    def __init__(self, fd: int, file_size: int, path: str, allow_globals: frozenset[str]):
+    def __init__(self, fd: int, file_size: int, path: str, allow_globals: frozenset[str], opaque: bool = False):
         self.fd = fd
+        self.opaque = opaque
         self.file_size = file_size
         self.path = path
         self.allow_globals = allow_globals
@@ -65,6 +66,7 @@ class _Pickles:
                     complete=False,
                     # the storage count comes after the object: bound it by what the file could hold
                     max_containers=container_budget(self.file_size // 64),
+                    opaque=self.opaque and persistent_load is not None,  # only the object itself
                 )
             except PickleTruncated as e:
                 if self._grow():
@@ -105,8 +107,11 @@ def _torch_reads_as_tar(fd: int) -> bool:
     return True
 
 
-def read_torch_legacy(src: Source, *, allow_globals: frozenset[str] = frozenset()) -> RawCheckpoint:
-    """Read the checkpoint in torch's legacy format from `src` (the caller owns it)."""
+def read_torch_legacy(
+    src: Source, *, allow_globals: frozenset[str] = frozenset(), opaque: bool = False
+) -> RawCheckpoint:
+    """Read the checkpoint in torch's legacy format from `src` (the caller owns it); `opaque`:
+    read opaque entries in the pickled object (see :mod:`.unpickle`)."""
     fd, file_size, path = src.fd, src.size, src.name
     if _torch_reads_as_tar(fd):
         raise _bad(
@@ -114,7 +119,7 @@ def read_torch_legacy(src: Source, *, allow_globals: frozenset[str] = frozenset(
             "ambiguous legacy checkpoint: its first 512 bytes are also a tar header, so torch.load "
             "takes it for the pre-1.0 tar format (and its weights_only loader refuses it)",
         )
-    pickles = _Pickles(fd, file_size, path, allow_globals)
+    pickles = _Pickles(fd, file_size, path, allow_globals, opaque)
     if pickles.load("the magic number") != MAGIC_NUMBER:
         raise _bad(path, "not a legacy torch checkpoint: wrong magic number")
     version = pickles.load("the protocol version")

@@ -23,9 +23,12 @@ def _h_ordered_dict(args: tuple[Any, ...]) -> OrderedDict[Any, Any]:
     if not args:
         return OrderedDict()
     if len(args) == 1 and type(args[0]) in (list, tuple):
+        # (key, value) tuples, or [key, value] lists as Python 2's OrderedDict.__reduce__ wrote them
         pairs = args[0]
-        if all(type(p) is tuple and len(p) == 2 for p in pairs):
+        if all(type(p) in (tuple, list) and len(p) == 2 for p in pairs):
             return OrderedDict(pairs)
+    if len(args) == 1 and type(args[0]) in (dict, OrderedDict):
+        return OrderedDict(args[0])  # as torch's call: the argument's attributes are not copied
     raise Malformed("collections.OrderedDict called with unexpected arguments")
 
 
@@ -139,6 +142,15 @@ def _h_rebuild_v2(args: tuple[Any, ...]) -> Any:
     return _make_tensor(storage, offset, size, stride, requires_grad, hooks, dtype, args[6] if len(args) == 7 else None)
 
 
+def _h_rebuild_v1(args: tuple[Any, ...]) -> Any:
+    """`_rebuild_tensor(storage, storage_offset, size, stride)`, as torch 0.4 and older saved tensors."""
+    if len(args) != 4:
+        raise Malformed(f"_rebuild_tensor called with {len(args)} arguments")
+    storage = args[0]
+    dtype = storage.dtype if type(storage) is StorageMeta else ""
+    return _make_tensor(storage, args[1], args[2], args[3], False, None, dtype, None)
+
+
 def _h_rebuild_v3(args: tuple[Any, ...]) -> Any:
     if len(args) not in (7, 8):
         raise Malformed(f"_rebuild_tensor_v3 called with {len(args)} arguments")
@@ -151,6 +163,13 @@ def _h_rebuild_v3(args: tuple[Any, ...]) -> Any:
     return _make_tensor(
         storage, offset, size, stride, requires_grad, hooks, dtype.name, args[7] if len(args) == 8 else None
     )
+
+
+def _h_parameter(args: tuple[Any, ...]) -> Any:
+    """`torch.nn.Parameter(data[, requires_grad])` (REDUCE or NEWOBJ): requires_grad defaults to True."""
+    if len(args) not in (1, 2):
+        raise Malformed(f"torch.nn.Parameter called with {len(args)} arguments")
+    return _h_rebuild_parameter((args[0], args[1] if len(args) == 2 else True, None))
 
 
 def _h_rebuild_parameter(args: tuple[Any, ...]) -> Any:
@@ -180,7 +199,12 @@ HANDLERS: dict[str, Callable[[tuple[Any, ...]], Any]] = {
     "_codecs.encode": _h_encode,
     "torch.Size": _h_size,
     "torch.device": _h_device,
+    "torch._utils._rebuild_tensor": _h_rebuild_v1,
     "torch._utils._rebuild_tensor_v2": _h_rebuild_v2,
     "torch._utils._rebuild_tensor_v3": _h_rebuild_v3,
     "torch._utils._rebuild_parameter": _h_rebuild_parameter,
+    "torch.nn.parameter.Parameter": _h_parameter,
 }
+
+# The handlers that build a tensor or a torch value: no argument of theirs may be an opaque value.
+TENSOR_HANDLERS = frozenset(HANDLERS) - {"collections.OrderedDict", "builtins.set"}

@@ -15,7 +15,7 @@ from typing import Any
 
 from .limits import brief
 from .meta import DTYPE_ITEMSIZE, StorageMeta, TensorMeta, TorchDevice, TorchDtype, TorchSize
-from .pickle_globals import ModelledCallable, Opaque, StorageClass
+from .pickle_globals import ModelledCallable, Opaque, OpaqueObject, PickledGlobal, StorageClass
 
 MAX_DEPTH = 1000  # deepest container nesting accepted in the object graph
 
@@ -80,8 +80,8 @@ def check_key_int(key: int) -> None:
 
 # -- after the run ---------------------------------------------------------------------------
 
-_LEAVES = (str, int, float, bool, bytes, type(None), TensorMeta, TorchDtype, TorchDevice, TorchSize)
-_CONTAINERS = (dict, OrderedDict, list, tuple, set)
+_LEAVES = (str, int, float, bool, bytes, type(None), TensorMeta, TorchDtype, TorchDevice, TorchSize, PickledGlobal)
+_CONTAINERS = (dict, OrderedDict, list, tuple, set, OpaqueObject)
 
 
 def _children(node: Any) -> list[Any]:
@@ -90,12 +90,60 @@ def _children(node: Any) -> list[Any]:
         return [*node.keys(), *node.values()]
     if kind is OrderedDict:
         return [*node.keys(), *node.values(), *node.__dict__.values()]
+    if kind is OpaqueObject:
+        return node.children()  # type: ignore[no-any-return]
     return list(node)
+
+
+def _walk(root: Any) -> list[Any]:
+    """Every container of the graph at `root` (itself included) once, each after its children
+    (except along a cycle)."""
+    out: list[Any] = []
+    seen: set[int] = set()
+    todo: list[tuple[Any, bool]] = [(root, False)]
+    while todo:
+        node, finished = todo.pop()
+        if finished:
+            out.append(node)
+            continue
+        if type(node) not in _CONTAINERS or id(node) in seen:
+            continue
+        seen.add(id(node))
+        todo.append((node, True))
+        todo += ((c, False) for c in _children(node) if type(c) in _CONTAINERS and id(c) not in seen)
+    return out
+
+
+def opaque_globals(root: Any) -> set[str]:
+    """The names of the opaque globals (:class:`PickledGlobal`) in the graph at `root`."""
+    if type(root) is PickledGlobal:
+        return {root.full}
+    return {c.full for node in _walk(root) for c in _children(node) if type(c) is PickledGlobal}
+
+
+_BEARS_ON_TENSORS = (TensorMeta, StorageMeta, StorageClass)
+
+
+def opaque_refusals(root: Any) -> set[str]:
+    """The opaque globals to refuse after all: those inside an :class:`OpaqueObject` that holds
+    a tensor, a storage or a storage class somewhere below it (a module, a tensor subclass, a
+    state built around a tensor): reading such an object would need running its code."""
+    nodes = _walk(root)
+    holds: dict[int, bool] = {}
+    for node in nodes:  # children first (a cycle's back edge counts as holding nothing)
+        holds[id(node)] = any(type(c) in _BEARS_ON_TENSORS or holds.get(id(c), False) for c in _children(node))
+    refused: set[str] = set()
+    for node in nodes:
+        if type(node) is OpaqueObject and holds[id(node)]:
+            refused |= opaque_globals(node)
+    return refused
 
 
 def check_graph(root: Any, max_nodes: int) -> None:
     """Refuse graphs that are cyclic, nested deeper than MAX_DEPTH, that expand (counting shared
     references once per use) to more than `max_nodes` nodes, or that hold values outside the model.
+    A cycle back to an opaque object (OmegaConf's nodes point to their parent) is no refusal: the
+    reference back counts as one node.
 
     Raises Malformed / Unsupported.
     """
@@ -114,7 +162,11 @@ def check_graph(root: Any, max_nodes: int) -> None:
             depth = size = 1
             for child in _children(node):
                 if type(child) in _CONTAINERS:
-                    cd, cs = done[id(child)]
+                    known = done.get(id(child))
+                    if known is None:  # a reference back to an opaque object on the path
+                        size += 1
+                        continue
+                    cd, cs = known
                     depth = max(depth, cd + 1)
                     size += cs
                 else:
@@ -125,7 +177,7 @@ def check_graph(root: Any, max_nodes: int) -> None:
                 raise Malformed(f"shared references expand the object graph past {max_nodes} nodes")
             done[nid] = (depth, size)
             continue
-        if nid in done:
+        if nid in done or (nid in on_path and type(node) is OpaqueObject):
             continue
         if nid in on_path:
             raise Unsupported("a container that contains itself")
@@ -138,7 +190,7 @@ def check_graph(root: Any, max_nodes: int) -> None:
         for child in _children(node):
             if type(child) in _CONTAINERS:
                 cid = id(child)
-                if cid in on_path:
+                if cid in on_path and type(child) is not OpaqueObject:
                     raise Unsupported("a container that contains itself")
                 if cid not in done:
                     work.append((child, False))

@@ -8,7 +8,13 @@ Three tables, checked in this order by the VM's GLOBAL / STACK_GLOBAL:
   :mod:`.pickle_calls`);
 * the rest of torch's weights_only allowlist (:data:`TORCH_WEIGHTS_ONLY_GLOBALS`) and the caller's
   `allow_globals`: valid, but not modelled (an :class:`Opaque` placeholder);
-* everything else, and any name in :data:`BLOCKLISTED_MODULES`: refused.
+* everything else: a :class:`PickledGlobal`, never imported, which REDUCE / NEWOBJ turn into an
+  :class:`OpaqueObject` placeholder (never called) when the caller reads opaque entries; else, and
+  always for a name of :data:`BLOCKLISTED_MODULES` or one that :func:`runs_code` (`os.system`,
+  `builtins.eval`, `subprocess.Popen`, ...), refused.
+
+What makes an opaque entry acceptable (it builds no tensor) is checked by the VM
+(:mod:`.unpickle`) and :func:`~.pickle_checks.opaque_refusals`.
 
 Also here: :func:`resolve_name` (torch's Python 2 renames) and :func:`scan_globals`, which lists
 the names a pickle refers to without running it.
@@ -22,6 +28,157 @@ from .meta import STORAGE_DTYPE, TorchDtype
 
 # Modules torch never allows, even when a user allowlists a name from them.
 BLOCKLISTED_MODULES = frozenset({"sys", "os", "posix", "nt"})
+
+# Modules whose globals can run code or reach the system (files, sockets, processes, threads,
+# exit hooks), and names that run code. `--allow-global` refuses them (see ckptsurgeon.safety);
+# the VM never reads them as opaque entries: a file naming one is refused.
+DANGEROUS_MODULES = (
+    "os",
+    "posix",
+    "nt",
+    "subprocess",
+    "sys",
+    "shutil",
+    "importlib",
+    "runpy",
+    "pickle",
+    "_pickle",
+    "pkgutil",
+    "builtins",
+    "__builtin__",
+    "socket",
+    "ctypes",
+    "code",
+    "codeop",
+    "pty",
+    "commands",
+    "multiprocessing",
+    "webbrowser",
+    "marshal",
+    "types",
+    "functools",
+    "operator",
+    "io",
+    "_io",
+    "timeit",
+    "pdb",
+    "bdb",
+    "trace",
+    "profile",
+    "cProfile",
+    "threading",
+    "asyncio",
+    "signal",
+    "torch.storage",
+    "torch.serialization",
+    "torch.jit",
+    "torch._C",
+    "torch.ops",
+    "torch.hub",
+    "torch.utils",
+    "torch.package",
+    "torch._dynamo",
+    "torch.fx",
+    "torch.compiler",
+    "logging",
+    "zipfile",
+    "tarfile",
+    "shelve",
+    "dbm",
+    "sqlite3",
+    "_sqlite3",
+    "tempfile",
+    "pathlib",
+    "mmap",
+    "select",
+    "selectors",
+    "_socket",
+    "ssl",
+    "_ssl",
+    "socketserver",
+    "http",
+    "urllib",
+    "ftplib",
+    "smtplib",
+    "poplib",
+    "imaplib",
+    "xmlrpc",
+    "wsgiref",
+    "_thread",
+    "concurrent",
+    "_posixsubprocess",
+    "_ctypes",
+    "gzip",
+    "bz2",
+    "lzma",
+    "zipimport",
+    "fileinput",
+    "glob",
+    "weakref",
+    "_weakref",
+    "atexit",
+    "gc",
+    "fcntl",
+    "termios",
+    "tty",
+    "resource",
+    "platform",
+    "sched",
+    "mailbox",
+    "netrc",
+    "_winapi",
+    "msvcrt",
+    "winreg",
+    "site",
+    "venv",
+    "ensurepip",
+)
+DANGEROUS_NAMES = frozenset(
+    {
+        "eval",
+        "exec",
+        "compile",
+        "getattr",
+        "setattr",
+        "__import__",
+        "open",
+        "apply",
+        "_load_from_bytes",
+    }
+)
+# Data types an opaque entry may name although their module is refused: OmegaConf's metadata
+# names `dict`, `list` and `int` as types, hyper-parameters hold paths (nothing in an opaque
+# entry is ever called; these only make values when the owner unpickles the file).
+_INERT_GLOBALS = frozenset(
+    [
+        f"builtins.{t}"
+        for t in ("dict", "list", "tuple", "set", "frozenset", "int", "float", "complex", "str", "bytes", "bool")
+        + ("object", "slice", "range", "NoneType")
+    ]
+    + [f"pathlib.{c}" for c in ("Path", "PosixPath", "WindowsPath", "PurePath", "PurePosixPath", "PureWindowsPath")]
+)
+# More names that run code, which no opaque entry may name (a file naming one is refused).
+_OPAQUE_REFUSED_NAMES = DANGEROUS_NAMES | {"system", "popen", "runstring", "run_path", "run_module", "loads", "load"}
+
+
+def denied_module(module: str) -> str | None:
+    """The entry of DANGEROUS_MODULES that `module` is (or is inside), else None."""
+    for bad in DANGEROUS_MODULES:
+        if module == bad or module.startswith(bad + "."):
+            return bad
+    return None
+
+
+def runs_code(full: str) -> bool:
+    """Whether the global `full` ("module.name") comes from a module of DANGEROUS_MODULES or
+    BLOCKLISTED_MODULES (but data types such as `builtins.dict` or `pathlib.PosixPath`) or is named like a
+    function that runs code (`eval`, `system`, `loads`, ...): the globals an opaque entry may
+    never name."""
+    if full in _INERT_GLOBALS:
+        return False
+    module, _, attr = full.rpartition(".")
+    return module in BLOCKLISTED_MODULES or denied_module(module) is not None or attr in _OPAQUE_REFUSED_NAMES
+
 
 # From torch/_utils.py (itself from CPython's _compat_pickle): Python 2 names torch renames.
 IMPORT_MAPPING = {
@@ -179,6 +336,87 @@ class Opaque:
         return f"<opaque {self.name}>"
 
 
+class PickledGlobal:
+    """A GLOBAL outside every allowlist, read as a name and never imported.
+
+    `module` and `name` are as the file writes them (a writer pickles them again unchanged);
+    `full` is the name torch would look up (Python 2 names mapped, see :func:`resolve_name`).
+    """
+
+    __slots__ = ("module", "name", "full")
+
+    def __init__(self, module: str, name: str, full: str):
+        self.module = module
+        self.name = name
+        self.full = full
+
+    def __eq__(self, other: object) -> bool:
+        if type(other) is not PickledGlobal:
+            return NotImplemented
+        return (self.module, self.name) == (other.module, other.name)
+
+    def __hash__(self) -> int:
+        return hash((self.module, self.name))
+
+    def __repr__(self) -> str:
+        return f"<global {self.full} (not loaded)>"
+
+
+class OpaqueObject:
+    """An object the file builds by calling a :class:`PickledGlobal` (or another OpaqueObject):
+    recorded, never built.
+
+    `callable` with `args` (a tuple) through REDUCE, or through NEWOBJ when `newobj`; then, in
+    the order pickle writes them, the items APPEND(S) added (`listitems`), the pairs SETITEM(S)
+    set (`dictitems`) and the states BUILD gave it (`states`). Pickling these again gives
+    `pickle.load` the same object (see :mod:`.pickle_write`). Equal when made by the same pickle
+    instructions from equal values (two reads of one file give equal entries); hashed by identity.
+    """
+
+    __slots__ = ("callable", "args", "newobj", "listitems", "dictitems", "states")
+
+    def __init__(self, callable: PickledGlobal | OpaqueObject, args: tuple[Any, ...], newobj: bool):
+        self.callable = callable
+        self.args = args
+        self.newobj = newobj
+        self.listitems: list[Any] = []
+        self.dictitems: list[tuple[Any, Any]] = []
+        self.states: list[Any] = []
+
+    @property
+    def full(self) -> str:
+        """The name of the global whose call made the object (e.g. "argparse.Namespace")."""
+        inner: Any = self.callable
+        while type(inner) is OpaqueObject:
+            inner = inner.callable
+        return str(inner.full)
+
+    def children(self) -> list[Any]:
+        """Every value the object was made from, in pickling order."""
+        out: list[Any] = [self.callable, self.args, *self.listitems]
+        for k, v in self.dictitems:
+            out += (k, v)
+        out += self.states
+        return out
+
+    def __eq__(self, other: object) -> bool:
+        if type(other) is not OpaqueObject:
+            return NotImplemented
+        return self is other or (
+            self.newobj == other.newobj
+            and self.callable == other.callable
+            and self.args == other.args
+            and self.listitems == other.listitems
+            and self.dictitems == other.dictitems
+            and self.states == other.states
+        )
+
+    __hash__ = object.__hash__
+
+    def __repr__(self) -> str:
+        return f"<{self.full} (not loaded)>"
+
+
 class ModelledCallable:
     """A modelled global callable; `kind` selects its handler."""
 
@@ -193,8 +431,11 @@ class ModelledCallable:
 
 ORDERED_DICT = ModelledCallable("collections.OrderedDict")
 SET = ModelledCallable("builtins.set")
+PARAMETER = ModelledCallable("torch.nn.parameter.Parameter")
 MODELLED_GLOBALS: dict[str, Any] = {
     "collections.OrderedDict": ORDERED_DICT,
+    "torch.nn.parameter.Parameter": PARAMETER,
+    "torch._utils._rebuild_tensor": ModelledCallable("torch._utils._rebuild_tensor"),
     "builtins.set": SET,
     "_codecs.encode": ModelledCallable("_codecs.encode"),
     "torch.Size": ModelledCallable("torch.Size"),

@@ -6,6 +6,11 @@ tuple opcodes) and torch's reductions (`_rebuild_tensor_v2` / `_v3`, `_rebuild_p
 persistent ids `('storage', torch.<X>Storage, key, location, numel)`), so that for the same object
 graph the bytes equal those of `torch.save`. It never imports torch.
 
+Opaque entries (:class:`~ckptsurgeon.engine.pickle_globals.OpaqueObject`, `PickledGlobal`) are
+pickled again as the file had them: the global, the arguments, REDUCE or NEWOBJ, then the items
+and BUILD states recorded, so that `pickle.load` (torch.load with weights_only=False) builds the
+same object from the output as from the input. Nothing in them is imported or called here.
+
 It also plans storages (:func:`plan_storages`): which bytes of which source storage the graph
 needs. A storage only partly used by its tensors is compacted to the union of their spans.
 """
@@ -28,6 +33,7 @@ from ckptsurgeon.engine.meta import (
     TorchDtype,
     TorchSize,
 )
+from ckptsurgeon.engine.pickle_globals import OpaqueObject, PickledGlobal
 from ckptsurgeon.errors import EngineUnsupported
 
 # opcodes of pickle protocol 2 (see Lib/pickletools.py)
@@ -35,6 +41,7 @@ _PROTO2 = b"\x80\x02"
 _STOP = b"."
 _MARK = b"("
 _NONE = b"N"
+_NEWOBJ = b"\x81"
 _NEWTRUE = b"\x88"
 _NEWFALSE = b"\x89"
 _BININT = b"J"
@@ -344,8 +351,27 @@ class _Pickler:
             self.save_fresh_tuple((obj.real, obj.imag))
             self.write(_REDUCE)
             self.put_obj(obj)
+        elif t is OpaqueObject:
+            self.save_opaque(obj)
+        elif t is PickledGlobal:
+            self.save_global(obj.module, obj.name)
         else:
             raise EngineUnsupported(f"cannot write a value of type {t.__module__}.{t.__qualname__}")
+
+    def save_opaque(self, obj: OpaqueObject) -> None:
+        """An opaque entry as CPython's save_reduce writes an object: the call, its memo entry,
+        the list items (APPENDS), the dict items (SETITEMS), then each BUILD state."""
+        self.save(obj.callable)
+        self.save(obj.args)
+        self.write(_NEWOBJ if obj.newobj else _REDUCE)
+        self.put_obj(obj)
+        if obj.listitems:
+            self.batch_list(obj.listitems)
+        if obj.dictitems:
+            self.batch_dict_iter(obj.dictitems)
+        for state in obj.states:
+            self.save(state)
+            self.write(_BUILD)
 
     def save_int(self, x: int) -> None:
         if 0 <= x <= 0xFF:

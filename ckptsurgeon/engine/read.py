@@ -29,24 +29,29 @@ __all__ = [
 ]
 
 
-def read_checkpoint(path: str | os.PathLike[str], *, allow_globals: frozenset[str] = frozenset()) -> RawCheckpoint:
+def read_checkpoint(
+    path: str | os.PathLike[str], *, allow_globals: frozenset[str] = frozenset(), opaque: bool = False
+) -> RawCheckpoint:
     """Open the checkpoint at `path` as a :class:`Source` and `read_source` it (the Source is
     closed again if reading fails; else `RawCheckpoint.source` holds it)."""
     src = Source(path)
     try:
-        return read_source(src, allow_globals=allow_globals)
+        return read_source(src, allow_globals=allow_globals, opaque=opaque)
     except BaseException:
         src.close()
         raise
 
 
-def read_source(src: Source, *, allow_globals: frozenset[str] = frozenset()) -> RawCheckpoint:
+def read_source(src: Source, *, allow_globals: frozenset[str] = frozenset(), opaque: bool = False) -> RawCheckpoint:
     """Read the format and the whole object graph of the checkpoint `src`; no tensor data.
 
     The format ("torch-zip", "torch-legacy" or "safetensors") is decided by magic bytes. Tensors
     become TensorMeta leaves whose StorageMeta says where their bytes lie in the file (read them
     with `engine.data`). Globals named in `allow_globals` ("module.name") are accepted as valid
-    but not modelled, which ends in EngineUnsupported so that the caller can use torch.
+    but not modelled, which ends in EngineUnsupported so that the caller can use torch. With
+    `opaque`, a global outside the allowlists that builds no tensor is read as an inert
+    :class:`~.pickle_globals.OpaqueObject` (or :class:`~.pickle_globals.PickledGlobal`) instead of
+    being refused (see :mod:`.unpickle`).
 
     `extras`: for "torch-zip", "prefix" (the archive folder), "storages" (key -> StorageMeta, in
     first-reference order) and "records" (record names without the prefix); for "torch-legacy",
@@ -65,9 +70,9 @@ def read_source(src: Source, *, allow_globals: frozenset[str] = frozenset()) -> 
     try:
         kind = detect_format(src)
         if kind == "torch-zip":
-            return read_torch_zip(src, allow_globals=allow_globals)
+            return read_torch_zip(src, allow_globals=allow_globals, opaque=opaque)
         if kind == "torch-legacy":
-            return read_torch_legacy(src, allow_globals=allow_globals)
+            return read_torch_legacy(src, allow_globals=allow_globals, opaque=opaque)
         return read_safetensors(src)
     except OSError as e:
         raise BadCheckpointError(f"{name}: read error: {e.strerror or e}") from None

@@ -2,9 +2,19 @@
 
 It accepts exactly the opcodes `torch/_weights_only_unpickler.py` accepts and never imports or
 calls anything named in the file. Beside it: :mod:`.pickle_globals` (what a GLOBAL may name and
-resolves to: modelled, allowed but not modelled, or refused and reported together at the end as
-:class:`UnsafeCheckpointError`), :mod:`.pickle_calls` (what calling a modelled global builds) and
-:mod:`.pickle_checks` (limits on containers, dict key checks, the check of the finished graph).
+resolves to: modelled, allowed but not modelled, opaque, or refused and reported together at the
+end as :class:`UnsafeCheckpointError`), :mod:`.pickle_calls` (what calling a modelled global
+builds) and :mod:`.pickle_checks` (limits on containers, dict key checks, the check of the
+finished graph, the opaque objects that hold tensors).
+
+Opaque entries (`opaque=True`): a global outside the allowlists that runs no code by its name
+(:func:`~.pickle_globals.runs_code`) is a :class:`PickledGlobal`; REDUCE / NEWOBJ of it make an
+:class:`OpaqueObject` that records the call and what BUILD, SETITEM(S) and APPEND(S) do to it,
+and nothing is imported or called. Such a global is refused after all, with the others, when
+the object could bear on a tensor: when an opaque value is an argument of a call that builds a
+tensor or a torch value (the rebuild functions, `torch.Size`, `_codecs.encode`, every allowed
+but unmodelled global, a storage class) or part of a persistent id, and when the finished graph
+has a tensor or storage inside an opaque object (`opaque_refusals`).
 
 Storages come from the `persistent_load` callback the format reader supplies.
 """
@@ -19,20 +29,24 @@ from typing import Any
 
 from ..errors import BadCheckpointError, EngineUnsupported, RestrictedPickleError, UnsafeCheckpointError
 from .limits import brief
-from .pickle_calls import HANDLERS
-from .pickle_checks import Malformed, Unsupported, check_graph, check_keys, is_int
+from .pickle_calls import HANDLERS, TENSOR_HANDLERS
+from .pickle_checks import Malformed, Unsupported, check_graph, check_keys, is_int, opaque_globals, opaque_refusals
 from .pickle_globals import (
     ALLOCATING_GLOBALS,
     BLOCKLISTED_MODULES,
     MODELLED_GLOBALS,
     ORDERED_DICT,
+    PARAMETER,
     SET,
     TORCH_WEIGHTS_ONLY_GLOBALS,
     ModelledCallable,
     Opaque,
+    OpaqueObject,
+    PickledGlobal,
     StorageClass,
     refused_globals,
     resolve_name,
+    runs_code,
     scan_globals,
 )
 
@@ -123,10 +137,13 @@ class _Machine:
         persistent_load: Callable[[tuple[Any, ...]], Any] | None,
         allow_globals: frozenset[str],
         max_containers: int = 1_000_000,
+        opaque: bool = False,
     ):
         self.persistent_load = persistent_load
         self.allow_globals = allow_globals
         self.max_containers = max_containers
+        self.opaque = opaque
+        self.opaque_names: set[str] = set()  # globals read as PickledGlobal
         self.unsafe: set[str] = set()
         self.unsupported: list[str] = []
         self._globals: dict[bytes, Any] = {}
@@ -139,9 +156,10 @@ class _Machine:
         if hit is not None:
             return hit
         try:
-            full = resolve_name(line_module.decode("utf-8"), line_name.decode("utf-8"))
+            module_name, attr_name = line_module.decode("utf-8"), line_name.decode("utf-8")
         except UnicodeDecodeError:
             raise Malformed("a GLOBAL name is not valid UTF-8") from None
+        full = resolve_name(module_name, attr_name)
         module = full.rsplit(".", 1)[0]
         if module in BLOCKLISTED_MODULES:
             self.unsafe.add(full)
@@ -150,24 +168,44 @@ class _Machine:
             value = MODELLED_GLOBALS[full]
         elif full in TORCH_WEIGHTS_ONLY_GLOBALS or full in self.allow_globals:
             value = Opaque(full)
+        elif self.opaque and not runs_code(full):
+            self.opaque_names.add(full)
+            value = PickledGlobal(module_name, attr_name, full)
         else:
             self.unsafe.add(full)
             value = Opaque(full)
         self._globals[key] = value
         return value
 
+    def refuse_opaque_in(self, value: Any, what: str) -> Opaque | None:
+        """Refuse the opaque globals inside `value` (an argument of `what`, which builds a tensor
+        or a torch value); an Opaque placeholder for the result when there are any."""
+        if not self.opaque_names:
+            return None
+        names = opaque_globals(value)
+        if not names:
+            return None
+        self.unsafe |= names
+        return Opaque(what)
+
     # -- REDUCE / NEWOBJ -------------------------------------------------------------------
-    def call(self, func: Any, args: Any) -> Any:
+    def call(self, func: Any, args: Any, newobj: bool = False) -> Any:
         if type(args) is list:
             args = tuple(args)
         if type(args) is not tuple:
             raise Malformed(f"REDUCE arguments are a {type(args).__name__}, not a tuple")
+        if type(func) is PickledGlobal or type(func) is OpaqueObject:
+            return OpaqueObject(func, args, newobj)  # recorded, never called
         if type(func) is ModelledCallable:
+            if func.kind in TENSOR_HANDLERS and (refused := self.refuse_opaque_in(args, func.kind)):
+                return refused
             if func is SET and args and type(args[0]) in (list, tuple):
                 check_keys(args[0], self._key_heights)
             elif func is ORDERED_DICT and args and type(args[0]) in (list, tuple):
-                check_keys([p[0] for p in args[0] if type(p) is tuple and p], self._key_heights)
+                check_keys([p[0] for p in args[0] if type(p) in (tuple, list) and p], self._key_heights)
             return HANDLERS[func.kind](args)
+        if (type(func) is Opaque or type(func) is StorageClass) and (refused := self.refuse_opaque_in(args, func.name)):
+            return refused
         if type(func) is Opaque:
             if func.name in ALLOCATING_GLOBALS and any(is_int(a) for a in args):
                 shown = ", ".join(brief(a) for a in args[:4])
@@ -186,8 +224,8 @@ class _Machine:
     def newobj(self, cls: Any, args: Any) -> Any:
         if cls is ORDERED_DICT and args == ():
             return OrderedDict()
-        if type(cls) is Opaque or type(cls) is StorageClass:
-            return self.call(cls, args)
+        if type(cls) in (Opaque, StorageClass, PickledGlobal, OpaqueObject) or cls is PARAMETER:
+            return self.call(cls, args, newobj=True)
         if type(cls) is ModelledCallable:
             raise Unsupported(f"NEWOBJ of {cls.kind}")
         raise Malformed(f"NEWOBJ on a {type(cls).__name__} value, which is not an allowed class")
@@ -198,6 +236,8 @@ class _Machine:
             if type(state) is not dict or not all(type(k) is str for k in state):
                 raise Unsupported(f"OrderedDict state of type {type(state).__name__}")
             inst.__dict__.update(state)
+        elif kind is OpaqueObject:
+            inst.states.append(state)
         elif kind is Opaque:
             return
         elif kind in (dict, list, tuple, str, int, float, bool, bytes, type(None)):
@@ -213,6 +253,8 @@ class _Machine:
             typename = typename.decode("ascii", "replace")
         if typename != "storage":
             raise Malformed(f"a persistent id of kind {brief(typename)} (only 'storage' is allowed)")
+        if refused := self.refuse_opaque_in(pid, "a persistent id"):
+            return refused
         for part in pid:
             if type(part) is Opaque:
                 return part
@@ -314,6 +356,10 @@ class _Machine:
                         keys = items[::2]
                         check_keys(keys, self._key_heights)
                         target.update(zip(keys, items[1::2]))
+                    elif type(target) is OpaqueObject:
+                        if len(items) % 2:
+                            raise Malformed("SETITEMS with an odd number of items")
+                        target.dictitems += zip(items[::2], items[1::2])
                     elif type(target) is not Opaque:
                         raise Malformed(f"SETITEMS on a {type(target).__name__}")
                 elif op == NEWTRUE:
@@ -348,6 +394,8 @@ class _Machine:
                     target = stack[-1]
                     if type(target) is list:
                         target.extend(items)
+                    elif type(target) is OpaqueObject:
+                        target.listitems += items
                     elif type(target) is not Opaque:
                         raise Malformed(f"APPENDS on a {type(target).__name__}")
                 elif op == APPEND:
@@ -355,6 +403,8 @@ class _Machine:
                     target = stack[-1]
                     if type(target) is list:
                         target.append(item)
+                    elif type(target) is OpaqueObject:
+                        target.listitems.append(item)
                     elif type(target) is not Opaque:
                         raise Malformed(f"APPEND on a {type(target).__name__}")
                 elif op == SETITEM:
@@ -365,6 +415,8 @@ class _Machine:
                         if type(key) is tuple or type(key) is int:
                             check_keys((key,), self._key_heights)
                         target[key] = value
+                    elif type(target) is OpaqueObject:
+                        target.dictitems.append((key, value))
                     elif type(target) is not Opaque:
                         raise Malformed(f"SETITEM on a {type(target).__name__}")
                 elif op == GLOBAL:
@@ -426,6 +478,7 @@ def unpickle(
     complete: bool = True,
     max_nodes: int | None = None,
     max_containers: int = 1_000_000,
+    opaque: bool = False,
 ) -> tuple[Any, int]:
     """Run the restricted VM over the pickle at `data[start:]`; return (object, end offset).
 
@@ -436,10 +489,14 @@ def unpickle(
     can read more and retry), RestrictedPickleError (an opcode or construct the VM refuses, as
     weights_only does) or BadCheckpointError (storages that do not match the records).
     `max_containers` bounds the number of container-making opcodes (see `container_budget`).
+    With `opaque`, globals outside the allowlists that build no tensor become opaque entries
+    (see the module docstring) instead of refusals.
     """
-    machine = _Machine(persistent_load, allow_globals, max_containers)
+    machine = _Machine(persistent_load, allow_globals, max_containers, opaque)
     try:
         obj, end = machine.run(data, start)
+        if machine.opaque_names:
+            machine.unsafe |= opaque_refusals(obj)
         if not machine.unsafe and not machine.unsupported:
             if max_nodes is None:
                 max_nodes = 16 * (len(data) - start) + 1_000_000
@@ -466,5 +523,7 @@ def unpickle(
     if machine.unsafe:
         raise UnsafeCheckpointError(path, machine.unsafe)
     if machine.unsupported:
+        if machine.opaque_names:  # torch, which would read the rest, refuses these names
+            raise UnsafeCheckpointError(path, machine.opaque_names)
         raise EngineUnsupported(f"{path}: {where}: not modelled: {machine.unsupported[0]}")
     return obj, end

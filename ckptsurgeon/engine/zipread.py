@@ -488,8 +488,9 @@ def _check_torch_parses(fd: int, records: dict[bytes, ZipMember], path: str) -> 
             ) from None
 
 
-def read_torch_zip(src: Source, *, allow_globals: frozenset[str] = frozenset()) -> RawCheckpoint:
-    """Read the checkpoint in torch's zip format from `src` (the caller owns it)."""
+def read_torch_zip(src: Source, *, allow_globals: frozenset[str] = frozenset(), opaque: bool = False) -> RawCheckpoint:
+    """Read the checkpoint in torch's zip format from `src` (the caller owns it); `opaque`: read
+    opaque entries (see :mod:`.unpickle`)."""
     fd, file_size, path = src.fd, src.size, src.name
     entries, cd_offset = _read_central(fd, file_size, path)
     names = [e[0].name for e in entries]
@@ -554,6 +555,7 @@ def read_torch_zip(src: Source, *, allow_globals: frozenset[str] = frozenset()) 
         persistent_load=persistent_load,
         allow_globals=allow_globals,
         max_containers=container_budget(len(records)),
+        opaque=opaque,
     )
     return RawCheckpoint(
         path=os.path.abspath(path),

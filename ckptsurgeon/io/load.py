@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from ..containers import KeyPath, find_state_dict, format_key_path
+from ..containers import KeyPath, find_state_dict, format_key_path, refuse_opaque_entries
 from ..engine.meta import RawCheckpoint, TensorMeta
 from ..engine.source import Source
 from ..errors import (
@@ -95,16 +95,17 @@ class Checkpoint:
         return [(str(k), v) for k, v in self.container.items() if k != self.state_dict_path[0]]
 
 
-def _read_raw(src: Source, allow_globals: frozenset[str]) -> RawCheckpoint | None:
+def _read_raw(src: Source, allow_globals: frozenset[str], opaque: bool = True) -> RawCheckpoint | None:
     """The engine's reading, or None where it does not model the file (torch decides then).
 
     The engine also decides what the file is before anything parses it: a non-checkpoint is a
-    BadCheckpointError here.
+    BadCheckpointError here. `opaque`: container entries built by globals outside the allowlist
+    are read as inert opaque entries (see ckptsurgeon.engine.unpickle), not refused.
     """
     from ..engine.read import read_source
 
     try:
-        return read_source(src, allow_globals=allow_globals)
+        return read_source(src, allow_globals=allow_globals, opaque=opaque)
     except EngineUnsupported as exc:
         _debug("engine fallback for %s: %s", src, exc)
         return None
@@ -198,7 +199,11 @@ def load_checkpoint(
     src = Source(path)
     try:
         fmt, container, engine, st_meta = _read_source(src, unsafe=unsafe, allow_globals=frozenset(allow_globals))
-        sd_path, state_dict = find_state_dict(container, key)
+        try:
+            sd_path, state_dict = find_state_dict(container, key)
+        except ContainerError:
+            refuse_opaque_entries(str(path), container)  # the state_dict is not beside them
+            raise
     except ContainerError as exc:
         src.close()
         raise ContainerError(f"{path}: {exc}") from None
@@ -226,7 +231,7 @@ def _read_source(src: Source, *, unsafe: bool, allow_globals: frozenset[str]) ->
     """(format, whole object, engine used, safetensors metadata) of an open checkpoint file."""
     raw: RawCheckpoint | None = None
     try:
-        raw = _read_raw(src, allow_globals)
+        raw = _read_raw(src, allow_globals, opaque=not unsafe)
     except (UnsafeCheckpointError, RestrictedPickleError):
         if not unsafe:  # --unsafe: whatever torch.load(weights_only=False) reads (any protocol)
             raise
