@@ -32,7 +32,9 @@ class CastDtype(str, Enum):
     float8_e5m2 = "float8_e5m2"
 
 
-# elements cast at a time: a piece and its cast copy stay within 16 MiB each (float64 is 8 bytes)
+# elements cast at a time: a piece and its cast copy stay within 16 MiB each (float64 is 8 bytes).
+# A multiple of torch's vector width: torch's conversion gives a NaN other bits in its vector loop
+# than in its scalar tail (float64 -> bfloat16), so pieces must cut where a whole-tensor cast does.
 CAST_PIECE = 1 << 21
 
 # where a cast storage goes: (dtype, contiguous pieces in order) -> the storage they make
@@ -108,16 +110,14 @@ def cast_state_dict(
         hi = max(_end(t) for t in tensors)
         pieces = (piece.to(target) for piece in _pieces(tensors[0], lo, hi))
         storage = sink(dtype, pieces)
+        made: dict[int, TensorMeta] = {}  # one object stays one object (a tied Parameter)
         for key, t in zip(group, tensors):
-            out[key] = TensorMeta(
-                storage,
-                dtype,
-                tuple(int(n) for n in t.shape),
-                _stride(t),
-                _offset(t) - lo,
-                bool(t.requires_grad),
-                _is_parameter(t),
-            )
+            if id(t) not in made:
+                shape = tuple(int(n) for n in t.shape)
+                made[id(t)] = TensorMeta(
+                    storage, dtype, shape, _stride(t), _offset(t) - lo, bool(t.requires_grad), _is_parameter(t)
+                )
+            out[key] = made[id(t)]
         if progress is not None:
             progress(sum(nbytes_of(t) for t in tensors))
     if hasattr(state_dict, "_metadata"):
