@@ -96,13 +96,15 @@ class ModelCheck(NamedTuple):
 
 
 class Writing(NamedTuple):
-    """`-o/--output`, `-f/--force`, `--dry-run`, `--verify`, `--format pt|safetensors` (None: from the name)."""
+    """`-o/--output`, `-f/--force`, `--dry-run`, `--verify`, `--format pt|safetensors` (None: from the
+    name), `--dtype` (None: no cast; else the floating-point tensors written are cast to it)."""
 
     output: str | Path
     force: bool = False
     dry_run: bool = False
     verify: bool = False
     format: str | None = None
+    dtype: str | None = None
 
 
 ALL_KEYS = Selection()
@@ -178,6 +180,8 @@ class WriteResult(NamedTuple):
     model: Mapping[str, Any] | None = None
     model_options: ModelCheck = NO_MODEL
     notices: tuple[str, ...] = ()
+    dtype: str | None = None  # --dtype
+    cast: tuple[str, ...] = ()  # the keys --dtype cast (or would cast, with dry_run)
 
     @property
     def written(self) -> bool:
@@ -216,6 +220,9 @@ class WriteResult(NamedTuple):
             if not self.refused:
                 data["conflicts"] = list(self.conflicts)
                 data["warnings"] = list(self.warnings)
+        if self.dtype is not None:
+            data["dtype"] = self.dtype
+            data["cast"] = list(self.cast)
         if self.model is not None:
             data["model"] = public_model(self.model)
         return data
@@ -345,6 +352,7 @@ def extract(
 
     say = _Notices(notify)
     ckpt, output = Path(ckpt), Path(writing.output)
+    writing = _check_dtype(writing)
     if not writing.dry_run:
         _check_output(output, [ckpt], writing.force)
     ckpt_obj = _load(ckpt, loading, say)
@@ -355,7 +363,9 @@ def extract(
     fields: dict[str, Any] = dict(sources={k: str(ckpt) for k in result}, state_dict_key=ckpt_obj.state_dict_key)
     if _refused(model_data):
         return _write_result("extract", writing, result, (), model_data, model, say, refused=True, **fields)
-    notes = _write(result, writing, [ckpt], loading, say, progress, safetensors_metadata=_st_meta(ckpt_obj))
+    with contextlib.ExitStack() as stack:
+        result, fields["cast"] = _cast(result, writing, [ckpt], stack, progress)
+        notes = _write(result, writing, [ckpt], loading, say, progress, safetensors_metadata=_st_meta(ckpt_obj))
     return _write_result("extract", writing, result, notes, model_data, model, say, **fields)
 
 
@@ -378,6 +388,7 @@ def rename(
     ckpt, output = Path(ckpt), Path(writing.output)
     if rules.is_empty:
         raise UsageError("nothing to do: give --map, --strip-prefix, --sub or --add-prefix")
+    writing = _check_dtype(writing)
     if not writing.dry_run:
         _check_output(output, [ckpt], writing.force)
     ckpt_obj = _load(ckpt, loading, say)
@@ -391,13 +402,15 @@ def rename(
         return _write_result("rename", writing, renamed, (), model_data, model, say, refused=True, **fields)
     if all(old == new for old, new in plan.items()):
         say("warning: no key changed")
-    target: Any = renamed
-    if not writing.dry_run:
-        if output_format(output, writing.format) is not OutputFormat.safetensors:
-            target = with_state_dict(ckpt_obj, renamed)
-        elif ckpt_obj.state_dict_path:
-            say("note: a .safetensors output holds the state_dict only; the container's other entries are dropped")
-    notes = _write(target, writing, [ckpt], loading, say, progress, safetensors_metadata=_st_meta(ckpt_obj))
+    with contextlib.ExitStack() as stack:
+        renamed, fields["cast"] = _cast(renamed, writing, [ckpt], stack, progress)
+        target: Any = renamed
+        if not writing.dry_run:
+            if output_format(output, writing.format) is not OutputFormat.safetensors:
+                target = with_state_dict(ckpt_obj, renamed)
+            elif ckpt_obj.state_dict_path:
+                say("note: a .safetensors output holds the state_dict only; the container's other entries are dropped")
+        notes = _write(target, writing, [ckpt], loading, say, progress, safetensors_metadata=_st_meta(ckpt_obj))
     return _write_result("rename", writing, renamed, notes, model_data, model, say, **fields)
 
 
@@ -427,6 +440,7 @@ def merge(
         raise UsageError("--weights needs --average")
     if average:
         normalise_weights(None if weights is None else list(weights), len(paths))  # before any input is read
+    writing = _check_dtype(writing)
     if not writing.dry_run:
         _check_output(output, paths, writing.force)
     loaded = [_load(p, loading, say) for p in paths]
@@ -458,6 +472,7 @@ def merge(
             return _write_result("merge", writing, result, (), model_data, model, say, refused=True, **fields)
         for w in merge_warnings(report) if report is not None else ():
             say(f"warning: {w}")
+        result, fields["cast"] = _cast(result, writing, paths, stack, progress)
         notes = _write(result, writing, paths, loading, say, progress)
     if report is not None:
         fields.update(conflicts=tuple(report.conflicts), warnings=tuple(report.warnings))
@@ -615,6 +630,43 @@ def _st_meta(ckpt_obj: Checkpoint) -> Any:
     return ckpt_obj.safetensors_metadata if ckpt_obj.format == "safetensors" else None
 
 
+def _check_dtype(writing: Writing) -> Writing:
+    """`writing` with its `--dtype` as a plain name; one the cast does not know is refused before
+    any input is read."""
+    if writing.dtype is None:
+        return writing
+    from .cast import check_cast_dtype
+
+    return writing._replace(dtype=check_cast_dtype(writing.dtype))
+
+
+def _cast(
+    state_dict: Mapping[str, Any],
+    writing: Writing,
+    inputs: Sequence[Path],
+    stack: contextlib.ExitStack,
+    progress: Progress | None,
+) -> tuple[Any, tuple[str, ...]]:
+    """`--dtype`: the state_dict with its floating-point tensors cast, parked in a scratch file
+    beside the output until it is written (`stack` removes it), and the keys cast. A dry run
+    only names the keys."""
+    if writing.dtype is None:
+        return state_dict, ()
+    from .cast import cast_keys, cast_state_dict
+
+    if writing.dry_run:
+        return state_dict, tuple(cast_keys(state_dict, writing.dtype))
+    from .io import check_output, staged_tensors
+
+    output = Path(writing.output)
+    check_output(output, inputs, force=writing.force)
+    stage = stack.enter_context(staged_tensors(output))
+    keys = cast_keys(state_dict, writing.dtype)
+    with (progress or _no_progress)("casting", total_bytes(state_dict[k] for k in keys)) as advance:
+        cast, done = cast_state_dict(state_dict, writing.dtype, stage.add_storage, progress=advance)
+    return cast, tuple(done)
+
+
 def _write(
     obj: Any,
     writing: Writing,
@@ -663,6 +715,11 @@ def _write_result(
     from .io import output_format
 
     extra = non_tensor_keys(state_dict)
+    size = total_bytes(state_dict.values())
+    if writing.dtype is not None and writing.dry_run:
+        from .cast import cast_nbytes
+
+        size = cast_nbytes(state_dict, writing.dtype)
     return WriteResult(
         command=command,
         output=str(writing.output),
@@ -672,10 +729,11 @@ def _write_result(
         keys=tuple(state_dict),
         num_tensors=len(state_dict) - len(extra),
         extra_state=tuple(extra),
-        total_bytes=total_bytes(state_dict.values()),
+        total_bytes=size,
         notes=tuple(notes),
         model=model_data,
         model_options=model,
         notices=tuple(say.lines),
+        dtype=writing.dtype,
         **fields,
     )

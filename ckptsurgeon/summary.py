@@ -9,6 +9,7 @@ from .engine.meta import DTYPE_ITEMSIZE, TensorMeta
 from .tensors import (
     dtype_name,
     is_tensor,
+    kind_facts,
     nbytes_of,
     numel_of,
     shape_of,
@@ -24,15 +25,32 @@ class TensorRow(NamedTuple):
     dtype: str
     numel: int
     nbytes: int
+    kind: Mapping[str, Any] | None = None  # sparse, quantized, conj/neg views: `tensors.kind_facts`
+
+    @property
+    def dtype_text(self) -> str:
+        """The dtype as the table shows it: `float32`, `sparse_csr float32 (nnz 11)`,
+        `quantized quint8 (per_tensor_affine)`, `conjugate view complex64`."""
+        if self.kind is None:
+            return self.dtype
+        text = f"{self.kind['kind']} {self.dtype}"
+        if "nnz" in self.kind:
+            return f"{text} (nnz {self.kind['nnz']:,})"
+        if "qscheme" in self.kind:
+            return f"{text} ({self.kind['qscheme']})"
+        return text
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        data = {
             "key": self.key,
             "shape": list(self.shape),
             "dtype": self.dtype,
             "numel": self.numel,
             "nbytes": self.nbytes,
         }
+        if self.kind is not None:
+            data.update(self.kind)
+        return data
 
 
 class DtypeTotal(NamedTuple):
@@ -131,7 +149,7 @@ def _row(key: str, t: Any) -> TensorRow:
     if type(t) is TensorMeta:  # the engine's tensors, tens of thousands at a time: no adapters
         numel = t.numel
         return TensorRow(key, t.shape, t.dtype, numel, numel * DTYPE_ITEMSIZE[t.dtype])
-    return TensorRow(key, shape_of(t), dtype_name(t), numel_of(t), nbytes_of(t))
+    return TensorRow(key, shape_of(t), dtype_name(t), numel_of(t), nbytes_of(t), kind_facts(t))
 
 
 def inspect_state_dict(

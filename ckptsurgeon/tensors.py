@@ -40,9 +40,63 @@ def numel_of(value: Any) -> int:
 
 
 def nbytes_of(value: Any) -> int:
+    """The bytes a tensor's values take: elements times their size, or for a sparse tensor the
+    bytes of what it stores (indices and specified values)."""
     if isinstance(value, TensorMeta):
         return value.nbytes
+    if value.layout is not _torch().strided and not value.is_meta:
+        return sum(_plain_nbytes(part) for part in _sparse_parts(value))
+    return _plain_nbytes(value)
+
+
+def _plain_nbytes(value: Any) -> int:
     return int(value.numel()) * int(DTYPE_ITEMSIZE.get(dtype_name(value), value.element_size()))
+
+
+_COMPRESSED_INDICES = {
+    "sparse_csr": ("crow_indices", "col_indices"),
+    "sparse_bsr": ("crow_indices", "col_indices"),
+    "sparse_csc": ("ccol_indices", "row_indices"),
+    "sparse_bsc": ("ccol_indices", "row_indices"),
+}
+
+
+def _sparse_parts(value: Any) -> list[Any]:
+    """The tensors a sparse tensor stores: its indices and its specified values."""
+    layout = str(value.layout).removeprefix("torch.")
+    if layout == "sparse_coo":
+        return [value._indices(), value._values()]
+    names = _COMPRESSED_INDICES.get(layout)
+    if names is None:
+        return [value]
+    return [getattr(value, names[0])(), getattr(value, names[1])(), value.values()]
+
+
+def kind_facts(value: Any) -> dict[str, Any] | None:
+    """What `inspect` says about a tensor whose values are not plain dense memory (None for a
+    plain one): its `kind` (see `tensor_kind`) and `layout`; for a sparse tensor `nnz`, the
+    number of values it stores; for a quantized one its `qscheme` and its `scale` and
+    `zero_point` (per tensor) or `axis` (per channel); `conj` / `neg` for views with those bits."""
+    kind = tensor_kind(value)
+    if kind is None:
+        return None
+    facts: dict[str, Any] = {"kind": kind, "layout": str(value.layout).removeprefix("torch.")}
+    torch = _torch()
+    if value.layout is not torch.strided and not value.is_meta:
+        facts["nnz"] = int(_sparse_parts(value)[-1].numel())
+    elif kind == "quantized":
+        scheme = value.qscheme()
+        facts["qscheme"] = str(scheme).removeprefix("torch.")
+        if scheme in (torch.per_tensor_affine, torch.per_tensor_symmetric):
+            facts["scale"] = float(value.q_scale())
+            facts["zero_point"] = int(value.q_zero_point())
+        else:
+            facts["axis"] = int(value.q_per_channel_axis())
+    elif kind == "conjugate view":
+        facts["conj"] = True
+    elif kind == "negative view":
+        facts["neg"] = True
+    return facts
 
 
 def is_parameter(value: Any) -> bool:
@@ -107,6 +161,16 @@ def shared_storage_groups(tensors: dict[str, Any]) -> list[list[str]]:
     for key, t in tensors.items():
         groups.setdefault(storage_id(t), []).append(key)
     return [keys for keys in groups.values() if len(keys) > 1]
+
+
+# What torch warns about while it rebuilds the tensors of a file (re.match patterns of the
+# messages): news about torch's own future, nothing a reader of a checkpoint did or can change.
+# The CLI silences them (and turns any other warning into a notice).
+TORCH_NOISE_WARNINGS = (
+    r"Sparse (CSR|CSC|BSR|BSC) tensor support is in beta state",
+    r"torch\.quantize_per_tensor, torch\.quantize_per_channel and other quantized tensor creation functions",
+    r"TypedStorage is deprecated",
+)
 
 
 # dtypes whose elements are bit patterns without arithmetic in torch (no copy, no cast, no sum):

@@ -24,11 +24,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     the command then ends with 130 / 143, its output untouched (see `ckptsurgeon.interrupts`).
     """
     from .. import interrupts
-    from .console import error, expect_json
+    from .console import error, expect_json, warnings_as_notices
 
     args = list(sys.argv[1:] if argv is None else argv)
     expect_json(args)
-    with interrupts.handling_signals():
+    with interrupts.handling_signals(), warnings_as_notices():
         rc: int | None = None
         try:
             try:

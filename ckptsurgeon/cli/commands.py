@@ -18,7 +18,7 @@ from typer.core import TyperGroup
 from .. import _version
 from ..errors import EXIT_BAD_INPUT, EXIT_OK
 from . import actions
-from .console import error, exit_code_for, expect_json, notice
+from .console import error, exit_code_for, expect_json, notice, warnings_as_notices
 from .options import COMMANDS, Kind, Opt, options_for
 
 # Typer vendors click and exports only BadParameter of its exceptions; its base is UsageError.
@@ -34,7 +34,7 @@ class _SurgeonGroup(TyperGroup):
 
     def invoke(self, ctx: Any) -> Any:
         expect_json([*getattr(ctx, "_protected_args", ()), *ctx.args])
-        with _errors_to_exit_codes():
+        with _errors_to_exit_codes(), warnings_as_notices():
             from ..safety import check_torch_version
 
             check_torch_version()

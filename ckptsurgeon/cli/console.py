@@ -122,6 +122,26 @@ def _error_document(message: str, *, kind: str, exit_code: int) -> int:
     return exit_code
 
 
+@contextlib.contextmanager
+def warnings_as_notices() -> Iterator[None]:
+    """Python warnings while a command runs (torch's, mostly): the known noise of reading a file
+    (`tensors.TORCH_NOISE_WARNINGS`) silenced, any other one a `warning: ...` notice line, never a
+    raw `UserWarning` with a file name and a source line."""
+    import warnings
+
+    from ..tensors import TORCH_NOISE_WARNINGS
+
+    def show(message: Any, category: Any, filename: str, lineno: int, file: Any = None, line: Any = None) -> None:
+        said = str(message).strip().splitlines()
+        notice(f"warning: {said[0] if said else category.__name__}", style="yellow")
+
+    with warnings.catch_warnings():
+        for pattern in TORCH_NOISE_WARNINGS:
+            warnings.filterwarnings("ignore", message=pattern)
+        warnings.showwarning = show
+        yield
+
+
 PROGRESS_MIN_BYTES = 256 << 20
 
 

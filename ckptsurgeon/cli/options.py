@@ -145,6 +145,11 @@ OPTIONS: tuple[Opt, ...] = (
         "Layout of OUT; by default from its name: *.safetensors -> safetensors, anything else -> pt "
         "(torch.save's zip format).",
         WRITERS, Group.WRITING, fast=True, choices="ckptsurgeon.io:OutputFormat"),
+    Opt("dtype", ("--dtype",), Kind.CHOICE, "DTYPE",
+        "Cast the floating-point tensors written to DTYPE (float16, bfloat16, float32, float64, float8_e4m3fn, "
+        "float8_e5m2), bit for bit as torch's tensor.to(DTYPE); integer, bool, complex and quantized tensors are "
+        "kept as they are, tied tensors stay tied.",
+        WRITERS, Group.WRITING, fast=True, choices="ckptsurgeon.cast:CastDtype"),
     Opt("verify", ("--verify",), Kind.FLAG, "",
         "Read the data back and check it: inspect checks every record's CRC-32; a writer compares the written "
         "file with what was meant before it replaces OUT.",

@@ -68,9 +68,13 @@ class TextRenderer:
                 show(text.keys_table(((k, "mean of all inputs") for k in result.keys), title))
             else:
                 show(text.keys_table(((k, result.sources[k]) for k in result.keys), title))
+            if result.dtype is not None:
+                notice(f"would cast {len(result.cast)} of {result.num_tensors} tensors to {result.dtype}")
         else:
             if result.command == "rename":
                 notice(f"renamed {result.num_changed} of {len(result.keys)} keys")
+            if result.dtype is not None:
+                notice(f"cast {len(result.cast)} of {result.num_tensors} tensors to {result.dtype}")
             extra = len(result.extra_state)
             also = f" and {extra} extra state {'entry' if extra == 1 else 'entries'}" if extra else ""
             size = text.human_bytes(result.total_bytes)

@@ -145,11 +145,12 @@ def inspect_table(
         [
             key_text(key),
             shapes.get(shape) or shapes.setdefault(shape, shape_text(shape)),
-            dtype,
+            dtype if kind is None else safe(r.dtype_text),
             f"{numel:,}",
             sizes.get(nbytes) or sizes.setdefault(nbytes, human_bytes(nbytes)),
         ]
-        for key, shape, dtype, numel, nbytes in report.tensors
+        for r in report.tensors
+        for key, shape, dtype, numel, nbytes, kind in (r,)
     ]
     if kinds is not None:
         for row, r in zip(rows, report.tensors):

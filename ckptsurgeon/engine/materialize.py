@@ -20,7 +20,7 @@ from ckptsurgeon.errors import EngineUnsupported
 
 
 def to_torch(obj: Any) -> Any:
-    """Return `obj` with every TensorMeta replaced by a CPU torch tensor.
+    """Return `obj` with every TensorMeta replaced by a CPU torch tensor (torch tensors in it stay).
 
     Containers are rebuilt with the same shape and sharing (an object reached twice is converted
     once); OrderedDicts keep their attributes (`_metadata`); TorchDtype, TorchDevice and TorchSize
@@ -130,6 +130,8 @@ class _Converter:
             result = {self.convert(x) for x in obj}
         elif t is bytearray:
             result = bytearray(obj)
+        elif isinstance(obj, torch.Tensor):  # a graph mixing both (a --dtype cast of a torch-loaded file)
+            result = obj
         else:
             name = f"{t.__module__}.{t.__qualname__}"
             raise EngineUnsupported(f"cannot convert a value of type {name}")

@@ -180,7 +180,7 @@ def _write_safetensors(sd: Mapping[str, Any], f: BinaryIO, metadata: Mapping[str
     import torch
 
     from ..engine.safetensors_format import SAFETENSORS_DTYPES
-    from ..tensors import dtype_name, duplicate_names, shared_storage_groups
+    from ..tensors import dtype_name, duplicate_names, shared_storage_groups, tensor_kind
 
     codes = {name: code for code, name in SAFETENSORS_DTYPES.items()}
     notes = []
@@ -197,6 +197,9 @@ def _write_safetensors(sd: Mapping[str, Any], f: BinaryIO, metadata: Mapping[str
         notes.append("safetensors cannot share storage: written separately: " + "; ".join(", ".join(g) for g in shared))
     if getattr(sd, "_metadata", None):
         notes.append("safetensors has no place for the state_dict's _metadata (module versions): dropped")
+    resolved = [k for k, v in tensors.items() if tensor_kind(v) in ("conjugate view", "negative view")]
+    if resolved:
+        notes.append("safetensors has no conjugate or negative bit: resolved into the values of " + ", ".join(resolved))
     tensors = OrderedDict((k, _safetensors_tensor(k, v)) for k, v in tensors.items())  # or exit 2
     unknown = [f"{k} ({dtype_name(v)})" for k, v in tensors.items() if dtype_name(v) not in codes]
     if unknown:
