@@ -430,9 +430,7 @@ class _Stats:
                 rel_l2 = math.sqrt(sum_d2) / math.sqrt(b2) if b2 > 0 else math.inf if sum_d2 > 0 else 0.0
                 if a2 > 0 and b2 > 0:
                     cosine = max(-1.0, min(1.0, ab / (math.sqrt(a2) * math.sqrt(b2))))
-        return ValueMismatch(
-            key, self.max_abs, self.max_rel, self.num_diff, self.numel, mean_abs, rel_l2, cosine
-        )
+        return ValueMismatch(key, self.max_abs, self.max_rel, self.num_diff, self.numel, mean_abs, rel_l2, cosine)
 
 
 def _on_disk(t: Any) -> bool:

@@ -155,7 +155,7 @@ class _Item(NamedTuple):
     """One piece of work: blocks [first, stop) of a job (a whole tensor when `whole`)."""
 
     job: _Job
-    index: int  # the item's place among its job's items
+    place: int  # the item's place among its job's items
     first: int  # the first block
     nbytes: int
     whole: bool
@@ -164,9 +164,7 @@ class _Item(NamedTuple):
 class _Job:
     """One tensor: what to compute, its items, and their partial results."""
 
-    def __init__(
-        self, key: str, t: Any, *, stats: bool, finite: bool, sha256: bool, chunk_bytes: int | None
-    ) -> None:
+    def __init__(self, key: str, t: Any, *, stats: bool, finite: bool, sha256: bool, chunk_bytes: int | None) -> None:
         self.key, self.t = key, t
         self.stats, self.finite, self.sha256 = stats, finite, sha256
         self.chunk_bytes = chunk_bytes
@@ -218,7 +216,7 @@ class _Job:
             check = self.check_crc
             if check:
                 from .engine.crc import crc32
-            parts = self.parts[item.index]
+            parts = self.parts[item.place]
             for pos in range(start, end, step):
                 view = buf[: min(step, end - pos)]
                 t.storage.source.readinto(view, base + pos)
@@ -228,13 +226,13 @@ class _Job:
                     digest.update(view)
                 if reduce is not None:
                     parts.append(reduce(view, scratch))
-            self.crcs[item.index] = crc
+            self.crcs[item.place] = crc
         else:
             data, itemsize = self._contiguous()
             reduce = _reducer(self.dtype, self.stats) if self._needs_values(self.dtype) else None
             view = memoryview(data).cast("B")
             step = self.block_elements(itemsize) * itemsize
-            parts = self.parts[item.index]
+            parts = self.parts[item.place]
             for pos in range(0, len(view), step):
                 block = view[pos : pos + step]
                 if digest is not None:

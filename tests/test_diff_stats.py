@@ -69,7 +69,8 @@ def test_statistics_equal_torch_in_float64_for_every_dtype(cli: Any, tmp_path: P
     assert set(rows) == set(src)
     for key, (a, b) in src.items():
         assert_close(rows[key], reference(a, b))
-    assert rows["negated"]["cosine"] == pytest.approx(-1.0, rel=1e-12) and rows["negated"]["rel_l2"] == pytest.approx(2.0, rel=1e-12)
+    assert rows["negated"]["cosine"] == pytest.approx(-1.0, rel=1e-12)
+    assert rows["negated"]["rel_l2"] == pytest.approx(2.0, rel=1e-12)
 
 
 def test_statistics_of_tensors_held_by_torch_and_of_promoted_pairs() -> None:
