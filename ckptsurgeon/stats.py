@@ -24,7 +24,6 @@ from .engine.meta import FLOATING_DTYPES, TensorMeta
 
 BLOCK = 1 << 16  # elements reduced at a time: a thread's scratch arrays (~1.5 MiB) stay in its L2 cache
 PIECE_BLOCKS = 64  # blocks of an on-disk tensor that one thread takes at a time (16 MiB of float32)
-CHUNK_BYTES = BLOCK * 4  # kept for callers that pass a chunk size: bytes of float32 in a block
 
 
 class TensorStats(NamedTuple):
@@ -152,7 +151,8 @@ _NUMERIC = frozenset(
 
 
 class _Item(NamedTuple):
-    """One piece of work: blocks [first, stop) of a job (a whole tensor when `whole`)."""
+    """One piece of work: `nbytes` bytes of a job's tensor from its block `first` on (the whole
+    tensor when `whole`)."""
 
     job: _Job
     place: int  # the item's place among its job's items
