@@ -3,9 +3,11 @@
 Values are equal when `|a - b| <= atol + rtol * |b|` everywhere, NaNs in the same places count as
 equal; with the defaults `rtol = atol = 0` that is exact equality. Memory stays bounded: values are
 compared in fixed-size chunks (read with `pread` for engine TensorMeta tensors), bit-identical
-chunks take a fast path and statistics are computed only where chunks differ: with numpy for the
-raw bytes of on-disk tensors of the dtypes numpy can widen exactly, with torch otherwise (both
-give the same numbers: the same float64 operations, element by element).
+tensors take a fast path and statistics are computed only for tensors that differ (bit-identical
+pieces of those only add their norms): with numpy for the raw bytes of on-disk tensors of the
+dtypes numpy can widen exactly, with torch otherwise (the same float64 operations, element by
+element; the float64 sums agree within rounding). Pieces are cut at fixed offsets and their
+statistics combined in order, so the report does not depend on the number of threads.
 """
 
 from __future__ import annotations
@@ -333,9 +335,8 @@ def _raw_stats(
     """Statistics of two on-disk tensors of one dtype, from their bytes, piece by piece on two
     threads (CRC-32s checked); numpy's where it widens the dtype exactly, else torch's."""
     bounds = _piece_bounds(x.nbytes, x.itemsize, x.dtype in NUMPY_DTYPES)
-    piece_stats = workspace.numpy_stats(x.dtype).piece if x.dtype in NUMPY_DTYPES else _torch_raw_stats(x.dtype)
-
     numpy_stats = workspace.numpy_stats(x.dtype) if x.dtype in NUMPY_DTYPES else None
+    piece_stats = numpy_stats.piece if numpy_stats is not None else _torch_raw_stats(x.dtype)
 
     def work(bx: memoryview, by: memoryview, equal: bool) -> PieceStats:
         if not equal:
@@ -406,7 +407,7 @@ class _Stats:
         self.num_diff = 0
         self.max_abs = 0.0
         self.max_rel = 0.0
-        self.sums: list[float] | None = [0.0] * 5  # None: some values have no arithmetic
+        self.sums: Sums | None = (0.0, 0.0, 0.0, 0.0, 0.0)  # None: some values have no arithmetic
 
     def add(self, n: int, abs_d: float, rel_d: float, sums: Sums | None) -> None:
         """Add the statistics of one chunk or block (the caller counts its elements in `numel`)."""
@@ -416,7 +417,8 @@ class _Stats:
         if sums is None or self.sums is None:
             self.sums = None
         else:
-            self.sums = [total + s for total, s in zip(self.sums, sums)]
+            d, d2, a2, b2, ab = self.sums
+            self.sums = (d + sums[0], d2 + sums[1], a2 + sums[2], b2 + sums[3], ab + sums[4])
 
     def mismatch(self, key: str) -> ValueMismatch | None:
         """The ValueMismatch these statistics describe (None: no element differs)."""
@@ -502,14 +504,7 @@ def _chunk_stats(cx: Any, cy: Any, rtol: float, atol: float) -> PieceStats:
     stats = _Stats()
     for start in range(0, cx.numel(), STATS_BLOCK):
         stats.add(*_block_stats(cx[start : start + STATS_BLOCK], cy[start : start + STATS_BLOCK], rtol, atol))
-    return stats.num_diff, stats.max_abs, stats.max_rel, _sums(stats)
-
-
-def _sums(stats: _Stats) -> Sums | None:
-    if stats.sums is None:
-        return None
-    sum_d, sum_d2, a2, b2, ab = stats.sums
-    return sum_d, sum_d2, a2, b2, ab
+    return stats.num_diff, stats.max_abs, stats.max_rel, stats.sums
 
 
 def _chunk_norms(cx: Any) -> Sums:
