@@ -3,9 +3,11 @@
 Values are equal when `|a - b| <= atol + rtol * |b|` everywhere, NaNs in the same places count as
 equal; with the defaults `rtol = atol = 0` that is exact equality. Memory stays bounded: values are
 compared in fixed-size chunks (read with `pread` for engine TensorMeta tensors), bit-identical
-chunks take a fast path and statistics are computed only where chunks differ: with numpy for the
-raw bytes of on-disk tensors of the dtypes numpy can widen exactly, with torch otherwise (both
-give the same numbers: the same float64 operations, element by element).
+tensors take a fast path and statistics are computed only for tensors that differ (bit-identical
+pieces of those only add their norms): with numpy for the raw bytes of on-disk tensors of the
+dtypes numpy can widen exactly, with torch otherwise (the same float64 operations, element by
+element; the float64 sums agree within rounding). Pieces are cut at fixed offsets and their
+statistics combined in order, so the report does not depend on the number of threads.
 """
 
 from __future__ import annotations
@@ -44,11 +46,22 @@ class Mismatch:
 
 @dataclass(frozen=True)
 class ValueMismatch:
+    """How the values of one key differ. `max_abs_diff`, `max_rel_diff` and `mean_abs_diff` are of
+    d = |a - b| (0 where both are NaN or the same infinity, infinite where one only is NaN);
+    `rel_l2` = ||a - b|| / ||b|| and `cosine` = <a, b> / (||a|| ||b||) (for complex tensors the real
+    part of <a, conj b>, the cosine of the angle between them as real vectors). All are float64,
+    accumulated over the whole tensor; rel_l2 and cosine are NaN when a or b holds NaN or Inf,
+    cosine also when either is all zeros, and rel_l2 is infinite when b is all zeros. NaN (no
+    arithmetic: bit-pattern dtypes) where unknown."""
+
     key: str
     max_abs_diff: float
     max_rel_diff: float
     num_different: int
     numel: int
+    mean_abs_diff: float = math.nan
+    rel_l2: float = math.nan
+    cosine: float = math.nan
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -57,6 +70,9 @@ class ValueMismatch:
             "max_rel_diff": _json_float(self.max_rel_diff),
             "num_different": self.num_different,
             "numel": self.numel,
+            "mean_abs_diff": _json_float(self.mean_abs_diff),
+            "rel_l2": _json_float(self.rel_l2),
+            "cosine": _json_float(self.cosine),
         }
 
 
@@ -132,6 +148,7 @@ def diff_state_dicts(
     atol: float = 0.0,
     ignore_dtype: bool = False,
     progress: Progress | None = None,
+    threads: int = 2,
 ) -> DiffReport:
     """Compare two state_dicts over `keys` (default: the union, A's order first).
 
@@ -140,7 +157,9 @@ def diff_state_dicts(
     `ignore_dtype`, a dtype mismatch is still reported but does not make the report differ (its
     values still must agree). Non-tensor values (a module's extra state) are compared by equality
     (`values_equal`). `progress` is called with the number of bytes of A compared so far, chunk
-    by chunk. `rtol` and `atol` must be finite and >= 0 (else UsageError).
+    by chunk. `rtol` and `atol` must be finite and >= 0 (else UsageError). `threads` 1 compares on
+    the calling thread only; more share the byte comparisons and statistics out between it and
+    one helper thread. The report is the same for any `threads`.
     """
     check_tolerances(rtol, atol)
     if keys is None:
@@ -155,7 +174,7 @@ def diff_state_dicts(
         ]
         skip = set(extra_keys)
         keys = [k for k in keys if k not in skip]
-    workspace = _Workspace()
+    workspace = _Workspace(threads)
     try:
         report = _diff(a, b, keys, rtol, atol, progress, workspace, ignore_dtype)
     finally:
@@ -259,6 +278,7 @@ def compare_values(
     rtol: float = 0.0,
     atol: float = 0.0,
     progress: Progress | None = None,
+    threads: int = 2,
 ) -> ValueMismatch | None:
     """None when the values are equal under the tolerance, else the statistics of the difference.
 
@@ -266,7 +286,7 @@ def compare_values(
     the CRC-32 of every record streamed whole is checked on the way); statistics are computed
     only for chunks that differ, with numpy where it widens the dtype exactly.
     """
-    workspace = _Workspace()
+    workspace = _Workspace(threads)
     try:
         return _compare(key, x, y, rtol, atol, _Counted(progress), workspace)
     finally:
@@ -301,12 +321,12 @@ def _compare(
             stats.numel += cx.numel()
             if bits:  # no arithmetic: every element whose bits differ counts, by an unknown amount
                 n = int((cx != cy).sum())
-                stats.add(n, math.inf if n else 0.0, math.inf if n else 0.0)
-            elif not (same_dtype and _bitwise_equal(cx, cy)):
+                stats.add(n, math.inf if n else 0.0, math.inf if n else 0.0, None)
+            elif same_dtype and _bitwise_equal(cx, cy):
+                stats.add(0, 0.0, 0.0, _chunk_norms(cx))
+            else:
                 stats.add(*_chunk_stats(cx, cy, rtol, atol))
-    if stats.num_diff == 0:
-        return None
-    return ValueMismatch(key, stats.max_abs, stats.max_rel, stats.num_diff, stats.numel)
+    return stats.mismatch(key)
 
 
 def _raw_stats(
@@ -315,10 +335,15 @@ def _raw_stats(
     """Statistics of two on-disk tensors of one dtype, from their bytes, piece by piece on two
     threads (CRC-32s checked); numpy's where it widens the dtype exactly, else torch's."""
     bounds = _piece_bounds(x.nbytes, x.itemsize, x.dtype in NUMPY_DTYPES)
-    piece_stats = workspace.numpy_stats(x.dtype).piece if x.dtype in NUMPY_DTYPES else _torch_raw_stats(x.dtype)
+    numpy_stats = workspace.numpy_stats(x.dtype) if x.dtype in NUMPY_DTYPES else None
+    piece_stats = numpy_stats.piece if numpy_stats is not None else _torch_raw_stats(x.dtype)
 
-    def work(bx: memoryview, by: memoryview, equal: bool) -> tuple[int, float, float]:
-        return (0, 0.0, 0.0) if equal else piece_stats(bx, by, rtol, atol)
+    def work(bx: memoryview, by: memoryview, equal: bool) -> PieceStats:
+        if not equal:
+            return piece_stats(bx, by, rtol, atol)
+        if numpy_stats is not None:
+            return 0, 0.0, 0.0, numpy_stats.norms(bx)
+        return 0, 0.0, 0.0, _chunk_norms(_from_raw(bx, x.dtype))
 
     done = 0
 
@@ -340,8 +365,8 @@ def _raw_stats(
             progress=count,
         )
     )
-    for n, max_abs, max_rel in results:
-        stats.add(n, max_abs, max_rel)
+    for n, max_abs, max_rel, sums in results:
+        stats.add(n, max_abs, max_rel, sums)
     stats.numel += x.numel
 
 
@@ -370,20 +395,44 @@ class _Counted:
             self(total - self.total)
 
 
+Sums = tuple[float, float, float, float, float]  # float64 sums of d, d*d, |a|^2, |b|^2, Re(a conj b)
+PieceStats = tuple[int, float, float, "Sums | None"]  # (number differing, max d, max rel, sums or None)
+
+
 class _Stats:
-    """Running statistics of a difference over chunks."""
+    """Running statistics of a difference over chunks, added in the tensor's order."""
 
     def __init__(self) -> None:
         self.numel = 0
         self.num_diff = 0
         self.max_abs = 0.0
         self.max_rel = 0.0
+        self.sums: Sums | None = (0.0, 0.0, 0.0, 0.0, 0.0)  # None: some values have no arithmetic
 
-    def add(self, n: int, abs_d: float, rel_d: float) -> None:
+    def add(self, n: int, abs_d: float, rel_d: float, sums: Sums | None) -> None:
         """Add the statistics of one chunk or block (the caller counts its elements in `numel`)."""
         self.num_diff += n
         self.max_abs = max(self.max_abs, abs_d)
         self.max_rel = max(self.max_rel, rel_d)
+        if sums is None or self.sums is None:
+            self.sums = None
+        else:
+            d, d2, a2, b2, ab = self.sums
+            self.sums = (d + sums[0], d2 + sums[1], a2 + sums[2], b2 + sums[3], ab + sums[4])
+
+    def mismatch(self, key: str) -> ValueMismatch | None:
+        """The ValueMismatch these statistics describe (None: no element differs)."""
+        if self.num_diff == 0:
+            return None
+        mean_abs = rel_l2 = cosine = math.nan
+        if self.sums is not None:
+            sum_d, sum_d2, a2, b2, ab = self.sums
+            mean_abs = sum_d / self.numel
+            if math.isfinite(a2) and math.isfinite(b2):
+                rel_l2 = math.sqrt(sum_d2) / math.sqrt(b2) if b2 > 0 else math.inf if sum_d2 > 0 else 0.0
+                if a2 > 0 and b2 > 0:
+                    cosine = max(-1.0, min(1.0, ab / (math.sqrt(a2) * math.sqrt(b2))))
+        return ValueMismatch(key, self.max_abs, self.max_rel, self.num_diff, self.numel, mean_abs, rel_l2, cosine)
 
 
 def _on_disk(t: Any) -> bool:
@@ -395,12 +444,16 @@ class _Workspace:
     buffers (a fresh 16 MiB buffer per tensor costs more in page faults than the comparison
     itself) and numpy's scratch arrays."""
 
-    def __init__(self) -> None:
+    def __init__(self, threads: int = 2) -> None:
+        self.threads = threads
         self._pool: ThreadPoolExecutor | None = None
         self._buffers = threading.local()
         self._numpy_stats: dict[str, _NumpyStats] = {}
 
-    def pool(self) -> ThreadPoolExecutor:
+    def pool(self) -> ThreadPoolExecutor | None:
+        """The helper thread (None with `threads` 1: everything on the calling thread)."""
+        if self.threads < 2:
+            return None
         if self._pool is None:
             self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckptsurgeon-diff")
         return self._pool
@@ -422,8 +475,8 @@ class _Workspace:
             self._pool.shutdown()
 
 
-def _torch_raw_stats(dtype: str) -> Callable[[memoryview, memoryview, float, float], tuple[int, float, float]]:
-    def raw_stats(bx: memoryview, by: memoryview, rtol: float, atol: float) -> tuple[int, float, float]:
+def _torch_raw_stats(dtype: str) -> Callable[[memoryview, memoryview, float, float], PieceStats]:
+    def raw_stats(bx: memoryview, by: memoryview, rtol: float, atol: float) -> PieceStats:
         return _chunk_stats(_from_raw(bx, dtype), _from_raw(by, dtype), rtol, atol)
 
     return raw_stats
@@ -446,21 +499,35 @@ def _bitwise_equal(cx: Any, cy: Any) -> bool:
 STATS_BLOCK = 1 << 20  # elements widened to float64 at a time: bounds the memory statistics take
 
 
-def _chunk_stats(cx: Any, cy: Any, rtol: float, atol: float) -> tuple[int, float, float]:
-    """(number differing, max abs diff, max rel diff) of two flat chunks, block by block."""
-    n, max_abs, max_rel = 0, 0.0, 0.0
+def _chunk_stats(cx: Any, cy: Any, rtol: float, atol: float) -> PieceStats:
+    """(number differing, max abs diff, max rel diff, sums) of two flat chunks, block by block."""
+    stats = _Stats()
     for start in range(0, cx.numel(), STATS_BLOCK):
-        bn, babs, brel = _block_stats(cx[start : start + STATS_BLOCK], cy[start : start + STATS_BLOCK], rtol, atol)
-        n, max_abs, max_rel = n + bn, max(max_abs, babs), max(max_rel, brel)
-    return n, max_abs, max_rel
+        stats.add(*_block_stats(cx[start : start + STATS_BLOCK], cy[start : start + STATS_BLOCK], rtol, atol))
+    return stats.num_diff, stats.max_abs, stats.max_rel, stats.sums
 
 
-def _block_stats(cx: Any, cy: Any, rtol: float, atol: float) -> tuple[int, float, float]:
+def _chunk_norms(cx: Any) -> Sums:
+    """The sums of a flat chunk compared with itself (d = 0), block by block, as _block_stats
+    computes them."""
+    a2 = 0.0
+    for start in range(0, cx.numel(), STATS_BLOCK):
+        xa = _widen(cx[start : start + STATS_BLOCK], cx)
+        a2 += float((xa * xa.conj()).real.sum()) if xa.is_complex() else float((xa * xa).sum())
+    return 0.0, 0.0, a2, a2, a2
+
+
+def _widen(t: Any, other: Any) -> Any:
     import torch
 
-    wide = torch.complex128 if (cx.is_complex() or cy.is_complex()) else torch.float64
-    xa = cx.to(wide)
-    ya = cy.to(wide)
+    return t.to(torch.complex128 if (t.is_complex() or other.is_complex()) else torch.float64)
+
+
+def _block_stats(cx: Any, cy: Any, rtol: float, atol: float) -> PieceStats:
+    import torch
+
+    xa = _widen(cx, cy)
+    ya = _widen(cy, cx)
     diff = (xa - ya).abs()
     both_nan = torch.isnan(xa) & torch.isnan(ya)
     exact = xa == ya
@@ -475,7 +542,13 @@ def _block_stats(cx: Any, cy: Any, rtol: float, atol: float) -> tuple[int, float
     with torch.no_grad():
         rel = torch.where(denom > 0, d / denom, torch.where(d > 0, torch.full_like(d, math.inf), torch.zeros_like(d)))
         rel = torch.where(torch.isinf(d), torch.full_like(d, math.inf), rel)  # inf / inf: infinite, not NaN
-    return n, max_abs, float(rel.max())
+    if xa.is_complex():
+        a2, b2 = float((xa * xa.conj()).real.sum()), float((ya * ya.conj()).real.sum())
+        ab = float((xa * ya.conj()).real.sum())
+    else:
+        a2, b2, ab = float((xa * xa).sum()), float((ya * ya).sum()), float((xa * ya).sum())
+    sums = (float(d.sum()), float((d * d).sum()), a2, b2, ab)
+    return n, max_abs, float(rel.max()), sums
 
 
 # engine dtype -> numpy dtype of its raw (little-endian) bytes, for the dtypes whose statistics numpy
@@ -512,9 +585,9 @@ class _NumpyStats:
         self.bf16 = dtype == "bfloat16"
         self.local = threading.local()  # each thread's scratch arrays
 
-    def piece(self, px: memoryview, py: memoryview, rtol: float, atol: float) -> tuple[int, float, float]:
-        """(number differing, max of d, max of rel) over a piece of at most NUMPY_PIECE elements,
-        d and rel as in _block_stats."""
+    def piece(self, px: memoryview, py: memoryview, rtol: float, atol: float) -> PieceStats:
+        """(number differing, max of d, max of rel, sums) over a piece of at most NUMPY_PIECE
+        elements, d, rel and the sums as in _block_stats."""
         np = self.np
         k = len(px) // self.raw.itemsize
         x, y, diff, ya, tol, same, ok, mask = (a[:k] for a in self._scratch())
@@ -531,12 +604,30 @@ class _NumpyStats:
             n = k - int(np.count_nonzero(ok))
             np.copyto(diff, math.inf, where=np.isnan(diff, out=mask))  # d
             np.copyto(diff, 0.0, where=same)
+            sums = (
+                float(np.add.reduce(diff)),
+                float(np.add.reduce(np.multiply(diff, diff, out=tol))),
+                float(np.add.reduce(np.multiply(x, x, out=tol))),
+                float(np.add.reduce(np.multiply(y, y, out=tol))),
+                float(np.add.reduce(np.multiply(x, y, out=tol))),
+            )
             rel = np.divide(diff, ya, out=tol)
             not_pos = np.logical_not(np.greater(ya, 0.0, out=mask), out=mask)
             np.copyto(rel, 0.0, where=not_pos)
             np.copyto(rel, math.inf, where=np.logical_and(not_pos, np.greater(diff, 0.0, out=ok), out=ok))
             np.copyto(rel, math.inf, where=np.isinf(diff, out=mask))  # inf / inf: infinite, not NaN
-            return n, float(diff.max()), float(rel.max())
+            return n, float(diff.max()), float(rel.max()), sums
+
+    def norms(self, px: memoryview) -> Sums:
+        """The sums of a piece equal in both tensors (d = 0), as `piece` computes them."""
+        np = self.np
+        k = len(px) // self.raw.itemsize
+        arrays = self._scratch()
+        x, tol = arrays[0][:k], arrays[4][:k]
+        with np.errstate(all="ignore"):
+            self._widen(px, x)
+            a2 = float(np.add.reduce(np.multiply(x, x, out=tol)))
+        return 0.0, 0.0, a2, a2, a2
 
     def _scratch(self) -> tuple[Any, ...]:
         """This thread's arrays: x, y, diff, ya, tol (float64) and same, ok, mask (bool)."""

@@ -320,15 +320,17 @@ def inspect(
             shown_missing = select_keys(shown_missing, selection.include, selection.exclude, regex=selection.regex)
     values = None
     if stats or check_finite or sha256:
-        from .stats import tensor_values
+        from .stats import values_of
 
-        values = {}
         with progress("reading values", report.total_bytes) as advance:
-            for r in report.tensors:
-                t = ckpt_obj.state_dict[r.key]
-                values[r.key] = tensor_values(t, r.key, stats=stats, finite=check_finite, sha256=sha256)
-                if advance is not None:
-                    advance(r.nbytes)
+            values = values_of(
+                ((r.key, ckpt_obj.state_dict[r.key]) for r in report.tensors),
+                stats=stats,
+                finite=check_finite,
+                sha256=sha256,
+                threads=loading.threads,
+                progress=advance,
+            )
         bad = [k for k, v in values.items() if not v.finite] if check_finite else []
         if bad:
             named = ", ".join(f"{k} ({values[k].nan} NaN, {values[k].inf} Inf)" for k in bad)
@@ -509,7 +511,14 @@ def diff(
     keys = union if selection.is_all else _select(union, selection, say)
     with progress("comparing", total_bytes(ca.state_dict[k] for k in keys if k in ca.state_dict)) as advance:
         report = diff_state_dicts(
-            ca.state_dict, cb.state_dict, keys, rtol=rtol, atol=atol, ignore_dtype=ignore_dtype, progress=advance
+            ca.state_dict,
+            cb.state_dict,
+            keys,
+            rtol=rtol,
+            atol=atol,
+            ignore_dtype=ignore_dtype,
+            progress=advance,
+            threads=loading.threads,
         )
     models = {}
     for side, c in (("a", ca), ("b", cb)):

@@ -330,3 +330,67 @@ def test_strided_views_on_disk_by_their_strides(tmp_path: Path) -> None:
             v = tensor_values(metas[key], key, stats=True, sha256=True, chunk_bytes=chunk)
             assert v.sha256 == _hash(t), key
             assert_stats(v.stats.to_dict() if v.stats else None, reference(t), _scale(t) if t.numel() else 1.0)
+
+
+# ------------------------------------------------------------------------- widening, threads
+
+
+@pytest.mark.parametrize(
+    "dtype", ["float16", "float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz", "float8_e8m0fnu"]
+)
+def test_every_bit_pattern_widens_as_torch_widens_it(dtype: str) -> None:
+    """float16 and the float8 formats are widened by table look-up, without torch: every bit
+    pattern gives torch's own value (NaN where torch says NaN)."""
+    from ckptsurgeon.stats import _float8_table, _float16_table
+
+    bits = 16 if dtype == "float16" else 8
+    patterns = torch.arange(1 << bits, dtype=torch.int32).to(torch.uint16 if bits == 16 else torch.uint8)
+    want = patterns.view(getattr(torch, dtype)).to(torch.float64)
+    got = torch.from_numpy(_float16_table() if bits == 16 else _float8_table(dtype)).to(torch.float64)
+    assert torch.equal(got.isnan(), want.isnan())
+    assert torch.equal(got[~want.isnan()], want[~want.isnan()])  # exact: both are the same real numbers
+
+
+def test_statistics_and_hashes_do_not_depend_on_threads_or_pieces(tmp_path: Path) -> None:
+    """Many pieces (tiny blocks) shared out among 1-3 threads: the same results each time, equal
+    to torch's; the CRC-32 of each record, checked from its pieces' CRCs, passes."""
+    from ckptsurgeon.stats import values_of
+
+    torch.manual_seed(4)
+    src = {
+        "a": torch.randn(50_000) * 2 + 3,
+        "b": torch.randn(3000).bfloat16(),
+        "c": torch.randint(-5, 5, (7000,), dtype=torch.int16),
+        "d": torch.cat([torch.randn(4000), torch.tensor([float("inf")])]),
+    }
+    path = tmp_path / "many.pt"
+    torch.save(src, path)
+    metas = _meta(path)
+    results = []
+    for threads in (1, 2, 3):
+        for sha256 in (False, True):
+            values = values_of(metas.items(), stats=True, sha256=sha256, threads=threads, chunk_bytes=256)
+            results.append({k: v.stats for k, v in values.items()})
+            if sha256:
+                assert all(values[k].sha256 == _hash(t) for k, t in src.items())
+    assert all(r == results[0] for r in results)
+    for key, t in src.items():
+        stats = results[0][key]
+        assert stats is not None
+        assert_stats(stats.to_dict(), reference(t), _scale(t))
+
+
+def test_a_corrupt_record_is_found_by_the_pieces(cli: Any, tmp_path: Path) -> None:
+    """One flipped byte in the second piece of a record: --stats (on two threads) exits 2 naming
+    the CRC-32 mismatch; nothing on stdout."""
+    path = tmp_path / "c.pt"
+    t = torch.arange(5_000_000, dtype=torch.float32)  # 20 MB: two pieces
+    torch.save({"w": t}, path)
+    data = bytearray(path.read_bytes())
+    at = data.find(t[-10:].numpy().tobytes())
+    assert at > 0
+    data[at] ^= 1
+    path.write_bytes(bytes(data))
+    result = cli("inspect", path, "--stats", "--jobs", "2")
+    assert result.exit_code == 2
+    assert "CRC-32 mismatch" in result.stderr and result.stdout == ""

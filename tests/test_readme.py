@@ -136,7 +136,7 @@ def test_readme_python_example_runs(tmp_path):
     shutil.copytree(ROOT / "sample_models", tmp_path / "sample_models", ignore=shutil.ignore_patterns("__pycache__"))
     blocks = re.findall(r"```python\n(.*?)```", README.read_text(encoding="utf-8"), re.S)
     assert blocks
-    env = {**os.environ, "PYTHONPATH": str(tmp_path)}
+    env = {**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{ROOT}"}
     for code in blocks:
         r = subprocess.run(
             [sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, env=env, timeout=300

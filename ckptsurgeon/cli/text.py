@@ -250,7 +250,8 @@ def diff_table(report: DiffReport) -> TableData | None:
         [
             key_text(v.key),
             f"values: {v.num_different:,} of {v.numel:,} differ, "
-            f"max abs {v.max_abs_diff:.6g}, max rel {v.max_rel_diff:.6g}",
+            f"max abs {v.max_abs_diff:.6g}, max rel {v.max_rel_diff:.6g}, mean abs {v.mean_abs_diff:.6g}, "
+            f"rel l2 {v.rel_l2:.6g}, cosine {v.cosine:.8g}",
         ]
         for v in report.value_mismatches
     ]
