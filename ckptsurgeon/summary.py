@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from .engine.meta import DTYPE_ITEMSIZE, TensorMeta
 from .tensors import (
@@ -14,6 +14,9 @@ from .tensors import (
     shape_of,
     shared_storage_groups,
 )
+
+if TYPE_CHECKING:
+    from .engine.sharded import Shard
 
 SCHEMA_VERSION = 1
 
@@ -55,6 +58,8 @@ class InspectReport:
 
     `extra_state` holds the state_dict's non-tensor entries (a module's `get_extra_state`, key
     `<module>._extra_state`) as (key, short description); they are not rows and not counted.
+    For an input of several files (Hugging Face shards), `shards` lists them and `tensor_files`
+    gives each key's file (both None for one file).
     """
 
     __slots__ = (
@@ -67,6 +72,8 @@ class InspectReport:
         "num_selected_of",
         "model",
         "extra_state",
+        "shards",
+        "tensor_files",
     )
 
     def __init__(
@@ -80,6 +87,8 @@ class InspectReport:
         num_selected_of: int = 0,  # size of the whole state_dict (rows may be a selection)
         model: Mapping[str, Any] | None = None,
         extra_state: tuple[tuple[str, str], ...] = (),
+        shards: Sequence[Shard] | None = None,
+        tensor_files: Mapping[str, str] | None = None,
     ) -> None:
         self.format = format
         self.state_dict_key = state_dict_key
@@ -90,6 +99,8 @@ class InspectReport:
         self.num_selected_of = num_selected_of
         self.model = model
         self.extra_state = extra_state
+        self.shards = tuple(shards) if shards is not None else None
+        self.tensor_files = tensor_files
 
     @property
     def num_tensors(self) -> int:
@@ -118,6 +129,11 @@ class InspectReport:
             "other_entries": {k: v for k, v in self.other_entries},
             "extra_state": {k: v for k, v in self.extra_state},
         }
+        if self.shards is not None:
+            out["shards"] = [s.to_dict() for s in self.shards]
+        if self.tensor_files is not None:
+            for row in out["tensors"]:
+                row["file"] = self.tensor_files.get(row["key"])
         if self.model is not None:
             out.update(self.model)
         return out
@@ -137,9 +153,12 @@ def inspect_state_dict(
     format: str,
     state_dict_key: str | None = None,
     other_entries: Sequence[tuple[str, str]] = (),
+    shards: Sequence[Shard] | None = None,
+    tensor_files: Mapping[str, str] | None = None,
 ) -> InspectReport:
     """Summarise the tensors of `state_dict` named by `keys` (a selection, in order); selected
-    non-tensor entries (extra state) are listed apart, with a short description."""
+    non-tensor entries (extra state) are listed apart, with a short description. `shards` and
+    `tensor_files` describe an input of several files (see InspectReport)."""
     values = [state_dict[k] for k in keys]
     num_in_state_dict = len(state_dict)
     extra: tuple[tuple[str, str], ...] = ()
@@ -170,4 +189,6 @@ def inspect_state_dict(
         other_entries=tuple(other_entries),
         num_selected_of=num_in_state_dict,
         extra_state=extra,
+        shards=shards,
+        tensor_files=tensor_files,
     )
