@@ -47,7 +47,10 @@ def _examples(text: str) -> list[tuple[str, list[str]]]:
 
 
 def _run(cmd: str, cwd: Path) -> list[str]:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "COLUMNS": "400", "PYTHONPATH": str(cwd)}
+    # the scratch directory first (its copy of sample_models/), then this checkout: the examples run
+    # this checkout's ckptsurgeon, whichever one is installed
+    path = os.pathsep.join([str(cwd), str(ROOT)])
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "COLUMNS": "400", "PYTHONPATH": path}
     r = subprocess.run(
         ["bash", "-c", cmd],
         cwd=cwd,
@@ -135,7 +138,7 @@ def test_readme_python_example_runs(tmp_path):
     shutil.copytree(ROOT / "sample_models", tmp_path / "sample_models", ignore=shutil.ignore_patterns("__pycache__"))
     blocks = re.findall(r"```python\n(.*?)```", README.read_text(encoding="utf-8"), re.S)
     assert blocks
-    env = {**os.environ, "PYTHONPATH": str(tmp_path)}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(ROOT)])}
     for code in blocks:
         r = subprocess.run(
             [sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, env=env, timeout=300
