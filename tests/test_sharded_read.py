@@ -612,3 +612,21 @@ def test_model_parallel_deepspeed_is_refused(cli: Any, tmp_path: Path) -> None:
         run / "global_step10" / "mp_rank_00_model_states.pt", run / "global_step10" / "mp_rank_01_model_states.pt"
     )
     assert "model-parallel" in _error(cli, "inspect", run)
+
+
+def test_the_first_bad_shard_is_named_whatever_the_number_of_jobs(cli: Any, tmp_path: Path) -> None:
+    d = _hostile(tmp_path, {"x": "a.safetensors", "y": "b.safetensors"})
+    (d / "a.safetensors").write_text("not a checkpoint: the first shard")
+    (d / "b.safetensors").write_bytes(b"\x00" * 64)
+    lines = {_error(cli, "inspect", d, "--jobs", n) for n in (1, 2, 4)}
+    assert len(lines) == 1 and "a.safetensors: not a checkpoint: plain text" in lines.pop()
+
+
+def test_jobs_must_be_a_positive_number(cli: Any, hf: dict[str, Path]) -> None:
+    assert "--jobs 0" in _error(cli, "inspect", hf["st"], "--jobs", 0)
+
+
+def test_long_names_are_quoted_whole_in_errors(cli: Any, tmp_path: Path) -> None:
+    key = "model.layers.31.self_attention.query_key_value.lora_adapter.weight"
+    d = _hostile(tmp_path, {"x": "a.safetensors", "y": "b.safetensors", key: "a.safetensors"})
+    assert repr(key) in _error(cli, "inspect", d)

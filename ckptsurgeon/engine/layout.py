@@ -19,12 +19,11 @@ Directory entries may be symlinks (the Hugging Face cache is made of them): they
 from __future__ import annotations
 
 import os
-import re
 import stat
 from typing import NamedTuple
 
 from ..errors import BadCheckpointError
-from .limits import brief
+from .limits import quote_name
 from .source import Source
 
 __all__ = ["CHECKPOINT_SUFFIXES", "INDEX_SUFFIX", "Layout", "resolve_layout", "zero3_refusal"]
@@ -35,8 +34,8 @@ DCP_METADATA = ".metadata"
 DEEPSPEED_TAG_FILE = "latest"
 MAX_TAG_BYTES = 4096  # `latest` holds a tag name such as "global_step1000"
 
-_MP_MODEL_STATES = re.compile(r"mp_rank_\d+_model_states\.pt")
-_ZERO3_MODEL_STATES = re.compile(r"(bf16_)?zero_pp_rank_\d+_mp_rank_\d+_model_states\.pt")
+_MP_MODEL_STATES = r"mp_rank_\d+_model_states\.pt"
+_ZERO3_MODEL_STATES = r"(bf16_)?zero_pp_rank_\d+_mp_rank_\d+_model_states\.pt"
 _ZERO_FILES = ("zero_pp_rank_", "bf16_zero_pp_rank_")
 
 
@@ -94,7 +93,7 @@ def _directory_layout(directory: str) -> Layout:
     indexes = [n for n in files if n.endswith(INDEX_SUFFIX)]
     if len(indexes) > 1:
         raise BadCheckpointError(
-            f"{directory}: several index files ({', '.join(map(brief, indexes))}); pass the one to read"
+            f"{directory}: several index files ({', '.join(map(quote_name, indexes))}); pass the one to read"
         )
     if indexes:
         return Layout("hf-sharded", _join(directory, indexes[0]), directory)
@@ -105,7 +104,7 @@ def _directory_layout(directory: str) -> Layout:
     if len(checkpoints) == 1:
         return Layout("file", _join(directory, checkpoints[0]), directory)
     if checkpoints:
-        shown = ", ".join(map(brief, checkpoints[:10])) + (", ..." if len(checkpoints) > 10 else "")
+        shown = ", ".join(map(quote_name, checkpoints[:10])) + (", ..." if len(checkpoints) > 10 else "")
         raise BadCheckpointError(
             f"{directory}: {len(checkpoints)} checkpoint files and no index file ({shown}); pass the one to read"
         )
@@ -117,7 +116,9 @@ def _found(entries: dict[str, bool]) -> str:
     visible = sorted(n + ("/" if is_dir else "") for n, is_dir in entries.items() if not n.startswith("."))
     if not visible:
         return "it is empty" if not entries else "it holds hidden entries only"
-    shown = ", ".join(map(brief, visible[:10])) + (f", ... ({len(visible) - 10} more)" if len(visible) > 10 else "")
+    shown = ", ".join(map(quote_name, visible[:10])) + (
+        f", ... ({len(visible) - 10} more)" if len(visible) > 10 else ""
+    )
     return (
         f"no *.index.json, no {DCP_METADATA}, no DeepSpeed files and no *.safetensors, *.bin, *.pt, *.pth "
         f"or *.ckpt file; found {shown}"
@@ -132,7 +133,7 @@ def _deepspeed_layout(directory: str, files: list[str]) -> Layout | None:
         tag_dir = _join(directory, tag)
         if not os.path.isdir(tag_dir):
             raise BadCheckpointError(
-                f"{directory}: DeepSpeed's {DEEPSPEED_TAG_FILE!r} names the tag {brief(tag)}, "
+                f"{directory}: DeepSpeed's {DEEPSPEED_TAG_FILE!r} names the tag {quote_name(tag)}, "
                 f"but {tag_dir} is not a directory"
             )
         tag_files = [n for n, is_dir in _listing(tag_dir).items() if not is_dir]
@@ -157,14 +158,16 @@ def _read_tag(path: str) -> str:
     except UnicodeDecodeError:
         raise BadCheckpointError(f"{path}: not a DeepSpeed tag file: not UTF-8 text") from None
     if not tag or tag in (".", "..") or any(c in tag for c in "/\\\x00") or not tag.isprintable():
-        raise BadCheckpointError(f"{path}: not a DeepSpeed tag name: {brief(tag)}")
+        raise BadCheckpointError(f"{path}: not a DeepSpeed tag name: {quote_name(tag)}")
     return tag
 
 
 def _deepspeed_tag(tag_dir: str, files: list[str], directory: str) -> Layout | None:
     """The model states file of a DeepSpeed tag directory; None when it holds no DeepSpeed file."""
-    model = sorted(n for n in files if _MP_MODEL_STATES.fullmatch(n))
-    zero3 = sorted(n for n in files if _ZERO3_MODEL_STATES.fullmatch(n))
+    import re  # here: reading a plain file never pays for it
+
+    model = sorted(n for n in files if re.fullmatch(_MP_MODEL_STATES, n))
+    zero3 = sorted(n for n in files if re.fullmatch(_ZERO3_MODEL_STATES, n))
     if len(model) > 1:
         raise BadCheckpointError(
             f"{tag_dir}: a model-parallel DeepSpeed checkpoint ({len(model)} mp_rank_*_model_states.pt files, "

@@ -32,7 +32,7 @@ from pathlib import PurePosixPath, PureWindowsPath
 from typing import Any, NamedTuple
 
 from ..errors import BadCheckpointError
-from .limits import brief
+from .limits import brief, quote_name
 from .meta import RawCheckpoint
 from .safetensors_format import MAX_HEADER_BYTES, parse_header
 from .source import Source
@@ -108,7 +108,7 @@ def check_shard_name(name: str, extension: str, index: str) -> None:
     extension is not the one the index type implies."""
 
     def bad(why: str) -> BadCheckpointError:
-        return BadCheckpointError(f"{index}: shard name {brief(name)} {why}")
+        return BadCheckpointError(f"{index}: shard name {quote_name(name)} {why}")
 
     if not name or "\x00" in name:
         raise bad("is not a file name")
@@ -134,9 +134,9 @@ def read_index(src: Source) -> HfIndex:
     try:
         parsed = json.loads(src.pread(src.size, 0).decode("utf-8"), object_pairs_hook=_unique_pairs)
     except _Duplicate as e:
-        raise BadCheckpointError(f"{path}: invalid index: the name {brief(e.args[0])} appears twice") from None
+        raise BadCheckpointError(f"{path}: invalid index: the name {quote_name(e.args[0])} appears twice") from None
     except (UnicodeDecodeError, ValueError) as e:
-        raise BadCheckpointError(f"{path}: invalid index: not JSON ({brief(str(e))})") from None
+        raise BadCheckpointError(f"{path}: invalid index: not JSON ({e})") from None
     except RecursionError:
         raise BadCheckpointError(f"{path}: invalid index: the JSON is nested too deeply") from None
     if type(parsed) is not dict or type(parsed.get("weight_map")) is not dict:
@@ -146,7 +146,9 @@ def read_index(src: Source) -> HfIndex:
         raise BadCheckpointError(f"{path}: invalid index: the 'weight_map' lists no tensor")
     for key, shard in weight_map.items():
         if type(shard) is not str:
-            raise BadCheckpointError(f"{path}: invalid index: the shard of {brief(key)} is {brief(shard)}, not a name")
+            raise BadCheckpointError(
+                f"{path}: invalid index: the shard of {quote_name(key)} is {brief(shard)}, not a name"
+            )
     metadata = parsed.get("metadata", {})
     if type(metadata) is not dict:
         raise BadCheckpointError(f"{path}: invalid index: 'metadata' is {brief(metadata)}, not an object")
@@ -253,7 +255,7 @@ def _open_shards(index: HfIndex, directory: str, sources: list[Source]) -> list[
         sources.append(src)
         if src.file_id in opened:
             raise BadCheckpointError(
-                f"{index.path}: the shard names {brief(opened[src.file_id])} and {brief(name)} are one file"
+                f"{index.path}: the shard names {quote_name(opened[src.file_id])} and {quote_name(name)} are one file"
             )
         opened[src.file_id] = name
         out.append(src)
@@ -297,20 +299,21 @@ def _assemble(
         for key in obj:
             listed = index.weight_map.get(key)
             if key in held:
-                raise BadCheckpointError(
-                    f"{index.path}: the tensor {brief(key)} is in two shards: {brief(held[key])} and {brief(name)}"
-                )
+                both = f"{quote_name(held[key])} and {quote_name(name)}"
+                raise BadCheckpointError(f"{index.path}: the tensor {quote_name(key)} is in two shards: {both}")
             if listed is None:
                 unlisted.setdefault(name, []).append(key)
             elif listed != name:
                 raise BadCheckpointError(
-                    f"{src.name}: the shard holds {brief(key)}, which the index {index.path} gives to {brief(listed)}"
+                    f"{src.name}: the shard holds {quote_name(key)}, "
+                    f"which the index {index.path} gives to {quote_name(listed)}"
                 )
             held[key] = name
     for key, name in index.weight_map.items():
         if key not in held:
             raise BadCheckpointError(
-                f"{index.path}: the index lists {brief(key)} in the shard {brief(name)}, which does not hold it"
+                f"{index.path}: the index lists {quote_name(key)} in the shard {quote_name(name)}, "
+                "which does not hold it"
             )
     by_shard: dict[str, list[str]] = {name: [] for name in index.shards}
     for key, name in index.weight_map.items():
@@ -324,7 +327,7 @@ def _assemble(
     notes = []
     missing = [k for keys in unlisted.values() for k in keys]
     if missing:
-        shown = ", ".join(map(brief, missing[:5])) + (f" (+{len(missing) - 5} more)" if len(missing) > 5 else "")
+        shown = ", ".join(map(quote_name, missing[:5])) + (f" (+{len(missing) - 5} more)" if len(missing) > 5 else "")
         notes.append(
             f"{index.path}: the shards hold {len(missing)} tensors the index does not list (read anyway): {shown}"
         )
