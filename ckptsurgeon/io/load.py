@@ -314,9 +314,11 @@ def _several_files(raw: RawCheckpoint) -> _Read:
     """A checkpoint read from several files (`raw.extras["sources"]`: the reader opened them, the
     Checkpoint owns them), with the ties its metadata records restored."""
     sources = list(raw.extras.get("sources") or ([raw.source] if raw.source is not None else []))
+    owned = {id(s) for s in sources}
     leaves = list(iter_tensors(raw.obj))
     for t in leaves:  # whatever a tensor reads through is owned too
-        if isinstance(t, TensorMeta) and not any(t.storage.source is s for s in sources):
+        if isinstance(t, TensorMeta) and id(t.storage.source) not in owned:
+            owned.add(id(t.storage.source))
             sources.append(t.storage.source)
     engine = "raw" if all(isinstance(t, TensorMeta) for t in leaves) else "torch"
     files = raw.extras.get("tensor_files")
