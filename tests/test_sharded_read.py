@@ -394,6 +394,10 @@ def test_directories_that_hold_no_single_checkpoint(cli: Any, tmp_path: Path) ->
         (indexes / name).write_text('{"weight_map": {}}')
     line = _error(cli, "inspect", indexes)
     assert "several index files" in line and "model.safetensors.index.json" in line
+    before = tree_digest(tmp_path)
+    for d in (empty, other, two, indexes):
+        assert _error(cli, "extract", d, "-o", tmp_path / "out.pt") == _error(cli, "inspect", d)
+    assert tree_digest(tmp_path) == before  # nothing written
 
 
 def test_a_dcp_directory_is_recognised(cli: Any, tmp_path: Path) -> None:
@@ -630,3 +634,22 @@ def test_long_names_are_quoted_whole_in_errors(cli: Any, tmp_path: Path) -> None
     key = "model.layers.31.self_attention.query_key_value.lora_adapter.weight"
     d = _hostile(tmp_path, {"x": "a.safetensors", "y": "b.safetensors", key: "a.safetensors"})
     assert repr(key) in _error(cli, "inspect", d)
+
+
+def test_bin_shards_in_torch_legacy_format(cli: Any, tmp_path: Path) -> None:
+    """Old Hub repositories hold `.bin` shards saved before torch 1.6 (not zip files)."""
+    d = tmp_path / "old"
+    d.mkdir()
+    sd = state_dict()
+    names = {k: f"pytorch_model-0000{1 + i % 2}-of-00002.bin" for i, k in enumerate(sd)}
+    for shard in sorted(set(names.values())):
+        part = {k: v for k, v in sd.items() if names[k] == shard}
+        torch.save(part, d / shard, _use_new_zipfile_serialization=False)
+    (d / "pytorch_model.bin.index.json").write_text(json.dumps({"metadata": {}, "weight_map": names}))
+    data = run_json(cli, "inspect", d)
+    assert {s["format"] for s in data["shards"]} == {"torch-legacy"}
+    out = tmp_path / "out.safetensors"
+    assert cli("extract", d, "-o", out).exit_code == 0
+    got = load_file(out)
+    got.setdefault("model.embed.weight", got["lm_head.weight"])  # a tie is written once
+    assert_same(got, sd)
