@@ -127,6 +127,7 @@ class InspectResult(NamedTuple):
     values: Mapping[str, TensorValues] | None = None  # --stats / --check-finite / --hash, per key
     check_finite: bool = False
     stats: bool = False
+    bytes_read: int = 0  # bytes read from storage, every file of the input counted
 
     @property
     def non_finite(self) -> list[str]:
@@ -154,6 +155,7 @@ class InspectResult(NamedTuple):
         data.update(public_model(self.model))
         if self.model is not None:
             data["kinds"] = self.model["kinds"]
+        data["bytes_read"] = self.bytes_read
         return data
 
 
@@ -182,6 +184,7 @@ class WriteResult(NamedTuple):
     notices: tuple[str, ...] = ()
     dtype: str | None = None  # --dtype
     cast: tuple[str, ...] = ()  # the keys --dtype cast (or would cast, with dry_run)
+    bytes_read: int = 0  # bytes read from storage, every file of every input counted
 
     @property
     def written(self) -> bool:
@@ -225,6 +228,7 @@ class WriteResult(NamedTuple):
             data["cast"] = list(self.cast)
         if self.model is not None:
             data["model"] = public_model(self.model)
+        data["bytes_read"] = self.bytes_read
         return data
 
 
@@ -235,6 +239,7 @@ class DiffResult(NamedTuple):
     models: Mapping[str, Mapping[str, Any]]
     model_options: ModelCheck
     notices: tuple[str, ...]
+    bytes_read: int = 0  # bytes read from storage, every file of both inputs counted
 
     @property
     def exit_code(self) -> int:
@@ -245,6 +250,7 @@ class DiffResult(NamedTuple):
         data = self.report.to_dict()
         if self.models:
             data["model"] = {side: public_model(m) for side, m in self.models.items()}
+        data["bytes_read"] = self.bytes_read
         return data
 
 
@@ -307,6 +313,8 @@ def inspect(
         state_dict_key=ckpt_obj.state_dict_key,
         other_entries=[(k, describe_value(v)) for k, v in ckpt_obj.other_entries()],
         opaque_entries=opaque_entries(ckpt_obj.container) if ckpt_obj.engine == "raw" else (),
+        shards=ckpt_obj.shards,
+        tensor_files=ckpt_obj.tensor_files,
     )
     # the model judges the whole state_dict (a selection only narrows what is shown): a key the
     # patterns leave out is not missing from the checkpoint
@@ -335,7 +343,9 @@ def inspect(
         if bad:
             named = ", ".join(f"{k} ({values[k].nan} NaN, {values[k].inf} Inf)" for k in bad)
             say(f"not finite: {len(bad)} of {len(values)} tensors hold NaN or Inf: {named}")
-    return InspectResult(report, model_data, model, shown_missing, tuple(say.lines), values, check_finite, stats)
+    return InspectResult(
+        report, model_data, model, shown_missing, tuple(say.lines), values, check_finite, stats, ckpt_obj.bytes_read
+    )
 
 
 def extract(
@@ -364,11 +374,13 @@ def extract(
     model_data = _model_check(result, model, ckpt_path=str(ckpt), out_path=str(output))
     fields: dict[str, Any] = dict(sources={k: str(ckpt) for k in result}, state_dict_key=ckpt_obj.state_dict_key)
     if _refused(model_data):
-        return _write_result("extract", writing, result, (), model_data, model, say, refused=True, **fields)
+        return _write_result(
+            "extract", writing, result, (), model_data, model, say, refused=True, loaded=[ckpt_obj], **fields
+        )
     with contextlib.ExitStack() as stack:
         result, fields["cast"] = _cast(result, writing, [ckpt], stack, progress)
         notes = _write(result, writing, [ckpt], loading, say, progress, safetensors_metadata=_st_meta(ckpt_obj))
-    return _write_result("extract", writing, result, notes, model_data, model, say, **fields)
+    return _write_result("extract", writing, result, notes, model_data, model, say, loaded=[ckpt_obj], **fields)
 
 
 def rename(
@@ -401,7 +413,9 @@ def rename(
         sources={k: str(ckpt) for k in renamed}, state_dict_key=ckpt_obj.state_dict_key, renamed=dict(plan)
     )
     if _refused(model_data):
-        return _write_result("rename", writing, renamed, (), model_data, model, say, refused=True, **fields)
+        return _write_result(
+            "rename", writing, renamed, (), model_data, model, say, refused=True, loaded=[ckpt_obj], **fields
+        )
     if all(old == new for old, new in plan.items()):
         say("warning: no key changed")
     with contextlib.ExitStack() as stack:
@@ -413,7 +427,7 @@ def rename(
             elif ckpt_obj.state_dict_path:
                 say("note: a .safetensors output holds the state_dict only; the container's other entries are dropped")
         notes = _write(target, writing, [ckpt], loading, say, progress, safetensors_metadata=_st_meta(ckpt_obj))
-    return _write_result("rename", writing, renamed, notes, model_data, model, say, **fields)
+    return _write_result("rename", writing, renamed, notes, model_data, model, say, loaded=[ckpt_obj], **fields)
 
 
 def merge(
@@ -471,14 +485,16 @@ def merge(
         indexes = report.sources if report is not None else {k: 0 for k in result}
         fields: dict[str, Any] = dict(average=average, sources={k: str(paths[i]) for k, i in indexes.items()})
         if _refused(model_data):
-            return _write_result("merge", writing, result, (), model_data, model, say, refused=True, **fields)
+            return _write_result(
+                "merge", writing, result, (), model_data, model, say, refused=True, loaded=loaded, **fields
+            )
         for w in merge_warnings(report) if report is not None else ():
             say(f"warning: {w}")
         result, fields["cast"] = _cast(result, writing, paths, stack, progress)
         notes = _write(result, writing, paths, loading, say, progress)
     if report is not None:
         fields.update(conflicts=tuple(report.conflicts), warnings=tuple(report.warnings))
-    return _write_result("merge", writing, result, notes, model_data, model, say, **fields)
+    return _write_result("merge", writing, result, notes, model_data, model, say, loaded=loaded, **fields)
 
 
 def diff(
@@ -525,7 +541,7 @@ def diff(
         m = _model_check(c.state_dict, model, ckpt_path=str(c.path))
         if m is not None:
             models[side] = m
-    return DiffResult(report, models, model, tuple(say.lines))
+    return DiffResult(report, models, model, tuple(say.lines), ca.bytes_read + cb.bytes_read)
 
 
 # ------------------------------------------------------------------------------------ helpers
@@ -576,7 +592,11 @@ def _load(path: Path, loading: Loading, say: Notify) -> Checkpoint:
         from .safety import resolve_allowed_globals
 
         resolve_allowed_globals(list(allow_globals))  # refuse code-running names before anything is read
-    return load_checkpoint(path, unsafe=loading.unsafe, key=loading.key, allow_globals=allow_globals)
+    threads = loading.threads  # a bad --jobs is refused before anything is read
+    ckpt = load_checkpoint(path, unsafe=loading.unsafe, key=loading.key, allow_globals=allow_globals, threads=threads)
+    for note in ckpt.notes:
+        say(f"warning: {note}")
+    return ckpt
 
 
 def _select(keys: Sequence[str], selection: Selection, say: Notify) -> list[str]:
@@ -718,6 +738,7 @@ def _write_result(
     say: _Notices,
     *,
     refused: bool = False,
+    loaded: Sequence[Checkpoint] = (),
     **fields: Any,
 ) -> WriteResult:
     from .containers import non_tensor_keys
@@ -744,5 +765,6 @@ def _write_result(
         model_options=model,
         notices=tuple(say.lines),
         dtype=writing.dtype,
+        bytes_read=sum(c.bytes_read for c in loaded),
         **fields,
     )

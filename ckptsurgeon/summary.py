@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from .engine.meta import DTYPE_ITEMSIZE, TensorMeta
 from .tensors import (
@@ -15,6 +15,9 @@ from .tensors import (
     shape_of,
     shared_storage_groups,
 )
+
+if TYPE_CHECKING:
+    from .engine.sharded import Shard
 
 SCHEMA_VERSION = 1
 
@@ -73,6 +76,8 @@ class InspectReport:
 
     `extra_state` holds the state_dict's non-tensor entries (a module's `get_extra_state`, key
     `<module>._extra_state`) as (key, short description); they are not rows and not counted.
+    For an input of several files (Hugging Face shards), `shards` lists them and `tensor_files`
+    gives each key's file (both None for one file).
     """
 
     __slots__ = (
@@ -86,6 +91,8 @@ class InspectReport:
         "model",
         "extra_state",
         "opaque_entries",
+        "shards",
+        "tensor_files",
     )
 
     def __init__(
@@ -100,6 +107,8 @@ class InspectReport:
         model: Mapping[str, Any] | None = None,
         extra_state: tuple[tuple[str, str], ...] = (),
         opaque_entries: tuple[Any, ...] = (),  # containers.OpaqueEntry: values read, not built
+        shards: Sequence[Shard] | None = None,
+        tensor_files: Mapping[str, str] | None = None,
     ) -> None:
         self.format = format
         self.state_dict_key = state_dict_key
@@ -111,6 +120,8 @@ class InspectReport:
         self.model = model
         self.extra_state = extra_state
         self.opaque_entries = opaque_entries
+        self.shards = tuple(shards) if shards is not None else None
+        self.tensor_files = tensor_files
 
     @property
     def num_tensors(self) -> int:
@@ -140,6 +151,11 @@ class InspectReport:
             "extra_state": {k: v for k, v in self.extra_state},
             "opaque_entries": [e.to_dict() for e in self.opaque_entries],
         }
+        if self.shards is not None:
+            out["shards"] = [s.to_dict() for s in self.shards]
+        if self.tensor_files is not None:
+            for row in out["tensors"]:
+                row["file"] = self.tensor_files.get(row["key"])
         if self.model is not None:
             out.update(self.model)
         return out
@@ -160,9 +176,12 @@ def inspect_state_dict(
     state_dict_key: str | None = None,
     other_entries: Sequence[tuple[str, str]] = (),
     opaque_entries: Sequence[Any] = (),
+    shards: Sequence[Shard] | None = None,
+    tensor_files: Mapping[str, str] | None = None,
 ) -> InspectReport:
     """Summarise the tensors of `state_dict` named by `keys` (a selection, in order); selected
-    non-tensor entries (extra state) are listed apart, with a short description."""
+    non-tensor entries (extra state) are listed apart, with a short description. `shards` and
+    `tensor_files` describe an input of several files (see InspectReport)."""
     values = [state_dict[k] for k in keys]
     num_in_state_dict = len(state_dict)
     extra: tuple[tuple[str, str], ...] = ()
@@ -194,4 +213,6 @@ def inspect_state_dict(
         num_selected_of=num_in_state_dict,
         extra_state=extra,
         opaque_entries=tuple(opaque_entries),
+        shards=shards,
+        tensor_files=tensor_files,
     )

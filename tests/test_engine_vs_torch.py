@@ -63,7 +63,7 @@ def torch_path(monkeypatch: pytest.MonkeyPatch):
     """Force the reference path: torch.load to read, torch.save to write."""
 
     def use_torch() -> None:
-        monkeypatch.setattr(ck_io, "_read_raw", lambda path, allow, **kw: None)
+        monkeypatch.setattr(ck_io, "_read_raw", lambda path, allow, *read, **kw: None)
 
     return use_torch
 

@@ -168,7 +168,15 @@ def inspect_table(
     if report.extra_state:
         n = len(report.extra_state)
         caption += f"; {n} extra state {'entry' if n == 1 else 'entries'}"
-    return TableData(headers, rows, f"{title} ({report.format})", caption, frozenset({3, 4}), styles)
+    return TableData(headers, rows, f"{title} ({format_text(report)})", caption, frozenset({3, 4}), styles)
+
+
+def format_text(report: InspectReport) -> str:
+    """`torch-zip`, or `hf-sharded, 3 shards` for an input of several files."""
+    if report.shards is None:
+        return report.format
+    n = len(report.shards)
+    return f"{report.format}, {n} shard{'' if n == 1 else 's'}"
 
 
 def _number(x: float) -> str:

@@ -291,17 +291,26 @@ class _SpanScan:
         want_crc = bool(self.checks[i])
         block = self.block
         crc = 0
-        for pos in range(start, end, block):
-            n = min(block, end - pos)
-            ra, rb = (va, vb) if n == block else (va[:n], vb[:n])
-            if os.preadv(fd_a, [ra], base_a + pos) != n:  # a short read: pread_exact tells why
-                a.source.readinto(ra, base_a + pos)
-            if os.preadv(fd_b, [rb], base_b + pos) != n:
-                b.source.readinto(rb, base_b + pos)
-            if memcmp(addr_a, addr_b, n) if memcmp is not None else ra != rb:
-                return False
-            if want_crc:
-                crc = crc32(ra, crc)
+        read_a = read_b = 0  # bytes read here, for the Sources' bytes_read (readinto counts its own)
+        try:
+            for pos in range(start, end, block):
+                n = min(block, end - pos)
+                ra, rb = (va, vb) if n == block else (va[:n], vb[:n])
+                if os.preadv(fd_a, [ra], base_a + pos) != n:  # a short read: pread_exact tells why
+                    a.source.readinto(ra, base_a + pos)
+                else:
+                    read_a += n
+                if os.preadv(fd_b, [rb], base_b + pos) != n:
+                    b.source.readinto(rb, base_b + pos)
+                else:
+                    read_b += n
+                if memcmp(addr_a, addr_b, n) if memcmp is not None else ra != rb:
+                    return False
+                if want_crc:
+                    crc = crc32(ra, crc)
+        finally:
+            a.source.count(read_a)
+            b.source.count(read_b)
         self.part_crcs[k] = crc
         return True
 

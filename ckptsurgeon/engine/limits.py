@@ -38,6 +38,12 @@ def brief(value: Any) -> str:
     return _QUOTE.repr(value)
 
 
+def quote_name(name: str, limit: int = 200) -> str:
+    """A name read from a file (a tensor name, a file name) for a message: its whole `repr` (escaped,
+    one line), unless it is longer than `limit` characters: then cut, as `brief` cuts."""
+    return repr(name) if len(name) <= limit else repr(name[: limit - 3]) + "..."
+
+
 @contextlib.contextmanager
 def recursion_room(depth: int, frames_per_level: int = 4) -> Iterator[None]:
     """Let recursive code (a pickler, a converter) walk a graph nested `depth` deep.

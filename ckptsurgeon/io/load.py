@@ -7,17 +7,23 @@ tries the torch-free engine first (metadata only: tensors are TensorMeta leaves 
 on disk) and falls back to `torch.load(weights_only=True, mmap=True, map_location="cpu")` of the
 same open file for what the engine does not model. `unsafe=True` is the only way to reach
 `weights_only=False`.
+
+A CKPT may also be a directory (see `engine.layout`): Hugging Face shards with their index (every
+shard opened once, read in parallel), DeepSpeed's ZeRO-1/2 layout, or a directory holding one
+checkpoint file. A Checkpoint owns every Source it was read from.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
-from ..containers import KeyPath, find_state_dict, format_key_path, refuse_opaque_entries
+from ..containers import KeyPath, find_state_dict, format_key_path, is_extra_state_key, refuse_opaque_entries
+from ..engine.layout import Layout, resolve_layout, zero3_refusal
 from ..engine.meta import RawCheckpoint, TensorMeta
 from ..engine.source import Source
 from ..errors import (
@@ -31,6 +37,9 @@ from ..errors import (
 )
 from ..tensors import is_tensor
 
+if TYPE_CHECKING:
+    from ..engine.sharded import Shard
+
 
 def _debug(message: str, *args: Any) -> None:
     """Engine decisions, for CKPTSURGEON_DEBUG (logging is imported only when something is said)."""
@@ -42,30 +51,42 @@ def _debug(message: str, *args: Any) -> None:
 class Checkpoint:
     """A loaded checkpoint: the whole container plus the state_dict found inside it.
 
-    It owns the open file its tensors are read from (`source`): use it as a context manager, or
-    call `close()`, when done (a Checkpoint nobody references closes it too). Reading tensor bytes
-    after `close()` is a BadCheckpointError.
+    It owns the open files its tensors are read from (`sources`: one for a file, one per shard
+    for a directory; `source` is the first): use it as a context manager, or call `close()`, when
+    done (a Checkpoint nobody references closes them too). Reading tensor bytes after `close()`
+    is a BadCheckpointError. `shards` (the shard files, for a Hugging Face sharded directory)
+    and `tensor_files` (key -> its shard) are None for a single file; `notes` are lines for
+    the user about how the input was read.
     """
 
     def __init__(
         self,
         path: Path,
-        format: str,  # "torch-zip" | "torch-legacy" | "safetensors"
+        format: str,  # "torch-zip" | "torch-legacy" | "safetensors" | "hf-sharded" | "deepspeed"
         container: Any,
         state_dict_path: KeyPath | None,
         state_dict: Mapping[str, Any],
         engine: str,  # "raw" (torch-free, TensorMeta leaves) or "torch"
         safetensors_metadata: dict[str, str] | None = None,
         source: Source | None = None,
+        *,
+        sources: Sequence[Source] = (),
+        shards: Sequence[Shard] | None = None,
+        tensor_files: Mapping[str, str] | None = None,
+        notes: Sequence[str] = (),
     ) -> None:
         self.path = path
-        self.source = source
+        self.sources: tuple[Source, ...] = tuple(sources) or ((source,) if source is not None else ())
+        self.source = source if source is not None else (self.sources[0] if self.sources else None)
         self.format = format
         self.container = container
         self.state_dict_path = state_dict_path
         self.state_dict = state_dict
         self.engine = engine
         self.safetensors_metadata = safetensors_metadata
+        self.shards = tuple(shards) if shards is not None else None
+        self.tensor_files = dict(tensor_files) if tensor_files is not None else None
+        self.notes = tuple(notes)
 
     def __repr__(self) -> str:
         return (
@@ -74,9 +95,14 @@ class Checkpoint:
         )
 
     def close(self) -> None:
-        """Close the checkpoint's file (tensors read lazily can then no longer be read)."""
-        if self.source is not None:
-            self.source.close()
+        """Close the checkpoint's files (tensors read lazily can then no longer be read)."""
+        for src in self.sources:
+            src.close()
+
+    @property
+    def bytes_read(self) -> int:
+        """Bytes read from storage so far through the checkpoint's files (`--json` bytes_read)."""
+        return sum(src.bytes_read for src in {id(s): s for s in self.sources}.values())
 
     def __enter__(self) -> Checkpoint:
         return self
@@ -95,17 +121,26 @@ class Checkpoint:
         return [(str(k), v) for k, v in self.container.items() if k != self.state_dict_path[0]]
 
 
-def _read_raw(src: Source, allow_globals: frozenset[str], opaque: bool = True) -> RawCheckpoint | None:
-    """The engine's reading, or None where it does not model the file (torch decides then).
+EngineRead = Callable[[Source, frozenset[str], bool], RawCheckpoint]  # (file, allowed globals, opaque)
+
+
+def _engine_read(src: Source, allow_globals: frozenset[str], opaque: bool) -> RawCheckpoint:
+    from ..engine.read import read_source
+
+    return read_source(src, allow_globals=allow_globals, opaque=opaque)
+
+
+def _read_raw(
+    src: Source, allow_globals: frozenset[str], opaque: bool = True, read: EngineRead = _engine_read
+) -> RawCheckpoint | None:
+    """The engine's reading (`read`), or None where it does not model the file (torch decides then).
 
     The engine also decides what the file is before anything parses it: a non-checkpoint is a
     BadCheckpointError here. `opaque`: container entries built by globals outside the allowlist
     are read as inert opaque entries (see ckptsurgeon.engine.unpickle), not refused.
     """
-    from ..engine.read import read_source
-
     try:
-        return read_source(src, allow_globals=allow_globals, opaque=opaque)
+        return read(src, allow_globals, opaque)
     except EngineUnsupported as exc:
         _debug("engine fallback for %s: %s", src, exc)
         return None
@@ -188,50 +223,166 @@ def load_checkpoint(
     unsafe: bool = False,
     key: str | None = None,
     allow_globals: Sequence[str] = (),
+    threads: int = 1,
 ) -> Checkpoint:
     """Load a checkpoint safely and locate its state_dict (see containers.find_state_dict).
 
-    Tensors are engine TensorMeta leaves when the torch-free engine can read the file (no tensor
-    data is read), torch tensors (mmap-backed where possible) otherwise. The returned Checkpoint
-    holds the file open (see `Checkpoint.close`).
+    `path` is a checkpoint file, a Hugging Face index file, or a directory laid out as one
+    checkpoint (see `engine.layout.resolve_layout`). Tensors are engine TensorMeta leaves when the
+    torch-free engine can read the file (no tensor data is read), torch tensors (mmap-backed where
+    possible) otherwise. The shards of a directory are read in `threads` threads. The returned
+    Checkpoint holds its files open (see `Checkpoint.close`).
     """
     path = Path(path)
-    src = Source(path)
+    layout = resolve_layout(path)
+    read = _read_layout(layout, unsafe=unsafe, allow_globals=frozenset(allow_globals), threads=threads)
     try:
-        fmt, container, engine, st_meta = _read_source(src, unsafe=unsafe, allow_globals=frozenset(allow_globals))
+        container = read.container
+        if read.format == "hf-sharded":
+            _check_flat(container, read.tensor_files or {})
         try:
             sd_path, state_dict = find_state_dict(container, key)
         except ContainerError:
             refuse_opaque_entries(str(path), container)  # the state_dict is not beside them
             raise
+        if layout.kind == "deepspeed":
+            _check_not_partitioned(layout, state_dict)
+        if read.engine == "torch":
+            nested = [str(k) for k, v in state_dict.items() if getattr(v, "is_nested", False)]
+            if nested:
+                raise UsageError(f"{path}: nested tensors are not supported: {', '.join(map(repr, nested[:5]))}")
     except ContainerError as exc:
-        src.close()
+        _close(read.sources)
         raise ContainerError(f"{path}: {exc}") from None
     except BaseException:
-        src.close()
+        _close(read.sources)
         raise
-    if engine == "torch":
-        nested = [str(k) for k, v in state_dict.items() if getattr(v, "is_nested", False)]
-        if nested:
-            src.close()
-            raise UsageError(f"{path}: nested tensors are not supported: {', '.join(map(repr, nested[:5]))}")
     return Checkpoint(
         path=path,
-        format=fmt,
+        format=read.format,
         container=container,
         state_dict_path=sd_path,
         state_dict=state_dict,
-        engine=engine,
-        safetensors_metadata=st_meta,
-        source=src,
+        engine=read.engine,
+        safetensors_metadata=read.metadata,
+        sources=read.sources,
+        shards=read.shards,
+        tensor_files=read.tensor_files,
+        notes=read.notes,
     )
 
 
-def _read_source(src: Source, *, unsafe: bool, allow_globals: frozenset[str]) -> tuple[str, Any, str, Any]:
-    """(format, whole object, engine used, safetensors metadata) of an open checkpoint file."""
+class _Read(NamedTuple):
+    """What reading a layout gave: the Checkpoint's parts."""
+
+    format: str
+    container: Any
+    engine: str
+    metadata: Any
+    sources: tuple[Source, ...]
+    shards: tuple[Shard, ...] | None = None
+    tensor_files: dict[str, str] | None = None
+    notes: tuple[str, ...] = ()
+
+
+def _read_layout(layout: Layout, *, unsafe: bool, allow_globals: frozenset[str], threads: int) -> _Read:
+    """Read what `layout` names; the Sources opened are in the result (closed again on failure)."""
+    if layout.kind == "dcp":  # the one place a DCP reader plugs in: `return _several_files(read_dcp(...))`
+        raise BadCheckpointError(
+            f"{layout.path}: a torch.distributed.checkpoint (DCP) directory (it holds .metadata): "
+            "reading DCP directories is not available yet"
+        )
+    if layout.kind == "hf-sharded":
+        from ..engine.sharded import read_hf_sharded
+
+        reader = functools.partial(_read_shard, unsafe=unsafe, allow_globals=allow_globals)
+        return _several_files(read_hf_sharded(layout.path, read=reader, threads=threads))
+    src = Source(layout.path)
+    try:
+        fmt, obj, engine, metadata = _read_source(src, unsafe=unsafe, allow_globals=allow_globals)
+    except BaseException:
+        src.close()
+        raise
+    return _Read("deepspeed" if layout.kind == "deepspeed" else fmt, obj, engine, metadata, (src,))
+
+
+def _read_shard(src: Source, formats: Sequence[str], *, unsafe: bool, allow_globals: frozenset[str]) -> tuple[str, Any]:
+    """One shard of a directory, read as any file is (the engine, else torch), in `formats` only."""
+    from ..engine.sharded import read_shard
+
+    def engine(s: Source, allowed: frozenset[str], opaque: bool) -> RawCheckpoint:
+        return read_shard(s, formats, allow_globals=allowed)  # a shard holds tensors only: nothing opaque
+
+    fmt, obj, _, _ = _read_source(src, unsafe=unsafe, allow_globals=allow_globals, read=engine)
+    return fmt, obj
+
+
+def _several_files(raw: RawCheckpoint) -> _Read:
+    """A checkpoint read from several files (`raw.extras["sources"]`: the reader opened them, the
+    Checkpoint owns them), with the ties its metadata records restored."""
+    sources = list(raw.extras.get("sources") or ([raw.source] if raw.source is not None else []))
+    owned = {id(s) for s in sources}
+    leaves = list(iter_tensors(raw.obj))
+    for t in leaves:  # whatever a tensor reads through is owned too
+        if isinstance(t, TensorMeta) and id(t.storage.source) not in owned:
+            owned.add(id(t.storage.source))
+            sources.append(t.storage.source)
+    engine = "raw" if all(isinstance(t, TensorMeta) for t in leaves) else "torch"
+    files = raw.extras.get("tensor_files")
+    if raw.metadata:
+        from ..tensors import restore_duplicates
+
+        before = set(raw.obj)
+        restore_duplicates(raw.obj, raw.metadata)  # ties dropped by the writer come back
+        if files is not None:
+            files = dict(files)
+            files.update((k, files[raw.metadata[k]]) for k in raw.obj if k not in before)
+    shards = raw.extras.get("shards")
+    return _Read(
+        raw.format,
+        raw.obj,
+        engine,
+        None,
+        tuple(sources),
+        tuple(shards) if shards is not None else None,
+        files,
+        tuple(raw.extras.get("notes", ())),
+    )
+
+
+def _close(sources: Sequence[Source]) -> None:
+    for src in sources:
+        src.close()
+
+
+def _check_flat(container: Any, files: Mapping[str, str]) -> None:
+    """The shards of a directory hold tensors (and extra state) only: nothing else is a state_dict."""
+    from ..tensors import is_tensor
+
+    for key, value in container.items():
+        if not is_tensor(value) and not is_extra_state_key(key):
+            raise BadCheckpointError(
+                f"{files.get(key, '?')}: {key!r} is a {type(value).__name__}, not a tensor: a shard holds tensors only"
+            )
+
+
+def _check_not_partitioned(layout: Layout, state_dict: Mapping[str, Any]) -> None:
+    """A DeepSpeed `module` whose tensors are all empty holds placeholders of partitioned weights."""
+    from ..tensors import is_tensor, numel_of
+
+    tensors = [v for v in state_dict.values() if is_tensor(v)]
+    if tensors and all(numel_of(t) == 0 for t in tensors):
+        raise zero3_refusal(os.path.dirname(layout.path), None)
+
+
+def _read_source(
+    src: Source, *, unsafe: bool, allow_globals: frozenset[str], read: EngineRead = _engine_read
+) -> tuple[str, Any, str, Any]:
+    """(format, whole object, engine used, safetensors metadata) of an open checkpoint file;
+    `read` is the engine's reading of it."""
     raw: RawCheckpoint | None = None
     try:
-        raw = _read_raw(src, allow_globals, opaque=not unsafe)
+        raw = _read_raw(src, allow_globals, opaque=not unsafe, read=read)
     except (UnsafeCheckpointError, RestrictedPickleError):
         if not unsafe:  # --unsafe: whatever torch.load(weights_only=False) reads (any protocol)
             raise
