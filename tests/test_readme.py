@@ -47,7 +47,8 @@ def _examples(text: str) -> list[tuple[str, list[str]]]:
 
 
 def _run(cmd: str, cwd: Path) -> list[str]:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "COLUMNS": "400", "PYTHONPATH": str(cwd)}
+    # this checkout's ckptsurgeon first (the console script's editable install may be another's)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "COLUMNS": "400", "PYTHONPATH": f"{cwd}{os.pathsep}{ROOT}"}
     r = subprocess.run(
         ["bash", "-c", cmd],
         cwd=cwd,
