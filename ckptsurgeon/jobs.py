@@ -400,7 +400,7 @@ def rename(
         say("warning: no key changed")
     target: Any = renamed
     if not writing.dry_run:
-        if fmt is OutputFormat.pt:
+        if fmt in (OutputFormat.pt, OutputFormat.dcp):  # layouts that hold a whole container
             target = with_state_dict(ckpt_obj, renamed)
         elif ckpt_obj.state_dict_path:
             what = "a .safetensors output" if fmt is OutputFormat.safetensors else f"a {fmt.value} output"

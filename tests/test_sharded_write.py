@@ -469,3 +469,26 @@ def test_an_existing_directory_is_a_sharded_output_with_force(tmp_path: Path, wr
     assert json.loads(r.stdout)["format"] == "hf"
     assert os.listdir(out) == ["model.safetensors"]
     assert leftovers(tmp_path) == []
+
+
+def test_strided_views_are_laid_out_block_by_block(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A strided view is copied in blocks of rows (here 4 KB each), or, when its rows interleave
+    (a transpose), from its span at once: the values are the view's either way."""
+    from ckptsurgeon.engine import safetensors_write
+    from ckptsurgeon.io import load_checkpoint
+
+    monkeypatch.setattr(safetensors_write, "_BLOCK", 4096)
+    torch.manual_seed(2)
+    base = torch.randn(300, 50)
+    sd = OrderedDict(
+        every_other=base[::2, 3:40],  # 150 rows of 148 bytes, in blocks of 27 rows
+        transposed=torch.randn(64, 40).t(),
+        step=torch.arange(1000, dtype=torch.int16)[::3].view(1, -1).expand(3, -1),  # stride 0, then 3
+        bf16=torch.randn(30, 20).to(torch.bfloat16)[:, ::4],
+    )
+    torch.save(sd, tmp_path / "m.pt")
+    with load_checkpoint(tmp_path / "m.pt") as ckpt:
+        write_checkpoint(ckpt.state_dict, tmp_path / "m.safetensors")
+    got = load_file(tmp_path / "m.safetensors")
+    for k, v in sd.items():
+        assert got[k].dtype == v.dtype and torch.equal(got[k], v.contiguous()), k

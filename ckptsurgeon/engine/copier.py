@@ -23,7 +23,9 @@ from ckptsurgeon.engine.meta import StorageMeta
 from ckptsurgeon.engine.source import Source
 from ckptsurgeon.errors import BadCheckpointError, EngineUnsupported, OutputError
 
-CHUNK = 16 << 20  # one pread/pwrite; also the size of the buffer of small writes
+CHUNK = 16 << 20  # the buffer of small writes is issued at this size
+_BUFFER = 4 << 20  # one pread (CRC-32 alongside a kernel copy, or a copy through memory): a writer per
+# thread (sharded outputs) keeps at most two of them, so eight threads stay within 64 MiB
 _KERNEL_COPY_CHUNK = 64 << 20  # one copy_file_range call; writeback is started between calls
 _WRITEBACK_STEP = 16 << 20  # start writing the output to disk every this many bytes
 _THREADED_CRC_MIN = 8 << 20  # below this a thread costs more than it saves
@@ -162,7 +164,7 @@ class Copier:
 
     def _chunk_buffer(self) -> memoryview:
         if self.buffer is None:
-            self.buffer = memoryview(bytearray(CHUNK))
+            self.buffer = memoryview(bytearray(_BUFFER))
         return self.buffer
 
     def _copy_kernel_crc_threaded(self, src: CopySource, offset: int, length: int, out_pos: int, crc: int) -> int:
@@ -170,7 +172,7 @@ class Copier:
         (both release the GIL): about the speed of a plain copy on two cores."""
         result: dict[str, Any] = {}
         if self.crc_buffer is None:  # the copier may need `buffer` (fallback): not shared
-            self.crc_buffer = memoryview(bytearray(CHUNK))
+            self.crc_buffer = memoryview(bytearray(_BUFFER))
         crc_buffer = self.crc_buffer
 
         def compute() -> None:
@@ -193,7 +195,7 @@ class Copier:
         buf = self._chunk_buffer()
         done = 0
         while done < length:
-            n = pread(src, buf[: min(CHUNK, length - done)], offset + done)
+            n = pread(src, buf[: min(len(buf), length - done)], offset + done)
             if n == 0:
                 raise BadCheckpointError(f"{src.path}: file is truncated at byte {offset + done}")
             crc = crc32(buf[:n], crc)

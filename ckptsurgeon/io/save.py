@@ -333,8 +333,7 @@ def _write_directory(
     notes: list[str] = []
     index_metadata: dict[str, Any] = {}
     if fmt is OutputFormat.hf:
-        sd, file_metadata, notes = _safetensors_plan(obj, metadata)
-        dropped = {k: v for k, v in file_metadata.items() if k not in sd and v in sd}
+        sd, file_metadata, notes, dropped = _safetensors_plan(obj, metadata)
         plan = plan_shards(sd, limit, SAFETENSORS_PATTERN)
         if plan.is_sharded:  # the Hub's way: the file's own metadata is {"format": "pt"}, the rest in the index
             index_metadata = {k: v for k, v in file_metadata.items() if k != "format" and k not in dropped}
@@ -521,12 +520,13 @@ def _write_torch(obj: Any, f: BinaryIO) -> None:
 
 def _safetensors_plan(
     sd: Mapping[str, Any], metadata: Mapping[str, str] | None
-) -> tuple[OrderedDict[str, Any], dict[str, str], list[str]]:
+) -> tuple[OrderedDict[str, Any], dict[str, str], list[str], dict[str, str]]:
     """What a safetensors file (or the Hub's shards) holds of `sd`: the tensors to write, the
-    `__metadata__`, and notes. A tensor that is the very same view as another (a tied weight) is
-    written once and its name recorded in the metadata as `dropped: kept`, as huggingface_hub
-    does (unless the name is taken in the metadata already); "format": "pt" as huggingface_hub
-    writes it (transformers checks it). Refuses (UsageError) tensors safetensors cannot hold."""
+    `__metadata__`, notes, and the ties left out. A tensor that is the very same view as another
+    (a tied weight) is written once and its name recorded in the metadata as `dropped: kept`, as
+    huggingface_hub does (unless the name is taken in the metadata already); "format": "pt" as
+    huggingface_hub writes it (transformers checks it). Refuses (UsageError) tensors safetensors
+    cannot hold."""
     from ..tensors import duplicate_names, shared_storage_groups
 
     tensors: OrderedDict[str, Any] = OrderedDict(sd)
@@ -543,7 +543,7 @@ def _safetensors_plan(
         notes.append("safetensors has no place for the state_dict's _metadata (module versions): dropped")
     for k, v in tensors.items():
         _check_safetensors_tensor(k, v)
-    return tensors, file_metadata, notes
+    return tensors, file_metadata, notes, dropped
 
 
 def _write_safetensors(
@@ -558,7 +558,7 @@ def _write_safetensors(
     decreasing element size, engine tensors copied from their files); returns the notes."""
     from ..engine.safetensors_write import write_safetensors
 
-    tensors, file_metadata, notes = _safetensors_plan(sd, metadata)
+    tensors, file_metadata, notes, _ = _safetensors_plan(sd, metadata)
     entries = [_entry(k, v) for k, v in tensors.items()]
     write_safetensors(entries, f, metadata=file_metadata, progress=progress, name=name)
     return notes
