@@ -492,3 +492,20 @@ def test_strided_views_are_laid_out_block_by_block(tmp_path: Path, monkeypatch: 
     got = load_file(tmp_path / "m.safetensors")
     for k, v in sd.items():
         assert got[k].dtype == v.dtype and torch.equal(got[k], v.contiguous()), k
+
+
+def test_where_directories_cannot_be_swapped_the_old_layout_is_set_aside(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without renameat2 (another OS) the old layout is renamed aside, the new one renamed in, the
+    old one removed: the same result, nothing left over."""
+    from ckptsurgeon.io import atomic
+
+    monkeypatch.setattr(atomic, "_exchange", lambda a, b: False)  # the system cannot swap
+    out = tmp_path / "out"
+    write_checkpoint(hub_model(0).state_dict(), out, max_shard_size=SHARD)
+    assert len(os.listdir(out)) == 4
+    new = hub_model(1).state_dict()
+    write_checkpoint(new, out, force=True)
+    assert os.listdir(out) == ["model.safetensors"] and leftovers(tmp_path) == []
+    assert torch.equal(load_file(out / "model.safetensors")["table"], new["table"])

@@ -149,16 +149,31 @@ def _clean_stale_temps(directory: Path, name: str) -> None:
                 os.rename(entry.path, os.path.join(directory, name))
             continue
         with contextlib.suppress(OSError):
-            if entry.is_dir(follow_symlinks=False):
+            if found.group(2) == OLD_MARK:
+                _remove_layout(entry.path)
+            elif entry.is_dir(follow_symlinks=False):
                 _remove_tree(entry.path)
             else:
                 os.unlink(entry.path)
 
 
 def _remove_tree(path: str) -> None:
+    """Remove a temporary directory ckptsurgeon made (it holds nothing of anyone else's)."""
     import shutil
 
     shutil.rmtree(path, ignore_errors=True)
+
+
+def _remove_layout(path: str) -> None:
+    """Remove a replaced output directory: its checkpoint layout files only, then the directory
+    if that left it empty (a file that came there since it was checked stays, in the directory)."""
+    with contextlib.suppress(OSError):
+        for entry in os.scandir(path):
+            if LAYOUT_FILE.fullmatch(entry.name) and (entry.is_symlink() or entry.is_file(follow_symlinks=False)):
+                with contextlib.suppress(OSError):
+                    os.unlink(entry.path)
+    with contextlib.suppress(OSError):
+        os.rmdir(path)
 
 
 def _pid_alive(pid: int) -> bool:
@@ -309,7 +324,8 @@ def atomic_directory(dest: Path, *, force: bool, check: Callable[[Path], None] |
     refuse_non_layout(dest, force=force)
     directory = dest.parent if str(dest.parent) else Path(".")
     _clean_stale_temps(directory, dest.name)
-    made: list[str] = []
+    made: list[str] = []  # the new directory, while it is not in place
+    replaced: list[str] = []  # where the old layout went
     try:
         with interrupts.shielded():
             try:
@@ -329,12 +345,17 @@ def atomic_directory(dest: Path, *, force: bool, check: Callable[[Path], None] |
             if not os.path.lexists(dest):
                 os.rename(temp, dest)
             elif _exchange(temp, str(dest)):
-                pass  # `temp` now holds the old layout: removed below
+                replaced.append(temp)  # `temp` now holds the old layout
             else:
                 aside = tempfile.mktemp(prefix=f".{dest.name}.{os.getpid()}.", suffix=OLD_MARK, dir=directory)
                 os.rename(dest, aside)
-                os.rename(temp, dest)
-                made.append(aside)
+                try:
+                    os.rename(temp, dest)
+                except OSError:
+                    os.rename(aside, dest)  # the old layout back in its place
+                    raise
+                replaced.append(aside)
+            made.clear()
             interrupts.commit()
             with contextlib.suppress(OSError):
                 _fsync_path(directory, directory=True)
@@ -343,8 +364,9 @@ def atomic_directory(dest: Path, *, force: bool, check: Callable[[Path], None] |
     finally:
         with interrupts.shielded():
             for path in made:
-                if os.path.lexists(path) and os.path.realpath(path) != os.path.realpath(dest):
-                    _remove_tree(path)
+                _remove_tree(path)
+            for path in replaced:
+                _remove_layout(path)
 
 
 def _umask() -> int:
