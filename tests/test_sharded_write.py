@@ -319,6 +319,8 @@ def test_format_from_out(tmp_path: Path) -> None:
         output_format("a.safetensors", max_shard_size="2GB")
     with pytest.raises(UsageError, match="--format 'zip'"):
         output_format("a.pt", "zip")
+    with pytest.raises(UsageError, match="a path ending in / is a directory"):
+        output_format("shards/", "safetensors")
 
 
 def test_max_shard_size_with_a_single_file_format_is_exit_2(tmp_path: Path) -> None:

@@ -95,7 +95,8 @@ def output_format(
 ) -> OutputFormat:
     """`format` when given, else from OUT as the user typed it: a path ending in `/`, an existing
     directory or a `--max-shard-size` -> hf (a sharded directory); `*.safetensors` -> safetensors;
-    anything else -> pt. `--max-shard-size` with a single-file format is a UsageError."""
+    anything else -> pt. `--max-shard-size` with a single-file format, or a single-file format for
+    a path ending in `/`, is a UsageError."""
     if format is not None:
         try:
             chosen = OutputFormat(format)
@@ -112,6 +113,9 @@ def output_format(
             chosen = OutputFormat.hf
         else:
             chosen = OutputFormat.pt
+    text = os.fspath(output)
+    if not chosen.is_directory and text.endswith(("/", os.sep)):
+        raise UsageError(f"{text}: a path ending in / is a directory, but --format {chosen.value} writes one file")
     if max_shard_size is not None and chosen not in (OutputFormat.hf, OutputFormat.hf_bin):
         why = "the --format given" if format is not None else "OUT's name"
         raise UsageError(
