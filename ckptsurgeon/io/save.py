@@ -97,6 +97,7 @@ def output_format(
     directory or a `--max-shard-size` -> hf (a sharded directory); `*.safetensors` -> safetensors;
     anything else -> pt. `--max-shard-size` with a single-file format, or a single-file format for
     a path ending in `/`, is a UsageError."""
+    text = os.fspath(output)
     if format is not None:
         try:
             chosen = OutputFormat(format)
@@ -104,7 +105,6 @@ def output_format(
             choices = ", ".join(f.value for f in OutputFormat)
             raise UsageError(f"--format {format!r}: expected one of {choices}") from None
     else:
-        text = os.fspath(output)
         if text.endswith(("/", os.sep)) or os.path.isdir(text):
             chosen = OutputFormat.hf
         elif Path(text).suffix.lower() == ".safetensors":
@@ -113,7 +113,6 @@ def output_format(
             chosen = OutputFormat.hf
         else:
             chosen = OutputFormat.pt
-    text = os.fspath(output)
     if not chosen.is_directory and text.endswith(("/", os.sep)):
         raise UsageError(f"{text}: a path ending in / is a directory, but --format {chosen.value} writes one file")
     if max_shard_size is not None and chosen not in (OutputFormat.hf, OutputFormat.hf_bin):
