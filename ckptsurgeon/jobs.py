@@ -23,7 +23,7 @@ from .errors import EXIT_DIFFERENT, EXIT_OK, SelectionError, UsageError
 
 if TYPE_CHECKING:
     from .diff import DiffReport
-    from .io import Checkpoint
+    from .io import Checkpoint, OutputFormat, Written
     from .merge import MergeReport, OnConflict
     from .rename import RenameRules
     from .stats import TensorValues
@@ -96,8 +96,10 @@ class ModelCheck(NamedTuple):
 
 
 class Writing(NamedTuple):
-    """`-o/--output`, `-f/--force`, `--dry-run`, `--verify`, `--format pt|safetensors` (None: from the
-    name), `--dtype` (None: no cast; else the floating-point tensors written are cast to it)."""
+    """`-o/--output` (as typed: a trailing `/` asks for a directory), `-f/--force`, `--dry-run`,
+    `--verify`, `--format pt|safetensors|hf|hf-bin|dcp` (None: from OUT, see `io.output_format`),
+    `--max-shard-size SIZE` (None: not given; the shards then hold at most 5GB), `--dtype` (None: no
+    cast; else the floating-point tensors written are cast to it)."""
 
     output: str | Path
     force: bool = False
@@ -105,6 +107,7 @@ class Writing(NamedTuple):
     verify: bool = False
     format: str | None = None
     dtype: str | None = None
+    max_shard_size: str | None = None
 
 
 ALL_KEYS = Selection()
@@ -185,6 +188,11 @@ class WriteResult(NamedTuple):
     dtype: str | None = None  # --dtype
     cast: tuple[str, ...] = ()  # the keys --dtype cast (or would cast, with dry_run)
     bytes_read: int = 0  # bytes read from storage, every file of every input counted
+    files: tuple[tuple[str, int], ...] = ()  # a directory output: its files (name, bytes), the index last
+
+    @property
+    def is_directory(self) -> bool:
+        return self.format in ("hf", "hf-bin", "dcp")
 
     @property
     def written(self) -> bool:
@@ -212,6 +220,8 @@ class WriteResult(NamedTuple):
             "total_bytes": self.total_bytes,
             "notes": list(self.notes),
         }
+        if self.is_directory:
+            data["files"] = [{"file": name, "bytes": size} for name, size in self.files]
         if self.command in ("extract", "rename"):
             data["state_dict_key"] = self.state_dict_key
         if self.command == "rename":
@@ -365,8 +375,7 @@ def extract(
     say = _Notices(notify)
     ckpt, output = Path(ckpt), Path(writing.output)
     writing = _check_dtype(writing)
-    if not writing.dry_run:
-        _check_output(output, [ckpt], writing.force)
+    _check_output(writing, [ckpt])
     ckpt_obj = _load(ckpt, loading, say)
     _note_container(ckpt_obj, say)
     keys = _select(list(ckpt_obj.state_dict), selection, say)
@@ -375,12 +384,12 @@ def extract(
     fields: dict[str, Any] = dict(sources={k: str(ckpt) for k in result}, state_dict_key=ckpt_obj.state_dict_key)
     if _refused(model_data):
         return _write_result(
-            "extract", writing, result, (), model_data, model, say, refused=True, loaded=[ckpt_obj], **fields
+            "extract", writing, result, None, model_data, model, say, refused=True, loaded=[ckpt_obj], **fields
         )
     with contextlib.ExitStack() as stack:
         result, fields["cast"] = _cast(result, writing, [ckpt], stack, progress)
-        notes = _write(result, writing, [ckpt], loading, say, progress, safetensors_metadata=_st_meta(ckpt_obj))
-    return _write_result("extract", writing, result, notes, model_data, model, say, loaded=[ckpt_obj], **fields)
+        written = _write(result, writing, [ckpt], loading, say, progress, safetensors_metadata=_st_meta(ckpt_obj))
+    return _write_result("extract", writing, result, written, model_data, model, say, loaded=[ckpt_obj], **fields)
 
 
 def rename(
@@ -395,7 +404,7 @@ def rename(
 ) -> WriteResult:
     """Rename the keys of `ckpt`'s state_dict by `rules` and write it back in its container (every
     other entry unchanged) to `writing.output`. Two keys given one name is an error."""
-    from .io import OutputFormat, output_format, with_state_dict
+    from .io import OutputFormat, with_state_dict
     from .surgery import rename_state_dict
 
     say = _Notices(notify)
@@ -403,8 +412,7 @@ def rename(
     if rules.is_empty:
         raise UsageError("nothing to do: give --map, --strip-prefix, --sub or --add-prefix")
     writing = _check_dtype(writing)
-    if not writing.dry_run:
-        _check_output(output, [ckpt], writing.force)
+    fmt = _check_output(writing, [ckpt])
     ckpt_obj = _load(ckpt, loading, say)
     _note_container(ckpt_obj, say)
     renamed, plan = rename_state_dict(ckpt_obj.state_dict, rules)
@@ -414,7 +422,7 @@ def rename(
     )
     if _refused(model_data):
         return _write_result(
-            "rename", writing, renamed, (), model_data, model, say, refused=True, loaded=[ckpt_obj], **fields
+            "rename", writing, renamed, None, model_data, model, say, refused=True, loaded=[ckpt_obj], **fields
         )
     if all(old == new for old, new in plan.items()):
         say("warning: no key changed")
@@ -422,12 +430,13 @@ def rename(
         renamed, fields["cast"] = _cast(renamed, writing, [ckpt], stack, progress)
         target: Any = renamed
         if not writing.dry_run:
-            if output_format(output, writing.format) is not OutputFormat.safetensors:
+            if fmt in (OutputFormat.pt, OutputFormat.dcp):  # layouts that hold a whole container
                 target = with_state_dict(ckpt_obj, renamed)
             elif ckpt_obj.state_dict_path:
-                say("note: a .safetensors output holds the state_dict only; the container's other entries are dropped")
-        notes = _write(target, writing, [ckpt], loading, say, progress, safetensors_metadata=_st_meta(ckpt_obj))
-    return _write_result("rename", writing, renamed, notes, model_data, model, say, loaded=[ckpt_obj], **fields)
+                what = "a .safetensors output" if fmt is OutputFormat.safetensors else f"a {fmt.value} output"
+                say(f"note: {what} holds the state_dict only; the container's other entries are dropped")
+        written = _write(target, writing, [ckpt], loading, say, progress, safetensors_metadata=_st_meta(ckpt_obj))
+    return _write_result("rename", writing, renamed, written, model_data, model, say, loaded=[ckpt_obj], **fields)
 
 
 def merge(
@@ -457,8 +466,7 @@ def merge(
     if average:
         normalise_weights(None if weights is None else list(weights), len(paths))  # before any input is read
     writing = _check_dtype(writing)
-    if not writing.dry_run:
-        _check_output(output, paths, writing.force)
+    fmt = _check_output(writing, paths)
     loaded = [_load(p, loading, say) for p in paths]
     for c in loaded:
         _note_container(c, say)
@@ -473,8 +481,12 @@ def merge(
             if writing.dry_run:
                 result = sds[0]
             else:
-                check_output(output, paths, force=writing.force)  # before minutes of averaging, not after
-                stage = stack.enter_context(staged_tensors(output))  # the mean goes to disk as it is made
+                # before minutes of averaging, not after
+                check_output(output, paths, force=writing.force, directory=fmt.is_directory)
+                # the mean goes to disk as it is made, in a scratch file beside OUT (a file's name
+                # for a directory output: staged_tensors refuses to stand for anything but a file)
+                scratch = output.parent / f"{output.name}.staged" if fmt.is_directory else output
+                stage = stack.enter_context(staged_tensors(scratch))
                 with progress("averaging", total_bytes(sds[0].values()) * len(sds)) as advance:
                     result, report = average_state_dicts(
                         sds, None if weights is None else list(weights), progress=advance, sink=stage.add
@@ -486,15 +498,15 @@ def merge(
         fields: dict[str, Any] = dict(average=average, sources={k: str(paths[i]) for k, i in indexes.items()})
         if _refused(model_data):
             return _write_result(
-                "merge", writing, result, (), model_data, model, say, refused=True, loaded=loaded, **fields
+                "merge", writing, result, None, model_data, model, say, refused=True, loaded=loaded, **fields
             )
         for w in merge_warnings(report) if report is not None else ():
             say(f"warning: {w}")
         result, fields["cast"] = _cast(result, writing, paths, stack, progress)
-        notes = _write(result, writing, paths, loading, say, progress)
+        written = _write(result, writing, paths, loading, say, progress)
     if report is not None:
         fields.update(conflicts=tuple(report.conflicts), warnings=tuple(report.warnings))
-    return _write_result("merge", writing, result, notes, model_data, model, say, loaded=loaded, **fields)
+    return _write_result("merge", writing, result, written, model_data, model, say, loaded=loaded, **fields)
 
 
 def diff(
@@ -647,12 +659,18 @@ def _refused(model_data: Mapping[str, Any] | None) -> bool:
     return model_data is not None and not model_data["compatible_allowed"]
 
 
-def _check_output(output: Path, inputs: Sequence[Path], force: bool) -> None:
-    """The output checks before any input is read: a refusal should not wait for gigabytes to be
-    parsed. `_write` checks again."""
-    from .io import check_output
+def _check_output(writing: Writing, inputs: Sequence[Path]) -> OutputFormat:
+    """The layout to write (`--format`, else from OUT as typed; `--max-shard-size` parsed) and,
+    unless this is a dry run, the output checks: before any input is read, since a refusal should
+    not wait for gigabytes to be parsed. `_write` checks again."""
+    from .io import check_output, output_format, parse_size
 
-    check_output(output, inputs, force=force)
+    fmt = output_format(writing.output, writing.format, writing.max_shard_size)
+    if writing.max_shard_size is not None:
+        parse_size(writing.max_shard_size)
+    if not writing.dry_run:
+        check_output(Path(writing.output), inputs, force=writing.force, directory=fmt.is_directory)
+    return fmt
 
 
 def _st_meta(ckpt_obj: Checkpoint) -> Any:
@@ -704,35 +722,38 @@ def _write(
     say: Notify,
     progress: Progress | None,
     safetensors_metadata: Any = None,
-) -> list[str]:
-    """Write `obj` (atomically) unless this is a dry run; returns the writer's notes."""
+) -> Written | None:
+    """Write `obj` (atomically) unless this is a dry run; returns what the writer wrote."""
     if writing.dry_run:
-        return []
-    from .io import check_output, iter_tensors, save_checkpoint
+        return None
+    from .io import check_output, iter_tensors, output_format, write_checkpoint
 
-    output = Path(writing.output)
-    check_output(output, inputs, force=writing.force)
+    fmt = output_format(writing.output, writing.format, writing.max_shard_size)
+    check_output(Path(writing.output), inputs, force=writing.force, directory=fmt.is_directory)
     with (progress or _no_progress)("writing", total_bytes(iter_tensors(obj))) as advance:
-        notes = save_checkpoint(
+        written = write_checkpoint(
             obj,
-            output,
+            writing.output,
             safetensors_metadata=safetensors_metadata,
             verify=writing.verify,
             progress=advance,
             unsafe=loading.unsafe,
             allow_globals=tuple(loading.allow_globals),
             format=writing.format,
+            max_shard_size=writing.max_shard_size,
+            threads=loading.threads,
+            force=writing.force,
         )
-    for n in notes:
+    for n in written.notes:
         say(f"note: {n}")
-    return notes
+    return written
 
 
 def _write_result(
     command: str,
     writing: Writing,
     state_dict: Mapping[str, Any],
-    notes: Sequence[str],
+    written: Written | None,
     model_data: Mapping[str, Any] | None,
     model: ModelCheck,
     say: _Notices,
@@ -753,14 +774,15 @@ def _write_result(
     return WriteResult(
         command=command,
         output=str(writing.output),
-        format=output_format(Path(writing.output), writing.format).value,
+        format=output_format(writing.output, writing.format, writing.max_shard_size).value,
         dry_run=writing.dry_run,
         refused=refused,
         keys=tuple(state_dict),
         num_tensors=len(state_dict) - len(extra),
         extra_state=tuple(extra),
         total_bytes=size,
-        notes=tuple(notes),
+        notes=tuple(written.notes if written is not None else ()),
+        files=tuple(written.files if written is not None else ()),
         model=model_data,
         model_options=model,
         notices=tuple(say.lines),

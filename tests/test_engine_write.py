@@ -859,12 +859,12 @@ def test_the_engines_crc32_is_zlibs(data: bytes, start: int) -> None:
 def test_records_past_the_writeback_step_start_the_disk_and_stay_exact(tmp_path: Path, monkeypatch) -> None:
     """Every 16 MiB of copied records the writer asks the kernel to start writing them out; the
     file is still byte for byte what torch.save writes (but the random serialization id)."""
-    from ckptsurgeon.engine import zipwrite
+    from ckptsurgeon.engine import copier
 
     calls: list[tuple[int, int, int]] = []
     real = os.posix_fadvise
     monkeypatch.setattr(
-        zipwrite.os,
+        copier.os,
         "posix_fadvise",
         lambda fd, off, n, advice: calls.append((off, n, advice)) or real(fd, off, n, advice),
     )
@@ -877,20 +877,20 @@ def test_records_past_the_writeback_step_start_the_disk_and_stay_exact(tmp_path:
     assert_same(sd, torch.load(out, weights_only=True))
     assert [advice for _, _, advice in calls] == [os.POSIX_FADV_DONTNEED]  # after 18 of 24 MB
     off, n, _ = calls[0]
-    assert off == 0 and zipwrite._WRITEBACK_STEP <= n < out.stat().st_size
+    assert off == 0 and copier._WRITEBACK_STEP <= n < out.stat().st_size
 
 
 def test_writeback_starts_inside_one_large_record(tmp_path: Path, monkeypatch) -> None:
     """A single big tensor does not wait for its last byte: writeback is started between the
     kernel copies of one record, over consecutive ranges of the output."""
-    from ckptsurgeon.engine import zipwrite
+    from ckptsurgeon.engine import copier
 
     calls: list[tuple[int, int]] = []
     real = os.posix_fadvise
     monkeypatch.setattr(
-        zipwrite.os, "posix_fadvise", lambda fd, off, n, advice: calls.append((off, n)) or real(fd, off, n, advice)
+        copier.os, "posix_fadvise", lambda fd, off, n, advice: calls.append((off, n)) or real(fd, off, n, advice)
     )
-    monkeypatch.setattr(zipwrite, "_KERNEL_COPY_CHUNK", 8 << 20)
+    monkeypatch.setattr(copier, "_KERNEL_COPY_CHUNK", 8 << 20)
     torch.manual_seed(0)
     sd = collections.OrderedDict(big=torch.randn(10_000_000))  # one 40 MB record
     torch.save(sd, tmp_path / "ref.pt")

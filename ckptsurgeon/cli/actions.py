@@ -56,9 +56,10 @@ def _model(options: dict[str, Any]) -> jobs.ModelCheck:
 
 def _writing(options: dict[str, Any]) -> jobs.Writing:
     """The writer options (the option table's entries named as `jobs.Writing`'s fields), each
-    taken as given or at its default: a new option common to the writers needs no line here."""
+    taken as given or at its default: a new option common to the writers needs no line here.
+    OUT stays the string typed: a trailing `/` asks for a directory layout."""
     writing = jobs.Writing(**{f: options.pop(f) for f in jobs.Writing._fields if f in options})
-    return writing._replace(output=Path(writing.output))
+    return writing._replace(output=str(writing.output))
 
 
 def inspect(

@@ -135,21 +135,26 @@ OPTIONS: tuple[Opt, ...] = (
         "With --model: keys the checkpoint has but the model lacks are fine.", COMMANDS, Group.MODEL, default=False),
     # -------------------------------------------------------------------------------- writing
     Opt("output", ("--output", "-o"), Kind.LOCATION, "OUT",
-        "File to write (.safetensors: safetensors format; else torch.save's).",
+        "File or directory to write (see --format); a trailing / makes it a directory of shards.",
         WRITERS, Group.WRITING, required=True, fast=True),
     Opt("force", ("--force", "-f"), Kind.FLAG, "", "Replace an existing output (also when it is an input).",
         WRITERS, Group.WRITING, default=False, fast=True),
     Opt("dry_run", ("--dry-run",), Kind.FLAG, "", "Show what would be written; write nothing.",
         WRITERS, Group.WRITING, default=False, fast=True),
-    Opt("format", ("--format",), Kind.CHOICE, "pt|safetensors",
-        "Layout of OUT; by default from its name: *.safetensors -> safetensors, anything else -> pt "
-        "(torch.save's zip format).",
+    Opt("format", ("--format",), Kind.CHOICE, "pt|safetensors|hf|hf-bin|dcp",
+        "Layout of OUT: pt (torch.save's zip), safetensors, hf (a directory of safetensors shards + index, as the "
+        "Hub), hf-bin (.bin shards + index), dcp (torch.distributed.checkpoint). By default from OUT: "
+        "*.safetensors -> safetensors; a trailing /, an existing directory or --max-shard-size -> hf; else pt.",
         WRITERS, Group.WRITING, fast=True, choices="ckptsurgeon.io:OutputFormat"),
     Opt("dtype", ("--dtype",), Kind.CHOICE, "DTYPE",
         "Cast the floating-point tensors written to DTYPE (float16, bfloat16, float32, float64, float8_e4m3fn, "
         "float8_e5m2), bit for bit as torch's tensor.to(DTYPE); integer, bool, complex and quantized tensors are "
         "kept as they are, tied tensors stay tied.",
         WRITERS, Group.WRITING, fast=True, choices="ckptsurgeon.cast:CastDtype"),
+    Opt("max_shard_size", ("--max-shard-size",), Kind.TEXT, "SIZE",
+        "Largest shard of an hf or hf-bin output (default 5GB): 500MB, 5GB (decimal, as the Hub), 2GiB, or "
+        "bytes; a tensor bigger than SIZE gets a shard of its own.",
+        WRITERS, Group.WRITING, fast=True),
     Opt("verify", ("--verify",), Kind.FLAG, "",
         "Read the data back and check it: inspect checks every record's CRC-32; a writer compares the written "
         "file with what was meant before it replaces OUT.",

@@ -78,7 +78,7 @@ class TextRenderer:
             extra = len(result.extra_state)
             also = f" and {extra} extra state {'entry' if extra == 1 else 'entries'}" if extra else ""
             size = text.human_bytes(result.total_bytes)
-            notice(f"wrote {result.num_tensors} tensors{also} ({size}) to {result.output}")
+            notice(f"wrote {result.num_tensors} tensors{also} ({size}) to {result.output}{_layout(result)}")
 
     def _diff(self, result: DiffResult) -> None:
         opts = result.model_options
@@ -89,6 +89,16 @@ class TextRenderer:
         for side, m in result.models.items():
             for line in text.model_lines(m, opts.allow_missing, opts.allow_unexpected):
                 say(text.Line(f"{side.upper()}: {line.text}", line.style))
+
+
+def _layout(result: WriteResult) -> str:
+    """` as hf: 4 shards and an index` for a directory output; nothing for one file."""
+    if not result.is_directory:
+        return ""
+    shards = sum(1 for name, _ in result.files if not name.endswith(".json") and name != ".metadata")
+    index = len(result.files) - shards
+    what = f"{shards} shard{'s' if shards != 1 else ''}" + (" and an index" if index else "")
+    return f" as {result.format}: {what}"
 
 
 TEXT = TextRenderer()

@@ -1,13 +1,16 @@
 """Atomic output: every output ckptsurgeon writes goes through :func:`atomic_output` (a temporary
-file beside the destination, fsync, rename, fsync of the directory), so a destination is replaced
-whole or left exactly as it was. Also the checks on an output path made before any input is read
-(:func:`check_output`) and the removal of temporary files a killed run left (:data:`TMP_MARK`)."""
+file beside the destination, fsync, rename, fsync of the directory) or, for a directory layout,
+:func:`atomic_directory` (a temporary directory beside it, filled and fsynced, then swapped in),
+so a destination is replaced whole or left exactly as it was. Also the checks on an output path
+made before any input is read (:func:`check_output`) and the removal of temporary files and
+directories a killed run left (:data:`TMP_MARK`)."""
 
 from __future__ import annotations
 
 import contextlib
 import errno
 import os
+import re
 import stat
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -17,15 +20,29 @@ from .. import interrupts
 from ..errors import OutputError
 
 TMP_MARK = ".ckptsurgeon-tmp"
+OLD_MARK = ".ckptsurgeon-old"  # a replaced directory layout set aside (where directories cannot be swapped)
+
+# What `--force` may replace in a directory: a Hugging Face layout (shards + index, or one file) or
+# the files of torch.distributed.checkpoint
+LAYOUT_FILE = re.compile(
+    r"(?:model(?:-\d{5}-of-\d{5})?\.safetensors|model\.safetensors\.index\.json"
+    r"|pytorch_model(?:-\d{5}-of-\d{5})?\.bin|pytorch_model\.bin\.index\.json"
+    r"|\.metadata|[^/]*\.distcp)"
+)
 
 
-def check_output(output: Path, inputs: Sequence[Path], *, force: bool) -> None:
+def check_output(output: Path, inputs: Sequence[Path], *, force: bool, directory: bool = False) -> None:
     """Refuse `-` (stdout is not supported), an existing output that is not a regular file (even
     with --force), an existing output without --force, and an output that is an input without
-    --force. Looks at paths only: cheap enough to run before any input is read."""
+    --force. A `directory` output (a sharded layout) must instead be a directory or not exist, and
+    `--force` replaces only a directory that holds nothing but a checkpoint layout (see
+    `layout_intruders`). Looks at paths only: cheap enough to run before any input is read."""
     if str(output) == "-":
         raise OutputError("-o -: writing to stdout is not supported; give a file path")
-    refuse_non_regular(output)
+    if directory:
+        refuse_non_layout(output, force=force)
+    else:
+        refuse_non_regular(output)
     if output.exists() or output.is_symlink():
         same = any(_same_file(output, p) for p in inputs)
         if not force:
@@ -59,6 +76,49 @@ def refuse_non_regular(output: Path) -> None:
         )
 
 
+def layout_intruders(directory: Path) -> list[str]:
+    """The entries of `directory` that are not part of a checkpoint layout (`LAYOUT_FILE`: shards
+    and index of the Hub's layouts, DCP's `.metadata` and `*.distcp`, each a file or a symlink),
+    sorted; [] when `--force` may replace it."""
+    try:
+        entries = list(os.scandir(directory))
+    except OSError as exc:
+        return [f"(unreadable: {exc.strerror or exc})"]
+    others = []
+    for entry in entries:
+        fits = LAYOUT_FILE.fullmatch(entry.name) is not None
+        if not fits or not (entry.is_symlink() or entry.is_file(follow_symlinks=False)):
+            others.append(entry.name + ("/" if entry.is_dir(follow_symlinks=False) else ""))
+    return sorted(others)
+
+
+def refuse_non_layout(output: Path, *, force: bool) -> None:
+    """A directory output (a sharded layout) may replace a directory, with --force, that holds
+    nothing but a checkpoint layout; never a file, a symlink or anything else."""
+    try:
+        mode = os.lstat(output).st_mode
+    except OSError:  # nothing there: a new directory will be made
+        return
+    if not stat.S_ISDIR(mode):
+        kind = (
+            "a symlink"
+            if stat.S_ISLNK(mode)
+            else next(
+                (name for test, name in _KINDS if test(mode)), "a file" if stat.S_ISREG(mode) else "not a directory"
+            )
+        )
+        raise OutputError(f"{output}: is {kind}; a sharded output is a directory (--force does not change that)")
+    if not force:
+        raise OutputError(f"{output}: output exists; pass --force to replace it")
+    others = layout_intruders(output)
+    if others:
+        shown = ", ".join(others[:5]) + (f" (+{len(others) - 5} more)" if len(others) > 5 else "")
+        raise OutputError(
+            f"{output}: --force replaces a directory only when it holds nothing but a checkpoint layout; "
+            f"it also holds {shown}"
+        )
+
+
 def _same_file(a: Path, b: Path) -> bool:
     try:
         return os.path.samefile(a, b)
@@ -67,23 +127,53 @@ def _same_file(a: Path, b: Path) -> bool:
 
 
 def _clean_stale_temps(directory: Path, name: str) -> None:
-    """Remove temporary files left by a killed earlier run for this output (their pid is gone).
+    """Remove temporary files and directories left by a killed earlier run for this output (their
+    pid is gone).
 
     Only `.NAME.PID.RANDOM.ckptsurgeon-tmp` for exactly this NAME: the temp file of an output
-    called `NAME.123` is another output's business.
+    called `NAME.123` is another output's business. A directory layout set aside to be replaced
+    (`.NAME.PID.RANDOM.ckptsurgeon-old`) by a run killed before the new one took its place is put
+    back when NAME is missing, else removed: the destination holds the old layout or the new.
     """
-    import re
-
-    pattern = re.compile(rf"\.{re.escape(name)}\.(\d+)\.[A-Za-z0-9_]+{re.escape(TMP_MARK)}")
+    pattern = re.compile(rf"\.{re.escape(name)}\.(\d+)\.[A-Za-z0-9_]+({re.escape(TMP_MARK)}|{re.escape(OLD_MARK)})")
     try:
         entries = list(os.scandir(directory))
     except OSError:
         return
     for entry in entries:
         found = pattern.fullmatch(entry.name)
-        if found and not _pid_alive(int(found.group(1))):
+        if not found or _pid_alive(int(found.group(1))):
+            continue
+        if found.group(2) == OLD_MARK and not os.path.lexists(os.path.join(directory, name)):
             with contextlib.suppress(OSError):
+                os.rename(entry.path, os.path.join(directory, name))
+            continue
+        with contextlib.suppress(OSError):
+            if found.group(2) == OLD_MARK:
+                _remove_layout(entry.path)
+            elif entry.is_dir(follow_symlinks=False):
+                _remove_tree(entry.path)
+            else:
                 os.unlink(entry.path)
+
+
+def _remove_tree(path: str) -> None:
+    """Remove a temporary directory ckptsurgeon made (it holds nothing of anyone else's)."""
+    import shutil
+
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def _remove_layout(path: str) -> None:
+    """Remove a replaced output directory: its checkpoint layout files only, then the directory
+    if that left it empty (a file that came there since it was checked stays, in the directory)."""
+    with contextlib.suppress(OSError):
+        for entry in os.scandir(path):
+            if LAYOUT_FILE.fullmatch(entry.name) and (entry.is_symlink() or entry.is_file(follow_symlinks=False)):
+                with contextlib.suppress(OSError):
+                    os.unlink(entry.path)
+    with contextlib.suppress(OSError):
+        os.rmdir(path)
 
 
 def _pid_alive(pid: int) -> bool:
@@ -183,3 +273,103 @@ def atomic_output(dest: Path, *, check: Callable[[Path], None] | None = None) ->
             os.fsync(dir_fd)
         finally:
             os.close(dir_fd)
+
+
+def _fsync_path(path: str | Path, *, directory: bool = False) -> None:
+    fd = os.open(path, os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if directory else 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _exchange(a: str, b: str) -> bool:
+    """Swap two paths in one step (Linux `renameat2(RENAME_EXCHANGE)`); False where the system
+    cannot (the caller then renames the old one aside first)."""
+    import ctypes
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), b)
+
+
+@contextlib.contextmanager
+def atomic_directory(dest: Path, *, force: bool, check: Callable[[Path], None] | None = None) -> Iterator[Path]:
+    """A new directory to fill, which then takes the place of `dest` in one step.
+
+    The caller writes (and fsyncs) its files into the yielded temporary directory beside `dest`,
+    the index last. The directory is fsynced and renamed into place; an existing `dest` (allowed
+    by `force` and only when it holds nothing but a checkpoint layout, checked again here) is
+    swapped out atomically, or, where the system cannot swap, renamed aside first, the new one
+    renamed in, the old one removed: a crash at any point leaves `dest` with the old layout or the
+    new one, whole, and the next run removes what is left over. `check(temp_dir)` runs on the
+    complete directory before it replaces `dest`. On any failure the temporary directory is
+    removed and `dest` is untouched.
+    """
+    import tempfile
+
+    refuse_non_layout(dest, force=force)
+    directory = dest.parent if str(dest.parent) else Path(".")
+    _clean_stale_temps(directory, dest.name)
+    made: list[str] = []  # the new directory, while it is not in place
+    replaced: list[str] = []  # where the old layout went
+    try:
+        with interrupts.shielded():
+            try:
+                made.append(tempfile.mkdtemp(prefix=f".{dest.name}.{os.getpid()}.", suffix=TMP_MARK, dir=directory))
+            except OSError as exc:
+                raise OutputError(f"{dest}: cannot create a directory in {directory}: {exc.strerror or exc}") from None
+        interrupts.raise_if_interrupted()
+        temp = made[0]
+        os.chmod(temp, 0o777 & ~_umask())
+        yield Path(temp)
+        _fsync_path(temp, directory=True)
+        if check is not None:
+            check(Path(temp))
+        with interrupts.shielded():
+            interrupts.raise_if_interrupted()
+            refuse_non_layout(dest, force=force)  # what came there since the first check
+            if not os.path.lexists(dest):
+                os.rename(temp, dest)
+            elif _exchange(temp, str(dest)):
+                replaced.append(temp)  # `temp` now holds the old layout
+            else:
+                aside = tempfile.mktemp(prefix=f".{dest.name}.{os.getpid()}.", suffix=OLD_MARK, dir=directory)
+                os.rename(dest, aside)
+                try:
+                    os.rename(temp, dest)
+                except OSError:
+                    os.rename(aside, dest)  # the old layout back in its place
+                    raise
+                replaced.append(aside)
+            made.clear()
+            interrupts.commit()
+            with contextlib.suppress(OSError):
+                _fsync_path(directory, directory=True)
+    except OSError as exc:
+        raise _write_error(dest, exc) from None
+    finally:
+        with interrupts.shielded():
+            for path in made:
+                _remove_tree(path)
+            for path in replaced:
+                _remove_layout(path)
+
+
+def _umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask

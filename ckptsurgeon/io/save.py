@@ -1,6 +1,7 @@
-"""Saving a checkpoint: torch.save's zip format (storage records copied byte for byte when the
-engine read them) or safetensors, always through :func:`~.atomic.atomic_output`, optionally read
-back and compared (`verify`)."""
+"""Saving a checkpoint: torch.save's zip format or safetensors (storage records copied byte for
+byte when the engine read them), one file through :func:`~.atomic.atomic_output`, or a directory
+layout (the Hub's safetensors or `.bin` shards with their index; DCP) through
+:func:`~.atomic.atomic_directory`; optionally read back and compared (`verify`)."""
 
 from __future__ import annotations
 
@@ -10,15 +11,18 @@ from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from enum import Enum
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO, NamedTuple, TypeVar
 
 from ..containers import replace_at
 from ..engine.meta import TensorMeta
 from ..engine.source import Source
 from ..errors import CheckpointError, EngineUnsupported, OutputError, UsageError
 from ..tensors import is_tensor
-from .atomic import atomic_output
+from .atomic import atomic_directory, atomic_output
 from .load import Checkpoint, _debug, _read_source, as_torch, iter_tensors
+
+if TYPE_CHECKING:
+    from ..engine.safetensors_write import Entry
 
 
 def with_state_dict(ckpt: Checkpoint, state_dict: Mapping[str, Any]) -> Any:
@@ -39,17 +43,94 @@ class OutputFormat(str, Enum):
 
     pt = "pt"  # torch.save's zip format
     safetensors = "safetensors"
+    hf = "hf"  # a directory: model-0000k-of-0000n.safetensors + model.safetensors.index.json
+    hf_bin = "hf-bin"  # a directory: pytorch_model-0000k-of-0000n.bin + pytorch_model.bin.index.json
+    dcp = "dcp"  # a directory: torch.distributed.checkpoint's .metadata + *.distcp
+
+    @property
+    def is_directory(self) -> bool:
+        return self in (OutputFormat.hf, OutputFormat.hf_bin, OutputFormat.dcp)
 
 
-def output_format(path: Path, format: str | None = None) -> OutputFormat:
-    """`format` when given, else from the output's name: `*.safetensors` -> safetensors, else pt."""
+DEFAULT_MAX_SHARD_SIZE = "5GB"  # huggingface_hub's default
+_SIZE_UNITS = {
+    "": 1,
+    "B": 1,
+    "KB": 10**3,
+    "MB": 10**6,
+    "GB": 10**9,
+    "TB": 10**12,
+    "KIB": 2**10,
+    "MIB": 2**20,
+    "GIB": 2**30,
+    "TIB": 2**40,
+}
+
+
+def parse_size(size: str | int) -> int:
+    """A byte count from `--max-shard-size`: decimal units as the Hub writes them (`500MB`, `5GB`:
+    GB = 10**9), binary ones (`2GiB`), or a plain number of bytes. Case-insensitive; a fraction
+    (`1.5GB`) is rounded down, as huggingface_hub does. UsageError for anything else, or < 1."""
+    import re
+
+    if isinstance(size, int):
+        value = size
+    else:
+        found = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([A-Za-z]*)\s*", size)
+        unit = found.group(2).upper() if found else ""
+        if found is None or unit not in _SIZE_UNITS:
+            raise UsageError(
+                f"--max-shard-size {size!r}: expected a size such as 500MB, 5GB (decimal, as the Hub), "
+                "2GiB (binary) or a byte count"
+            )
+        number = found.group(1)
+        value = int(number) * _SIZE_UNITS[unit] if number.isdigit() else int(float(number) * _SIZE_UNITS[unit])
+    if value < 1:
+        raise UsageError(f"--max-shard-size {size!r}: a shard holds at least one byte")
+    return value
+
+
+def output_format(
+    output: str | os.PathLike[str], format: str | None = None, max_shard_size: str | int | None = None
+) -> OutputFormat:
+    """`format` when given, else from OUT as the user typed it: a path ending in `/`, an existing
+    directory or a `--max-shard-size` -> hf (a sharded directory); `*.safetensors` -> safetensors;
+    anything else -> pt. `--max-shard-size` with a single-file format, or a single-file format for
+    a path ending in `/`, is a UsageError."""
+    text = os.fspath(output)
     if format is not None:
         try:
-            return OutputFormat(format)
+            chosen = OutputFormat(format)
         except ValueError:
             choices = ", ".join(f.value for f in OutputFormat)
             raise UsageError(f"--format {format!r}: expected one of {choices}") from None
-    return OutputFormat.safetensors if path.suffix.lower() == ".safetensors" else OutputFormat.pt
+    else:
+        if text.endswith(("/", os.sep)) or os.path.isdir(text):
+            chosen = OutputFormat.hf
+        elif Path(text).suffix.lower() == ".safetensors":
+            chosen = OutputFormat.safetensors
+        elif max_shard_size is not None:
+            chosen = OutputFormat.hf
+        else:
+            chosen = OutputFormat.pt
+    if not chosen.is_directory and text.endswith(("/", os.sep)):
+        raise UsageError(f"{text}: a path ending in / is a directory, but --format {chosen.value} writes one file")
+    if max_shard_size is not None and chosen not in (OutputFormat.hf, OutputFormat.hf_bin):
+        why = "the --format given" if format is not None else "OUT's name"
+        raise UsageError(
+            f"--max-shard-size applies to sharded outputs (--format hf or hf-bin, or OUT ending in /); "
+            f"{why} makes OUT {chosen.value}"
+        )
+    return chosen
+
+
+class Written(NamedTuple):
+    """What a writer wrote: the layout, notes for the user, and for a directory the files in it
+    (name, bytes), in the order they were written (the index last)."""
+
+    format: OutputFormat
+    notes: list[str]
+    files: list[tuple[str, int]]
 
 
 def save_checkpoint(
@@ -62,48 +143,319 @@ def save_checkpoint(
     unsafe: bool = False,
     allow_globals: Sequence[str] = (),
     format: str | None = None,
+    max_shard_size: str | int | None = None,
+    threads: int = 1,
+    force: bool = False,
 ) -> list[str]:
     """Write `obj` atomically in `format` (see `output_format`: by default `.safetensors` outputs
-    get the safetensors format, others torch.save's).
+    get the safetensors format, a directory the Hub's sharded layout, others torch.save's).
 
-    Returns notices for the user (e.g. what safetensors cannot represent). On any failure the
-    destination is left exactly as it was and no temporary file remains. With `verify`, the
-    written file is read back and compared with `obj` before it replaces the destination.
-    `progress` is called with byte counts as storages are copied (the byte-copying path only).
-    `unsafe` and `allow_globals` are what reading the output back may use (as for the input).
+    Returns notices for the user (e.g. what safetensors cannot represent); `write_checkpoint`
+    also says which files a directory output holds. See there for the arguments.
     """
-    output = Path(output)
+    return write_checkpoint(
+        obj,
+        output,
+        safetensors_metadata=safetensors_metadata,
+        verify=verify,
+        progress=progress,
+        unsafe=unsafe,
+        allow_globals=allow_globals,
+        format=format,
+        max_shard_size=max_shard_size,
+        threads=threads,
+        force=force,
+    ).notes
+
+
+def write_checkpoint(
+    obj: Any,
+    output: str | os.PathLike[str],
+    *,
+    safetensors_metadata: Mapping[str, str] | None = None,
+    verify: bool = False,
+    progress: Callable[[int], None] | None = None,
+    unsafe: bool = False,
+    allow_globals: Sequence[str] = (),
+    format: str | None = None,
+    max_shard_size: str | int | None = None,
+    threads: int = 1,
+    force: bool = False,
+) -> Written:
+    """Write `obj` atomically to `output` in `format` (None: from the output, see `output_format`).
+
+    Engine tensors (TensorMeta) are copied byte for byte from their files, into torch.save's zip
+    format or into safetensors; other tensors are written by torch. A directory layout (`hf`,
+    `hf-bin`: shards of at most `max_shard_size`, default 5GB, written by `threads` threads; `dcp`)
+    is filled in a temporary directory beside `output` and swapped in whole; an existing one is
+    replaced only with `force` and only when it holds nothing but a checkpoint layout. On any
+    failure the destination is left exactly as it was and nothing temporary remains. With
+    `verify`, every written file is read back and compared with `obj` before it replaces the
+    destination. `progress` is called with byte counts as tensors are written. `unsafe` and
+    `allow_globals` are what reading the output back may use (as for the input).
+    """
+    fmt = output_format(output, format, max_shard_size)
+    dest = Path(output)
+    read_back = _ReadBack(verify, unsafe, frozenset(allow_globals))
+    if fmt.is_directory:
+        return _write_directory(
+            obj, dest, fmt, safetensors_metadata, read_back, progress, max_shard_size, max(1, threads), force
+        )
     notes: list[str] = []
-    safetensors = output_format(output, format) is OutputFormat.safetensors
+    safetensors = fmt is OutputFormat.safetensors
     if safetensors:
-        _check_safetensors_target(obj, output)
+        _check_tensors_only(obj, dest, fmt)
 
     def check(tmp: Path) -> None:
-        _verify_written(obj, tmp, output, by_key=safetensors, unsafe=unsafe, allow_globals=frozenset(allow_globals))
+        read_back.check(obj, tmp, dest, by_key=safetensors)
 
-    with atomic_output(output, check=check if verify else None) as f:
+    with atomic_output(dest, check=check if verify else None) as f:
         if safetensors:
-            notes += _write_safetensors(obj, f, safetensors_metadata)
-        elif not _try_raw_write(obj, f, output, progress):
-            _write_torch(obj, f)
-    return notes
+            notes += _write_safetensors(obj, f, safetensors_metadata, progress, str(dest))
+        else:
+            _write_pt(obj, f, dest, progress)
+    return Written(fmt, notes, [])
 
 
-def _check_safetensors_target(obj: Any, output: Path) -> None:
-    """A .safetensors file holds a flat mapping of tensors: refuse anything else, naming what."""
+class _ReadBack(NamedTuple):
+    """`--verify`: whether written files are read back, and how they may be read."""
+
+    verify: bool
+    unsafe: bool
+    allow_globals: frozenset[str]
+
+    def check(self, intended: Any, written: Path, output: Path, *, by_key: bool) -> None:
+        if self.verify:
+            _verify_written(
+                intended, written, output, by_key=by_key, unsafe=self.unsafe, allow_globals=self.allow_globals
+            )
+
+
+def _write_pt(obj: Any, f: BinaryIO, output: Path, progress: Callable[[int], None] | None) -> None:
+    """torch.save's zip format: records copied by the engine, or torch.save for torch tensors."""
+    if not _try_raw_write(obj, f, output, progress):
+        _write_torch(obj, f)
+
+
+# ------------------------------------------------------------------------- directory layouts
+
+
+class ShardPlan(NamedTuple):
+    """The Hub's split of a state_dict: file name -> its keys (in order), and the total size."""
+
+    files: list[tuple[str, list[str]]]
+    total_size: int
+
+    @property
+    def is_sharded(self) -> bool:
+        return len(self.files) > 1
+
+    def weight_map(self) -> dict[str, str]:
+        return {key: name for name, keys in self.files for key in keys}
+
+
+SAFETENSORS_PATTERN = "model{suffix}.safetensors"
+BIN_PATTERN = "pytorch_model{suffix}.bin"
+
+
+def plan_shards(state_dict: Mapping[str, Any], max_shard_size: int, pattern: str) -> ShardPlan:
+    """Group the keys of `state_dict` into shards as `huggingface_hub.split_torch_state_dict_into_shards`
+    does: greedily in key order, a tensor's size the bytes of its whole storage, tensors sharing a
+    storage counted once and placed with the first, a tensor bigger than the limit alone in a shard
+    (which comes before the shard being filled). One shard is named `pattern` without suffix."""
+    by_storage: dict[Any, list[str]] = {}
+    shards: list[list[str]] = []
+    current: list[str] = []
+    current_size = 0
+    total = 0
+    for key, t in state_dict.items():
+        ident, size = _hub_storage(t)
+        if ident in by_storage:
+            by_storage[ident].append(key)
+            continue
+        by_storage[ident] = [key]
+        if size > max_shard_size:
+            total += size
+            shards.append([key])
+            continue
+        if current_size + size > max_shard_size:
+            shards.append(current)
+            current, current_size = [], 0
+        current.append(key)
+        current_size += size
+        total += size
+    if current:
+        shards.append(current)
+    for keys in by_storage.values():
+        for shard in shards:
+            if keys[0] in shard:
+                shard.extend(keys[1:])
+                break
+    if len(shards) == 1:
+        return ShardPlan([(pattern.format(suffix=""), shards[0])], total)
+    n = len(shards)
+    return ShardPlan(
+        [(pattern.format(suffix=f"-{i + 1:05d}-of-{n:05d}"), keys) for i, keys in enumerate(shards)], total
+    )
+
+
+def _hub_storage(t: Any) -> tuple[Any, int]:
+    """(identity, bytes) of a tensor's storage as huggingface_hub sees them: every empty storage is
+    one (its data pointer is 0)."""
+    from ..tensors import nbytes_of, storage_id, tensor_kind
+
+    if isinstance(t, TensorMeta):
+        size = t.storage.nbytes
+        return (t.storage.identity if size else ("empty",)), size
+    if tensor_kind(t) is None:
+        size = int(t.untyped_storage().nbytes())
+        return (storage_id(t) if size else ("empty",)), size
+    return storage_id(t), nbytes_of(t)
+
+
+def _write_directory(
+    obj: Any,
+    dest: Path,
+    fmt: OutputFormat,
+    metadata: Mapping[str, str] | None,
+    read_back: _ReadBack,
+    progress: Callable[[int], None] | None,
+    max_shard_size: str | int | None,
+    threads: int,
+    force: bool,
+) -> Written:
+    """A directory layout, written into a temporary directory that then replaces `dest`."""
+    if fmt is OutputFormat.dcp:
+        with atomic_directory(dest, force=force) as tmp:
+            _write_dcp(obj, tmp)
+            files = _listing(tmp)
+        return Written(fmt, [], files)
+    _check_tensors_only(obj, dest, fmt)
+    limit = parse_size(max_shard_size if max_shard_size is not None else DEFAULT_MAX_SHARD_SIZE)
+    sd: OrderedDict[str, Any] = OrderedDict(obj)
+    notes: list[str] = []
+    index_metadata: dict[str, Any] = {}
+    if fmt is OutputFormat.hf:
+        sd, file_metadata, notes, dropped = _safetensors_plan(obj, metadata)
+        plan = plan_shards(sd, limit, SAFETENSORS_PATTERN)
+        if plan.is_sharded:  # the Hub's way: the file's own metadata is {"format": "pt"}, the rest in the index
+            index_metadata = {k: v for k, v in file_metadata.items() if k != "format" and k not in dropped}
+            index_metadata.update(dropped)
+            file_metadata = {"format": "pt"}
+        entries = {k: _entry(k, v) for k, v in sd.items()}
+        from ..engine.safetensors_write import write_safetensors
+
+        def write_shard(keys: list[str], f: BinaryIO, name: str) -> None:
+            write_safetensors([entries[k] for k in keys], f, metadata=file_metadata, progress=advance, name=name)
+
+    else:
+        if getattr(obj, "_metadata", None):
+            notes.append("the state_dict's _metadata (module versions) is not kept in .bin shards")
+        plan = plan_shards(sd, limit, BIN_PATTERN)
+
+        def write_shard(keys: list[str], f: BinaryIO, name: str) -> None:
+            _write_pt(OrderedDict((k, sd[k]) for k in keys), f, Path(name), advance)
+
+    advance = _locked(progress)
+    with atomic_directory(dest, force=force) as tmp:
+
+        def one(item: tuple[str, list[str]]) -> tuple[str, int]:
+            name, keys = item
+            size = _write_file(tmp / name, lambda f: write_shard(keys, f, str(dest / name)))
+            return name, size
+
+        files = _run_all(one, plan.files, threads)
+        if plan.is_sharded:
+            index = {"metadata": {"total_size": plan.total_size, **index_metadata}, "weight_map": plan.weight_map()}
+            index_name = plan.files[0][0].split("-", 1)[0] + (".safetensors" if fmt is OutputFormat.hf else ".bin")
+            index_name += ".index.json"
+            import json
+
+            text = json.dumps(index, indent=2).encode("utf-8")
+            files.append((index_name, _write_file(tmp / index_name, lambda f: f.write(text))))
+        if read_back.verify:
+            for name, keys in plan.files:
+                shard = OrderedDict((k, sd[k]) for k in keys)
+                read_back.check(shard, tmp / name, dest / name, by_key=True)
+    return Written(fmt, notes, files)
+
+
+def _write_dcp(obj: Any, directory: Path) -> None:
+    """torch.distributed.checkpoint's layout, written into the empty `directory`."""
+    raise UsageError("--format dcp: not available yet")
+
+
+def _listing(directory: Path) -> list[tuple[str, int]]:
+    return sorted((p.name, p.stat().st_size) for p in directory.iterdir())
+
+
+def _locked(progress: Callable[[int], None] | None) -> Callable[[int], None] | None:
+    """`progress` made safe to call from the shard writers' threads."""
+    if progress is None:
+        return None
+    import threading
+
+    lock = threading.Lock()
+
+    def advance(n: int) -> None:
+        with lock:
+            progress(n)
+
+    return advance
+
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+def _run_all(task: Callable[[T], R], items: Sequence[T], threads: int) -> list[R]:
+    """`task` of every item, in `threads` threads; the results in the items' order. The first
+    failure is raised once every started task has ended (nothing is left writing)."""
+    if threads <= 1 or len(items) <= 1:
+        return [task(item) for item in items]
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=min(threads, len(items)), thread_name_prefix="ckptsurgeon-shard") as pool:
+        futures = [pool.submit(task, item) for item in items]
+        try:
+            return [f.result() for f in futures]
+        except BaseException:
+            for f in futures:
+                f.cancel()
+            raise
+
+
+def _write_file(path: Path, write: Callable[[BinaryIO], object]) -> int:
+    """Create `path` (new), write it with `write`, fsync it; returns its size."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o666)
+    try:
+        with os.fdopen(fd, "wb", closefd=False) as f:
+            write(f)
+            f.flush()
+        os.fsync(fd)
+        return os.fstat(fd).st_size
+    finally:
+        os.close(fd)
+
+
+def _check_tensors_only(obj: Any, output: Path, fmt: OutputFormat) -> None:
+    """A .safetensors file, and the Hub's shards, hold a flat mapping of tensors: refuse anything
+    else, naming what."""
     from ..containers import is_extra_state_key
     from ..errors import sorted_list
 
+    what = "a .safetensors output" if fmt is OutputFormat.safetensors else f"a {fmt.value} output"
+    holder = "safetensors holds" if fmt is OutputFormat.safetensors else f"{what} holds"
     if not isinstance(obj, Mapping):
-        raise UsageError(f"{output}: a .safetensors output holds a bare state_dict only")
+        raise UsageError(f"{output}: {what} holds a bare state_dict only")
     others = [k for k, v in obj.items() if not is_tensor(v)]
     if others and all(is_extra_state_key(k) for k in others):
         raise UsageError(
-            f"{output}: safetensors holds tensors only, not the extra state (non-tensor values) at "
+            f"{output}: {holder} tensors only, not the extra state (non-tensor values) at "
             f"{sorted_list(others)}; leave it out (extract -x PATTERN) or write a .pt file"
         )
     if others:
-        raise UsageError(f"{output}: a .safetensors output holds a bare state_dict only")
+        raise UsageError(f"{output}: {what} holds a bare state_dict only")
 
 
 def _verify_written(
@@ -169,29 +521,24 @@ def _write_torch(obj: Any, f: BinaryIO) -> None:
         torch.save(obj, f)
 
 
-def _write_safetensors(sd: Mapping[str, Any], f: BinaryIO, metadata: Mapping[str, str] | None) -> list[str]:
-    """Write `sd` as safetensors with its header in the state_dict's order (the library's `save`
-    sorts it), so that reading the file back gives the keys in their order. The data is laid out
-    by decreasing element size (stable), as the library does, so every tensor is aligned. A
-    tensor that is the very same view as another (a tied weight) is written once and its name
-    recorded in `__metadata__` as `dropped: kept`, as huggingface_hub does; reading restores it."""
-    import json
+def _safetensors_plan(
+    sd: Mapping[str, Any], metadata: Mapping[str, str] | None
+) -> tuple[OrderedDict[str, Any], dict[str, str], list[str], dict[str, str]]:
+    """What a safetensors file (or the Hub's shards) holds of `sd`: the tensors to write, the
+    `__metadata__`, notes, and the ties left out. A tensor that is the very same view as another
+    (a tied weight) is written once and its name recorded in the metadata as `dropped: kept`, as
+    huggingface_hub does (unless the name is taken in the metadata already); "format": "pt" as
+    huggingface_hub writes it (transformers checks it). Refuses (UsageError) tensors safetensors
+    cannot hold."""
+    from ..tensors import duplicate_names, shared_storage_groups, tensor_kind
 
-    import torch
-
-    from ..engine.safetensors_format import SAFETENSORS_DTYPES
-    from ..tensors import dtype_name, duplicate_names, shared_storage_groups, tensor_kind
-
-    codes = {name: code for code, name in SAFETENSORS_DTYPES.items()}
+    tensors: OrderedDict[str, Any] = OrderedDict(sd)
     notes = []
-    tensors = as_torch(OrderedDict(sd))
-    # tied weights: written once, the tie recorded (the Hub's way), unless the name is taken in
-    # the metadata already; "format": "pt" as huggingface_hub writes it (transformers checks it)
-    metadata = {"format": "pt", **(metadata or {})}
-    dropped = {k: v for k, v in duplicate_names(tensors).items() if k not in metadata}
+    file_metadata = {"format": "pt", **(metadata or {})}
+    dropped = {k: v for k, v in duplicate_names(tensors).items() if k not in file_metadata}
     for name in dropped:
         del tensors[name]
-    metadata.update(dropped)
+    file_metadata.update(dropped)
     shared = shared_storage_groups(tensors)
     if shared:
         notes.append("safetensors cannot share storage: written separately: " + "; ".join(", ".join(g) for g in shared))
@@ -200,27 +547,62 @@ def _write_safetensors(sd: Mapping[str, Any], f: BinaryIO, metadata: Mapping[str
     resolved = [k for k, v in tensors.items() if tensor_kind(v) in ("conjugate view", "negative view")]
     if resolved:
         notes.append("safetensors has no conjugate or negative bit: resolved into the values of " + ", ".join(resolved))
-    tensors = OrderedDict((k, _safetensors_tensor(k, v)) for k, v in tensors.items())  # or exit 2
-    unknown = [f"{k} ({dtype_name(v)})" for k, v in tensors.items() if dtype_name(v) not in codes]
-    if unknown:
-        raise UsageError(f"safetensors has no dtype code for {', '.join(sorted(unknown)[:10])}; write a .pt file")
-    header: dict[str, Any] = {"__metadata__": dict(metadata)} if metadata else {}
     for k, v in tensors.items():
-        header[k] = {"dtype": codes[dtype_name(v)], "shape": [int(n) for n in v.shape], "data_offsets": [0, 0]}
-    data_order = sorted(tensors, key=lambda k: -tensors[k].element_size())  # stable: ties keep key order
-    offset = 0
-    for k in data_order:
-        end = offset + tensors[k].numel() * tensors[k].element_size()
-        header[k]["data_offsets"] = [offset, end]
-        offset = end
-    encoded = json.dumps(header, separators=(",", ":")).encode("utf-8")
-    encoded += b" " * (-len(encoded) % 8)  # the data starts 8-byte aligned, as the library writes it
-    f.write(len(encoded).to_bytes(8, "little") + encoded)
-    for k in data_order:
-        flat = tensors[k].contiguous().reshape(-1)
-        if flat.numel():
-            f.write(memoryview(flat.view(torch.uint8).numpy()))
+        _check_safetensors_tensor(k, v)
+    return tensors, file_metadata, notes, dropped
+
+
+def _write_safetensors(
+    sd: Mapping[str, Any],
+    f: BinaryIO,
+    metadata: Mapping[str, str] | None,
+    progress: Callable[[int], None] | None = None,
+    name: str | None = None,
+) -> list[str]:
+    """Write `sd` as one safetensors file (see `_safetensors_plan` and
+    :mod:`~ckptsurgeon.engine.safetensors_write`: header in the state_dict's order, data by
+    decreasing element size, engine tensors copied from their files); returns the notes."""
+    from ..engine.safetensors_write import write_safetensors
+
+    tensors, file_metadata, notes, _ = _safetensors_plan(sd, metadata)
+    entries = [_entry(k, v) for k, v in tensors.items()]
+    write_safetensors(entries, f, metadata=file_metadata, progress=progress, name=name)
     return notes
+
+
+def _check_safetensors_tensor(key: str, t: Any) -> None:
+    """A UsageError for a tensor safetensors cannot hold (see `_safetensors_tensor`)."""
+    from ..engine.safetensors_write import SAFETENSORS_CODES
+    from ..tensors import dtype_name
+
+    if isinstance(t, TensorMeta):
+        if t.dtype not in SAFETENSORS_CODES:
+            raise UsageError(
+                f"cannot write {t.dtype} tensor {key!r} to safetensors: "
+                "safetensors has no dtype for it (write a .pt file instead)"
+            )
+        return
+    _safetensors_tensor(key, t)
+    if dtype_name(t) not in SAFETENSORS_CODES:
+        raise UsageError(f"safetensors has no dtype code for {key} ({dtype_name(t)}); write a .pt file")
+
+
+def _entry(key: str, t: Any) -> Entry:
+    """What the safetensors writer takes for one tensor: an engine tensor as it is (its bytes are
+    copied from its file), a torch tensor as a function giving its contiguous bytes."""
+    from ..engine.safetensors_write import Entry, entry_of
+    from ..tensors import dtype_name
+
+    if isinstance(t, TensorMeta):
+        return entry_of(key, t)
+
+    def data() -> memoryview:
+        import torch
+
+        flat = _safetensors_tensor(key, t).contiguous().reshape(-1)
+        return memoryview(flat.view(torch.uint8).numpy()) if flat.numel() else memoryview(b"")
+
+    return Entry(key, dtype_name(t), tuple(int(n) for n in t.shape), data)
 
 
 def _safetensors_tensor(key: str, t: Any) -> Any:
