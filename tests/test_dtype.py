@@ -104,6 +104,7 @@ def test_extract_dtype_is_torch_to_bit_for_bit(cli, tmp_path, dtype, fmt):
     assert doc["dtype"] == dtype and sorted(doc["cast"]) == sorted(cast)  # safetensors sorts its keys
     _check_cast(_load(out), sd, dtype)
     assert doc["total_bytes"] == sum(_expected(t, dtype).nbytes for t in sd.values())
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([src.name, "out.pt"])  # no scratch file left
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
