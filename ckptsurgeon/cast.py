@@ -76,7 +76,8 @@ def cast_state_dict(
     *,
     progress: Callable[[int], None] | None = None,
 ) -> tuple[OrderedDict[str, Any], list[str]]:
-    """`state_dict` with its floating-point tensors cast to `dtype`, and the keys cast.
+    """`state_dict` with its floating-point tensors cast to `dtype` (an OrderedDict, with the
+    `_metadata` of `state_dict`), and the keys cast.
 
     Each storage used by tensors to cast is cast once, over the span they use, piece by piece
     into `sink`; every such tensor becomes a TensorMeta on the cast storage with its shape,

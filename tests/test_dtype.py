@@ -104,6 +104,7 @@ def test_extract_dtype_is_torch_to_bit_for_bit(cli, tmp_path, dtype, fmt):
     assert doc["dtype"] == dtype and sorted(doc["cast"]) == sorted(cast)  # safetensors sorts its keys
     _check_cast(_load(out), sd, dtype)
     assert doc["total_bytes"] == sum(_expected(t, dtype).nbytes for t in sd.values())
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([src.name, "out.pt"])  # no scratch file left
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -285,3 +286,23 @@ def test_tensors_torch_holds_are_cast_too(cli, tmp_path):
     assert torch.equal(_bits(got["dense"]), _bits(sd["dense"].bfloat16()))
     assert got["view"].untyped_storage().data_ptr() == got["dense"].untyped_storage().data_ptr()
     assert torch.equal(got["i"], sd["i"])
+
+
+def test_rename_keeps_the_state_dicts_metadata(tmp_path):
+    """The cast state_dict keeps its `_metadata` (BatchNorm's loading depends on it), renamed
+    as without --dtype."""
+    bn = torch.nn.BatchNorm1d(3)
+    src = tmp_path / "in.pt"
+    torch.save({"model": bn.state_dict(), "epoch": 1}, src)
+    cast, uncast = tmp_path / "cast.pt", tmp_path / "uncast.pt"
+    for out, dtype in ((cast, "float16"), (uncast, None)):
+        assert jobs.rename(src, _prefix_rules("m."), jobs.Writing(out, dtype=dtype)).written
+    got, want = (torch.load(p, weights_only=True)["model"] for p in (cast, uncast))
+    assert got._metadata == want._metadata and got._metadata  # renamed along with the keys, not lost
+    assert got["m.running_mean"].dtype == torch.float16 and got["m.num_batches_tracked"].dtype == torch.int64
+
+
+def _prefix_rules(prefix: str) -> Any:
+    from ckptsurgeon.rename import RenameRules
+
+    return RenameRules(add_prefix=prefix)

@@ -275,3 +275,25 @@ def test_dtype_casts_sparse_and_neg_keeps_quantized_and_conj(cli, tmp_path, kind
             assert torch.equal(_values(got[key]), _values(t.to(torch.float16))), key
         else:
             _same_kind_and_values(got[key], t, key)
+
+
+def test_any_other_warning_is_one_notice_line(tmp_path):
+    """A warning that is not torch's known noise (here: from the model's own code, run by
+    `--model`) is said as one `warning:` line, without the file name and source line."""
+    (tmp_path / "net.py").write_text(
+        "import warnings\n"
+        "import torch\n"
+        "warnings.warn('this model is old\\nsecond line', UserWarning)\n"
+        "class Net(torch.nn.Linear):\n"
+        "    def __init__(self):\n"
+        "        super().__init__(2, 2)\n"
+    )
+    ckpt = tmp_path / "net.pt"
+    torch.save(torch.nn.Linear(2, 2).state_dict(), ckpt)
+    proc = subprocess.run(
+        [sys.executable, "-m", "ckptsurgeon", "inspect", str(ckpt), "--model", f"{tmp_path / 'net.py'}:Net"],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr.splitlines() == ["warning: this model is old"]

@@ -28,11 +28,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     args = list(sys.argv[1:] if argv is None else argv)
     expect_json(args)
-    with interrupts.handling_signals(), warnings_as_notices():
+    with interrupts.handling_signals():
         rc: int | None = None
         try:
             try:
-                rc = _dispatch(args)
+                with warnings_as_notices():
+                    rc = _dispatch(args)
             finally:
                 interrupts.hold()  # the command is over: a signal now is only recorded
         except interrupts.Interrupted:
