@@ -14,13 +14,21 @@ from __future__ import annotations
 import pickle
 import struct
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from ..errors import BadCheckpointError, EngineUnsupported, RestrictedPickleError, UnsafeCheckpointError
 from .limits import brief
 from .pickle_calls import HANDLERS
-from .pickle_checks import Malformed, Unsupported, check_graph, check_keys, is_int
+from .pickle_checks import (
+    ExtensionClass,
+    ExtensionValue,
+    Malformed,
+    Unsupported,
+    check_graph,
+    check_keys,
+    is_int,
+)
 from .pickle_globals import (
     ALLOCATING_GLOBALS,
     BLOCKLISTED_MODULES,
@@ -109,6 +117,11 @@ REDUCE = pickle.REDUCE[0]
 BUILD = pickle.BUILD[0]
 NEWOBJ = pickle.NEWOBJ[0]
 BINPERSID = pickle.BINPERSID[0]
+# protocol 4 (the pickles branch adds the rest of protocols 0-5)
+FRAME = pickle.FRAME[0]
+SHORT_BINUNICODE = pickle.SHORT_BINUNICODE[0]
+MEMOIZE = pickle.MEMOIZE[0]
+STACK_GLOBAL = pickle.STACK_GLOBAL[0]
 
 # MARK (every tuple, list, dict or batch built from a mark), EMPTY_DICT, EMPTY_LIST, EMPTY_SET,
 # TUPLE1-3: the opcodes that make a container
@@ -123,9 +136,11 @@ class _Machine:
         persistent_load: Callable[[tuple[Any, ...]], Any] | None,
         allow_globals: frozenset[str],
         max_containers: int = 1_000_000,
+        extension: Mapping[str, ExtensionClass] | None = None,
     ):
         self.persistent_load = persistent_load
         self.allow_globals = allow_globals
+        self.extension = extension or {}
         self.max_containers = max_containers
         self.unsafe: set[str] = set()
         self.unsupported: list[str] = []
@@ -146,6 +161,8 @@ class _Machine:
         if module in BLOCKLISTED_MODULES:
             self.unsafe.add(full)
             value: Any = Opaque(full)
+        elif full in self.extension:
+            value = self.extension[full]
         elif full in MODELLED_GLOBALS:
             value = MODELLED_GLOBALS[full]
         elif full in TORCH_WEIGHTS_ONLY_GLOBALS or full in self.allow_globals:
@@ -168,6 +185,8 @@ class _Machine:
             elif func is ORDERED_DICT and args and type(args[0]) in (list, tuple):
                 check_keys([p[0] for p in args[0] if type(p) is tuple and p], self._key_heights)
             return HANDLERS[func.kind](args)
+        if isinstance(func, ExtensionClass):
+            return func.call(args)
         if type(func) is Opaque:
             if func.name in ALLOCATING_GLOBALS and any(is_int(a) for a in args):
                 shown = ", ".join(brief(a) for a in args[:4])
@@ -188,6 +207,8 @@ class _Machine:
             return OrderedDict()
         if type(cls) is Opaque or type(cls) is StorageClass:
             return self.call(cls, args)
+        if isinstance(cls, ExtensionClass):
+            return cls.new(args if type(args) is tuple else ())
         if type(cls) is ModelledCallable:
             raise Unsupported(f"NEWOBJ of {cls.kind}")
         raise Malformed(f"NEWOBJ on a {type(cls).__name__} value, which is not an allowed class")
@@ -200,6 +221,8 @@ class _Machine:
             inst.__dict__.update(state)
         elif kind is Opaque:
             return
+        elif isinstance(inst, ExtensionValue):
+            inst.build(state)
         elif kind in (dict, list, tuple, str, int, float, bool, bytes, type(None)):
             raise Malformed(f"BUILD on a {kind.__name__}")
         else:
@@ -399,6 +422,24 @@ class _Machine:
                     pos += 1
                 elif op == STOP:
                     return stack.pop(), pos
+                elif op == FRAME:  # a framing hint: the frame's opcodes follow inline
+                    pos += 8
+                elif op == SHORT_BINUNICODE:
+                    n = data[pos]
+                    if pos + 1 + n > end:
+                        raise PickleTruncated("")
+                    append(str(data[pos + 1 : pos + 1 + n], "utf-8", "surrogatepass"))
+                    pos += 1 + n
+                elif op == MEMOIZE:
+                    memo[len(memo)] = stack[-1]
+                elif op == STACK_GLOBAL:
+                    name = stack.pop()
+                    module = stack.pop()
+                    if type(module) is not str or type(name) is not str:
+                        raise Malformed("STACK_GLOBAL on values that are not strings")
+                    append(
+                        self.find_global(module.encode("utf-8", "surrogatepass"), name.encode("utf-8", "surrogatepass"))
+                    )
                 else:
                     raise Malformed(_opcode_refusal(op, pos - 1))
         except (IndexError, struct.error, ValueError) as e:
@@ -426,6 +467,7 @@ def unpickle(
     complete: bool = True,
     max_nodes: int | None = None,
     max_containers: int = 1_000_000,
+    extension: Mapping[str, ExtensionClass] | None = None,
 ) -> tuple[Any, int]:
     """Run the restricted VM over the pickle at `data[start:]`; return (object, end offset).
 
@@ -436,8 +478,9 @@ def unpickle(
     can read more and retry), RestrictedPickleError (an opcode or construct the VM refuses, as
     weights_only does) or BadCheckpointError (storages that do not match the records).
     `max_containers` bounds the number of container-making opcodes (see `container_budget`).
+    `extension` maps further global names to classes the caller models (see ExtensionClass).
     """
-    machine = _Machine(persistent_load, allow_globals, max_containers)
+    machine = _Machine(persistent_load, allow_globals, max_containers, extension)
     try:
         obj, end = machine.run(data, start)
         if not machine.unsafe and not machine.unsupported:
@@ -450,7 +493,7 @@ def unpickle(
             raise UnsafeCheckpointError(path, machine.unsafe) from None
         raise PickleTruncated(f"{path}: {where} is truncated (the pickle has no STOP opcode)", machine.unsafe) from None
     except Malformed as e:
-        refused = machine.unsafe | refused_globals(scan_globals(data, start), allow_globals)
+        refused = machine.unsafe | refused_globals(scan_globals(data, start), allow_globals | machine.extension.keys())
         if refused:
             raise UnsafeCheckpointError(path, refused) from None
         if isinstance(e, _StorageMalformed):
@@ -459,7 +502,7 @@ def unpickle(
     except Unsupported as e:
         machine.unsupported.append(str(e))
     except BadCheckpointError as e:  # from persistent_load
-        refused = machine.unsafe | refused_globals(scan_globals(data, start), allow_globals)
+        refused = machine.unsafe | refused_globals(scan_globals(data, start), allow_globals | machine.extension.keys())
         if refused:
             raise UnsafeCheckpointError(path, refused) from None
         raise e
