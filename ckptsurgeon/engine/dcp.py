@@ -15,6 +15,7 @@ record checked), so memory stays at a 16 MiB buffer plus the pages of the tensor
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import struct
@@ -302,8 +303,14 @@ class AssembledSource(Source):
         try:
             os.ftruncate(fd, self._nbytes)
             if self._nbytes:
-                with mmap.mmap(fd, self._nbytes) as mm, memoryview(mm) as view:
-                    fill(view)
+                mm = mmap.mmap(fd, self._nbytes)
+                try:
+                    fill(memoryview(mm))
+                finally:
+                    # after an error a traceback may still hold a view of it: then the mapping
+                    # goes when the traceback does
+                    with contextlib.suppress(BufferError):
+                        mm.close()
         except BaseException:
             os.close(fd)
             raise
