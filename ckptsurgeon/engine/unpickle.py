@@ -117,7 +117,7 @@ REDUCE = pickle.REDUCE[0]
 BUILD = pickle.BUILD[0]
 NEWOBJ = pickle.NEWOBJ[0]
 BINPERSID = pickle.BINPERSID[0]
-# protocol 4 (the pickles branch adds the rest of protocols 0-5)
+# protocol 4, for pickles read with an extension table (see `run`)
 FRAME = pickle.FRAME[0]
 SHORT_BINUNICODE = pickle.SHORT_BINUNICODE[0]
 MEMOIZE = pickle.MEMOIZE[0]
@@ -258,6 +258,9 @@ class _Machine:
         # containers the file may still make: bounds time and memory of a hostile pickle
         # (3,000,000 empty dicts in a 3 MB pickle) that no nesting or size check catches
         budget = self.max_containers
+        # protocol 4's opcodes, which torch's weights_only loader refuses, only for the plain
+        # pickles a caller reads with an extension table (DCP's `.metadata`)
+        proto4 = bool(self.extension)
         try:
             while True:
                 op = data[pos]
@@ -422,17 +425,17 @@ class _Machine:
                     pos += 1
                 elif op == STOP:
                     return stack.pop(), pos
-                elif op == FRAME:  # a framing hint: the frame's opcodes follow inline
+                elif op == FRAME and proto4:  # a framing hint: the frame's opcodes follow inline
                     pos += 8
-                elif op == SHORT_BINUNICODE:
+                elif op == SHORT_BINUNICODE and proto4:
                     n = data[pos]
                     if pos + 1 + n > end:
                         raise PickleTruncated("")
                     append(str(data[pos + 1 : pos + 1 + n], "utf-8", "surrogatepass"))
                     pos += 1 + n
-                elif op == MEMOIZE:
+                elif op == MEMOIZE and proto4:
                     memo[len(memo)] = stack[-1]
-                elif op == STACK_GLOBAL:
+                elif op == STACK_GLOBAL and proto4:
                     name = stack.pop()
                     module = stack.pop()
                     if type(module) is not str or type(name) is not str:
