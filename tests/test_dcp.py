@@ -5,6 +5,7 @@ SAFETENSORS serialization formats), hostile directories, and the writer read bac
 
 from __future__ import annotations
 
+import argparse
 import collections
 import datetime
 import os
@@ -327,6 +328,37 @@ def test_any_other_global_in_metadata_is_refused_by_name(single: Path, tmp_path:
     assert info.value.globals and all(not g.startswith("torch.distributed") for g in info.value.globals)
 
 
+def test_non_tensor_values_go_through_the_restricted_unpickler(tmp_path: Path) -> None:
+    marker = tmp_path / "marker"
+    d = tmp_path / "ckpt"
+    dcp.save(
+        {"model": {"w": torch.ones(2)}, "args": argparse.Namespace(lr=0.1), "hook": Payload(marker)},
+        checkpoint_id=str(d),
+    )
+    message = refused(d, "argparse.Namespace", UnsafeCheckpointError)
+    assert "posix.system" in message
+    assert not marker.exists()
+    raw = read_dcp_metadata(str(d))  # inspect's reading does not unpickle them at all
+    assert isinstance(raw.obj["args"], NotRead) and raw.obj["model"]["w"].shape == (2,)
+    for src in raw.extras["sources"]:
+        src.close()
+
+
+def test_metadata_from_before_the_metadata_classes_moved(single: Path, tmp_path: Path) -> None:
+    """`TensorProperties` lived in `torch.distributed._shard.sharded_tensor.metadata` before
+    pytorch PR #116248 (Jan 2024)."""
+    from torch.distributed._shard.sharded_tensor import metadata as old
+
+    def edit(meta: Any) -> None:
+        for entry in meta.state_dict_metadata.values():
+            if hasattr(entry, "properties"):
+                entry.properties = old.TensorProperties(dtype=entry.properties.dtype)
+
+    d = copy_with_metadata(single, tmp_path / "ckpt", edit)
+    assert b"torch.distributed._shard.sharded_tensor.metadata" in (d / ".metadata").read_bytes()
+    assert_same(engine_values(d), full_state())
+
+
 def _storage(meta: Any, fqn: str, first: int = 0) -> Any:
     return next(v for k, v in meta.storage_data.items() if k.fqn == fqn and (k.offset is None or k.offset[0] == first))
 
@@ -344,6 +376,22 @@ def _storage(meta: Any, fqn: str, first: int = 0) -> Any:
 )
 def test_items_outside_their_file_or_directory_are_refused(single: Path, tmp_path: Path, edit: Any, match: str) -> None:
     refused(copy_with_metadata(single, tmp_path / "ckpt", edit), match)
+
+
+@pytest.mark.parametrize(
+    ("path", "match"),
+    [
+        (("model", "rows", "x"), "goes through a value"),
+        (("model", "rows"), "places two values"),
+        (("optim", "param_groups", 900_000, "x"), "mostly holes"),
+        ((0, "x"), "the path"),
+        ((), "the path"),
+    ],
+)
+def test_planner_data_that_cannot_rebuild_the_state_dict_is_refused(
+    single: Path, tmp_path: Path, path: tuple[Any, ...], match: str
+) -> None:
+    refused(copy_with_metadata(single, tmp_path / "ckpt", lambda m: m.planner_data.update(step=path)), match)
 
 
 def _rekey(meta: Any, fqn: str, old: tuple[int, ...], new: tuple[int, ...]) -> None:

@@ -22,7 +22,7 @@ import struct
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from ..errors import BadCheckpointError, EngineUnsupported
+from ..errors import BadCheckpointError, EngineUnsupported, UnsafeCheckpointError
 from .crc import crc32
 from .data import crc_mismatch, verify_crc
 from .dcp_metadata import MAX_METADATA_BYTES, BytesEntry, Chunk, DcpMetadata, TensorEntry, build_tree, parse_metadata
@@ -121,11 +121,19 @@ class _Reader:
                 if file not in self.files:
                     self.files[file] = self.open(file)
         values: dict[str, Any] = {}
+        refused: set[str] = set()  # by all non-tensor items, reported together
         for fqn, entry in meta.entries.items():
-            if isinstance(entry, BytesEntry):
-                values[fqn] = self.bytes_value(fqn, entry) if eager else NotRead(fqn)
-            else:
+            if not isinstance(entry, BytesEntry):
                 values[fqn] = self.tensor(fqn, entry, eager)
+            elif not eager:
+                values[fqn] = NotRead(fqn)
+            else:
+                try:
+                    values[fqn] = self.bytes_value(fqn, entry)
+                except UnsafeCheckpointError as e:
+                    refused.update(e.globals)
+        if refused:
+            raise UnsafeCheckpointError(self.directory, refused)
         return build_tree(meta, values)
 
     # -- items --------------------------------------------------------------------------------

@@ -362,6 +362,7 @@ def build_tree(meta: DcpMetadata, values: dict[str, Any]) -> dict[str, Any]:
     """The nested state_dict from each fqn's value and planner_data's paths, as DCP's
     `unflatten_state_dict` builds it (a str key makes a dict, an int key a list)."""
     root: dict[str, Any] = {}
+    room = 16 * len(meta.paths) + 1024  # list slots planner_data may make (holes are None)
     for fqn, path in meta.paths.items():
         node: Any = root
         for i, key in enumerate(path):
@@ -375,6 +376,9 @@ def build_tree(meta: DcpMetadata, values: dict[str, Any]) -> dict[str, Any]:
                 else:
                     node = node.setdefault(key, fresh)
             elif type(node) is list and type(key) is int:
+                room -= max(0, key + 1 - len(node))
+                if room < 0:
+                    raise BadCheckpointError(f"planner_data path {brief(path)} of {fqn!r} makes lists of mostly holes")
                 node.extend([None] * (key + 1 - len(node)))
                 if last:
                     if node[key] is not None:
