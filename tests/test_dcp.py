@@ -425,6 +425,22 @@ def test_chunks_that_overlap_or_leave_holes_are_refused(two_ranks: Path, tmp_pat
     refused(copy_with_metadata(two_ranks / "pt", tmp_path / "ckpt", edit), match)
 
 
+def test_thousands_of_irregular_chunks_are_refused_not_compared_pairwise(single: Path, tmp_path: Path) -> None:
+    from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex
+
+    def edit(meta: Any) -> None:
+        entry = meta.state_dict_metadata["model.rep"]
+        info = meta.storage_data.pop(next(k for k in meta.storage_data if k.fqn == "model.rep"))
+        entry.size = torch.Size([1, 5000])
+        entry.chunks = [ChunkStorageMetadata(torch.Size([0, 0]), torch.Size([1, 2]))] + [
+            ChunkStorageMetadata(torch.Size([0, j]), torch.Size([1, 1])) for j in range(1, 5000)
+        ]
+        for c in entry.chunks:
+            meta.storage_data[MetadataIndex("model.rep", c.offsets, 0)] = info
+
+    refused(copy_with_metadata(single, tmp_path / "ckpt", edit), "5000 chunks that form no grid")
+
+
 def _set_dtype(meta: Any, fqn: str, dtype: torch.dtype) -> None:
     meta.state_dict_metadata[fqn].properties.dtype = dtype
 

@@ -208,7 +208,9 @@ class _Machine:
         if type(cls) is Opaque or type(cls) is StorageClass:
             return self.call(cls, args)
         if isinstance(cls, ExtensionClass):
-            return cls.new(args if type(args) is tuple else ())
+            if type(args) is not tuple:
+                raise Malformed(f"NEWOBJ arguments are a {type(args).__name__}, not a tuple")
+            return cls.new(args)
         if type(cls) is ModelledCallable:
             raise Unsupported(f"NEWOBJ of {cls.kind}")
         raise Malformed(f"NEWOBJ on a {type(cls).__name__} value, which is not an allowed class")
