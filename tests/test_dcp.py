@@ -280,6 +280,30 @@ def _data_offset_of(path: Path, offset: int, length: int) -> int:
     return offset + info.header_offset + 30 + name_len + extra_len
 
 
+def test_reading_and_writing_never_import_torch(two_ranks: Path, tmp_path: Path) -> None:
+    code = (
+        "import os, sys\n"
+        "from ckptsurgeon.engine.dcp import read_dcp\n"
+        "from ckptsurgeon.engine.dcp_write import write_dcp\n"
+        "from ckptsurgeon.engine.data import read_bytes\n"
+        "raw = read_dcp(sys.argv[1])\n"
+        "t = raw.obj['model']['cols']\n"
+        "read_bytes(t.storage, 0, t.storage.nbytes)\n"
+        "os.mkdir(sys.argv[2])\n"
+        "write_dcp(raw.obj, sys.argv[2])\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'numpy', 'safetensors')))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(two_ranks / "st"), str(tmp_path / "out")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
+    assert sorted(os.listdir(tmp_path / "out")) == [".metadata", "__0_0.distcp"]
+
+
 # -- hostile directories -------------------------------------------------------------------------
 
 
