@@ -117,11 +117,11 @@ REDUCE = pickle.REDUCE[0]
 BUILD = pickle.BUILD[0]
 NEWOBJ = pickle.NEWOBJ[0]
 BINPERSID = pickle.BINPERSID[0]
-# protocol 4, for pickles read with an extension table (see `run`)
-FRAME = pickle.FRAME[0]
-SHORT_BINUNICODE = pickle.SHORT_BINUNICODE[0]
-MEMOIZE = pickle.MEMOIZE[0]
-STACK_GLOBAL = pickle.STACK_GLOBAL[0]
+# protocol 4, for pickles read with an extension table (see `run`); not torch's: named apart
+PROTO4_FRAME = pickle.FRAME[0]
+PROTO4_SHORT_BINUNICODE = pickle.SHORT_BINUNICODE[0]
+PROTO4_MEMOIZE = pickle.MEMOIZE[0]
+PROTO4_STACK_GLOBAL = pickle.STACK_GLOBAL[0]
 
 # MARK (every tuple, list, dict or batch built from a mark), EMPTY_DICT, EMPTY_LIST, EMPTY_SET,
 # TUPLE1-3: the opcodes that make a container
@@ -427,17 +427,17 @@ class _Machine:
                     pos += 1
                 elif op == STOP:
                     return stack.pop(), pos
-                elif op == FRAME and proto4:  # a framing hint: the frame's opcodes follow inline
+                elif op == PROTO4_FRAME and proto4:  # a framing hint: the frame's opcodes follow inline
                     pos += 8
-                elif op == SHORT_BINUNICODE and proto4:
+                elif op == PROTO4_SHORT_BINUNICODE and proto4:
                     n = data[pos]
                     if pos + 1 + n > end:
                         raise PickleTruncated("")
                     append(str(data[pos + 1 : pos + 1 + n], "utf-8", "surrogatepass"))
                     pos += 1 + n
-                elif op == MEMOIZE and proto4:
+                elif op == PROTO4_MEMOIZE and proto4:
                     memo[len(memo)] = stack[-1]
-                elif op == STACK_GLOBAL and proto4:
+                elif op == PROTO4_STACK_GLOBAL and proto4:
                     name = stack.pop()
                     module = stack.pop()
                     if type(module) is not str or type(name) is not str:
