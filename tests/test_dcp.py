@@ -173,6 +173,27 @@ def test_single_process_checkpoint_reads_as_torch_consolidates_it(single: Path) 
     assert_same(got, full_state())  # in the order it was saved, nested containers and the int step
 
 
+def test_a_training_checkpoint_of_model_and_optimizer(tmp_path: Path) -> None:
+    """What a training loop saves: `get_state_dict` of a model and AdamW, plus plain values,
+    written by two writer threads (two `.distcp` files for one rank)."""
+    from torch.distributed.checkpoint import FileSystemWriter
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.LayerNorm(3), torch.nn.Linear(3, 2))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model(torch.randn(2, 4)).sum().backward()
+    opt.step()
+    model_sd, optim_sd = get_state_dict(model, opt)
+    d = tmp_path / "ckpt"
+    state = {"model": model_sd, "optim": optim_sd, "step": 7, "extra": {"epoch": 3, "name": "run"}}
+    dcp.save(state, storage_writer=FileSystemWriter(str(d), thread_count=2))
+    assert sorted(p.name for p in d.glob("*.distcp")) == ["__0_0.distcp", "__0_1.distcp"]
+    got = engine_values(d)
+    assert_same(sorted_tree(got), sorted_tree(torch_reference(d)))
+    assert list(got["model"]) == list(model_sd)
+
+
 @pytest.mark.parametrize("fmt", ["pt", "st"])
 def test_two_rank_chunks_are_assembled(two_ranks: Path, fmt: str) -> None:
     got = engine_values(two_ranks / fmt)
