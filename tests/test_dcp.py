@@ -248,6 +248,8 @@ def test_metadata_only_read_touches_no_distcp_byte(two_ranks: Path) -> None:
     assert isinstance(raw.obj["step"], NotRead)
     distcp = [s for s in sources if s.name.endswith(".distcp")]
     assert len(distcp) == 2 and all(s.bytes_read == 0 for s in distcp)
+    assert raw.extras["files"]["model.rows"] == ("__0_0.distcp", "__1_0.distcp")
+    assert len(raw.extras["files"]["model.rep"]) == 1  # replicated: written once
     # read anyway, the bytes are the assembled tensor
     data = read_bytes(rows.storage, 0, rows.storage.nbytes)
     assert bytes(data) == full_state()["model"]["rows"].numpy().tobytes()

@@ -67,8 +67,10 @@ def read_dcp(directory: str, *, allow_globals: frozenset[str] = frozenset()) -> 
 
     Every item is located and checked against `.metadata` (dtype, shape, inside its file);
     chunked tensors are assembled on first read. `extras["sources"]` lists every Source opened
-    (the caller owns them and closes them all); `RawCheckpoint.source` is the `.metadata` one.
-    Raises BadCheckpointError (UnsafeCheckpointError for refused globals) on anything hostile.
+    (the caller owns them and closes them all); `RawCheckpoint.source` is the `.metadata` one;
+    `extras["files"]` maps each fqn (dotted as DCP flattens the state_dict) to the `.distcp`
+    files its items lie in, `extras["version"]` is the DCP version. Raises BadCheckpointError
+    (UnsafeCheckpointError for refused globals) on anything hostile.
     """
     return _read(directory, allow_globals, eager=True)
 
@@ -84,7 +86,11 @@ def _read(directory: str, allow_globals: frozenset[str], eager: bool) -> RawChec
         path=os.path.abspath(directory),
         format="dcp",
         obj=obj,
-        extras={"sources": reader.sources, "version": reader.meta.version if reader.meta else None},
+        extras={
+            "sources": reader.sources,
+            "version": reader.meta.version if reader.meta else None,
+            "files": _files(reader.meta) if reader.meta else {},
+        },
         source=reader.sources[0],
     )
 
@@ -242,6 +248,15 @@ class _Reader:
         self.sources.append(src)
         storage = StorageMeta(src, fqn, entry.dtype, numel * itemsize, 0)
         return TensorMeta(storage, entry.dtype, shape, strides)
+
+
+def _files(meta: DcpMetadata) -> dict[str, tuple[str, ...]]:
+    """fqn -> the `.distcp` files (relative paths) its items lie in, each once, in chunk order."""
+    out: dict[str, tuple[str, ...]] = {}
+    for fqn, entry in meta.entries.items():
+        files = [c.file for c in entry.chunks] if isinstance(entry, TensorEntry) else [entry.file]
+        out[fqn] = tuple(dict.fromkeys(files))
+    return out
 
 
 def _row_major(shape: tuple[int, ...]) -> tuple[int, ...]:
