@@ -28,6 +28,39 @@ class Malformed(Exception):
     """Raised by a handler or `persistent_load`: corrupt or hostile (torch may load it anyway)."""
 
 
+class ExtensionClass:
+    """A global that a caller of `unpickle` models itself (`extension=`, e.g. the records of
+    DCP's `.metadata`): never imported. REDUCE calls `call(args)`, NEWOBJ calls `new(args)`;
+    each returns plain data or an :class:`ExtensionValue`. Raise Malformed / Unsupported."""
+
+    __slots__ = ("name",)
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def call(self, args: tuple[Any, ...]) -> Any:
+        raise Unsupported(f"{self.name}(...)")
+
+    def new(self, args: tuple[Any, ...]) -> Any:
+        raise Unsupported(f"NEWOBJ of {self.name}")
+
+    def __repr__(self) -> str:
+        return f"<extension {self.name}>"
+
+
+class ExtensionValue:
+    """A value an :class:`ExtensionClass` built: BUILD calls `build(state)`, and the graph check
+    walks `children()` as it walks a container's items."""
+
+    __slots__ = ()
+
+    def build(self, state: Any) -> None:
+        raise Unsupported(f"BUILD on a {type(self).__name__}")
+
+    def children(self) -> list[Any]:
+        return []
+
+
 def is_int(x: Any) -> bool:
     return type(x) is int
 
@@ -84,7 +117,13 @@ _LEAVES = (str, int, float, bool, bytes, type(None), TensorMeta, TorchDtype, Tor
 _CONTAINERS = (dict, OrderedDict, list, tuple, set, OpaqueObject)
 
 
+def _is_node(x: Any) -> bool:
+    return type(x) in _CONTAINERS or isinstance(x, ExtensionValue)
+
+
 def _children(node: Any) -> list[Any]:
+    if isinstance(node, ExtensionValue):
+        return node.children()
     kind = type(node)
     if kind is dict:
         return [*node.keys(), *node.values()]
@@ -147,8 +186,7 @@ def check_graph(root: Any, max_nodes: int) -> None:
 
     Raises Malformed / Unsupported.
     """
-    kind = type(root)
-    if kind not in _CONTAINERS:
+    if not _is_node(root):
         _check_leaf(root)
         return
     done: dict[int, tuple[int, int]] = {}  # id -> (depth, expanded size)
@@ -161,7 +199,7 @@ def check_graph(root: Any, max_nodes: int) -> None:
             on_path.discard(nid)
             depth = size = 1
             for child in _children(node):
-                if type(child) in _CONTAINERS:
+                if _is_node(child):
                     known = done.get(id(child))
                     if known is None:  # a reference back to an opaque object on the path
                         size += 1
@@ -188,7 +226,7 @@ def check_graph(root: Any, max_nodes: int) -> None:
         if len(on_path) > MAX_DEPTH:
             raise Malformed(f"containers nested more than {MAX_DEPTH} deep")
         for child in _children(node):
-            if type(child) in _CONTAINERS:
+            if _is_node(child):
                 cid = id(child)
                 if cid in on_path and type(child) is not OpaqueObject:
                     raise Unsupported("a container that contains itself")

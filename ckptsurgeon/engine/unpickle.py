@@ -24,13 +24,23 @@ from __future__ import annotations
 import pickle
 import struct
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from ..errors import BadCheckpointError, EngineUnsupported, RestrictedPickleError, UnsafeCheckpointError
 from .limits import brief
 from .pickle_calls import HANDLERS, TENSOR_HANDLERS
-from .pickle_checks import Malformed, Unsupported, check_graph, check_keys, is_int, opaque_globals, opaque_refusals
+from .pickle_checks import (
+    ExtensionClass,
+    ExtensionValue,
+    Malformed,
+    Unsupported,
+    check_graph,
+    check_keys,
+    is_int,
+    opaque_globals,
+    opaque_refusals,
+)
 from .pickle_globals import (
     ALLOCATING_GLOBALS,
     BLOCKLISTED_MODULES,
@@ -123,6 +133,11 @@ REDUCE = pickle.REDUCE[0]
 BUILD = pickle.BUILD[0]
 NEWOBJ = pickle.NEWOBJ[0]
 BINPERSID = pickle.BINPERSID[0]
+# protocol 4, for pickles read with an extension table (see `run`); not torch's: named apart
+PROTO4_FRAME = pickle.FRAME[0]
+PROTO4_SHORT_BINUNICODE = pickle.SHORT_BINUNICODE[0]
+PROTO4_MEMOIZE = pickle.MEMOIZE[0]
+PROTO4_STACK_GLOBAL = pickle.STACK_GLOBAL[0]
 
 # MARK (every tuple, list, dict or batch built from a mark), EMPTY_DICT, EMPTY_LIST, EMPTY_SET,
 # TUPLE1-3: the opcodes that make a container
@@ -138,9 +153,11 @@ class _Machine:
         allow_globals: frozenset[str],
         max_containers: int = 1_000_000,
         opaque: bool = False,
+        extension: Mapping[str, ExtensionClass] | None = None,
     ):
         self.persistent_load = persistent_load
         self.allow_globals = allow_globals
+        self.extension = extension or {}
         self.max_containers = max_containers
         self.opaque = opaque
         self.opaque_names: set[str] = set()  # globals read as PickledGlobal
@@ -164,6 +181,8 @@ class _Machine:
         if module in BLOCKLISTED_MODULES:
             self.unsafe.add(full)
             value: Any = Opaque(full)
+        elif full in self.extension:
+            value = self.extension[full]
         elif full in MODELLED_GLOBALS:
             value = MODELLED_GLOBALS[full]
         elif full in TORCH_WEIGHTS_ONLY_GLOBALS or full in self.allow_globals:
@@ -206,6 +225,8 @@ class _Machine:
             return HANDLERS[func.kind](args)
         if (type(func) is Opaque or type(func) is StorageClass) and (refused := self.refuse_opaque_in(args, func.name)):
             return refused
+        if isinstance(func, ExtensionClass):
+            return func.call(args)
         if type(func) is Opaque:
             if func.name in ALLOCATING_GLOBALS and any(is_int(a) for a in args):
                 shown = ", ".join(brief(a) for a in args[:4])
@@ -226,6 +247,10 @@ class _Machine:
             return OrderedDict()
         if type(cls) in (Opaque, StorageClass, PickledGlobal, OpaqueObject) or cls is PARAMETER:
             return self.call(cls, args, newobj=True)
+        if isinstance(cls, ExtensionClass):
+            if type(args) is not tuple:
+                raise Malformed(f"NEWOBJ arguments are a {type(args).__name__}, not a tuple")
+            return cls.new(args)
         if type(cls) is ModelledCallable:
             raise Unsupported(f"NEWOBJ of {cls.kind}")
         raise Malformed(f"NEWOBJ on a {type(cls).__name__} value, which is not an allowed class")
@@ -240,6 +265,8 @@ class _Machine:
             inst.states.append(state)
         elif kind is Opaque:
             return
+        elif isinstance(inst, ExtensionValue):
+            inst.build(state)
         elif kind in (dict, list, tuple, str, int, float, bool, bytes, type(None)):
             raise Malformed(f"BUILD on a {kind.__name__}")
         else:
@@ -277,6 +304,9 @@ class _Machine:
         # containers the file may still make: bounds time and memory of a hostile pickle
         # (3,000,000 empty dicts in a 3 MB pickle) that no nesting or size check catches
         budget = self.max_containers
+        # protocol 4's opcodes, which torch's weights_only loader refuses, only for the plain
+        # pickles a caller reads with an extension table (DCP's `.metadata`)
+        proto4 = bool(self.extension)
         try:
             while True:
                 op = data[pos]
@@ -451,6 +481,24 @@ class _Machine:
                     pos += 1
                 elif op == STOP:
                     return stack.pop(), pos
+                elif op == PROTO4_FRAME and proto4:  # a framing hint: the frame's opcodes follow inline
+                    pos += 8
+                elif op == PROTO4_SHORT_BINUNICODE and proto4:
+                    n = data[pos]
+                    if pos + 1 + n > end:
+                        raise PickleTruncated("")
+                    append(str(data[pos + 1 : pos + 1 + n], "utf-8", "surrogatepass"))
+                    pos += 1 + n
+                elif op == PROTO4_MEMOIZE and proto4:
+                    memo[len(memo)] = stack[-1]
+                elif op == PROTO4_STACK_GLOBAL and proto4:
+                    name = stack.pop()
+                    module = stack.pop()
+                    if type(module) is not str or type(name) is not str:
+                        raise Malformed("STACK_GLOBAL on values that are not strings")
+                    append(
+                        self.find_global(module.encode("utf-8", "surrogatepass"), name.encode("utf-8", "surrogatepass"))
+                    )
                 else:
                     raise Malformed(_opcode_refusal(op, pos - 1))
         except (IndexError, struct.error, ValueError) as e:
@@ -479,6 +527,7 @@ def unpickle(
     max_nodes: int | None = None,
     max_containers: int = 1_000_000,
     opaque: bool = False,
+    extension: Mapping[str, ExtensionClass] | None = None,
 ) -> tuple[Any, int]:
     """Run the restricted VM over the pickle at `data[start:]`; return (object, end offset).
 
@@ -490,9 +539,10 @@ def unpickle(
     weights_only does) or BadCheckpointError (storages that do not match the records).
     `max_containers` bounds the number of container-making opcodes (see `container_budget`).
     With `opaque`, globals outside the allowlists that build no tensor become opaque entries
-    (see the module docstring) instead of refusals.
+    (see the module docstring) instead of refusals. `extension` maps further global names to
+    classes the caller models (see ExtensionClass).
     """
-    machine = _Machine(persistent_load, allow_globals, max_containers, opaque)
+    machine = _Machine(persistent_load, allow_globals, max_containers, opaque, extension)
     try:
         obj, end = machine.run(data, start)
         if machine.opaque_names:
@@ -507,7 +557,7 @@ def unpickle(
             raise UnsafeCheckpointError(path, machine.unsafe) from None
         raise PickleTruncated(f"{path}: {where} is truncated (the pickle has no STOP opcode)", machine.unsafe) from None
     except Malformed as e:
-        refused = machine.unsafe | refused_globals(scan_globals(data, start), allow_globals)
+        refused = machine.unsafe | refused_globals(scan_globals(data, start), allow_globals | machine.extension.keys())
         if refused:
             raise UnsafeCheckpointError(path, refused) from None
         if isinstance(e, _StorageMalformed):
@@ -516,7 +566,7 @@ def unpickle(
     except Unsupported as e:
         machine.unsupported.append(str(e))
     except BadCheckpointError as e:  # from persistent_load
-        refused = machine.unsafe | refused_globals(scan_globals(data, start), allow_globals)
+        refused = machine.unsafe | refused_globals(scan_globals(data, start), allow_globals | machine.extension.keys())
         if refused:
             raise UnsafeCheckpointError(path, refused) from None
         raise e

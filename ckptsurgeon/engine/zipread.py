@@ -84,7 +84,7 @@ def _ambiguous(path: str, reason: str) -> BadCheckpointError:
     return _bad(path, f"ambiguous ZIP archive: {reason}")
 
 
-def _find_eocd(fd: int, file_size: int, path: str) -> tuple[int, int, int, int]:
+def _find_eocd(fd: int, file_size: int, path: str, base: int = 0) -> tuple[int, int, int, int]:
     """(entries, cd_size, cd_offset, end of the central directory region).
 
     The end-of-central-directory record is the one torch's reader (miniz) takes: the last
@@ -92,8 +92,10 @@ def _find_eocd(fd: int, file_size: int, path: str) -> tuple[int, int, int, int]:
     could take instead is refused as ambiguous: bytes after the record that its comment length
     does not cover, a signature in the comment, an earlier record whose comment reaches the end
     of the file, and any byte between the central directory and the end records.
+
+    The archive is the bytes [base, file_size) of the file; the offsets returned are absolute.
     """
-    tail_len = min(file_size, _EOCD.size + 0xFFFF)
+    tail_len = min(file_size - base, _EOCD.size + 0xFFFF)
     tail = pread_bytes(fd, file_size - tail_len, tail_len, path)
     pos = tail.rfind(_EOCD_SIG, 0, max(0, len(tail) - _EOCD.size + len(_EOCD_SIG)))
     if pos < 0:
@@ -132,7 +134,7 @@ def _find_eocd(fd: int, file_size: int, path: str) -> tuple[int, int, int, int]:
         raise _bad(path, "a multi-disk ZIP archive")
     region_end = eocd_offset
     loc_pos = pos - _EOCD64_LOCATOR.size
-    if eocd_offset >= _EOCD64_LOCATOR.size:
+    if eocd_offset - base >= _EOCD64_LOCATOR.size:
         loc = (
             tail[loc_pos:pos]
             if loc_pos >= 0
@@ -142,6 +144,7 @@ def _find_eocd(fd: int, file_size: int, path: str) -> tuple[int, int, int, int]:
         loc = b""
     if loc[:4] == b"PK\x06\x07":
         _sig, disk64, eocd64_offset, disks = _EOCD64_LOCATOR.unpack(loc)
+        eocd64_offset += base
         if disk64 != 0 or disks != 1:
             raise _bad(path, "a multi-disk ZIP64 archive")
         if eocd64_offset + _EOCD64.size > eocd_offset - _EOCD64_LOCATOR.size:
@@ -176,6 +179,7 @@ def _find_eocd(fd: int, file_size: int, path: str) -> tuple[int, int, int, int]:
         region_end = eocd64_offset
     elif _U32_MAX in (cd_size, cd_offset) or entries == _U16_MAX:
         raise _bad(path, "a ZIP64 archive without its ZIP64 end-of-central-directory locator")
+    cd_offset += base
     if cd_offset + cd_size > region_end:
         raise _bad(path, "the ZIP central directory lies outside the file (truncated?)")
     if cd_offset + cd_size != region_end:
@@ -196,9 +200,10 @@ def read_zip_directory(fd: int, file_size: int, path: str) -> list[ZipMember]:
 _Entry = tuple[ZipMember, bytes, int, int]  # member, raw name, method, compressed size
 
 
-def _read_central(fd: int, file_size: int, path: str) -> tuple[list[_Entry], int]:
-    """The central directory's entries (not yet validated) and its offset."""
-    entries, cd_size, cd_offset, _ = _find_eocd(fd, file_size, path)
+def _read_central(fd: int, file_size: int, path: str, base: int = 0) -> tuple[list[_Entry], int]:
+    """The central directory's entries (not yet validated) and its offset (absolute offsets of
+    the archive at bytes [base, file_size) of the file)."""
+    entries, cd_size, cd_offset, _ = _find_eocd(fd, file_size, path, base)
     if entries * _CENTRAL.size > cd_size:
         raise _bad(path, f"the ZIP central directory is too small for {entries} entries")
     cd = pread_bytes(fd, cd_offset, cd_size, path)
@@ -245,7 +250,7 @@ def _read_central(fd: int, file_size: int, path: str) -> tuple[list[_Entry], int
             usize = z64.get("usize", usize)
             csize = z64.get("csize", csize)
             offset = z64.get("offset", offset)
-        out.append((ZipMember(name, offset, -1, usize, crc, flags), raw, method, csize))
+        out.append((ZipMember(name, base + offset, -1, usize, crc, flags), raw, method, csize))
     if pos != cd_size:
         raise _bad(path, "the ZIP central directory has trailing bytes")
     return out, cd_offset
@@ -488,11 +493,24 @@ def _check_torch_parses(fd: int, records: dict[bytes, ZipMember], path: str) -> 
             ) from None
 
 
-def read_torch_zip(src: Source, *, allow_globals: frozenset[str] = frozenset(), opaque: bool = False) -> RawCheckpoint:
+def read_torch_zip(
+    src: Source,
+    *,
+    allow_globals: frozenset[str] = frozenset(),
+    opaque: bool = False,
+    window: tuple[int, int] | None = None,
+) -> RawCheckpoint:
     """Read the checkpoint in torch's zip format from `src` (the caller owns it); `opaque`: read
-    opaque entries (see :mod:`.unpickle`)."""
+    opaque entries (see :mod:`.unpickle`).
+
+    `window` (offset, length): the archive is those bytes of `src` (an item of a DCP `.distcp`
+    file); every offset in the result is still absolute in `src`.
+    """
     fd, file_size, path = src.fd, src.size, src.name
-    entries, cd_offset = _read_central(fd, file_size, path)
+    base = 0
+    if window is not None:
+        base, file_size = window[0], window[0] + window[1]
+    entries, cd_offset = _read_central(fd, file_size, path, base)
     names = [e[0].name for e in entries]
     if not names:
         raise _bad(path, "not a checkpoint: an empty ZIP archive")
