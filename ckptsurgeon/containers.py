@@ -243,6 +243,8 @@ def describe_value(value: Any) -> str:
     `argparse.Namespace (not loaded)`)."""
     if is_opaque(value):
         return f"{value.full} (not loaded)"
+    if type(value).__name__ == "NotRead":  # engine.dcp: a DCP value inspect does not read (.metadata only)
+        return "a value in the .distcp files (not read)"
     if isinstance(value, (bool, int, float)) or value is None:
         return repr(value)
     if isinstance(value, str):

@@ -309,7 +309,7 @@ def inspect(
     say = _Notices(notify)
     progress = progress or _no_progress
     ckpt = Path(ckpt)
-    ckpt_obj = _load(ckpt, loading, say)
+    ckpt_obj = _load(ckpt, loading, say, metadata_only=True)  # a DCP directory: its .metadata alone
     if verify:
         from .io import iter_tensors, verify_data
 
@@ -594,7 +594,7 @@ def merge_warnings(report: MergeReport, shown: int = 3) -> list[str]:
     return lines
 
 
-def _load(path: Path, loading: Loading, say: Notify) -> Checkpoint:
+def _load(path: Path, loading: Loading, say: Notify, *, metadata_only: bool = False) -> Checkpoint:
     from .io import load_checkpoint
 
     if loading.unsafe:
@@ -605,7 +605,14 @@ def _load(path: Path, loading: Loading, say: Notify) -> Checkpoint:
 
         resolve_allowed_globals(list(allow_globals))  # refuse code-running names before anything is read
     threads = loading.threads  # a bad --jobs is refused before anything is read
-    ckpt = load_checkpoint(path, unsafe=loading.unsafe, key=loading.key, allow_globals=allow_globals, threads=threads)
+    ckpt = load_checkpoint(
+        path,
+        unsafe=loading.unsafe,
+        key=loading.key,
+        allow_globals=allow_globals,
+        threads=threads,
+        metadata_only=metadata_only,
+    )
     for note in ckpt.notes:
         say(f"warning: {note}")
     return ckpt

@@ -224,6 +224,7 @@ def load_checkpoint(
     key: str | None = None,
     allow_globals: Sequence[str] = (),
     threads: int = 1,
+    metadata_only: bool = False,
 ) -> Checkpoint:
     """Load a checkpoint safely and locate its state_dict (see containers.find_state_dict).
 
@@ -235,7 +236,9 @@ def load_checkpoint(
     """
     path = Path(path)
     layout = resolve_layout(path)
-    read = _read_layout(layout, unsafe=unsafe, allow_globals=frozenset(allow_globals), threads=threads)
+    read = _read_layout(
+        layout, unsafe=unsafe, allow_globals=frozenset(allow_globals), threads=threads, metadata_only=metadata_only
+    )
     try:
         container = read.container
         if read.format == "hf-sharded":
@@ -285,13 +288,17 @@ class _Read(NamedTuple):
     notes: tuple[str, ...] = ()
 
 
-def _read_layout(layout: Layout, *, unsafe: bool, allow_globals: frozenset[str], threads: int) -> _Read:
-    """Read what `layout` names; the Sources opened are in the result (closed again on failure)."""
-    if layout.kind == "dcp":  # the one place a DCP reader plugs in: `return _several_files(read_dcp(...))`
-        raise BadCheckpointError(
-            f"{layout.path}: a torch.distributed.checkpoint (DCP) directory (it holds .metadata): "
-            "reading DCP directories is not available yet"
-        )
+def _read_layout(
+    layout: Layout, *, unsafe: bool, allow_globals: frozenset[str], threads: int, metadata_only: bool = False
+) -> _Read:
+    """Read what `layout` names; the Sources opened are in the result (closed again on failure).
+    `metadata_only`: a DCP directory's `.metadata` alone (tensor bytes are still read on demand;
+    its non-tensor values are not read)."""
+    if layout.kind == "dcp":
+        from ..engine.dcp import read_dcp, read_dcp_metadata
+
+        read_dir = read_dcp_metadata if metadata_only else read_dcp
+        return _several_files(read_dir(layout.path, allow_globals=allow_globals))
     if layout.kind == "hf-sharded":
         from ..engine.sharded import read_hf_sharded
 

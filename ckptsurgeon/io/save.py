@@ -328,7 +328,7 @@ def _write_directory(
     if fmt is OutputFormat.dcp:
         with atomic_directory(dest, force=force) as tmp:
             _write_dcp(obj, tmp)
-            files = _listing(tmp)
+            files = sorted(_listing(tmp), key=lambda f: f[0] == ".metadata")  # the index last, as written
         return Written(fmt, [], files)
     _check_tensors_only(obj, dest, fmt)
     limit = parse_size(max_shard_size if max_shard_size is not None else DEFAULT_MAX_SHARD_SIZE)
@@ -382,7 +382,12 @@ def _write_directory(
 
 def _write_dcp(obj: Any, directory: Path) -> None:
     """torch.distributed.checkpoint's layout, written into the empty `directory`."""
-    raise UsageError("--format dcp: not available yet")
+    from ..engine.dcp_write import write_dcp
+
+    try:
+        write_dcp(obj, str(directory))
+    except EngineUnsupported as exc:
+        raise UsageError(f"cannot write this checkpoint as dcp: {exc}") from None
 
 
 def _listing(directory: Path) -> list[tuple[str, int]]:
