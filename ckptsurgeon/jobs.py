@@ -14,6 +14,7 @@ whose start-up time is most of their run time. Nothing heavy is imported before 
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager
 from pathlib import Path
@@ -67,12 +68,20 @@ class Selection(NamedTuple):
 
 
 class Loading(NamedTuple):
-    """`--key`, `--unsafe`, `--allow-global`, `--jobs`: how a checkpoint is read."""
+    """`--key`, `--unsafe`, `--allow-global`, `--jobs`, `--storage-options`: how a checkpoint is read."""
 
     key: str | None = None
     unsafe: bool = False
     allow_globals: Sequence[str] = ()
     jobs: int | None = None  # threads for shards and tensors; None: the CPUs, at most 8
+    storage_options: str | None = None  # JSON object passed to fsspec for URLs (inputs and outputs)
+
+    @property
+    def fsspec_options(self) -> dict[str, Any]:
+        """`storage_options` parsed (a UsageError when it is not a JSON object)."""
+        from .engine.remote import parse_storage_options
+
+        return parse_storage_options(self.storage_options)
 
     @property
     def threads(self) -> int:
@@ -125,6 +134,8 @@ class InspectResult(NamedTuple):
     values: Mapping[str, TensorValues] | None = None  # --stats / --check-finite / --hash, per key
     check_finite: bool = False
     stats: bool = False
+    bytes_read: int = 0  # read from storage (a remote store or disk), all inputs together
+    requests: int = 0  # requests made to remote stores
 
     @property
     def non_finite(self) -> list[str]:
@@ -152,6 +163,7 @@ class InspectResult(NamedTuple):
         data.update(public_model(self.model))
         if self.model is not None:
             data["kinds"] = self.model["kinds"]
+        data.update(bytes_read=self.bytes_read, requests=self.requests)
         return data
 
 
@@ -178,6 +190,8 @@ class WriteResult(NamedTuple):
     model: Mapping[str, Any] | None = None
     model_options: ModelCheck = NO_MODEL
     notices: tuple[str, ...] = ()
+    bytes_read: int = 0
+    requests: int = 0
 
     @property
     def written(self) -> bool:
@@ -218,6 +232,7 @@ class WriteResult(NamedTuple):
                 data["warnings"] = list(self.warnings)
         if self.model is not None:
             data["model"] = public_model(self.model)
+        data.update(bytes_read=self.bytes_read, requests=self.requests)
         return data
 
 
@@ -228,6 +243,8 @@ class DiffResult(NamedTuple):
     models: Mapping[str, Mapping[str, Any]]
     model_options: ModelCheck
     notices: tuple[str, ...]
+    bytes_read: int = 0
+    requests: int = 0
 
     @property
     def exit_code(self) -> int:
@@ -238,6 +255,7 @@ class DiffResult(NamedTuple):
         data = self.report.to_dict()
         if self.models:
             data["model"] = {side: public_model(m) for side, m in self.models.items()}
+        data.update(bytes_read=self.bytes_read, requests=self.requests)
         return data
 
 
@@ -285,7 +303,7 @@ def inspect(
 
     say = _Notices(notify)
     progress = progress or _no_progress
-    ckpt = Path(ckpt)
+    ckpt = _location(ckpt)
     ckpt_obj = _load(ckpt, loading, say)
     if verify:
         from .io import iter_tensors, verify_data
@@ -325,7 +343,9 @@ def inspect(
         if bad:
             named = ", ".join(f"{k} ({values[k].nan} NaN, {values[k].inf} Inf)" for k in bad)
             say(f"not finite: {len(bad)} of {len(values)} tensors hold NaN or Inf: {named}")
-    return InspectResult(report, model_data, model, shown_missing, tuple(say.lines), values, check_finite, stats)
+    return InspectResult(
+        report, model_data, model, shown_missing, tuple(say.lines), values, check_finite, stats, *_io([ckpt_obj])
+    )
 
 
 def extract(
@@ -343,9 +363,9 @@ def extract(
     from .surgery import extract_state_dict
 
     say = _Notices(notify)
-    ckpt, output = Path(ckpt), Path(writing.output)
+    ckpt, output = _location(ckpt), _location(writing.output)
     if not writing.dry_run:
-        _check_output(output, [ckpt], writing.force)
+        _check_output(output, [ckpt], writing.force, loading)
     ckpt_obj = _load(ckpt, loading, say)
     _note_container(ckpt_obj, say)
     keys = _select(list(ckpt_obj.state_dict), selection, say)
@@ -355,7 +375,7 @@ def extract(
     if _refused(model_data):
         return _write_result("extract", writing, result, (), model_data, model, say, refused=True, **fields)
     notes = _write(result, writing, [ckpt], loading, say, progress, safetensors_metadata=_st_meta(ckpt_obj))
-    return _write_result("extract", writing, result, notes, model_data, model, say, **fields)
+    return _write_result("extract", writing, result, notes, model_data, model, say, **fields, **_io_fields([ckpt_obj]))
 
 
 def rename(
@@ -374,11 +394,11 @@ def rename(
     from .surgery import rename_state_dict
 
     say = _Notices(notify)
-    ckpt, output = Path(ckpt), Path(writing.output)
+    ckpt, output = _location(ckpt), _location(writing.output)
     if rules.is_empty:
         raise UsageError("nothing to do: give --map, --strip-prefix, --sub or --add-prefix")
     if not writing.dry_run:
-        _check_output(output, [ckpt], writing.force)
+        _check_output(output, [ckpt], writing.force, loading)
     ckpt_obj = _load(ckpt, loading, say)
     _note_container(ckpt_obj, say)
     renamed, plan = rename_state_dict(ckpt_obj.state_dict, rules)
@@ -397,7 +417,7 @@ def rename(
         elif ckpt_obj.state_dict_path:
             say("note: a .safetensors output holds the state_dict only; the container's other entries are dropped")
     notes = _write(target, writing, [ckpt], loading, say, progress, safetensors_metadata=_st_meta(ckpt_obj))
-    return _write_result("rename", writing, renamed, notes, model_data, model, say, **fields)
+    return _write_result("rename", writing, renamed, notes, model_data, model, say, **fields, **_io_fields([ckpt_obj]))
 
 
 def merge(
@@ -419,7 +439,7 @@ def merge(
 
     say = _Notices(notify)
     progress = progress or _no_progress
-    paths, output = [Path(p) for p in ckpts], Path(writing.output)
+    paths, output = [_location(p) for p in ckpts], _location(writing.output)
     if len(paths) < 2:
         raise UsageError("merge needs at least two checkpoints")
     if weights is not None and not average:
@@ -427,7 +447,7 @@ def merge(
     if average:
         normalise_weights(None if weights is None else list(weights), len(paths))  # before any input is read
     if not writing.dry_run:
-        _check_output(output, paths, writing.force)
+        _check_output(output, paths, writing.force, loading)
     loaded = [_load(p, loading, say) for p in paths]
     for c in loaded:
         _note_container(c, say)
@@ -435,15 +455,16 @@ def merge(
     report: MergeReport | None = None
     with contextlib.ExitStack() as stack:
         if average:
-            from .io import check_output, staged_tensors
+            from .io import staged_tensors
             from .merge import check_averageable
 
             check_averageable(sds)
             if writing.dry_run:
                 result = sds[0]
             else:
-                check_output(output, paths, force=writing.force)  # before minutes of averaging, not after
-                stage = stack.enter_context(staged_tensors(output))  # the mean goes to disk as it is made
+                _check_output(output, paths, writing.force, loading)  # before minutes of averaging, not after
+                # the mean goes to disk as it is made (beside a local output, in the temp dir for a URL)
+                stage = stack.enter_context(staged_tensors(_staging_place(output)))
                 with progress("averaging", total_bytes(sds[0].values()) * len(sds)) as advance:
                     result, report = average_state_dicts(
                         sds, None if weights is None else list(weights), progress=advance, sink=stage.add
@@ -460,7 +481,7 @@ def merge(
         notes = _write(result, writing, paths, loading, say, progress)
     if report is not None:
         fields.update(conflicts=tuple(report.conflicts), warnings=tuple(report.warnings))
-    return _write_result("merge", writing, result, notes, model_data, model, say, **fields)
+    return _write_result("merge", writing, result, notes, model_data, model, say, **fields, **_io_fields(loaded))
 
 
 def diff(
@@ -487,8 +508,8 @@ def diff(
     say = _Notices(notify)
     progress = progress or _no_progress
     check_tolerances(rtol, atol, prefix="--")  # before anything is read
-    ca = _load(Path(a), loading._replace(key=key_a if key_a is not None else loading.key), say)
-    cb = _load(Path(b), loading._replace(key=key_b if key_b is not None else loading.key), say)
+    ca = _load(_location(a), loading._replace(key=key_a if key_a is not None else loading.key), say)
+    cb = _load(_location(b), loading._replace(key=key_b if key_b is not None else loading.key), say)
     union = list(ca.state_dict) + [k for k in cb.state_dict if k not in ca.state_dict]
     keys = union if selection.is_all else _select(union, selection, say)
     with progress("comparing", total_bytes(ca.state_dict[k] for k in keys if k in ca.state_dict)) as advance:
@@ -500,7 +521,7 @@ def diff(
         m = _model_check(c.state_dict, model, ckpt_path=str(c.path))
         if m is not None:
             models[side] = m
-    return DiffResult(report, models, model, tuple(say.lines))
+    return DiffResult(report, models, model, tuple(say.lines), *_io([ca, cb]))
 
 
 # ------------------------------------------------------------------------------------ helpers
@@ -541,7 +562,34 @@ def merge_warnings(report: MergeReport, shown: int = 3) -> list[str]:
     return lines
 
 
-def _load(path: Path, loading: Loading, say: Notify) -> Checkpoint:
+def _location(location: str | os.PathLike[str]) -> Path | str:
+    """A checkpoint's location as the job keeps it: a URL as the string given, a path as a Path."""
+    from .engine.source import is_url
+
+    return location if isinstance(location, str) and is_url(location) else Path(location)
+
+
+def _staging_place(output: Path | str) -> Path:
+    """Where scratch files for `output` go: beside a local output, in the temp directory for a URL."""
+    if isinstance(output, Path):
+        return output
+    import tempfile
+
+    return Path(tempfile.gettempdir()) / Path(output).name
+
+
+def _io(checkpoints: Sequence[Checkpoint]) -> tuple[int, int]:
+    """(bytes read, requests made) through the checkpoints' sources, each source counted once."""
+    sources = {id(c.source): c.source for c in checkpoints if c.source is not None}
+    return sum(s.bytes_read for s in sources.values()), sum(s.requests for s in sources.values())
+
+
+def _io_fields(checkpoints: Sequence[Checkpoint]) -> dict[str, Any]:
+    bytes_read, requests = _io(checkpoints)
+    return {"bytes_read": bytes_read, "requests": requests}
+
+
+def _load(path: Path | str, loading: Loading, say: Notify) -> Checkpoint:
     from .io import load_checkpoint
 
     if loading.unsafe:
@@ -551,7 +599,13 @@ def _load(path: Path, loading: Loading, say: Notify) -> Checkpoint:
         from .safety import resolve_allowed_globals
 
         resolve_allowed_globals(list(allow_globals))  # refuse code-running names before anything is read
-    return load_checkpoint(path, unsafe=loading.unsafe, key=loading.key, allow_globals=allow_globals)
+    return load_checkpoint(
+        path,
+        unsafe=loading.unsafe,
+        key=loading.key,
+        allow_globals=allow_globals,
+        storage_options=loading.fsspec_options,
+    )
 
 
 def _select(keys: Sequence[str], selection: Selection, say: Notify) -> list[str]:
@@ -602,12 +656,12 @@ def _refused(model_data: Mapping[str, Any] | None) -> bool:
     return model_data is not None and not model_data["compatible_allowed"]
 
 
-def _check_output(output: Path, inputs: Sequence[Path], force: bool) -> None:
+def _check_output(output: Path | str, inputs: Sequence[Path | str], force: bool, loading: Loading) -> None:
     """The output checks before any input is read: a refusal should not wait for gigabytes to be
     parsed. `_write` checks again."""
     from .io import check_output
 
-    check_output(output, inputs, force=force)
+    check_output(output, inputs, force=force, storage_options=loading.fsspec_options)
 
 
 def _st_meta(ckpt_obj: Checkpoint) -> Any:
@@ -617,7 +671,7 @@ def _st_meta(ckpt_obj: Checkpoint) -> Any:
 def _write(
     obj: Any,
     writing: Writing,
-    inputs: Sequence[Path],
+    inputs: Sequence[Path | str],
     loading: Loading,
     say: Notify,
     progress: Progress | None,
@@ -628,8 +682,8 @@ def _write(
         return []
     from .io import check_output, iter_tensors, save_checkpoint
 
-    output = Path(writing.output)
-    check_output(output, inputs, force=writing.force)
+    output = _location(writing.output)
+    check_output(output, inputs, force=writing.force, storage_options=loading.fsspec_options)
     with (progress or _no_progress)("writing", total_bytes(iter_tensors(obj))) as advance:
         notes = save_checkpoint(
             obj,
@@ -640,6 +694,7 @@ def _write(
             unsafe=loading.unsafe,
             allow_globals=tuple(loading.allow_globals),
             format=writing.format,
+            storage_options=loading.fsspec_options,
         )
     for n in notes:
         say(f"note: {n}")

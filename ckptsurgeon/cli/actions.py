@@ -37,10 +37,14 @@ def _selection(options: dict[str, Any]) -> jobs.Selection:
 
 
 def _loading(options: dict[str, Any]) -> jobs.Loading:
-    """`--key`, `--unsafe`, `--allow-global`, `--jobs`, taken out of the parsed keywords."""
+    """`--key`, `--unsafe`, `--allow-global`, `--jobs`, `--storage-options`, taken out of the parsed keywords."""
     allow = options.pop("allow_global", None)
     return jobs.Loading(
-        options.pop("key", None), options.pop("unsafe", False), tuple(allow or ()), options.pop("jobs", None)
+        options.pop("key", None),
+        options.pop("unsafe", False),
+        tuple(allow or ()),
+        options.pop("jobs", None),
+        options.pop("storage_options", None),
     )
 
 
@@ -57,8 +61,7 @@ def _model(options: dict[str, Any]) -> jobs.ModelCheck:
 def _writing(options: dict[str, Any]) -> jobs.Writing:
     """The writer options (the option table's entries named as `jobs.Writing`'s fields), each
     taken as given or at its default: a new option common to the writers needs no line here."""
-    writing = jobs.Writing(**{f: options.pop(f) for f in jobs.Writing._fields if f in options})
-    return writing._replace(output=Path(writing.output))
+    return jobs.Writing(**{f: options.pop(f) for f in jobs.Writing._fields if f in options})  # OUT as given
 
 
 def inspect(
@@ -79,7 +82,7 @@ def inspect(
     unexpected or shape mismatch; the exit code then reports compatibility (0 compatible, 1 not).
     """
     result = jobs.inspect(
-        Path(ckpt),
+        ckpt,
         selection=_selection(options),
         loading=_loading(options),
         model=_model(options),
@@ -98,7 +101,7 @@ def extract(*, ckpt: Path | str, as_json: bool = False, **options: Any) -> int:
     With no pattern the whole state_dict is written, which unwraps a training checkpoint.
     """
     result = jobs.extract(
-        Path(ckpt),
+        ckpt,
         selection=_selection(options),
         loading=_loading(options),
         model=_model(options),

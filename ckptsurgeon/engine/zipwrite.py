@@ -83,7 +83,7 @@ def write_torch_zip(
     sources = _check_sources(graph.storages)
     out_stat = os.fstat(fd)
     for src in sources.values():
-        if (src.stat.st_dev, src.stat.st_ino) == (out_stat.st_dev, out_stat.st_ino):
+        if src.stat is not None and (src.stat.st_dev, src.stat.st_ino) == (out_stat.st_dev, out_stat.st_ino):
             raise OutputError(f"{out_name}: the output is also an input ({src.path})")
     try:
         os.ftruncate(fd, 0)
@@ -124,15 +124,17 @@ class _Source:
     def __init__(self, source: Source):
         self.path = source.name
         self.source = source  # counts what is read (`bytes_read`)
-        self.fd = source.fd  # the Source owns it
-        self.stat = os.fstat(self.fd)
+        # the Source owns the descriptor; a remote one has none (its bytes come by `readinto`)
+        self.fd: int | None = None if source.remote else source.fd
+        self.stat = os.fstat(self.fd) if self.fd is not None else None
+        self.size = source.size
         blocks = getattr(self.stat, "st_blocks", None)
-        self.sparse = blocks is not None and blocks * 512 < self.stat.st_size
+        self.sparse = self.stat is not None and blocks is not None and blocks * 512 < self.stat.st_size
 
     def segments(self, offset: int, length: int) -> Iterator[tuple[int, int, bool]]:
         """Split `[offset, offset + length)` into `(offset, length, is_hole)` runs."""
         end = offset + length
-        if not self.sparse or not hasattr(os, "SEEK_DATA"):
+        if self.fd is None or not self.sparse or not hasattr(os, "SEEK_DATA"):
             yield (offset, length, False)
             return
         pos = offset
@@ -164,10 +166,10 @@ def _check_sources(storages: list[PlannedStorage]) -> dict[Source, _Source]:
             source.check_unchanged()
             src = sources[source] = _Source(source)
         end = planned.data_offset + planned.nbytes
-        if end > src.stat.st_size:
+        if end > src.size:
             raise BadCheckpointError(
                 f"{source}: file is truncated: storage {planned.source.key!r} needs bytes up "
-                f"to {end}, the file has {src.stat.st_size}"
+                f"to {end}, the file has {src.size}"
             )
     return sources
 
@@ -267,7 +269,7 @@ class _ZipWriter:
             if is_hole:
                 if want_crc:
                     crc = crc32_zeros(crc, seg_length)
-            elif want_crc and self.kernel_copy and seg_length >= _THREADED_CRC_MIN:
+            elif want_crc and self.kernel_copy and src.fd is not None and seg_length >= _THREADED_CRC_MIN:
                 crc = self._copy_kernel_crc_threaded(src, seg_offset, seg_length, self.pos, crc)
             elif want_crc:
                 crc = self._copy_with_crc(src, seg_offset, seg_length, self.pos, crc)
@@ -320,7 +322,7 @@ class _ZipWriter:
 
     def _copy_plain(self, src: _Source, offset: int, length: int, out_pos: int) -> None:
         done = 0
-        while done < length and self.kernel_copy:
+        while done < length and self.kernel_copy and src.fd is not None:
             try:
                 n = os.copy_file_range(
                     src.fd,
@@ -355,6 +357,9 @@ def _crc32_range(src: _Source, offset: int, length: int, crc: int, buf: memoryvi
 
 
 def _pread(src: _Source, buf: memoryview, offset: int) -> int:
+    if src.fd is None:  # a remote source: a full read, or a BadCheckpointError that says why not
+        src.source.readinto(buf, offset)
+        return len(buf)
     try:
         n = os.preadv(src.fd, [buf], offset)
         src.source.count(n)

@@ -19,7 +19,7 @@ from typing import Any
 
 from ..containers import KeyPath, find_state_dict, format_key_path
 from ..engine.meta import RawCheckpoint, TensorMeta
-from ..engine.source import Source
+from ..engine.source import Source, is_url, open_source
 from ..errors import (
     BadCheckpointError,
     CheckpointError,
@@ -49,7 +49,7 @@ class Checkpoint:
 
     def __init__(
         self,
-        path: Path,
+        path: Path | str,  # a str for a URL
         format: str,  # "torch-zip" | "torch-legacy" | "safetensors"
         container: Any,
         state_dict_path: KeyPath | None,
@@ -187,15 +187,18 @@ def load_checkpoint(
     unsafe: bool = False,
     key: str | None = None,
     allow_globals: Sequence[str] = (),
+    storage_options: Mapping[str, Any] | None = None,
 ) -> Checkpoint:
     """Load a checkpoint safely and locate its state_dict (see containers.find_state_dict).
 
+    `path` may be a URL (`s3://...`, `https://...`), read by range requests; `storage_options`
+    go to its fsspec filesystem.
     Tensors are engine TensorMeta leaves when the torch-free engine can read the file (no tensor
     data is read), torch tensors (mmap-backed where possible) otherwise. The returned Checkpoint
     holds the file open (see `Checkpoint.close`).
     """
-    path = Path(path)
-    src = Source(path)
+    path = path if isinstance(path, str) and is_url(path) else Path(path)
+    src = open_source(path, storage_options)
     try:
         fmt, container, engine, st_meta = _read_source(src, unsafe=unsafe, allow_globals=frozenset(allow_globals))
         sd_path, state_dict = find_state_dict(container, key)

@@ -14,7 +14,7 @@ from typing import Any, BinaryIO
 
 from ..containers import replace_at
 from ..engine.meta import TensorMeta
-from ..engine.source import Source
+from ..engine.source import Source, is_url
 from ..errors import CheckpointError, EngineUnsupported, OutputError, UsageError
 from ..tensors import is_tensor
 from .atomic import atomic_output
@@ -41,7 +41,7 @@ class OutputFormat(str, Enum):
     safetensors = "safetensors"
 
 
-def output_format(path: Path, format: str | None = None) -> OutputFormat:
+def output_format(path: Path | str, format: str | None = None) -> OutputFormat:
     """`format` when given, else from the output's name: `*.safetensors` -> safetensors, else pt."""
     if format is not None:
         try:
@@ -49,7 +49,7 @@ def output_format(path: Path, format: str | None = None) -> OutputFormat:
         except ValueError:
             choices = ", ".join(f.value for f in OutputFormat)
             raise UsageError(f"--format {format!r}: expected one of {choices}") from None
-    return OutputFormat.safetensors if path.suffix.lower() == ".safetensors" else OutputFormat.pt
+    return OutputFormat.safetensors if Path(path).suffix.lower() == ".safetensors" else OutputFormat.pt
 
 
 def save_checkpoint(
@@ -62,6 +62,7 @@ def save_checkpoint(
     unsafe: bool = False,
     allow_globals: Sequence[str] = (),
     format: str | None = None,
+    storage_options: Mapping[str, Any] | None = None,
 ) -> list[str]:
     """Write `obj` atomically in `format` (see `output_format`: by default `.safetensors` outputs
     get the safetensors format, others torch.save's).
@@ -71,8 +72,9 @@ def save_checkpoint(
     written file is read back and compared with `obj` before it replaces the destination.
     `progress` is called with byte counts as storages are copied (the byte-copying path only).
     `unsafe` and `allow_globals` are what reading the output back may use (as for the input).
+    `output` may be a URL (`s3://...`): written locally, then uploaded whole (`storage_options`).
     """
-    output = Path(output)
+    output = output if isinstance(output, str) and is_url(output) else Path(output)
     notes: list[str] = []
     safetensors = output_format(output, format) is OutputFormat.safetensors
     if safetensors:
@@ -81,7 +83,7 @@ def save_checkpoint(
     def check(tmp: Path) -> None:
         _verify_written(obj, tmp, output, by_key=safetensors, unsafe=unsafe, allow_globals=frozenset(allow_globals))
 
-    with atomic_output(output, check=check if verify else None) as f:
+    with atomic_output(output, check=check if verify else None, storage_options=storage_options) as f:
         if safetensors:
             notes += _write_safetensors(obj, f, safetensors_metadata)
         elif not _try_raw_write(obj, f, output, progress):
@@ -89,7 +91,7 @@ def save_checkpoint(
     return notes
 
 
-def _check_safetensors_target(obj: Any, output: Path) -> None:
+def _check_safetensors_target(obj: Any, output: Path | str) -> None:
     """A .safetensors file holds a flat mapping of tensors: refuse anything else, naming what."""
     from ..containers import is_extra_state_key
     from ..errors import sorted_list
@@ -107,7 +109,7 @@ def _check_safetensors_target(obj: Any, output: Path) -> None:
 
 
 def _verify_written(
-    intended: Any, written: Path, output: Path, *, by_key: bool, unsafe: bool, allow_globals: frozenset[str]
+    intended: Any, written: Path, output: Path | str, *, by_key: bool, unsafe: bool, allow_globals: frozenset[str]
 ) -> None:
     """Read the written file back and compare every tensor (shape, dtype, values) with `intended`."""
     from ..diff import compare_values
@@ -140,7 +142,7 @@ def _verify_written(
                 )
 
 
-def _try_raw_write(obj: Any, f: BinaryIO, output: Path, progress: Callable[[int], None] | None = None) -> bool:
+def _try_raw_write(obj: Any, f: BinaryIO, output: Path | str, progress: Callable[[int], None] | None = None) -> bool:
     """Copy storage records byte for byte when every tensor is a TensorMeta; False to use torch."""
     tensors = list(iter_tensors(obj))
     if not tensors or not all(isinstance(t, TensorMeta) for t in tensors):
@@ -149,7 +151,7 @@ def _try_raw_write(obj: Any, f: BinaryIO, output: Path, progress: Callable[[int]
 
     start = f.tell()
     try:
-        write_torch_zip(obj, f, archive_name=output.stem or "archive", progress=progress, name=str(output))
+        write_torch_zip(obj, f, archive_name=Path(output).stem or "archive", progress=progress, name=str(output))
         return True
     except EngineUnsupported as exc:
         _debug("raw write fallback: %s", exc)
