@@ -206,7 +206,9 @@ def test_a_long_gap_after_a_data_descriptor_is_not_read_into_memory(tmp_path, mo
     largest = []
     real_pread = os.pread
     monkeypatch.setattr(zipread.os, "pread", lambda fd, n, at: largest.append(n) or real_pread(fd, n, at))
-    fd = os.open(path, os.O_RDONLY)
+    from ckptsurgeon.engine.source import Source
+
+    fd = Source(path)
     try:
         located = zipread._check_local_headers(fd, members, [b"a/x", b"a/y"], path.stat().st_size, str(path))
     finally:
@@ -217,18 +219,18 @@ def test_a_long_gap_after_a_data_descriptor_is_not_read_into_memory(tmp_path, mo
 
 def test_a_member_offset_past_the_central_directory_is_a_clean_error(tmp_path):
     """A ZIP64 extra field can give a member any 64-bit offset (2**63 made os.pread overflow)."""
-    import os
     import zlib
 
     from ckptsurgeon.engine import zipread
+    from ckptsurgeon.engine.source import Source
 
     path = tmp_path / "far.zip"
     path.write_bytes(_deferred_member(b"a/x", b"hi"))
     for far in (path.stat().st_size, 1 << 45, 1 << 63, (1 << 64) - 1):
         entries = [(zipread.ZipMember("a/x", far, -1, 2, zlib.crc32(b"hi"), 0x08), b"a/x", 0, 2)]
-        fd = os.open(path, os.O_RDONLY)
+        fd = Source(path)
         try:
             with pytest.raises(CheckpointError, match="past the central directory"):
                 zipread._validate(fd, entries, path.stat().st_size, str(path))
         finally:
-            os.close(fd)
+            fd.close()
