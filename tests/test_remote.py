@@ -92,6 +92,7 @@ class _Store(http.server.ThreadingHTTPServer):
         self.gets = self.heads = self.served = 0
         self.faults: list[str] = []  # per GET, in order: "500", "503", "drop"
         self.replace_after: tuple[int, str, bytes] | None = None  # (GETs, path, new bytes)
+        self.if_match = True  # honour If-Match (a server that ignores it serves whatever it has)
 
     @property
     def url(self) -> str:
@@ -142,7 +143,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self._status(404)
             return
         if_match = self.headers.get("If-Match")
-        if if_match is not None and if_match != _etag(data):
+        if store.if_match and if_match is not None and if_match != _etag(data):
             self._status(412)
             return
         start, end = 0, len(data)
@@ -187,6 +188,7 @@ def store(http_store: _Store) -> _Store:
     http_store.objects.clear()
     http_store.faults.clear()
     http_store.replace_after = None
+    http_store.if_match = True
     http_store.reset()
     return http_store
 
@@ -410,6 +412,19 @@ def test_an_object_replaced_mid_read_is_exit_2_and_nothing_is_written(cli, tmp_p
     assert not out.exists()
 
 
+def test_an_object_cut_short_behind_a_server_that_ignores_if_match_is_exit_2(cli, tmp_path, store):
+    data = _save(tmp_path, "m.pt", _model_sd(layers=40, width=256)).read_bytes()
+    store.objects["/m.pt"] = data
+    store.if_match = False
+    store.replace_after = (3, "/m.pt", data[: len(data) // 2])
+    out = tmp_path / "out.pt"
+    r = cli("extract", f"{store.url}/m.pt", "-o", out)
+    assert r.exit_code == 2
+    line = one_line_error(r)
+    assert "not the one validated (changed or truncated)" in line, line
+    assert not out.exists()
+
+
 def test_a_missing_url_and_a_missing_backend(cli, store, monkeypatch):
     r = cli("inspect", f"{store.url}/none.pt")
     assert r.exit_code == 2 and one_line_error(r) == f"error: {store.url}/none.pt: no such object"
@@ -447,6 +462,16 @@ def test_extract_and_rename_to_s3(cli, tmp_path, bucket):
     st = f"s3://{name}/out/m.safetensors"
     assert cli("extract", url, "-x", "head.weight", "-o", st).exit_code == 0
     assert fs.cat_file(f"{name}/out/m.safetensors")[8:9] == b"{"
+    # merge --average parks its means in the temp directory, then uploads the result
+    halves = _put(
+        bucket, _save(tmp_path, "h.pt", OrderedDict((k, v * 0 if v.is_floating_point() else v) for k, v in sd.items()))
+    )
+    avg = f"s3://{name}/out/avg.pt"
+    r = cli("merge", url, halves, "--average", "-o", avg)
+    assert r.exit_code == 0, r.stderr
+    fs.get_file(f"{name}/out/avg.pt", str(tmp_path / "avg.pt"))
+    got = torch.load(tmp_path / "avg.pt", weights_only=True)
+    assert torch.allclose(got["layers.0.weight"], sd["layers.0.weight"] / 2)
 
 
 def test_https_is_read_only(cli, tmp_path, store):
@@ -528,3 +553,63 @@ def test_a_writer_killed_mid_upload_leaves_no_object(tmp_path, bucket, s3_endpoi
     assert not fs.exists(f"{name}/killed.pt")
     if sig == signal.SIGTERM:
         assert b"Traceback" not in err
+
+
+# ------------------------------------------------------------------------ other layouts, fallback
+
+
+def test_an_archive_not_laid_out_by_torch_save_is_read_with_every_header_checked(cli, tmp_path, store):
+    """Storage records' data offsets are taken from torch.save's layout and checked when read; a
+    ZIP another writer made (here Python's zipfile, no padding) is noticed at once and read as
+    locally."""
+    import zipfile
+
+    sd = _model_sd()
+    original = _save(tmp_path, "m.pt", sd)
+    rezipped = tmp_path / "rezipped.pt"
+    with zipfile.ZipFile(original) as src, zipfile.ZipFile(rezipped, "w", zipfile.ZIP_STORED) as dst:
+        for info in src.infolist():
+            dst.writestr(info.filename, src.read(info.filename))
+    store.objects["/rezipped.pt"] = rezipped.read_bytes()
+    out = tmp_path / "out.pt"
+    r = cli("extract", f"{store.url}/rezipped.pt", "-o", out)
+    assert r.exit_code == 0, r.stderr
+    same_values(torch.load(out, weights_only=True), sd)
+
+
+def test_a_corrupt_storage_header_is_found_when_its_data_is_read(cli, tmp_path, store):
+    sd = _model_sd()
+    data = bytearray(_save(tmp_path, "m.pt", sd).read_bytes())
+    at = data.index(b"m/data/3")  # the local header's copy of the name (the central directory's comes later)
+    data[at : at + 8] = b"m/data/X"
+    store.objects["/m.pt"] = bytes(data)
+    out = tmp_path / "out.pt"
+    r = cli("extract", f"{store.url}/m.pt", "-o", out)
+    assert r.exit_code == 2
+    assert "the local ZIP header of 'm/data/3' names a different member" in one_line_error(r)
+    assert not out.exists()
+
+
+def test_the_torch_fallback_reads_a_downloaded_copy(cli, tmp_path, bucket, monkeypatch):
+    """What the engine does not model (a quantized tensor) is read by torch from a temporary copy
+    of the object, removed afterwards."""
+    sd = OrderedDict(w=torch.randn(4, 4), q=torch.quantize_per_tensor(torch.randn(3), 0.1, 3, torch.quint8))
+    url = _put(bucket, _save(tmp_path, "q.pt", sd))
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    monkeypatch.setenv("TMPDIR", str(scratch))
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", None)
+    data = parse_json(cli("inspect", url, "--json"))
+    assert {t["key"]: t["dtype"] for t in data["tensors"]} == {"w": "float32", "q": "quint8"}
+    assert data["bytes_read"] >= (tmp_path / "q.pt").stat().st_size
+    assert list(scratch.iterdir()) == []
+
+
+def test_local_files_report_bytes_and_no_requests(cli, tmp_path):
+    path = _save(tmp_path, "m.pt", _model_sd())
+    data = parse_json(cli("inspect", path, "--json"))
+    assert data["requests"] == 0 and data["bytes_read"] > 0
+    data = parse_json(cli("inspect", f"file://{path}", "--json"))
+    assert data["requests"] == 0 and data["num_tensors"] == len(_model_sd())
