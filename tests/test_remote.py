@@ -238,6 +238,21 @@ def test_inspect_of_a_50_mb_pt_on_s3_reads_its_directory_and_pickle_only(cli, tm
     assert 1 <= data["requests"] <= 4
 
 
+def test_extract_of_a_tenth_reads_about_the_selected_bytes_in_one_request_each(cli, tmp_path, bucket):
+    """Each selected record costs one ranged GET (its local header and data descriptor come with
+    its data), plus the few requests of reading the directory."""
+    sd = OrderedDict((f"blocks.{i}.weight", torch.randn(512, 512)) for i in range(50))
+    url = _put(bucket, _save(tmp_path, "big.pt", sd))
+    out = tmp_path / "tenth.pt"
+    picked = [f"blocks.{i}." for i in range(10, 15)]
+    data = parse_json(cli("extract", url, *[a for p in picked for a in ("-i", p)], "-o", out, "--json"))
+    want = OrderedDict((k, v) for k, v in sd.items() if k.startswith(tuple(picked)))
+    same_values(torch.load(out, weights_only=True), want)
+    selected = sum(v.nbytes for v in want.values())
+    assert selected <= data["bytes_read"] < selected + 300_000
+    assert data["requests"] <= len(want) + 4
+
+
 def test_inspect_verify_on_s3_checks_every_crc(cli, tmp_path, bucket):
     path = _save(tmp_path, "m.pt", _model_sd())
     url = _put(bucket, path)
@@ -344,18 +359,19 @@ def test_https_inspect_of_a_pt_serves_under_1_mb_in_at_most_4_requests(cli, tmp_
 
 
 def test_https_inspect_of_safetensors_takes_one_ranged_get(cli, tmp_path, store):
+    """The first GET (bytes 0-99999) validates the object too: its size and ETag come with it."""
     sd = _model_sd()
     store.objects["/m.safetensors"] = _save(tmp_path, "m.safetensors", sd).read_bytes()
     data = parse_json(cli("inspect", f"{store.url}/m.safetensors", "--json"))
     assert data["num_tensors"] == len(sd) - 1
-    assert (store.heads, store.gets) == (1, 1) and data["requests"] == 2
+    assert (store.heads, store.gets) == (0, 1) and data["requests"] == 1
     # a header longer than the first 100 kB: one more GET, for the rest of it only
     many = OrderedDict((f"a.rather.long.module.path.number.{i:05d}.weight", torch.zeros(1)) for i in range(2000))
     store.objects["/long.safetensors"] = _save(tmp_path, "long.safetensors", many).read_bytes()
     store.reset()
     data = parse_json(cli("inspect", f"{store.url}/long.safetensors", "--json"))
     assert data["num_tensors"] == 2000
-    assert (store.heads, store.gets) == (1, 2)
+    assert (store.heads, store.gets) == (0, 2) and data["requests"] == 2
 
 
 def test_extract_diff_merge_rename_from_https(cli, tmp_path, store):
@@ -613,3 +629,33 @@ def test_local_files_report_bytes_and_no_requests(cli, tmp_path):
     assert data["requests"] == 0 and data["bytes_read"] > 0
     data = parse_json(cli("inspect", f"file://{path}", "--json"))
     assert data["requests"] == 0 and data["num_tensors"] == len(_model_sd())
+
+
+class _Payload:
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> Any:
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_hostile_remote_pickle_is_refused_and_never_runs(cli, tmp_path, store):
+    marker = tmp_path / "ran"
+    store.objects["/evil.pt"] = _save(tmp_path, "evil.pt", {"w": torch.ones(2), "x": _Payload(marker)}).read_bytes()
+    out = tmp_path / "out.pt"
+    for args in (("inspect",), ("extract", "-o", out)):
+        r = cli(*args[:1], f"{store.url}/evil.pt", *args[1:])
+        assert r.exit_code == 2
+        assert "refused to unpickle" in one_line_error(r) and "system" in r.stderr
+    assert not marker.exists() and not out.exists()
+
+
+def test_a_legacy_format_checkpoint_on_s3(cli, tmp_path, bucket):
+    sd = _model_sd()
+    path = tmp_path / "legacy.pt"
+    torch.save(sd, path, _use_new_zipfile_serialization=False)
+    url = _put(bucket, path)
+    out = tmp_path / "out.pt"
+    data = parse_json(cli("extract", url, "-o", out, "--json"))
+    same_values(torch.load(out, weights_only=True), sd)
+    assert data["requests"] >= 2

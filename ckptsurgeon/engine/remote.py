@@ -2,8 +2,9 @@
 `https://`, ...), read by range requests through the same :class:`~.source.Source` interface as
 local files, and outputs uploaded only once they are complete.
 
-A :class:`RemoteSource` validates the object once (`fs.info`: its size and ETag, or what the
-backend has instead) and reads byte ranges of it (`cat_file(path, start, end)`; on S3 and HTTP
+A :class:`RemoteSource` validates the object once (its size and ETag, or what the backend has
+instead: on S3 and HTTP from the answer to the first ranged GET, which also brings the object's
+first bytes; elsewhere from `fs.info`) and reads byte ranges of it (`cat_file(path, start, end)`; on S3 and HTTP
 with `If-Match: <ETag>`, so that an object replaced while it is read is refused, never mixed in).
 Small reads are answered from a few cached blocks: a request asks for at least
 :data:`FIRST_REQUEST` bytes, so the many small reads of a header cost one request. Transient
@@ -167,7 +168,7 @@ def failure_kind(exc: BaseException) -> str:
     """'changed', 'missing', 'denied', 'transient' or 'other' for an exception of a backend."""
     chain = _chain(exc)
     statuses = [s for s in map(_status, chain) if s is not None]
-    if 412 in statuses or any("precondition" in str(e).lower() for e in chain):
+    if 412 in statuses or any("precondition" in str(e).lower().replace("-", "") for e in chain):
         return "changed"
     if any(s >= 500 or s in (408, 429) for s in statuses):
         return "transient"
@@ -236,7 +237,9 @@ class RemoteSource(Source):
         "_starts",
         "_checks",
         "_s3",
+        "_http",
         "_if_match",
+        "_info_has_etag",
         "_copy",
         "_open",
     )
@@ -252,23 +255,22 @@ class RemoteSource(Source):
         self._blocks: OrderedDict[int, bytes] = OrderedDict()
         self._check_lock = threading.RLock()
         self._starts: list[int] = []
-        self._checks: list[tuple[int, int, Callable[[], None]]] = []
+        self._checks: list[tuple[int, int, Callable[[], None], tuple[int, int]]] = []
         self._copy: str | None = None
-        self._open = False
+        self._open = self._info_has_etag = False
         self.fs, self.path = filesystem(url, storage_options)
-        info = self._info("cannot open")
-        if info.get("type") == "directory":
-            raise BadCheckpointError(f"{url}: not an object but a directory (prefix)")
-        size = info.get("size")
-        if not isinstance(size, int) or size < 0:
-            raise BadCheckpointError(f"{url}: the store does not say the object's size")
-        self._size = size
-        self.etag = _identity_of(info)
-        self.file_id = (-1, hash((url, size, self.etag)))  # two Sources of one object compare equal
         protocols = self.fs.protocol if isinstance(self.fs.protocol, (tuple, list)) else (self.fs.protocol,)
         self._s3 = "s3" in protocols and hasattr(self.fs, "_call_s3")
-        # If-Match compares strong ETags only: a weak one (W/"...") would fail every request
-        self._if_match = self.etag if self.etag and not self.etag.startswith("W/") and "ETag" in info else None
+        self._http = _protocol(url) in _READ_ONLY and hasattr(self.fs, "set_session")
+        first = _retrying(self._first_get, self._count, self._error("cannot open"))
+        self._size, self.etag, head = first if first is not None else self._validate_by_info()
+        self.file_id = (-1, hash((url, self._size, self.etag)))  # two Sources of one object compare equal
+        # If-Match: where the identity is an ETag, and a strong one (a weak W/"..." fails every request)
+        etag_known = first is not None or self._info_has_etag
+        self._if_match = self.etag if etag_known and self.etag and not self.etag.startswith("W/") else None
+        if head:
+            self.bytes_read += len(head)
+            self._blocks[0] = head
         self._open = True
 
     # -------------------------------------------------------------------------- requests
@@ -279,7 +281,8 @@ class RemoteSource(Source):
 
     def _error(self, what: str) -> Callable[[str, int, Exception], Exception]:
         def make(kind: str, attempts: int, exc: Exception) -> Exception:
-            cause = _one_line(exc)
+            # the exception that carries a status says most (fsspec wraps HTTP errors in others)
+            cause = _one_line(next((e for e in _chain(exc) if _status(e) is not None), exc))
             if kind == "changed":
                 return BadCheckpointError(
                     f"{self.name}: the object changed while it was being read (its ETag no longer matches); "
@@ -294,6 +297,67 @@ class RemoteSource(Source):
             return BadCheckpointError(f"{self.name}: {what}{tries}: {cause}")
 
         return make
+
+    def _first_get(self) -> tuple[int, str | None, bytes] | None:
+        """(size, ETag, first bytes) from one ranged GET of the object's first FIRST_REQUEST bytes,
+        where the backend shows the answer's headers (S3, HTTP): the object is validated and its
+        head read in one request (a safetensors header, a zip's data.pkl). None: ask `fs.info`."""
+        from fsspec.asyn import sync
+
+        want = f"bytes=0-{FIRST_REQUEST - 1}"
+        if self._s3:
+            bucket, key, version = self.fs.split_path(self.path)
+
+            async def s3() -> tuple[str | None, str | None, bytes] | None:
+                extra = {"VersionId": version} if version else {}
+                try:
+                    resp = await self.fs._call_s3("get_object", Bucket=bucket, Key=key, Range=want, **extra)
+                except OSError as exc:
+                    if 416 in map(_status, _chain(exc)):  # an empty object has no byte 0
+                        return None
+                    raise
+                try:
+                    return resp.get("ContentRange"), resp.get("ETag"), await resp["Body"].read()
+                finally:
+                    resp["Body"].close()
+
+            answer = sync(self.fs.loop, s3)
+        elif self._http:
+
+            async def http() -> tuple[str | None, str | None, bytes] | None:
+                session = await self.fs.set_session()
+                kwargs = dict(self.fs.kwargs)
+                headers = {**(kwargs.pop("headers", None) or {}), "Range": want}
+                async with session.get(self.fs.encode_url(self.path), headers=headers, **kwargs) as r:
+                    if r.status == 404:
+                        raise FileNotFoundError(self.url)
+                    if r.status != 416:  # 416: an empty object has no byte 0 (info tells)
+                        r.raise_for_status()  # 5xx: retried
+                    if r.status != 206:  # or a server that ignores Range: ask info
+                        return None
+                    return r.headers.get("Content-Range"), r.headers.get("ETag"), await r.read()
+
+            answer = sync(self.fs.loop, http)
+        else:
+            return None
+        if answer is None:
+            return None
+        content_range, etag, body = answer
+        total = (content_range or "").rpartition("/")[2]
+        if not total.isdigit() or len(body) != min(FIRST_REQUEST, int(total)):
+            return None  # no total size said (`*/`), or an answer that is not the range asked for
+        return int(total), etag, body
+
+    def _validate_by_info(self) -> tuple[int, str | None, bytes]:
+        """(size, identity, no bytes) from `fs.info`, for backends whose reads show no headers."""
+        info = self._info("cannot open")
+        if info.get("type") == "directory":
+            raise BadCheckpointError(f"{self.url}: not an object but a directory (prefix)")
+        size = info.get("size")
+        if not isinstance(size, int) or size < 0:
+            raise BadCheckpointError(f"{self.url}: the store does not say the object's size")
+        self._info_has_etag = "ETag" in info
+        return size, _identity_of(info), b""
 
     def _info(self, what: str) -> dict[str, Any]:
         info: dict[str, Any] = _retrying(lambda: self.fs.info(self.path), self._count, self._error(what))
@@ -322,7 +386,7 @@ class RemoteSource(Source):
 
             data: bytes = sync(self.fs.loop, get)
             return data
-        if self._if_match and _protocol(self.url) in _READ_ONLY:
+        if self._if_match and self._http:
             return bytes(self.fs.cat_file(self.path, start=start, end=end, headers={"If-Match": self._if_match}))
         return bytes(self.fs.cat_file(self.path, start=start, end=end))
 
@@ -358,7 +422,10 @@ class RemoteSource(Source):
         if size == 0:
             return b""
         if self._checks:
-            self._run_checks(offset, end)
+            fetched = self._run_checks(offset, end)
+            if fetched is not None:
+                lo, block = fetched
+                return memoryview(block)[offset - lo : end - lo]
         head = b""
         with self._lock:
             for start, block in self._blocks.items():
@@ -380,8 +447,10 @@ class RemoteSource(Source):
             return head + block[: end - pos]
         return memoryview(block)[:size]
 
-    def _run_checks(self, start: int, end: int) -> None:
-        """Run (once) the deferred checks of ranges that [start, end) touches."""
+    def _run_checks(self, start: int, end: int) -> tuple[int, bytes] | None:
+        """Run (once) the deferred checks of ranges that [start, end) touches. The bytes they read
+        that lie near [start, end) (a record's local header, its data descriptor) come with the
+        read itself, in one request: returned as (offset, bytes) when it was made."""
         with self._check_lock:
             i = max(0, bisect.bisect_right(self._starts, start) - 1)
             due: list[int] = []
@@ -389,11 +458,27 @@ class RemoteSource(Source):
                 if self._checks[i][1] > start:
                     due.append(i)
                 i += 1
-            checks = [self._checks[i][2] for i in due]
+            if not due:
+                return None
+            entries = [self._checks[i] for i in due]
             for i in reversed(due):
                 del self._starts[i], self._checks[i]
-            for check in checks:
-                check()
+            near = 1 << 16
+            lo = min([start] + [span[0] for *_, span in entries if start - near <= span[0] < start])
+            hi = max([end] + [span[1] for *_, span in entries if end < span[1] <= end + near])
+            fetched = None
+            if lo < start or hi > end:
+                fetched = (lo, self._fetch(lo, min(hi, self._size)))
+                with self._lock:  # where the checks find their bytes
+                    self._blocks[lo] = fetched[1]
+            try:
+                for _, _, check, _ in entries:
+                    check()
+            finally:
+                if fetched is not None and len(fetched[1]) > CACHE_BLOCK:
+                    with self._lock:
+                        self._blocks.pop(lo, None)
+            return fetched
 
     # ----------------------------------------------------------------- the Source interface
 
@@ -429,7 +514,7 @@ class RemoteSource(Source):
 
     def check_unchanged(self) -> None:
         info = self._info("cannot check the object")
-        if info.get("size") != self._size or _identity_of(info) != self.etag:
+        if info.get("size") != self._size or (self.etag is not None and _identity_of(info) != self.etag):
             raise BadCheckpointError(
                 f"{self.name}: the object changed while it was being read (size {self._size} -> "
                 f"{info.get('size')}); nothing was written from it"
@@ -445,11 +530,11 @@ class RemoteSource(Source):
     def read_upto(self, size: int, offset: int) -> bytes:
         return self.pread(max(0, min(size, self._size - offset)), offset)
 
-    def defer(self, start: int, end: int, check: Callable[[], None]) -> None:
+    def defer(self, start: int, end: int, check: Callable[[], None], span: tuple[int, int] | None = None) -> None:
         with self._check_lock:
             i = bisect.bisect_right(self._starts, start)
             self._starts.insert(i, start)
-            self._checks.insert(i, (start, end, check))
+            self._checks.insert(i, (start, end, check, span or (start, end)))
 
     def close(self) -> None:
         self._open = False

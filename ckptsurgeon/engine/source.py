@@ -197,10 +197,11 @@ class Source:
         self.bytes_read += len(data)
         return data
 
-    def defer(self, start: int, end: int, check: Callable[[], None]) -> None:
+    def defer(self, start: int, end: int, check: Callable[[], None], span: tuple[int, int] | None = None) -> None:
         """Run `check` before any byte of [start, end) is read. A local file checks at once: reads
         are cheap here. A remote Source runs it at the first read of the range, so that checks of
-        records nobody reads (local ZIP headers, for `inspect`) cost no request."""
+        records nobody reads (local ZIP headers, for `inspect`) cost no request; `span` says which
+        bytes the check reads, so that they can come with that first read."""
         check()
 
     # --------------------------------------------------------------------------- lifetime

@@ -328,9 +328,9 @@ def _locate_deferred(
     read now (`data.pkl`, the version records, ...) are located and checked as locally; a storage
     record's data offset is the one torch.save's writer gives it (its `FB` padding), and its
     local header and data descriptor are checked, that offset included, before its first byte is
-    read. `inspect` thus reads no storage record's header. The first storage record is checked at
-    once (its header usually sits in what was read already): an archive that another writer laid
-    out differently has every header read now, as locally."""
+    read. `inspect` thus reads no storage record's header. The first storage record's header is
+    looked at now (it usually sits in what was read already): an archive that another writer laid
+    out differently has every header read and checked now, as locally."""
     order = sorted(range(len(members)), key=[m.header_offset for m in members].__getitem__)
     limit = {i: members[j].header_offset for i, j in zip(order, order[1:])}
     if order:
@@ -345,19 +345,19 @@ def _locate_deferred(
     read_now = set(now)
     later = [i for i in order if i not in read_now]
     if later:
-        first = later.pop(0)
-        m = members[first]
-        (found,) = _locate_checked(src, [m], [raw_names[first]], limit[first], path)
-        if found.data_offset != _torch_data_offset(m.header_offset, len(raw_names[first]), m.size):
+        m = members[later[0]]
+        head = src.read_upto(min(_LOCAL.size, limit[later[0]] - m.header_offset), m.header_offset)
+        lengths = struct.unpack_from("<HH", head, 26) if len(head) == _LOCAL.size else (-1, -1)
+        if m.header_offset + 30 + sum(lengths) != _torch_data_offset(m.header_offset, len(raw_names[later[0]]), m.size):
             return _check_local_headers(src, members, raw_names, cd_offset, path)  # not torch.save's layout
-        located[first] = found
     for i in later:
         m, raw = members[i], raw_names[i]
         data_offset = _torch_data_offset(m.header_offset, len(raw), m.size)
         if data_offset + m.size > limit[i]:
             raise _bad(path, f"ZIP member {m.name!r} overlaps the next member (corrupt or truncated file)")
         located[i] = m = ZipMember(m.name, m.header_offset, data_offset, m.size, m.crc32, m.flags)
-        src.defer(data_offset, data_offset + m.size, _header_check(src, m, raw, limit[i], path))
+        span = (m.header_offset, min(limit[i], data_offset + m.size + 24))  # header .. data descriptor
+        src.defer(data_offset, data_offset + m.size, _header_check(src, m, raw, limit[i], path), span)
     return located
 
 

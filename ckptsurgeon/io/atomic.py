@@ -243,7 +243,9 @@ def _uploaded(
 
     from ..engine.remote import upload
 
-    with _temp_file(Path(tempfile.gettempdir()) / Path(url).name) as temp:
+    local = Path(tempfile.gettempdir()) / Path(url).name
+    _clean_stale_temps(local.parent, local.name)  # a killed upload's local copy
+    with _temp_file(local) as temp:
         try:
             f = os.fdopen(temp.fd, "wb", closefd=False)
             try:
