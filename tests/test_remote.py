@@ -659,3 +659,24 @@ def test_a_legacy_format_checkpoint_on_s3(cli, tmp_path, bucket):
     data = parse_json(cli("extract", url, "-o", out, "--json"))
     same_values(torch.load(out, weights_only=True), sd)
     assert data["requests"] >= 2
+
+
+def test_any_fsspec_backend_reads_and_writes(cli, tmp_path):
+    """A backend without S3's or HTTP's headers (fsspec's in-memory one): validated by `info`,
+    read by `cat_file` ranges, written by `put_file`."""
+    import fsspec
+
+    fs = fsspec.filesystem("memory")
+    sd = _model_sd()
+    fs.pipe_file("/ckpts/m.pt", _save(tmp_path, "m.pt", sd).read_bytes())
+    data = parse_json(cli("extract", "memory://ckpts/m.pt", "-i", "layers", "-o", "memory://out/l.pt", "--json"))
+    assert data["requests"] >= 2
+    (tmp_path / "l.pt").write_bytes(fs.cat_file("/out/l.pt"))
+    same_values(
+        torch.load(tmp_path / "l.pt", weights_only=True),
+        OrderedDict((k, v) for k, v in sd.items() if k.startswith("layers.")),
+    )
+    r = cli("extract", "memory://ckpts/m.pt", "-o", "memory://out/l.pt")
+    assert r.exit_code == 2 and "pass --force" in one_line_error(r)
+    r = cli("inspect", "memory://ckpts/none.pt")
+    assert r.exit_code == 2 and one_line_error(r) == "error: memory://ckpts/none.pt: no such object"

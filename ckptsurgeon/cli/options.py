@@ -70,9 +70,8 @@ OPTIONS: tuple[Opt, ...] = (
         "Checkpoint file (torch.save zip or legacy format, or .safetensors): a path or a URL (s3://, gs://, hf://, "
         "https://, file://).",
         ("inspect", "extract", "rename"), Group.INPUT, required=True, fast=True),
-    Opt("ckpts", (), Kind.LOCATIONS, "CKPT...", "Two or more checkpoint files (paths or URLs).", ("merge",),
-        Group.INPUT,
-        required=True),
+    Opt("ckpts", (), Kind.LOCATIONS, "CKPT...", "Two or more checkpoint files (paths or URLs).",
+        ("merge",), Group.INPUT, required=True),
     Opt("a", (), Kind.LOCATION, "A", "First checkpoint (A): a path or a URL.", ("diff",), Group.INPUT, required=True),
     Opt("b", (), Kind.LOCATION, "B", "Second checkpoint (B): a path or a URL.", ("diff",), Group.INPUT,
         required=True),

@@ -6,7 +6,9 @@ and modification time. Every byte of a checkpoint is read through its open handl
 reads, so a file renamed onto the path later is never seen, and a file changed in place (another
 size or modification time) is refused instead of mixed with what was read before. Nothing else in
 ckptsurgeon opens a checkpoint by name: engine readers, the copy engine, diff and the torch fallback
-(through `/proc/self/fd`) all read a Source.
+(through `/proc/self/fd`) all read a Source, made by :func:`open_source`. A URL opens an
+:class:`~ckptsurgeon.engine.remote.RemoteSource`: the same interface over ranged requests, its
+identity the object's size and ETag.
 """
 
 from __future__ import annotations

@@ -193,6 +193,7 @@ def load_checkpoint(
 
     `path` may be a URL (`s3://...`, `https://...`), read by range requests; `storage_options`
     go to its fsspec filesystem.
+
     Tensors are engine TensorMeta leaves when the torch-free engine can read the file (no tensor
     data is read), torch tensors (mmap-backed where possible) otherwise. The returned Checkpoint
     holds the file open (see `Checkpoint.close`).
