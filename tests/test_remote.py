@@ -253,6 +253,19 @@ def test_extract_of_a_tenth_reads_about_the_selected_bytes_in_one_request_each(c
     assert data["requests"] <= len(want) + 4
 
 
+def test_a_storage_larger_than_one_request_is_read_in_parallel_parts(tmp_path, bucket):
+    from ckptsurgeon.engine import remote
+    from ckptsurgeon.io import as_torch, load_checkpoint
+
+    sd = OrderedDict(big=torch.randn(10 << 20), small=torch.arange(5))  # 40 MiB: three 16 MiB requests
+    url = _put(bucket, _save(tmp_path, "big.pt", sd))
+    with load_checkpoint(url) as ckpt:
+        before = ckpt.source.requests
+        same_values(as_torch(ckpt.state_dict), sd)
+        assert ckpt.source.requests - before <= 4 + (40 << 20) // remote.CHUNK
+        assert ckpt.source.bytes_read < (40 << 20) + 400_000
+
+
 def test_inspect_verify_on_s3_checks_every_crc(cli, tmp_path, bucket):
     path = _save(tmp_path, "m.pt", _model_sd())
     url = _put(bucket, path)

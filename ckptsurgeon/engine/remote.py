@@ -40,7 +40,8 @@ __all__ = [
 FIRST_REQUEST = 100_000  # a small read asks for this much (huggingface_hub's first safetensors range)
 CACHE_BLOCK = 1 << 20  # responses up to this size are kept for the reads that follow
 CACHE_BLOCKS = 8
-CHUNK = 16 << 20  # the largest single request: bigger reads are split (memory stays bounded)
+CHUNK = 16 << 20  # the largest single request: bigger reads are split ...
+PARALLEL = 4  # ... into requests made this many at a time
 RETRIES = 4  # a transient failure is retried this many times ...
 BACKOFF = 0.1  # ... after 0.1, 0.2, 0.4, 0.8 seconds
 
@@ -435,13 +436,13 @@ class RemoteSource(Source):
                     head = block[offset - start :]  # the rest comes from one more request
                     break
         pos = offset + len(head)
-        if end - pos > CHUNK:
-            parts = [head]
-            while pos < end:
-                n = min(CHUNK, end - pos)
-                parts.append(self._fetch(pos, pos + n))
-                pos += n
-            return b"".join(parts)
+        if end - pos > CHUNK:  # CHUNK-sized requests, PARALLEL of them at a time
+            from concurrent.futures import ThreadPoolExecutor
+
+            bounds = list(range(pos, end, CHUNK)) + [end]
+            with ThreadPoolExecutor(min(PARALLEL, len(bounds) - 1), thread_name_prefix="ckptsurgeon-get") as pool:
+                parts = list(pool.map(self._fetch, bounds[:-1], bounds[1:]))
+            return b"".join([head, *parts])
         block = self._block(pos, end)
         if head:
             return head + block[: end - pos]
@@ -467,7 +468,7 @@ class RemoteSource(Source):
             lo = min([start] + [span[0] for *_, span in entries if start - near <= span[0] < start])
             hi = max([end] + [span[1] for *_, span in entries if end < span[1] <= end + near])
             fetched = None
-            if lo < start or hi > end:
+            if (lo < start or hi > end) and hi - lo <= CHUNK + 2 * near:
                 fetched = (lo, self._fetch(lo, min(hi, self._size)))
                 with self._lock:  # where the checks find their bytes
                     self._blocks[lo] = fetched[1]
@@ -504,8 +505,9 @@ class RemoteSource(Source):
             fd, path = tempfile.mkstemp(prefix="ckptsurgeon-", suffix=".download")
             try:
                 with os.fdopen(fd, "wb") as f:
-                    for pos in range(0, self._size, CHUNK):
-                        f.write(self._read(pos, min(CHUNK, self._size - pos)))
+                    step = PARALLEL * CHUNK
+                    for pos in range(0, self._size, step):
+                        f.write(self._read(pos, min(step, self._size - pos)))
             except BaseException:
                 os.unlink(path)
                 raise
