@@ -562,17 +562,18 @@ def merge_warnings(report: MergeReport, shown: int = 3) -> list[str]:
     return lines
 
 
-def _location(location: str | os.PathLike[str]) -> Path | str:
-    """A checkpoint's location as the job keeps it: a URL as the string given, a path as a Path."""
+def _location(location: str | os.PathLike[str]) -> str:
+    """A checkpoint's location as the job keeps it: the string given (a URL, or a path whose
+    trailing `/` says it is a directory)."""
+    return os.fspath(location)
+
+
+def _staging_place(output: str) -> Path:
+    """Where scratch files for `output` go: beside a local output, in the temp directory for a URL."""
     from .engine.source import is_url
 
-    return location if isinstance(location, str) and is_url(location) else Path(location)
-
-
-def _staging_place(output: Path | str) -> Path:
-    """Where scratch files for `output` go: beside a local output, in the temp directory for a URL."""
-    if isinstance(output, Path):
-        return output
+    if not is_url(output):
+        return Path(output)
     import tempfile
 
     return Path(tempfile.gettempdir()) / Path(output).name
