@@ -14,6 +14,7 @@ whose start-up time is most of their run time. Nothing heavy is imported before 
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager
 from pathlib import Path
@@ -67,12 +68,20 @@ class Selection(NamedTuple):
 
 
 class Loading(NamedTuple):
-    """`--key`, `--unsafe`, `--allow-global`, `--jobs`: how a checkpoint is read."""
+    """`--key`, `--unsafe`, `--allow-global`, `--jobs`, `--storage-options`: how a checkpoint is read."""
 
     key: str | None = None
     unsafe: bool = False
     allow_globals: Sequence[str] = ()
     jobs: int | None = None  # threads for shards and tensors; None: the CPUs, at most 8
+    storage_options: str | None = None  # JSON object passed to fsspec for URLs (inputs and outputs)
+
+    @property
+    def fsspec_options(self) -> dict[str, Any]:
+        """`storage_options` parsed (a UsageError when it is not a JSON object)."""
+        from .engine.remote import parse_storage_options
+
+        return parse_storage_options(self.storage_options)
 
     @property
     def threads(self) -> int:
@@ -131,6 +140,7 @@ class InspectResult(NamedTuple):
     check_finite: bool = False
     stats: bool = False
     bytes_read: int = 0  # bytes read from storage, every file of the input counted
+    requests: int = 0  # requests made to remote stores
 
     @property
     def non_finite(self) -> list[str]:
@@ -158,7 +168,7 @@ class InspectResult(NamedTuple):
         data.update(public_model(self.model))
         if self.model is not None:
             data["kinds"] = self.model["kinds"]
-        data["bytes_read"] = self.bytes_read
+        data.update(bytes_read=self.bytes_read, requests=self.requests)
         return data
 
 
@@ -188,6 +198,7 @@ class WriteResult(NamedTuple):
     dtype: str | None = None  # --dtype
     cast: tuple[str, ...] = ()  # the keys --dtype cast (or would cast, with dry_run)
     bytes_read: int = 0  # bytes read from storage, every file of every input counted
+    requests: int = 0  # requests made to remote stores
     files: tuple[tuple[str, int], ...] = ()  # a directory output: its files (name, bytes), the index last
 
     @property
@@ -238,7 +249,7 @@ class WriteResult(NamedTuple):
             data["cast"] = list(self.cast)
         if self.model is not None:
             data["model"] = public_model(self.model)
-        data["bytes_read"] = self.bytes_read
+        data.update(bytes_read=self.bytes_read, requests=self.requests)
         return data
 
 
@@ -250,6 +261,7 @@ class DiffResult(NamedTuple):
     model_options: ModelCheck
     notices: tuple[str, ...]
     bytes_read: int = 0  # bytes read from storage, every file of both inputs counted
+    requests: int = 0  # requests made to remote stores
 
     @property
     def exit_code(self) -> int:
@@ -260,7 +272,7 @@ class DiffResult(NamedTuple):
         data = self.report.to_dict()
         if self.models:
             data["model"] = {side: public_model(m) for side, m in self.models.items()}
-        data["bytes_read"] = self.bytes_read
+        data.update(bytes_read=self.bytes_read, requests=self.requests)
         return data
 
 
@@ -308,7 +320,7 @@ def inspect(
 
     say = _Notices(notify)
     progress = progress or _no_progress
-    ckpt = Path(ckpt)
+    ckpt = _location(ckpt)
     ckpt_obj = _load(ckpt, loading, say, metadata_only=True)  # a DCP directory: its .metadata alone
     if verify:
         from .io import iter_tensors, verify_data
@@ -354,7 +366,7 @@ def inspect(
             named = ", ".join(f"{k} ({values[k].nan} NaN, {values[k].inf} Inf)" for k in bad)
             say(f"not finite: {len(bad)} of {len(values)} tensors hold NaN or Inf: {named}")
     return InspectResult(
-        report, model_data, model, shown_missing, tuple(say.lines), values, check_finite, stats, ckpt_obj.bytes_read
+        report, model_data, model, shown_missing, tuple(say.lines), values, check_finite, stats, *_io([ckpt_obj])
     )
 
 
@@ -373,9 +385,9 @@ def extract(
     from .surgery import extract_state_dict
 
     say = _Notices(notify)
-    ckpt, output = Path(ckpt), Path(writing.output)
+    ckpt, output = _location(ckpt), _location(writing.output)
     writing = _check_dtype(writing)
-    _check_output(writing, [ckpt])
+    _check_output(writing, [ckpt], loading)
     ckpt_obj = _load(ckpt, loading, say)
     _note_container(ckpt_obj, say)
     keys = _select(list(ckpt_obj.state_dict), selection, say)
@@ -408,11 +420,11 @@ def rename(
     from .surgery import rename_state_dict
 
     say = _Notices(notify)
-    ckpt, output = Path(ckpt), Path(writing.output)
+    ckpt, output = _location(ckpt), _location(writing.output)
     if rules.is_empty:
         raise UsageError("nothing to do: give --map, --strip-prefix, --sub or --add-prefix")
     writing = _check_dtype(writing)
-    fmt = _check_output(writing, [ckpt])
+    fmt = _check_output(writing, [ckpt], loading)
     ckpt_obj = _load(ckpt, loading, say)
     _note_container(ckpt_obj, say)
     renamed, plan = rename_state_dict(ckpt_obj.state_dict, rules)
@@ -458,7 +470,7 @@ def merge(
 
     say = _Notices(notify)
     progress = progress or _no_progress
-    paths, output = [Path(p) for p in ckpts], Path(writing.output)
+    paths, output = [_location(p) for p in ckpts], _location(writing.output)
     if len(paths) < 2:
         raise UsageError("merge needs at least two checkpoints")
     if weights is not None and not average:
@@ -466,7 +478,7 @@ def merge(
     if average:
         normalise_weights(None if weights is None else list(weights), len(paths))  # before any input is read
     writing = _check_dtype(writing)
-    fmt = _check_output(writing, paths)
+    _check_output(writing, paths, loading)
     loaded = [_load(p, loading, say) for p in paths]
     for c in loaded:
         _note_container(c, say)
@@ -474,7 +486,7 @@ def merge(
     report: MergeReport | None = None
     with contextlib.ExitStack() as stack:
         if average:
-            from .io import check_output, staged_tensors
+            from .io import staged_tensors
             from .merge import check_averageable
 
             check_averageable(sds)
@@ -482,11 +494,11 @@ def merge(
                 result = sds[0]
             else:
                 # before minutes of averaging, not after
-                check_output(output, paths, force=writing.force, directory=fmt.is_directory)
-                # the mean goes to disk as it is made, in a scratch file beside OUT (a file's name
-                # for a directory output: staged_tensors refuses to stand for anything but a file)
-                scratch = output.parent / f"{output.name}.staged" if fmt.is_directory else output
-                stage = stack.enter_context(staged_tensors(scratch))
+                _check_output(writing, paths, loading)
+                # the mean goes to disk as it is made, in a scratch file beside OUT (in the temp
+                # directory for a URL; a file's name for a directory output: staged_tensors refuses
+                # to stand for anything but a file)
+                stage = stack.enter_context(staged_tensors(_scratch_for(writing)))
                 with progress("averaging", total_bytes(sds[0].values()) * len(sds)) as advance:
                     result, report = average_state_dicts(
                         sds, None if weights is None else list(weights), progress=advance, sink=stage.add
@@ -533,8 +545,8 @@ def diff(
     say = _Notices(notify)
     progress = progress or _no_progress
     check_tolerances(rtol, atol, prefix="--")  # before anything is read
-    ca = _load(Path(a), loading._replace(key=key_a if key_a is not None else loading.key), say)
-    cb = _load(Path(b), loading._replace(key=key_b if key_b is not None else loading.key), say)
+    ca = _load(_location(a), loading._replace(key=key_a if key_a is not None else loading.key), say)
+    cb = _load(_location(b), loading._replace(key=key_b if key_b is not None else loading.key), say)
     union = list(ca.state_dict) + [k for k in cb.state_dict if k not in ca.state_dict]
     keys = union if selection.is_all else _select(union, selection, say)
     with progress("comparing", total_bytes(ca.state_dict[k] for k in keys if k in ca.state_dict)) as advance:
@@ -553,7 +565,7 @@ def diff(
         m = _model_check(c.state_dict, model, ckpt_path=str(c.path))
         if m is not None:
             models[side] = m
-    return DiffResult(report, models, model, tuple(say.lines), ca.bytes_read + cb.bytes_read)
+    return DiffResult(report, models, model, tuple(say.lines), *_io([ca, cb]))
 
 
 # ------------------------------------------------------------------------------------ helpers
@@ -594,7 +606,45 @@ def merge_warnings(report: MergeReport, shown: int = 3) -> list[str]:
     return lines
 
 
-def _load(path: Path, loading: Loading, say: Notify, *, metadata_only: bool = False) -> Checkpoint:
+def _location(location: str | os.PathLike[str]) -> str:
+    """A checkpoint's location as the job keeps it: the string given (a URL, or a path whose
+    trailing `/` says it is a directory)."""
+    return os.fspath(location)
+
+
+def _scratch_for(writing: Writing) -> Path:
+    """The file name scratch files for OUT are made beside: OUT's own for a file, `OUT.staged` for a
+    directory layout (staged_tensors stands for a file only), in the temp directory for a URL."""
+    from .io import output_format
+
+    place = _staging_place(_location(writing.output))
+    fmt = output_format(writing.output, writing.format, writing.max_shard_size)
+    return place.parent / f"{place.name}.staged" if fmt.is_directory else place
+
+
+def _staging_place(output: str) -> Path:
+    """Where scratch files for `output` go: beside a local output, in the temp directory for a URL."""
+    from .engine.source import is_url
+
+    if not is_url(output):
+        return Path(output)
+    import tempfile
+
+    return Path(tempfile.gettempdir()) / Path(output).name
+
+
+def _io(checkpoints: Sequence[Checkpoint]) -> tuple[int, int]:
+    """(bytes read, requests made) through the checkpoints' sources, each source counted once."""
+    sources = {id(s): s for c in checkpoints for s in c.sources}
+    return sum(s.bytes_read for s in sources.values()), sum(s.requests for s in sources.values())
+
+
+def _io_fields(checkpoints: Sequence[Checkpoint]) -> dict[str, Any]:
+    bytes_read, requests = _io(checkpoints)
+    return {"bytes_read": bytes_read, "requests": requests}
+
+
+def _load(path: Path | str, loading: Loading, say: Notify, *, metadata_only: bool = False) -> Checkpoint:
     from .io import load_checkpoint
 
     if loading.unsafe:
@@ -612,6 +662,7 @@ def _load(path: Path, loading: Loading, say: Notify, *, metadata_only: bool = Fa
         allow_globals=allow_globals,
         threads=threads,
         metadata_only=metadata_only,
+        storage_options=loading.fsspec_options,
     )
     for note in ckpt.notes:
         say(f"warning: {note}")
@@ -666,7 +717,7 @@ def _refused(model_data: Mapping[str, Any] | None) -> bool:
     return model_data is not None and not model_data["compatible_allowed"]
 
 
-def _check_output(writing: Writing, inputs: Sequence[Path]) -> OutputFormat:
+def _check_output(writing: Writing, inputs: Sequence[Path | str], loading: Loading) -> OutputFormat:
     """The layout to write (`--format`, else from OUT as typed; `--max-shard-size` parsed) and,
     unless this is a dry run, the output checks: before any input is read, since a refusal should
     not wait for gigabytes to be parsed. `_write` checks again."""
@@ -676,7 +727,13 @@ def _check_output(writing: Writing, inputs: Sequence[Path]) -> OutputFormat:
     if writing.max_shard_size is not None:
         parse_size(writing.max_shard_size)
     if not writing.dry_run:
-        check_output(Path(writing.output), inputs, force=writing.force, directory=fmt.is_directory)
+        check_output(
+            _location(writing.output),
+            inputs,
+            force=writing.force,
+            directory=fmt.is_directory,
+            storage_options=loading.fsspec_options,
+        )
     return fmt
 
 
@@ -697,7 +754,7 @@ def _check_dtype(writing: Writing) -> Writing:
 def _cast(
     state_dict: Mapping[str, Any],
     writing: Writing,
-    inputs: Sequence[Path],
+    inputs: Sequence[Path | str],
     stack: contextlib.ExitStack,
     progress: Progress | None,
 ) -> tuple[Any, tuple[str, ...]]:
@@ -710,11 +767,9 @@ def _cast(
 
     if writing.dry_run:
         return state_dict, tuple(cast_keys(state_dict, writing.dtype))
-    from .io import check_output, staged_tensors
+    from .io import staged_tensors
 
-    output = Path(writing.output)
-    check_output(output, inputs, force=writing.force)
-    stage = stack.enter_context(staged_tensors(output))
+    stage = stack.enter_context(staged_tensors(_scratch_for(writing)))  # OUT was checked when the job began
     keys = cast_keys(state_dict, writing.dtype)
     with (progress or _no_progress)("casting", total_bytes(state_dict[k] for k in keys)) as advance:
         cast, done = cast_state_dict(state_dict, writing.dtype, stage.add_storage, progress=advance)
@@ -724,7 +779,7 @@ def _cast(
 def _write(
     obj: Any,
     writing: Writing,
-    inputs: Sequence[Path],
+    inputs: Sequence[Path | str],
     loading: Loading,
     say: Notify,
     progress: Progress | None,
@@ -736,7 +791,10 @@ def _write(
     from .io import check_output, iter_tensors, output_format, write_checkpoint
 
     fmt = output_format(writing.output, writing.format, writing.max_shard_size)
-    check_output(Path(writing.output), inputs, force=writing.force, directory=fmt.is_directory)
+    output = _location(writing.output)
+    check_output(
+        output, inputs, force=writing.force, directory=fmt.is_directory, storage_options=loading.fsspec_options
+    )
     with (progress or _no_progress)("writing", total_bytes(iter_tensors(obj))) as advance:
         written = write_checkpoint(
             obj,
@@ -750,6 +808,7 @@ def _write(
             max_shard_size=writing.max_shard_size,
             threads=loading.threads,
             force=writing.force,
+            storage_options=loading.fsspec_options,
         )
     for n in written.notes:
         say(f"note: {n}")
@@ -794,6 +853,6 @@ def _write_result(
         model_options=model,
         notices=tuple(say.lines),
         dtype=writing.dtype,
-        bytes_read=sum(c.bytes_read for c in loaded),
+        **_io_fields(loaded),
         **fields,
     )

@@ -126,7 +126,6 @@ def test_fast_local_header_loop_accepts_only_what_the_checked_loop_accepts(many_
     """zipread reads local headers with a tight loop for torch.save's own layout and falls back
     to the checked loop for anything else: where the tight loop answers, it must give exactly the
     checked loop's members, and it must never accept what the checked loop refuses."""
-    import os
 
     from ckptsurgeon.engine import zipread
 
@@ -135,7 +134,9 @@ def test_fast_local_header_loop_accepts_only_what_the_checked_loop_accepts(many_
     data[at] = data[at] ^ 0xFF if op == "flip" else value
     path = tmp_path / "m.pt"
     path.write_bytes(bytes(data))
-    fd = os.open(path, os.O_RDONLY)
+    from ckptsurgeon.engine.source import Source
+
+    fd = Source(path)  # the readers read through a Source (local or remote)
     try:
         try:
             entries, cd_offset = zipread._read_central(fd, len(data), str(path))
@@ -151,18 +152,19 @@ def test_fast_local_header_loop_accepts_only_what_the_checked_loop_accepts(many_
             return
         assert fast is None or fast == checked
     finally:
-        os.close(fd)
+        fd.close()
 
 
 def test_fast_local_header_loop_reads_torch_save_archives(many_small, tmp_path):
     """The tight loop is the one that serves an undamaged torch.save file (not the fallback)."""
-    import os
 
     from ckptsurgeon.engine import zipread
 
     path = tmp_path / "m.pt"
     path.write_bytes(many_small)
-    fd = os.open(path, os.O_RDONLY)
+    from ckptsurgeon.engine.source import Source
+
+    fd = Source(path)
     try:
         entries, cd_offset = zipread._read_central(fd, len(many_small), str(path))
         members, raws = [e[0] for e in entries], [e[1] for e in entries]
@@ -171,7 +173,7 @@ def test_fast_local_header_loop_reads_torch_save_archives(many_small, tmp_path):
         assert fast == zipread._locate_checked(fd, members, raws, cd_offset, str(path))
         assert [m.data_offset % 64 for m in fast if "/data/" in m.name] == [0] * 40
     finally:
-        os.close(fd)
+        fd.close()
 
 
 def _deferred_member(name: bytes, data: bytes) -> bytes:
@@ -204,29 +206,31 @@ def test_a_long_gap_after_a_data_descriptor_is_not_read_into_memory(tmp_path, mo
     largest = []
     real_pread = os.pread
     monkeypatch.setattr(zipread.os, "pread", lambda fd, n, at: largest.append(n) or real_pread(fd, n, at))
-    fd = os.open(path, os.O_RDONLY)
+    from ckptsurgeon.engine.source import Source
+
+    fd = Source(path)
     try:
         located = zipread._check_local_headers(fd, members, [b"a/x", b"a/y"], path.stat().st_size, str(path))
     finally:
-        os.close(fd)
+        fd.close()
     assert [m.data_offset for m in located] == [33, second_at + 33]
     assert max(largest) <= zipread._Window.READ_AHEAD
 
 
 def test_a_member_offset_past_the_central_directory_is_a_clean_error(tmp_path):
     """A ZIP64 extra field can give a member any 64-bit offset (2**63 made os.pread overflow)."""
-    import os
     import zlib
 
     from ckptsurgeon.engine import zipread
+    from ckptsurgeon.engine.source import Source
 
     path = tmp_path / "far.zip"
     path.write_bytes(_deferred_member(b"a/x", b"hi"))
     for far in (path.stat().st_size, 1 << 45, 1 << 63, (1 << 64) - 1):
         entries = [(zipread.ZipMember("a/x", far, -1, 2, zlib.crc32(b"hi"), 0x08), b"a/x", 0, 2)]
-        fd = os.open(path, os.O_RDONLY)
+        fd = Source(path)
         try:
             with pytest.raises(CheckpointError, match="past the central directory"):
                 zipread._validate(fd, entries, path.stat().st_size, str(path))
         finally:
-            os.close(fd)
+            fd.close()

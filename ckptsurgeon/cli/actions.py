@@ -37,10 +37,14 @@ def _selection(options: dict[str, Any]) -> jobs.Selection:
 
 
 def _loading(options: dict[str, Any]) -> jobs.Loading:
-    """`--key`, `--unsafe`, `--allow-global`, `--jobs`, taken out of the parsed keywords."""
+    """`--key`, `--unsafe`, `--allow-global`, `--jobs`, `--storage-options`, taken out of the parsed keywords."""
     allow = options.pop("allow_global", None)
     return jobs.Loading(
-        options.pop("key", None), options.pop("unsafe", False), tuple(allow or ()), options.pop("jobs", None)
+        options.pop("key", None),
+        options.pop("unsafe", False),
+        tuple(allow or ()),
+        options.pop("jobs", None),
+        options.pop("storage_options", None),
     )
 
 
@@ -80,7 +84,7 @@ def inspect(
     unexpected or shape mismatch; the exit code then reports compatibility (0 compatible, 1 not).
     """
     result = jobs.inspect(
-        Path(ckpt),
+        ckpt,
         selection=_selection(options),
         loading=_loading(options),
         model=_model(options),
@@ -99,7 +103,7 @@ def extract(*, ckpt: Path | str, as_json: bool = False, **options: Any) -> int:
     With no pattern the whole state_dict is written, which unwraps a training checkpoint.
     """
     result = jobs.extract(
-        Path(ckpt),
+        ckpt,
         selection=_selection(options),
         loading=_loading(options),
         model=_model(options),

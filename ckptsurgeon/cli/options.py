@@ -66,12 +66,15 @@ class Opt(NamedTuple):
 
 OPTIONS: tuple[Opt, ...] = (
     # ------------------------------------------------------------------------------ arguments
-    Opt("ckpt", (), Kind.LOCATION, "CKPT", "Checkpoint file: torch.save zip or legacy format, or .safetensors.",
+    Opt("ckpt", (), Kind.LOCATION, "CKPT",
+        "Checkpoint file (torch.save zip or legacy format, or .safetensors): a path or a URL (s3://, gs://, hf://, "
+        "https://, file://).",
         ("inspect", "extract", "rename"), Group.INPUT, required=True, fast=True),
-    Opt("ckpts", (), Kind.LOCATIONS, "CKPT...", "Two or more checkpoint files.", ("merge",), Group.INPUT,
+    Opt("ckpts", (), Kind.LOCATIONS, "CKPT...", "Two or more checkpoint files (paths or URLs).",
+        ("merge",), Group.INPUT, required=True),
+    Opt("a", (), Kind.LOCATION, "A", "First checkpoint (A): a path or a URL.", ("diff",), Group.INPUT, required=True),
+    Opt("b", (), Kind.LOCATION, "B", "Second checkpoint (B): a path or a URL.", ("diff",), Group.INPUT,
         required=True),
-    Opt("a", (), Kind.LOCATION, "A", "First checkpoint (A).", ("diff",), Group.INPUT, required=True),
-    Opt("b", (), Kind.LOCATION, "B", "Second checkpoint (B).", ("diff",), Group.INPUT, required=True),
     # ------------------------------------------------------------------------------ selection
     Opt("include", ("--include", "-i"), Kind.TEXTS, "PATTERN",
         f"Select keys matching PATTERN (repeatable; any include matches): {PATTERN_HELP}.",
@@ -99,6 +102,10 @@ OPTIONS: tuple[Opt, ...] = (
     Opt("jobs", ("--jobs", "-j"), Kind.INT, "N",
         "Read, copy, check and compare shards and tensors in N threads (default: the CPUs, at most 8); "
         "the result is the same for every N.",
+        COMMANDS, Group.LOADING, fast=True),
+    Opt("storage_options", ("--storage-options",), Kind.TEXT, "JSON",
+        "fsspec storage options for URL inputs and outputs, a JSON object, e.g. '{\"anon\": true}' or "
+        "'{\"client_kwargs\": {\"endpoint_url\": \"http://127.0.0.1:9000\"}}'.",
         COMMANDS, Group.LOADING, fast=True),
     # ------------------------------------------------------------------------------ operation
     Opt("strip_prefix", ("--strip-prefix",), Kind.TEXTS, "P",
@@ -135,7 +142,8 @@ OPTIONS: tuple[Opt, ...] = (
         "With --model: keys the checkpoint has but the model lacks are fine.", COMMANDS, Group.MODEL, default=False),
     # -------------------------------------------------------------------------------- writing
     Opt("output", ("--output", "-o"), Kind.LOCATION, "OUT",
-        "File or directory to write (see --format); a trailing / makes it a directory of shards.",
+        "File or directory to write (see --format): a path, or a URL of a file (s3://, gs://, hf://; uploaded "
+        "whole once complete); a trailing / makes it a directory of shards.",
         WRITERS, Group.WRITING, required=True, fast=True),
     Opt("force", ("--force", "-f"), Kind.FLAG, "", "Replace an existing output (also when it is an input).",
         WRITERS, Group.WRITING, default=False, fast=True),

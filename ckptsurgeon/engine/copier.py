@@ -43,15 +43,17 @@ class CopySource:
     def __init__(self, source: Source):
         self.path = source.name
         self.source = source  # counts what is read (`bytes_read`)
-        self.fd = source.fd  # the Source owns it
-        self.stat = os.fstat(self.fd)
+        # the Source owns the descriptor; a remote one has none (its bytes come by `readinto`)
+        self.fd: int | None = None if source.remote else source.fd
+        self.stat = os.fstat(self.fd) if self.fd is not None else None
+        self.size = source.size
         blocks = getattr(self.stat, "st_blocks", None)
-        self.sparse = blocks is not None and blocks * 512 < self.stat.st_size
+        self.sparse = self.stat is not None and blocks is not None and blocks * 512 < self.stat.st_size
 
     def segments(self, offset: int, length: int) -> Iterator[tuple[int, int, bool]]:
         """Split `[offset, offset + length)` into `(offset, length, is_hole)` runs."""
         end = offset + length
-        if not self.sparse or not hasattr(os, "SEEK_DATA"):
+        if self.fd is None or not self.sparse or not hasattr(os, "SEEK_DATA"):
             yield (offset, length, False)
             return
         pos = offset
@@ -84,12 +86,11 @@ def check_sources(needs: Iterable[tuple[StorageMeta, int]], out_fd: int, out_nam
         if src is None:
             source.check_unchanged()
             src = sources[source] = CopySource(source)
-            if (src.stat.st_dev, src.stat.st_ino) == (out_stat.st_dev, out_stat.st_ino):
+            if src.stat is not None and (src.stat.st_dev, src.stat.st_ino) == (out_stat.st_dev, out_stat.st_ino):
                 raise OutputError(f"{out_name}: the output is also an input ({src.path})")
-        if end > src.stat.st_size:
+        if end > src.size:
             raise BadCheckpointError(
-                f"{source}: file is truncated: storage {storage.key!r} needs bytes up "
-                f"to {end}, the file has {src.stat.st_size}"
+                f"{source}: file is truncated: storage {storage.key!r} needs bytes up to {end}, the file has {src.size}"
             )
     return sources
 
@@ -153,7 +154,7 @@ class Copier:
             if is_hole:
                 if want_crc:
                     crc = crc32_zeros(crc, seg_length)
-            elif want_crc and self.kernel_copy and seg_length >= _THREADED_CRC_MIN:
+            elif want_crc and self.kernel_copy and src.fd is not None and seg_length >= _THREADED_CRC_MIN:
                 crc = self._copy_kernel_crc_threaded(src, seg_offset, seg_length, self.pos, crc)
             elif want_crc:
                 crc = self._copy_with_crc(src, seg_offset, seg_length, self.pos, crc)
@@ -206,7 +207,7 @@ class Copier:
 
     def _copy_plain(self, src: CopySource, offset: int, length: int, out_pos: int) -> None:
         done = 0
-        while done < length and self.kernel_copy:
+        while done < length and self.kernel_copy and src.fd is not None:
             try:
                 n = os.copy_file_range(
                     src.fd,
@@ -244,6 +245,9 @@ def crc32_range(src: CopySource, offset: int, length: int, crc: int, buf: memory
 def pread(src: CopySource, buf: memoryview, offset: int) -> int:
     """One positioned read into `buf` (counted on the source); 0 at the end of the file."""
     try:
+        if src.fd is None:  # a remote source: a full read, or a BadCheckpointError that says why not
+            src.source.readinto(buf, offset)
+            return len(buf)
         n = os.preadv(src.fd, [buf], offset)
         src.source.count(n)
         return n

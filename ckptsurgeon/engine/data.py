@@ -248,7 +248,9 @@ class _SpanScan:
         self.on_difference = on_difference
         self.lock = threading.Lock()
         self.local = threading.local()
-        self.block = min(SCAN_BLOCK, max(sizes, default=0))
+        # a remote source answers each read with a request: larger blocks there
+        remote = any(s.source.remote for a, _, b, _ in pairs for s in (a, b))
+        self.block = min(SCAN_TASK if remote else SCAN_BLOCK, max(sizes, default=0))
 
     def part(self, k: int) -> None:
         i, start, end = self.parts[k]
@@ -284,7 +286,8 @@ class _SpanScan:
         """Compare part k (and checksum it while it is equal, when the pair has a CRC to check)."""
         i, start, end = self.parts[k]
         a, a_span, b, b_span = self.pairs[i]
-        fd_a, fd_b = a.source.fd, b.source.fd
+        fd_a = None if a.source.remote else a.source.fd
+        fd_b = None if b.source.remote else b.source.fd
         base_a, base_b = a.data_offset + a_span[0], b.data_offset + b_span[0]
         (va, vb), (addr_a, addr_b) = self._buffers()
         memcmp = _memcmp()
@@ -296,11 +299,11 @@ class _SpanScan:
             for pos in range(start, end, block):
                 n = min(block, end - pos)
                 ra, rb = (va, vb) if n == block else (va[:n], vb[:n])
-                if os.preadv(fd_a, [ra], base_a + pos) != n:  # a short read: pread_exact tells why
+                if fd_a is None or os.preadv(fd_a, [ra], base_a + pos) != n:  # a short read: readinto tells why
                     a.source.readinto(ra, base_a + pos)
                 else:
                     read_a += n
-                if os.preadv(fd_b, [rb], base_b + pos) != n:
+                if fd_b is None or os.preadv(fd_b, [rb], base_b + pos) != n:
                     b.source.readinto(rb, base_b + pos)
                 else:
                     read_b += n

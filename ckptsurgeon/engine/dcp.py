@@ -283,6 +283,7 @@ class AssembledSource(Source):
     def __init__(self, name: str, nbytes: int, fill: Callable[[memoryview], None]) -> None:
         self.name, self.identity, self._fd = name, None, None
         self.file_id = (-1, next(self._ids))  # no real file yet; never equal to one
+        self.requests = 0  # a local scratch file: no request to a store
         self._nbytes = nbytes
         self._fill: Callable[[memoryview], None] | None = fill
         self._failed = False

@@ -13,7 +13,6 @@ import struct
 from typing import Any
 
 from ..errors import BadCheckpointError, EngineUnsupported, UnsafeCheckpointError
-from .data import pread_bytes
 from .meta import DTYPE_ITEMSIZE, RawCheckpoint, StorageMeta
 from .pickle_checks import Unsupported, container_budget, resolve_storage_id
 from .sniff import MAGIC_NUMBER
@@ -31,8 +30,8 @@ def _bad(path: str, reason: str) -> BadCheckpointError:
 class _Pickles:
     """Reads consecutive pickles from the head of a file, reading more of it when one is cut."""
 
-    def __init__(self, fd: int, file_size: int, path: str, allow_globals: frozenset[str], opaque: bool = False):
-        self.fd = fd
+    def __init__(self, src: Source, file_size: int, path: str, allow_globals: frozenset[str], opaque: bool = False):
+        self.src = src
         self.opaque = opaque
         self.file_size = file_size
         self.path = path
@@ -44,14 +43,14 @@ class _Pickles:
         if len(self.buf) >= self.file_size:
             return False
         size = min(self.file_size, max(_FIRST_READ, 8 * len(self.buf)))
-        self.buf = pread_bytes(self.fd, 0, size, self.path)
+        self.buf = self.src.pread(size, 0)
         return True
 
     def read(self, offset: int, size: int) -> bytes:
         """Bytes of the file, from the buffer when it holds them."""
         if offset + size <= len(self.buf):
             return self.buf[offset : offset + size]
-        return pread_bytes(self.fd, offset, size, self.path)
+        return self.src.pread(size, offset)
 
     def load(self, where: str, persistent_load: Any = None) -> Any:
         while True:
@@ -78,11 +77,11 @@ class _Pickles:
             return obj
 
 
-def _torch_reads_as_tar(fd: int) -> bool:
+def _torch_reads_as_tar(src: Source) -> bool:
     """Whether torch.load's first attempt, `tarfile.open(f, "r:")`, accepts the file (it tries
     the tar format before the legacy pickles). Python's tar reader is asked only when the first
     block's header checksum is right, the test it starts with."""
-    block = os.pread(fd, 512, 0)  # a shorter file is no tar to tarfile either
+    block = src.read_upto(512, 0)  # a shorter file is no tar to tarfile either
     if len(block) < 512:
         return False
     field = block[148:156].split(b"\0", 1)[0].strip()
@@ -96,7 +95,9 @@ def _torch_reads_as_tar(fd: int) -> bool:
             return False
     import tarfile
 
-    with os.fdopen(os.dup(fd), "rb") as f:
+    if src.remote:  # a valid tar header checksum is rare enough: refuse it as torch might read a tar
+        return True
+    with os.fdopen(os.dup(src.fd), "rb") as f:
         f.seek(0)
         try:
             tarfile.open(fileobj=f, mode="r:", format=tarfile.PAX_FORMAT).close()
@@ -112,14 +113,14 @@ def read_torch_legacy(
 ) -> RawCheckpoint:
     """Read the checkpoint in torch's legacy format from `src` (the caller owns it); `opaque`:
     read opaque entries in the pickled object (see :mod:`.unpickle`)."""
-    fd, file_size, path = src.fd, src.size, src.name
-    if _torch_reads_as_tar(fd):
+    file_size, path = src.size, src.name
+    if _torch_reads_as_tar(src):
         raise _bad(
             path,
             "ambiguous legacy checkpoint: its first 512 bytes are also a tar header, so torch.load "
             "takes it for the pre-1.0 tar format (and its weights_only loader refuses it)",
         )
-    pickles = _Pickles(fd, file_size, path, allow_globals, opaque)
+    pickles = _Pickles(src, file_size, path, allow_globals, opaque)
     if pickles.load("the magic number") != MAGIC_NUMBER:
         raise _bad(path, "not a legacy torch checkpoint: wrong magic number")
     version = pickles.load("the protocol version")

@@ -15,7 +15,7 @@ from .legacy import read_torch_legacy
 from .meta import RawCheckpoint
 from .safetensors_format import read_safetensors
 from .sniff import HEAD_SIZE, sniff_format
-from .source import Source
+from .source import Source, open_source
 from .zipread import read_torch_zip
 
 __all__ = [
@@ -32,9 +32,9 @@ __all__ = [
 def read_checkpoint(
     path: str | os.PathLike[str], *, allow_globals: frozenset[str] = frozenset(), opaque: bool = False
 ) -> RawCheckpoint:
-    """Open the checkpoint at `path` as a :class:`Source` and `read_source` it (the Source is
-    closed again if reading fails; else `RawCheckpoint.source` holds it)."""
-    src = Source(path)
+    """Open the checkpoint at `path` (a path or a URL) as a :class:`Source` and `read_source` it
+    (the Source is closed again if reading fails; else `RawCheckpoint.source` holds it)."""
+    src = open_source(path)
     try:
         return read_source(src, allow_globals=allow_globals, opaque=opaque)
     except BaseException:

@@ -13,7 +13,6 @@ from collections import OrderedDict
 from typing import Any
 
 from ..errors import BadCheckpointError, EngineUnsupported
-from .data import pread_bytes
 from .limits import MAX_DIM_SIZE, MAX_DIMS, brief, numel_overflows
 from .meta import DTYPE_ITEMSIZE, RawCheckpoint, StorageMeta, TensorMeta
 from .source import Source
@@ -145,16 +144,16 @@ def parse_header(
 
 def read_safetensors(src: Source) -> RawCheckpoint:
     """Read the safetensors file `src` (the caller owns it)."""
-    fd, file_size, path = src.fd, src.size, src.name
+    file_size, path = src.size, src.name
     if file_size < 8:
         raise BadCheckpointError(f"{path}: truncated safetensors file")
-    (header_len,) = struct.unpack("<Q", pread_bytes(fd, 0, 8, path))
+    (header_len,) = struct.unpack("<Q", src.pread(8, 0))
     if header_len > MAX_HEADER_BYTES:
         raise BadCheckpointError(
             f"{path}: safetensors header of {header_len} bytes exceeds the {MAX_HEADER_BYTES} limit"
         )
     if 8 + header_len > file_size:
         raise BadCheckpointError(f"{path}: truncated safetensors file (the header is cut)")
-    header = pread_bytes(fd, 8, header_len, path)
+    header = src.pread(header_len, 8)
     tensors, metadata = parse_header(header, file_size - 8 - header_len, path, src, 8 + header_len)
     return RawCheckpoint(path=os.path.abspath(path), format="safetensors", obj=tensors, metadata=metadata, source=src)

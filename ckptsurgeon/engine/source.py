@@ -6,18 +6,45 @@ and modification time. Every byte of a checkpoint is read through its open handl
 reads, so a file renamed onto the path later is never seen, and a file changed in place (another
 size or modification time) is refused instead of mixed with what was read before. Nothing else in
 ckptsurgeon opens a checkpoint by name: engine readers, the copy engine, diff and the torch fallback
-(through `/proc/self/fd`) all read a Source.
+(through `/proc/self/fd`) all read a Source, made by :func:`open_source`. A URL opens an
+:class:`~ckptsurgeon.engine.remote.RemoteSource`: the same interface over ranged requests, its
+identity the object's size and ETag.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import stat
-from typing import NamedTuple
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple
 
 from ..errors import BadCheckpointError
 
-__all__ = ["FileIdentity", "Source", "file_kind"]
+__all__ = ["FileIdentity", "Source", "file_kind", "is_url", "open_source"]
+
+# `scheme://`: a URL for fsspec. Two characters at least, so that a Windows drive (`C:/...`) is a path.
+_URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]+://")
+
+
+def is_url(location: str | os.PathLike[str]) -> bool:
+    """Whether `location` names an object by URL (`s3://b/k`, `https://...`, `file:///p`) rather
+    than a local path."""
+    return isinstance(location, str) and _URL.match(location) is not None
+
+
+def open_source(location: str | os.PathLike[str], storage_options: Mapping[str, Any] | None = None) -> Source:
+    """Open the checkpoint at `location`: a local path, or a URL read through fsspec by range
+    requests (`storage_options` are passed to its filesystem). The one place a checkpoint is
+    opened by name."""
+    if is_url(location):
+        from .remote import RemoteSource, local_path
+
+        path = local_path(str(location))
+        if path is not None:  # file://: the local file itself, read by descriptor
+            return Source(path)
+        return RemoteSource(str(location), storage_options)
+    return Source(location)
 
 
 class FileIdentity(NamedTuple):
@@ -55,7 +82,9 @@ class Source:
     Close with `close()` or a `with` block; a Source nobody references any more closes its descriptor itself.
     """
 
-    __slots__ = ("name", "identity", "file_id", "_fd", "bytes_read", "__weakref__")
+    __slots__ = ("name", "identity", "file_id", "_fd", "bytes_read", "requests", "__weakref__")
+
+    remote = False  # every read is a request to a store (see engine.remote.RemoteSource)
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         name = os.fspath(path)
@@ -81,6 +110,7 @@ class Source:
         self.file_id = (st.st_dev, st.st_ino)  # equal for two Sources of one file, whatever the path
         self._fd: int | None = fd
         self.bytes_read = 0  # bytes read from storage through this Source (`--json` bytes_read)
+        self.requests = 0  # requests made to a remote store (`--json` requests): none for a local file
 
     @classmethod
     def scratch(cls, fd: int, name: str) -> Source:
@@ -93,7 +123,7 @@ class Source:
         self = cls.__new__(cls)
         self.name, self.identity, self.file_id = name, None, (st.st_dev, st.st_ino)
         self._fd = os.dup(fd)
-        self.bytes_read = 0
+        self.bytes_read = self.requests = 0
         return self
 
     # -------------------------------------------------------------------------- identity
@@ -162,6 +192,19 @@ class Source:
             return bytes(buf)
         self.bytes_read += size
         return data
+
+    def read_upto(self, size: int, offset: int) -> bytes:
+        """Up to `size` bytes at `offset`: fewer only where the file ends (read-ahead windows)."""
+        data = os.pread(self.fd, size, offset)
+        self.bytes_read += len(data)
+        return data
+
+    def defer(self, start: int, end: int, check: Callable[[], None], span: tuple[int, int] | None = None) -> None:
+        """Run `check` before any byte of [start, end) is read. A local file checks at once: reads
+        are cheap here. A remote Source runs it at the first read of the range, so that checks of
+        records nobody reads (local ZIP headers, for `inspect`) cost no request; `span` says which
+        bytes the check reads, so that they can come with that first read."""
+        check()
 
     # --------------------------------------------------------------------------- lifetime
 

@@ -17,11 +17,11 @@ from __future__ import annotations
 
 import os
 import struct
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 from ..errors import BadCheckpointError, EngineUnsupported
 from .crc import crc32
-from .data import pread_bytes
 from .meta import DTYPE_ITEMSIZE, RawCheckpoint, StorageMeta
 from .pickle_checks import Malformed, container_budget, resolve_storage_id
 from .source import Source
@@ -84,7 +84,7 @@ def _ambiguous(path: str, reason: str) -> BadCheckpointError:
     return _bad(path, f"ambiguous ZIP archive: {reason}")
 
 
-def _find_eocd(fd: int, file_size: int, path: str, base: int = 0) -> tuple[int, int, int, int]:
+def _find_eocd(src: Source, file_size: int, path: str, base: int = 0) -> tuple[int, int, int, int]:
     """(entries, cd_size, cd_offset, end of the central directory region).
 
     The end-of-central-directory record is the one torch's reader (miniz) takes: the last
@@ -96,7 +96,7 @@ def _find_eocd(fd: int, file_size: int, path: str, base: int = 0) -> tuple[int, 
     The archive is the bytes [base, file_size) of the file; the offsets returned are absolute.
     """
     tail_len = min(file_size - base, _EOCD.size + 0xFFFF)
-    tail = pread_bytes(fd, file_size - tail_len, tail_len, path)
+    tail = src.pread(tail_len, file_size - tail_len)
     pos = tail.rfind(_EOCD_SIG, 0, max(0, len(tail) - _EOCD.size + len(_EOCD_SIG)))
     if pos < 0:
         raise _bad(
@@ -135,11 +135,7 @@ def _find_eocd(fd: int, file_size: int, path: str, base: int = 0) -> tuple[int, 
     region_end = eocd_offset
     loc_pos = pos - _EOCD64_LOCATOR.size
     if eocd_offset - base >= _EOCD64_LOCATOR.size:
-        loc = (
-            tail[loc_pos:pos]
-            if loc_pos >= 0
-            else pread_bytes(fd, eocd_offset - _EOCD64_LOCATOR.size, _EOCD64_LOCATOR.size, path)
-        )
+        loc = tail[loc_pos:pos] if loc_pos >= 0 else src.pread(_EOCD64_LOCATOR.size, eocd_offset - _EOCD64_LOCATOR.size)
     else:
         loc = b""
     if loc[:4] == b"PK\x06\x07":
@@ -149,7 +145,7 @@ def _find_eocd(fd: int, file_size: int, path: str, base: int = 0) -> tuple[int, 
             raise _bad(path, "a multi-disk ZIP64 archive")
         if eocd64_offset + _EOCD64.size > eocd_offset - _EOCD64_LOCATOR.size:
             raise _bad(path, "the ZIP64 end-of-central-directory record lies outside the file")
-        rec = pread_bytes(fd, eocd64_offset, _EOCD64.size, path)
+        rec = src.pread(_EOCD64.size, eocd64_offset)
         sig, size, _made, _need, disk, cd_disk, here64, entries64, cd_size64, cd_offset64 = _EOCD64.unpack(rec)
         if sig != b"PK\x06\x06":
             raise _bad(path, "corrupt ZIP64 end-of-central-directory record")
@@ -191,22 +187,22 @@ def _find_eocd(fd: int, file_size: int, path: str, base: int = 0) -> tuple[int, 
     return entries, cd_size, cd_offset, region_end
 
 
-def read_zip_directory(fd: int, file_size: int, path: str) -> list[ZipMember]:
-    """All members of the ZIP archive open as `fd`, in central-directory order, validated."""
-    entries, cd_offset = _read_central(fd, file_size, path)
-    return _validate(fd, entries, cd_offset, path)
+def read_zip_directory(src: Source, file_size: int, path: str) -> list[ZipMember]:
+    """All members of the ZIP archive open as `src`, in central-directory order, validated."""
+    entries, cd_offset = _read_central(src, file_size, path)
+    return _validate(src, entries, cd_offset, path)
 
 
 _Entry = tuple[ZipMember, bytes, int, int]  # member, raw name, method, compressed size
 
 
-def _read_central(fd: int, file_size: int, path: str, base: int = 0) -> tuple[list[_Entry], int]:
+def _read_central(src: Source, file_size: int, path: str, base: int = 0) -> tuple[list[_Entry], int]:
     """The central directory's entries (not yet validated) and its offset (absolute offsets of
     the archive at bytes [base, file_size) of the file)."""
-    entries, cd_size, cd_offset, _ = _find_eocd(fd, file_size, path, base)
+    entries, cd_size, cd_offset, _ = _find_eocd(src, file_size, path, base)
     if entries * _CENTRAL.size > cd_size:
         raise _bad(path, f"the ZIP central directory is too small for {entries} entries")
-    cd = pread_bytes(fd, cd_offset, cd_size, path)
+    cd = src.pread(cd_size, cd_offset)
     out: list[_Entry] = []
     pos = 0
     for _ in range(entries):
@@ -256,11 +252,15 @@ def _read_central(fd: int, file_size: int, path: str, base: int = 0) -> tuple[li
     return out, cd_offset
 
 
-def _validate(fd: int, entries: list[_Entry], cd_offset: int, path: str) -> list[ZipMember]:
+def _validate(
+    src: Source, entries: list[_Entry], cd_offset: int, path: str, storage_prefix: bytes | None = None
+) -> list[ZipMember]:
     """Refuse duplicate, encrypted or compressed members; check every local header.
 
     Names are compared as torch's reader looks them up: ASCII case folded, so two members whose
     names differ only in case are duplicates too (which of them torch reads depends on its sort).
+    With `storage_prefix` (b"archive/data/"), the local headers of a remote source's storage
+    records are checked when they are first read (see `_locate_deferred`).
     """
     seen: dict[bytes, str] = {}
     for m, raw, method, csize in entries:
@@ -288,7 +288,10 @@ def _validate(fd: int, entries: list[_Entry], cd_offset: int, path: str) -> list
             )
         if csize != m.size:
             raise _bad(path, f"ZIP member {m.name!r} is stored with {csize} bytes but claims {m.size}")
-    return _check_local_headers(fd, [e[0] for e in entries], [e[1] for e in entries], cd_offset, path)
+    members, raw_names = [e[0] for e in entries], [e[1] for e in entries]
+    if src.remote and storage_prefix is not None:
+        return _locate_deferred(src, members, raw_names, cd_offset, path, storage_prefix)
+    return _check_local_headers(src, members, raw_names, cd_offset, path)
 
 
 class _Window:
@@ -297,8 +300,9 @@ class _Window:
 
     READ_AHEAD = 1 << 20
 
-    def __init__(self, fd: int):
-        self.fd = fd
+    def __init__(self, src: Source):
+        self.src = src
+        self.ahead = 0 if src.remote else self.READ_AHEAD  # a remote source caches small reads itself
         self.start = 0
         self.buf = b""
 
@@ -307,22 +311,86 @@ class _Window:
         at = offset - self.start
         if 0 <= at and at + size <= len(self.buf):
             return self.buf[at : at + size]
-        self.buf = os.pread(self.fd, max(size, self.READ_AHEAD if ahead else 0), offset)
+        self.buf = self.src.read_upto(max(size, self.ahead if ahead else 0), offset)
         self.start = offset
         return self.buf[:size]
 
 
 def _check_local_headers(
-    fd: int, members: list[ZipMember], raw_names: list[bytes], cd_offset: int, path: str
+    src: Source, members: list[ZipMember], raw_names: list[bytes], cd_offset: int, path: str
 ) -> list[ZipMember]:
     """Read every local header (and data descriptor), fill in data offsets, check agreement."""
-    located = _locate_plain(fd, members, raw_names, cd_offset)
+    located = _locate_plain(src, members, raw_names, cd_offset)
     if located is not None:
         return located
-    return _locate_checked(fd, members, raw_names, cd_offset, path)
+    return _locate_checked(src, members, raw_names, cd_offset, path)
 
 
-def _locate_plain(fd: int, members: list[ZipMember], raw_names: list[bytes], cd_offset: int) -> list[ZipMember] | None:
+def _locate_deferred(
+    src: Source, members: list[ZipMember], raw_names: list[bytes], cd_offset: int, path: str, storage_prefix: bytes
+) -> list[ZipMember]:
+    """`_check_local_headers` for a remote source, where every read is a request: the records
+    read now (`data.pkl`, the version records, ...) are located and checked as locally; a storage
+    record's data offset is the one torch.save's writer gives it (its `FB` padding), and its
+    local header and data descriptor are checked, that offset included, before its first byte is
+    read. `inspect` thus reads no storage record's header. The first storage record's header is
+    looked at now (it usually sits in what was read already): an archive that another writer laid
+    out differently has every header read and checked now, as locally."""
+    order = sorted(range(len(members)), key=[m.header_offset for m in members].__getitem__)
+    limit = {i: members[j].header_offset for i, j in zip(order, order[1:])}
+    if order:
+        limit[order[-1]] = cd_offset
+    now = [i for i in order if not raw_names[i].lower().startswith(storage_prefix) or not members[i].size]
+    located = list(members)
+    checked = _locate_checked(src, [members[i] for i in now], [raw_names[i] for i in now], cd_offset, path)
+    for i, m in zip(now, checked):
+        if m.data_offset + m.size > limit[i]:
+            raise _bad(path, f"ZIP member {m.name!r} overlaps the next member (corrupt or truncated file)")
+        located[i] = m
+    read_now = set(now)
+    later = [i for i in order if i not in read_now]
+    if later:
+        m = members[later[0]]
+        head = src.read_upto(min(_LOCAL.size, limit[later[0]] - m.header_offset), m.header_offset)
+        lengths = struct.unpack_from("<HH", head, 26) if len(head) == _LOCAL.size else (-1, -1)
+        if m.header_offset + 30 + sum(lengths) != _torch_data_offset(m.header_offset, len(raw_names[later[0]]), m.size):
+            return _check_local_headers(src, members, raw_names, cd_offset, path)  # not torch.save's layout
+    for i in later:
+        m, raw = members[i], raw_names[i]
+        data_offset = _torch_data_offset(m.header_offset, len(raw), m.size)
+        if data_offset + m.size > limit[i]:
+            raise _bad(path, f"ZIP member {m.name!r} overlaps the next member (corrupt or truncated file)")
+        located[i] = m = ZipMember(m.name, m.header_offset, data_offset, m.size, m.crc32, m.flags)
+        span = (m.header_offset, min(limit[i], data_offset + m.size + 24))  # header .. data descriptor
+        src.defer(data_offset, data_offset + m.size, _header_check(src, m, raw, limit[i], path), span)
+    return located
+
+
+def _torch_data_offset(header_offset: int, name_len: int, size: int) -> int:
+    """Where torch.save's writer starts a record's data: after the local header, a zip64 extra
+    (past 4 GiB) and the `FB` extra that pads the data to a multiple of 64 bytes."""
+    zip64 = (16 if size >= _U32_MAX else 0) + (8 if header_offset >= _U32_MAX else 0)
+    start = header_offset + 30 + name_len + (4 + zip64 if zip64 else 0) + 4
+    return start + -start % 64
+
+
+def _header_check(src: Source, m: ZipMember, raw: bytes, limit: int, path: str) -> Callable[[], None]:
+    def check() -> None:
+        (found,) = _locate_checked(src, [m], [raw], limit, path)
+        if found.data_offset != m.data_offset:
+            raise _bad(
+                path,
+                f"the local ZIP header of {m.name!r} puts its data at byte {found.data_offset}, not where "
+                f"torch.save puts it ({m.data_offset}); a remote checkpoint is read in torch.save's layout "
+                "only: download the file to read it",
+            )
+
+    return check
+
+
+def _locate_plain(
+    src: Source, members: list[ZipMember], raw_names: list[bytes], cd_offset: int
+) -> list[ZipMember] | None:
     """`_locate_checked` in one tight loop for archives as torch.save writes them: local headers
     that repeat the central directory or defer to a signed data descriptor. Returns None at the
     first thing that is not so (it accepts a subset of what `_locate_checked` accepts, with the
@@ -348,7 +416,7 @@ def _locate_plain(fd: int, members: list[ZipMember], raw_names: list[bytes], cd_
         need = offset + 30 + len(raw) - first
         if first < start or first + need > end_of_buf:
             ahead = _Window.READ_AHEAD if limit - offset < 1 << 16 else 0
-            buf = os.pread(fd, max(need, ahead), first)
+            buf = src.read_upto(max(need, ahead), first)
             start = first
             end_of_buf = first + len(buf)
             if len(buf) < need:
@@ -376,7 +444,7 @@ def _locate_plain(fd: int, members: list[ZipMember], raw_names: list[bytes], cd_
             pending_at = data_end
     if pending is not None:
         gap = min(24, cd_offset - pending_at)
-        if not _signed_descriptor(os.pread(fd, gap, pending_at), 0, gap, pending):
+        if not _signed_descriptor(src.read_upto(gap, pending_at), 0, gap, pending):
             return None
     return located
 
@@ -392,11 +460,11 @@ def _signed_descriptor(buf: bytes, at: int, room: int, m: ZipMember) -> bool:
 
 
 def _locate_checked(
-    fd: int, members: list[ZipMember], raw_names: list[bytes], cd_offset: int, path: str
+    src: Source, members: list[ZipMember], raw_names: list[bytes], cd_offset: int, path: str
 ) -> list[ZipMember]:
     order = sorted(range(len(members)), key=[m.header_offset for m in members].__getitem__)
     located: list[ZipMember | None] = [None] * len(members)
-    window = _Window(fd)
+    window = _Window(src)
     pending: tuple[ZipMember, int] | None = None  # member whose data descriptor is unchecked
     for rank, i in enumerate(order):
         m = members[i]
@@ -461,8 +529,8 @@ def _check_descriptor(m: ZipMember, raw: bytes, path: str) -> None:
     raise _bad(path, f"the data descriptor of ZIP member {m.name!r} disagrees with the central directory")
 
 
-def _record_bytes(fd: int, m: ZipMember, path: str) -> bytes:
-    data = pread_bytes(fd, m.data_offset, m.size, path)
+def _record_bytes(src: Source, m: ZipMember, path: str) -> bytes:
+    data = src.pread(m.size, m.data_offset)
     if crc32(data) != m.crc32:
         raise _bad(path, f"CRC-32 mismatch in record {m.name}: the file is corrupt")
     return data
@@ -471,20 +539,20 @@ def _record_bytes(fd: int, m: ZipMember, path: str) -> bytes:
 _TORCH_FORMAT_VERSIONS = range(1, 11)  # what torch 2.13's reader accepts in the version record
 
 
-def _check_torch_parses(fd: int, records: dict[bytes, ZipMember], path: str) -> None:
+def _check_torch_parses(src: Source, records: dict[bytes, ZipMember], path: str) -> None:
     """Refuse the small records torch parses before it loads anything, where torch would fail:
     the version (`.data/version`, else `version`: std::stoull, then a range) and
     `.storage_alignment` (Python's int())."""
     version = records.get(b".data/version") or records.get(b"version")
     if version is not None:
-        text = _record_bytes(fd, version, path).lstrip(b" \t\n\v\f\r")
+        text = _record_bytes(src, version, path).lstrip(b" \t\n\v\f\r")
         digits = text[1:] if text[:1] == b"+" else text
         number = digits[: len(digits) - len(digits.lstrip(b"0123456789"))]
         if not number or int(number) not in _TORCH_FORMAT_VERSIONS:
             raise _bad(path, f"unsupported archive version record {text[:20]!r} (torch refuses the file)")
     alignment = records.get(b".storage_alignment")
     if alignment is not None:
-        data = _record_bytes(fd, alignment, path)
+        data = _record_bytes(src, alignment, path)
         try:
             int(data)
         except ValueError:
@@ -506,11 +574,11 @@ def read_torch_zip(
     `window` (offset, length): the archive is those bytes of `src` (an item of a DCP `.distcp`
     file); every offset in the result is still absolute in `src`.
     """
-    fd, file_size, path = src.fd, src.size, src.name
+    file_size, path = src.size, src.name
     base = 0
     if window is not None:
         base, file_size = window[0], window[0] + window[1]
-    entries, cd_offset = _read_central(fd, file_size, path, base)
+    entries, cd_offset = _read_central(src, file_size, path, base)
     names = [e[0].name for e in entries]
     if not names:
         raise _bad(path, "not a checkpoint: an empty ZIP archive")
@@ -530,22 +598,22 @@ def read_torch_zip(
     short = {n[len(head) :] for n in names}
     if "constants.pkl" in short or any(r.startswith("code/") for r in short):
         raise _bad(path, "a TorchScript archive, not a checkpoint; ckptsurgeon never calls torch.jit.load")
-    members = _validate(fd, entries, cd_offset, path)
+    members = _validate(src, entries, cd_offset, path, storage_prefix=head.encode("utf-8").lower() + b"data/")
     # looked up as torch does: by name with ASCII case folded (unique, as _validate checked)
     records = {e[1][cut:].lower(): m for e, m in zip(entries, members)}
     if b"data.pkl" not in records:
         raise _bad(path, "not a torch checkpoint: a ZIP archive without data.pkl")
     if b"byteorder" in records:
-        order = _record_bytes(fd, records[b"byteorder"], path)
+        order = _record_bytes(src, records[b"byteorder"], path)
         if order == b"big":
             raise EngineUnsupported(f"{path}: a big-endian checkpoint")
         if order != b"little":
             raise _bad(path, f"unknown byteorder record {order[:20]!r}")
-    _check_torch_parses(fd, records, path)
+    _check_torch_parses(src, records, path)
     pkl = records[b"data.pkl"]
     if pkl.size > MAX_PICKLE_BYTES:
         raise EngineUnsupported(f"{path}: data.pkl is {pkl.size} bytes, more than the engine reads")
-    data = _record_bytes(fd, pkl, path)
+    data = _record_bytes(src, pkl, path)
     storages: dict[str, StorageMeta] = {}
 
     def persistent_load(pid: tuple[Any, ...]) -> Any:

@@ -3,7 +3,10 @@ file beside the destination, fsync, rename, fsync of the directory) or, for a di
 :func:`atomic_directory` (a temporary directory beside it, filled and fsynced, then swapped in),
 so a destination is replaced whole or left exactly as it was. Also the checks on an output path
 made before any input is read (:func:`check_output`) and the removal of temporary files and
-directories a killed run left (:data:`TMP_MARK`)."""
+directories a killed run left (:data:`TMP_MARK`).
+
+A URL output (`s3://...`) is written to a local temporary file the same way, then uploaded
+whole: the object appears complete or not at all (see `engine.remote.upload`)."""
 
 from __future__ import annotations
 
@@ -12,11 +15,12 @@ import errno
 import os
 import re
 import stat
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from .. import interrupts
+from ..engine.source import is_url
 from ..errors import OutputError
 
 TMP_MARK = ".ckptsurgeon-tmp"
@@ -31,12 +35,48 @@ LAYOUT_FILE = re.compile(
 )
 
 
-def check_output(output: Path, inputs: Sequence[Path], *, force: bool, directory: bool = False) -> None:
+def _remote(output: Path | str) -> str | None:
+    """The URL of an output written through fsspec (None for a local path or a file:// URL)."""
+    if isinstance(output, str) and is_url(output):
+        from ..engine.remote import local_path
+
+        return output if local_path(output) is None else None
+    return None
+
+
+def _local(output: Path | str) -> Path:
+    if isinstance(output, str) and is_url(output):
+        from ..engine.remote import local_path
+
+        return Path(local_path(output) or output)
+    return Path(output)
+
+
+def check_output(
+    output: Path | str,
+    inputs: Sequence[Path | str],
+    *,
+    force: bool,
+    directory: bool = False,
+    storage_options: Mapping[str, Any] | None = None,
+) -> None:
     """Refuse `-` (stdout is not supported), an existing output that is not a regular file (even
     with --force), an existing output without --force, and an output that is an input without
     --force. A `directory` output (a sharded layout) must instead be a directory or not exist, and
     `--force` replaces only a directory that holds nothing but a checkpoint layout (see
-    `layout_intruders`). Looks at paths only: cheap enough to run before any input is read."""
+    `layout_intruders`). Looks at paths only: cheap enough to run before any input is read (a URL
+    output: one request to the store)."""
+    url = _remote(output)
+    if url is not None:
+        from ..engine.remote import check_remote_output
+
+        if directory:
+            raise OutputError(f"{url}: a directory layout (hf, hf-bin, dcp) cannot be written to a URL yet")
+
+        check_remote_output(url, storage_options, force=force, inputs=[str(p) for p in inputs])
+        return
+    output = _local(output)
+    local_inputs = [_local(p) for p in inputs if _remote(p) is None]
     if str(output) == "-":
         raise OutputError("-o -: writing to stdout is not supported; give a file path")
     if directory:
@@ -44,7 +84,7 @@ def check_output(output: Path, inputs: Sequence[Path], *, force: bool, directory
     else:
         refuse_non_regular(output)
     if output.exists() or output.is_symlink():
-        same = any(_same_file(output, p) for p in inputs)
+        same = any(_same_file(output, p) for p in local_inputs)
         if not force:
             what = "is the same file as an input" if same else "exists"
             raise OutputError(f"{output}: output {what}; pass --force to replace it")
@@ -238,12 +278,25 @@ def _temp_file(dest: Path) -> Iterator[_Temp]:
 
 
 @contextlib.contextmanager
-def atomic_output(dest: Path, *, check: Callable[[Path], None] | None = None) -> Iterator[BinaryIO]:
+def atomic_output(
+    dest: Path | str,
+    *,
+    check: Callable[[Path], None] | None = None,
+    storage_options: Mapping[str, Any] | None = None,
+) -> Iterator[BinaryIO]:
     """A file to write `dest` through: temp file in the same directory, fsync, rename, fsync dir.
 
     `check(temp_path)` runs on the complete temporary file before it replaces `dest`. An existing
-    `dest` that is not a regular file is refused before anything is made.
+    `dest` that is not a regular file is refused before anything is made. A URL `dest` is written
+    to a temporary file in the temp directory, checked, then uploaded (`storage_options` go to
+    fsspec); nothing appears at the URL unless the upload completes.
     """
+    url = _remote(dest)
+    if url is not None:
+        with _uploaded(url, check, storage_options) as f:
+            yield f
+        return
+    dest = _local(dest)
     refuse_non_regular(dest)
     directory = dest.parent if str(dest.parent) else Path(".")
     _clean_stale_temps(directory, dest.name)
@@ -373,3 +426,31 @@ def _umask() -> int:
     umask = os.umask(0)
     os.umask(umask)
     return umask
+
+
+@contextlib.contextmanager
+def _uploaded(
+    url: str, check: Callable[[Path], None] | None, storage_options: Mapping[str, Any] | None
+) -> Iterator[BinaryIO]:
+    """`atomic_output` for a URL: a local temporary file, uploaded once it is complete and checked."""
+    import tempfile
+
+    from ..engine.remote import upload
+
+    local = Path(tempfile.gettempdir()) / Path(url).name
+    _clean_stale_temps(local.parent, local.name)  # a killed upload's local copy
+    with _temp_file(local) as temp:
+        try:
+            f = os.fdopen(temp.fd, "wb", closefd=False)
+            try:
+                yield f
+                f.flush()
+            finally:
+                f.close()
+            if check is not None:
+                check(Path(temp.path))
+        except OSError as exc:
+            raise OutputError(f"{url}: cannot write the local copy {temp.path}: {exc.strerror or exc}") from None
+        interrupts.raise_if_interrupted()
+        upload(temp.path, url, storage_options)
+        interrupts.commit()

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 from ..containers import KeyPath, find_state_dict, format_key_path, is_extra_state_key, refuse_opaque_entries
 from ..engine.layout import Layout, resolve_layout, zero3_refusal
 from ..engine.meta import RawCheckpoint, TensorMeta
-from ..engine.source import Source
+from ..engine.source import Source, is_url, open_source
 from ..errors import (
     BadCheckpointError,
     CheckpointError,
@@ -61,8 +61,8 @@ class Checkpoint:
 
     def __init__(
         self,
-        path: Path,
-        format: str,  # "torch-zip" | "torch-legacy" | "safetensors" | "hf-sharded" | "deepspeed"
+        path: Path | str,  # a str for a URL
+        format: str,  # "torch-zip" | "torch-legacy" | "safetensors" | "hf-sharded" | "deepspeed" | "dcp"
         container: Any,
         state_dict_path: KeyPath | None,
         state_dict: Mapping[str, Any],
@@ -225,19 +225,27 @@ def load_checkpoint(
     allow_globals: Sequence[str] = (),
     threads: int = 1,
     metadata_only: bool = False,
+    storage_options: Mapping[str, Any] | None = None,
 ) -> Checkpoint:
     """Load a checkpoint safely and locate its state_dict (see containers.find_state_dict).
 
     `path` is a checkpoint file, a Hugging Face index file, or a directory laid out as one
-    checkpoint (see `engine.layout.resolve_layout`). Tensors are engine TensorMeta leaves when the
-    torch-free engine can read the file (no tensor data is read), torch tensors (mmap-backed where
-    possible) otherwise. The shards of a directory are read in `threads` threads. The returned
-    Checkpoint holds its files open (see `Checkpoint.close`).
+    checkpoint (see `engine.layout.resolve_layout`), or the URL of a file (`s3://...`,
+    `https://...`), read by range requests (`storage_options` go to its fsspec filesystem).
+    Tensors are engine TensorMeta leaves when the torch-free engine can read the file (no tensor
+    data is read), torch tensors (mmap-backed where possible) otherwise. The shards of a directory
+    are read in `threads` threads. The returned Checkpoint holds its files open (see
+    `Checkpoint.close`).
     """
-    path = Path(path)
-    layout = resolve_layout(path)
+    path = path if isinstance(path, str) and is_url(path) else Path(path)
+    layout = Layout("file", path) if isinstance(path, str) else resolve_layout(path)
     read = _read_layout(
-        layout, unsafe=unsafe, allow_globals=frozenset(allow_globals), threads=threads, metadata_only=metadata_only
+        layout,
+        unsafe=unsafe,
+        allow_globals=frozenset(allow_globals),
+        threads=threads,
+        metadata_only=metadata_only,
+        storage_options=storage_options,
     )
     try:
         container = read.container
@@ -289,7 +297,13 @@ class _Read(NamedTuple):
 
 
 def _read_layout(
-    layout: Layout, *, unsafe: bool, allow_globals: frozenset[str], threads: int, metadata_only: bool = False
+    layout: Layout,
+    *,
+    unsafe: bool,
+    allow_globals: frozenset[str],
+    threads: int,
+    metadata_only: bool = False,
+    storage_options: Mapping[str, Any] | None = None,
 ) -> _Read:
     """Read what `layout` names; the Sources opened are in the result (closed again on failure).
     `metadata_only`: a DCP directory's `.metadata` alone (tensor bytes are still read on demand;
@@ -304,7 +318,7 @@ def _read_layout(
 
         reader = functools.partial(_read_shard, unsafe=unsafe, allow_globals=allow_globals)
         return _several_files(read_hf_sharded(layout.path, read=reader, threads=threads))
-    src = Source(layout.path)
+    src = open_source(layout.path, storage_options)
     try:
         fmt, obj, engine, metadata = _read_source(src, unsafe=unsafe, allow_globals=allow_globals)
     except BaseException:

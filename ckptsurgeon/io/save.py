@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO, NamedTuple, TypeVar
 
 from ..containers import replace_at
 from ..engine.meta import TensorMeta
-from ..engine.source import Source
+from ..engine.source import Source, is_url
 from ..errors import CheckpointError, EngineUnsupported, OutputError, UsageError
 from ..tensors import is_tensor
 from .atomic import atomic_directory, atomic_output
@@ -146,6 +146,7 @@ def save_checkpoint(
     max_shard_size: str | int | None = None,
     threads: int = 1,
     force: bool = False,
+    storage_options: Mapping[str, Any] | None = None,
 ) -> list[str]:
     """Write `obj` atomically in `format` (see `output_format`: by default `.safetensors` outputs
     get the safetensors format, a directory the Hub's sharded layout, others torch.save's).
@@ -165,6 +166,7 @@ def save_checkpoint(
         max_shard_size=max_shard_size,
         threads=threads,
         force=force,
+        storage_options=storage_options,
     ).notes
 
 
@@ -181,6 +183,7 @@ def write_checkpoint(
     max_shard_size: str | int | None = None,
     threads: int = 1,
     force: bool = False,
+    storage_options: Mapping[str, Any] | None = None,
 ) -> Written:
     """Write `obj` atomically to `output` in `format` (None: from the output, see `output_format`).
 
@@ -192,10 +195,11 @@ def write_checkpoint(
     failure the destination is left exactly as it was and nothing temporary remains. With
     `verify`, every written file is read back and compared with `obj` before it replaces the
     destination. `progress` is called with byte counts as tensors are written. `unsafe` and
-    `allow_globals` are what reading the output back may use (as for the input).
+    `allow_globals` are what reading the output back may use (as for the input). `output` may be a
+    URL (`s3://...`, a single file): written locally, then uploaded whole (`storage_options`).
     """
     fmt = output_format(output, format, max_shard_size)
-    dest = Path(output)
+    dest: Any = output if isinstance(output, str) and is_url(output) else Path(output)
     read_back = _ReadBack(verify, unsafe, frozenset(allow_globals))
     if fmt.is_directory:
         return _write_directory(
@@ -209,7 +213,7 @@ def write_checkpoint(
     def check(tmp: Path) -> None:
         read_back.check(obj, tmp, dest, by_key=safetensors)
 
-    with atomic_output(dest, check=check if verify else None) as f:
+    with atomic_output(dest, check=check if verify else None, storage_options=storage_options) as f:
         if safetensors:
             notes += _write_safetensors(obj, f, safetensors_metadata, progress, str(dest))
         else:
@@ -464,7 +468,7 @@ def _check_tensors_only(obj: Any, output: Path, fmt: OutputFormat) -> None:
 
 
 def _verify_written(
-    intended: Any, written: Path, output: Path, *, by_key: bool, unsafe: bool, allow_globals: frozenset[str]
+    intended: Any, written: Path, output: Path | str, *, by_key: bool, unsafe: bool, allow_globals: frozenset[str]
 ) -> None:
     """Read the written file back and compare every tensor (shape, dtype, values) with `intended`."""
     from ..diff import compare_values
@@ -497,7 +501,7 @@ def _verify_written(
                 )
 
 
-def _try_raw_write(obj: Any, f: BinaryIO, output: Path, progress: Callable[[int], None] | None = None) -> bool:
+def _try_raw_write(obj: Any, f: BinaryIO, output: Path | str, progress: Callable[[int], None] | None = None) -> bool:
     """Copy storage records byte for byte when every tensor is a TensorMeta; False to use torch."""
     tensors = list(iter_tensors(obj))
     if not tensors or not all(isinstance(t, TensorMeta) for t in tensors):
@@ -506,7 +510,7 @@ def _try_raw_write(obj: Any, f: BinaryIO, output: Path, progress: Callable[[int]
 
     start = f.tell()
     try:
-        write_torch_zip(obj, f, archive_name=output.stem or "archive", progress=progress, name=str(output))
+        write_torch_zip(obj, f, archive_name=Path(output).stem or "archive", progress=progress, name=str(output))
         return True
     except EngineUnsupported as exc:
         _debug("raw write fallback: %s", exc)
