@@ -401,11 +401,13 @@ def test_directories_that_hold_no_single_checkpoint(cli: Any, tmp_path: Path) ->
 
 
 def test_a_dcp_directory_is_recognised(cli: Any, tmp_path: Path) -> None:
+    """`.metadata` makes a directory DCP (read by engine.dcp: tests/test_dcp*.py), whatever else is there."""
     d = tmp_path / "dcp"
     d.mkdir()
-    (d / ".metadata").write_bytes(b"\x80\x04")
+    (d / ".metadata").write_bytes(b"\x80\x04")  # a truncated pickle: DCP's reader says so
     (d / "__0_0.distcp").write_bytes(b"")
-    assert "torch.distributed.checkpoint (DCP)" in _error(cli, "inspect", d)
+    (d / "model.safetensors.index.json").write_text("{}")
+    assert ".metadata" in _error(cli, "inspect", d)
 
 
 # ------------------------------------------------------------------------- hostile directories

@@ -340,13 +340,6 @@ def test_dry_run_writes_nothing(tmp_path: Path) -> None:
     assert sorted(os.listdir(tmp_path)) == ["m.pt"]
 
 
-def test_dcp_is_refused_for_now(tmp_path: Path) -> None:
-    torch.save(OrderedDict(w=torch.ones(3)), tmp_path / "m.pt")
-    line = one_line_error(run("extract", tmp_path / "m.pt", "-o", tmp_path / "d", "--format", "dcp"))
-    assert "--format dcp" in line
-    assert sorted(os.listdir(tmp_path)) == ["m.pt"]
-
-
 def test_rename_and_merge_write_hf_directories(tmp_path: Path) -> None:
     """Every writer takes the layouts: rename keeps the state_dict only, merge --average's result
     (computed tensors) is sharded the same way."""
