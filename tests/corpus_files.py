@@ -23,6 +23,7 @@ import subprocess
 import sys
 import tempfile
 import textwrap
+import warnings
 import zipfile
 from collections import OrderedDict
 from collections.abc import Iterator
@@ -390,7 +391,9 @@ def write_generated(directory: Path) -> Iterator[Generated]:
         "a Lightning-style container: optimizer_states, lr_schedulers, callbacks with tensors, plain hparams",
     )
 
-    compiled = torch.compile(_model(9))
+    with warnings.catch_warnings():  # importing torch.compile's machinery warns about torch.jit
+        warnings.simplefilter("ignore", DeprecationWarning)
+        compiled = torch.compile(_model(9))
     path = directory / "compiled.pt"
     torch.save(compiled.state_dict(), path)
     yield Generated("torch-compile", path, None, "a torch.compile'd model's state_dict: _orig_mod. keys")
