@@ -14,10 +14,13 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import io
 import json
 import os
+import pickletools
 import subprocess
 import sys
+import zipfile
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -30,8 +33,6 @@ from corpus_files import (
     SHIPPED,
     SKIP_ENV,
     CorpusError,
-    Generated,
-    Shipped,
     at_key,
     fetch,
     skip_reason,
@@ -53,7 +54,8 @@ _PY2_ORDEREDDICT = (
 )
 _OPAQUE = (
     "issue 13: opaque entries pending: {} in the container's non-tensor entries (hyper-parameters) are "
-    "refused as globals outside the allowlist (exit 2) instead of read as inert placeholders"
+    "refused as globals outside the allowlist (exit 2) instead of read as inert placeholders; OmegaConf's "
+    "node metadata also names builtins.dict/int/list and collections.defaultdict as values"
 )
 # (case, command) -> why it fails today; command None: every command. strict: an XPASS fails the suite.
 PENDING: dict[tuple[str, str | None], str] = {
@@ -62,13 +64,13 @@ PENDING: dict[tuple[str, str | None], str] = {
     ("lpips-v0.1-alex", None): _PY2_ORDEREDDICT,
     ("lpips-v0.1-vgg", None): _PY2_ORDEREDDICT,
     ("pesto-mir-1k-g7", None): _OPAQUE.format("OmegaConf DictConfig/ListConfig objects"),
-    ("whisperx-segmentation", None): _OPAQUE.format("OmegaConf objects and pyannote's task Specifications"),
+    ("whisperx-segmentation", None): _OPAQUE.format("OmegaConf objects, pyannote's task Specifications, TorchVersion"),
 }
 
 
-def params(commands: tuple[str, ...] = COMMANDS) -> list[Any]:
+def params() -> list[Any]:
     out = []
-    for command in commands:
+    for command in COMMANDS:
         for name in [f.name for f in SHIPPED] + list(GENERATED):
             reason = PENDING.get((name, command)) or PENDING.get((name, None))
             marks = [pytest.mark.xfail(strict=True, raises=AssertionError, reason=reason)] if reason else []
@@ -112,7 +114,6 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Case]:
     for f in SHIPPED:
         p = paths[f.name]
         cases[f.name] = Case(f.name, p, f.state_dict_key, f.needs_key, f.opaque, _format_of(p))
-    g: Generated
     for g in write_generated(tmp_path_factory.mktemp("corpus-generated")):
         cases[g.name] = Case(g.name, g.path, g.state_dict_key, False, (), _format_of(g.path))
     assert sorted(cases) == sorted([f.name for f in SHIPPED] + list(GENERATED))
@@ -320,14 +321,40 @@ def _check_diff_resave(case: Case, want: Any, ordered: bool, run: Any, tmp: Path
     assert doc["num_equal"] == len(want)
 
 
+def _pickle_facts(case: Case) -> tuple[set[str], set[str]]:
+    """The storage locations and the string opcodes of the file's pickled object."""
+    if case.format == "torch-zip":
+        with zipfile.ZipFile(case.path) as archive:
+            stream = io.BytesIO(archive.read(next(n for n in archive.namelist() if n.endswith("/data.pkl"))))
+    else:
+        stream = io.BytesIO(case.path.read_bytes())
+        for _ in range(3):  # magic number, protocol version, sys_info
+            for _ in pickletools.genops(stream):
+                pass
+    locations, strings = set(), set()
+    for op, arg, _ in pickletools.genops(stream):
+        if op.name.endswith(("STRING", "UNICODE")):
+            strings.add(op.name)
+            if arg == "cpu" or str(arg).startswith("cuda"):
+                locations.add(arg)
+    return locations, strings
+
+
 def test_corpus_spans_what_issue_13_asks(corpus: dict[str, Case]) -> None:
-    """At least 12 shipped files: legacy and zip, old and new torch, CUDA-saved, Python 2 pickles."""
-    shipped: list[Shipped] = list(SHIPPED)
-    assert len(shipped) >= 12
-    formats = {corpus[f.name].format for f in shipped}
-    assert formats == {"torch-legacy", "torch-zip"}
+    """At least 12 shipped files: legacy and zip, old and new torch, saved on CUDA, Python 2 pickles."""
+    assert len(SHIPPED) >= 12
+    facts = {f.name: (corpus[f.name].format, *_pickle_facts(corpus[f.name])) for f in SHIPPED}
+    cuda_saved = {fmt for fmt, locations, _ in facts.values() if any(x.startswith("cuda") for x in locations)}
+    assert cuda_saved == {"torch-legacy", "torch-zip"}
+    assert any("SHORT_BINSTRING" in strings for _, _, strings in facts.values())  # Python 2's str
+    # the first zip generation (data.pkl and version only) and a recent one (.format_version)
+    with zipfile.ZipFile(corpus["chgnet-0.2.0"].path) as old, zipfile.ZipFile(corpus["chgnet-r2scan"].path) as new:
+        assert not any(n.endswith("/byteorder") for n in old.namelist())
+        assert any(n.endswith("/.format_version") for n in new.namelist())
     assert {"torch-compile", "ddp", "lightning-container", "hub-safetensors"} <= set(corpus)
     assert corpus["hub-safetensors"].format == "safetensors"
+    assert all(k.startswith("_orig_mod.") for k in expected(corpus["torch-compile"]))
+    assert all(k.startswith("module.") for k in expected(corpus["ddp"]))
 
 
 def _unreachable_registry(env: dict[str, str], cache: Path) -> dict[str, str]:
