@@ -58,14 +58,7 @@ _OPAQUE = (
     "node metadata also names builtins.dict/int/list and collections.defaultdict as values"
 )
 # (case, command) -> why it fails today; command None: every command. strict: an XPASS fails the suite.
-PENDING: dict[tuple[str, str | None], str] = {
-    ("lpips-v0.0-alex", None): _PY2_ORDEREDDICT + ", tensors by _rebuild_tensor (v1)",
-    ("lpips-v0.0-squeeze", None): _PY2_ORDEREDDICT + ", tensors by _rebuild_tensor (v1)",
-    ("lpips-v0.1-alex", None): _PY2_ORDEREDDICT,
-    ("lpips-v0.1-vgg", None): _PY2_ORDEREDDICT,
-    ("pesto-mir-1k-g7", None): _OPAQUE.format("OmegaConf DictConfig/ListConfig objects"),
-    ("whisperx-segmentation", None): _OPAQUE.format("OmegaConf objects, pyannote's task Specifications, TorchVersion"),
-}
+PENDING: dict[tuple[str, str | None], str] = {}
 
 
 def params() -> list[Any]:
@@ -264,15 +257,22 @@ def _without(obj: Any, key: str | None) -> Any:
     }
 
 
-def _picture(obj: Any) -> Any:
+def _picture(obj: Any, path: tuple[int, ...] = ()) -> Any:
+    """`obj` as plain comparable values; a reference back to an object on the way down (OmegaConf
+    nodes point to their parent) is pictured by how many levels up it points."""
+    if id(obj) in path:
+        return ("<back-reference>", len(path) - path.index(id(obj)))
     if isinstance(obj, torch.Tensor):
         return (str(obj.dtype), tuple(obj.shape), bytes(bits(obj).numpy()))
+    if isinstance(obj, type):  # a class as a value (each torch_load makes its stand-ins anew): by name
+        return ("<class>", obj.__module__, obj.__qualname__)
+    inner = (*path, id(obj))
     if isinstance(obj, Mapping):
-        return (type(obj).__name__, [(k, _picture(v)) for k, v in obj.items()])
+        return (type(obj).__name__, [(k, _picture(v, inner)) for k, v in obj.items()])
     if isinstance(obj, (list, tuple)):
-        return (type(obj).__name__, [_picture(v) for v in obj])
+        return (type(obj).__name__, [_picture(v, inner) for v in obj])
     if hasattr(obj, "__dict__") and not isinstance(obj, type):
-        return (type(obj).__qualname__, _picture(vars(obj)))
+        return (type(obj).__qualname__, _picture(vars(obj), inner))
     return obj
 
 
