@@ -46,15 +46,16 @@ _UNMODELLED = {"F4", "F6_E2M3", "F6_E3M2"}
 _TENSOR_FIELDS = ("dtype", "shape", "data_offsets")
 
 
-class _Duplicate(Exception):
-    pass
+class DuplicateKey(Exception):
+    """A JSON object names one key twice (json's `object_pairs_hook` would keep the last)."""
 
 
-def _pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+def unique_pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """`object_pairs_hook` that refuses a key given twice (DuplicateKey)."""
     out: dict[str, Any] = {}
     for key, value in pairs:
         if key in out:
-            raise _Duplicate(key)
+            raise DuplicateKey(key)
         out[key] = value
     return out
 
@@ -71,8 +72,8 @@ def parse_header(
     import json  # here, so that reading torch files does not pay for importing it
 
     try:
-        parsed = json.loads(header.decode("utf-8"), object_pairs_hook=_pairs)
-    except _Duplicate as e:
+        parsed = json.loads(header.decode("utf-8"), object_pairs_hook=unique_pairs)
+    except DuplicateKey as e:
         raise bad(f"the name {e.args[0]!r} appears twice") from None
     except (UnicodeDecodeError, ValueError) as e:
         raise bad(f"invalid JSON ({e})") from None

@@ -34,8 +34,9 @@ from typing import Any, NamedTuple
 from ..errors import BadCheckpointError
 from .limits import brief, quote_name
 from .meta import RawCheckpoint
-from .safetensors_format import MAX_HEADER_BYTES, parse_header
+from .safetensors_format import MAX_HEADER_BYTES, DuplicateKey, parse_header, unique_pairs
 from .source import Source
+from .threads import map_in_threads
 
 __all__ = ["MAX_INDEX_BYTES", "HfIndex", "Shard", "read_hf_sharded", "read_index", "read_shard"]
 
@@ -79,19 +80,6 @@ class HfIndex(NamedTuple):
     formats: tuple[str, ...]
 
 
-class _Duplicate(Exception):
-    pass
-
-
-def _unique_pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in out:
-            raise _Duplicate(key)
-        out[key] = value
-    return out
-
-
 def _index_kind(path: str) -> tuple[str, tuple[str, ...]]:
     base = os.path.basename(path)
     for ending, kind in INDEX_KINDS.items():
@@ -132,8 +120,8 @@ def read_index(src: Source) -> HfIndex:
     import json
 
     try:
-        parsed = json.loads(src.pread(src.size, 0).decode("utf-8"), object_pairs_hook=_unique_pairs)
-    except _Duplicate as e:
+        parsed = json.loads(src.pread(src.size, 0).decode("utf-8"), object_pairs_hook=unique_pairs)
+    except DuplicateKey as e:
         raise BadCheckpointError(f"{path}: invalid index: the name {quote_name(e.args[0])} appears twice") from None
     except (UnicodeDecodeError, ValueError) as e:
         raise BadCheckpointError(f"{path}: invalid index: not JSON ({e})") from None
@@ -270,18 +258,7 @@ def _read_all(
     collecting = gc.isenabled()
     gc.disable()  # the readers build graphs without cycles: see read.read_source
     try:
-        if threads <= 1 or len(sources) <= 1:
-            return [read(s) for s in sources]
-        from concurrent.futures import ThreadPoolExecutor
-
-        with ThreadPoolExecutor(max_workers=min(threads, len(sources)), thread_name_prefix="shard") as pool:
-            futures = [pool.submit(read, s) for s in sources]
-            try:
-                return [f.result() for f in futures]
-            except BaseException:
-                for f in futures:
-                    f.cancel()
-                raise
+        return map_in_threads(read, sources, threads, "ckptsurgeon-shard")
     finally:
         if collecting:
             gc.enable()

@@ -11,11 +11,12 @@ from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from enum import Enum
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, BinaryIO, NamedTuple, TypeVar
+from typing import TYPE_CHECKING, Any, BinaryIO, NamedTuple
 
 from ..containers import replace_at
 from ..engine.meta import TensorMeta
 from ..engine.source import Source, is_url
+from ..engine.threads import map_in_threads
 from ..errors import CheckpointError, EngineUnsupported, OutputError, UsageError
 from ..tensors import is_tensor
 from .atomic import atomic_directory, atomic_output
@@ -133,41 +134,10 @@ class Written(NamedTuple):
     files: list[tuple[str, int]]
 
 
-def save_checkpoint(
-    obj: Any,
-    output: str | os.PathLike[str],
-    *,
-    safetensors_metadata: Mapping[str, str] | None = None,
-    verify: bool = False,
-    progress: Callable[[int], None] | None = None,
-    unsafe: bool = False,
-    allow_globals: Sequence[str] = (),
-    format: str | None = None,
-    max_shard_size: str | int | None = None,
-    threads: int = 1,
-    force: bool = False,
-    storage_options: Mapping[str, Any] | None = None,
-) -> list[str]:
-    """Write `obj` atomically in `format` (see `output_format`: by default `.safetensors` outputs
-    get the safetensors format, a directory the Hub's sharded layout, others torch.save's).
-
-    Returns notices for the user (e.g. what safetensors cannot represent); `write_checkpoint`
-    also says which files a directory output holds. See there for the arguments.
-    """
-    return write_checkpoint(
-        obj,
-        output,
-        safetensors_metadata=safetensors_metadata,
-        verify=verify,
-        progress=progress,
-        unsafe=unsafe,
-        allow_globals=allow_globals,
-        format=format,
-        max_shard_size=max_shard_size,
-        threads=threads,
-        force=force,
-        storage_options=storage_options,
-    ).notes
+def save_checkpoint(obj: Any, output: str | os.PathLike[str], **options: Any) -> list[str]:
+    """Write `obj` atomically (see `write_checkpoint`, which takes the same keyword options) and
+    return the notices for the user (e.g. what safetensors cannot represent)."""
+    return write_checkpoint(obj, output, **options).notes
 
 
 def write_checkpoint(
@@ -368,7 +338,7 @@ def _write_directory(
             size = _write_file(tmp / name, lambda f: write_shard(keys, f, str(dest / name)))
             return name, size
 
-        files = _run_all(one, plan.files, threads)
+        files = map_in_threads(one, plan.files, threads, "ckptsurgeon-shard")
         if plan.is_sharded:
             index = {"metadata": {"total_size": plan.total_size, **index_metadata}, "weight_map": plan.weight_map()}
             index_name = plan.files[0][0].split("-", 1)[0] + (".safetensors" if fmt is OutputFormat.hf else ".bin")
@@ -411,27 +381,6 @@ def _locked(progress: Callable[[int], None] | None) -> Callable[[int], None] | N
             progress(n)
 
     return advance
-
-
-T = TypeVar("T")
-R = TypeVar("R")
-
-
-def _run_all(task: Callable[[T], R], items: Sequence[T], threads: int) -> list[R]:
-    """`task` of every item, in `threads` threads; the results in the items' order. The first
-    failure is raised once every started task has ended (nothing is left writing)."""
-    if threads <= 1 or len(items) <= 1:
-        return [task(item) for item in items]
-    from concurrent.futures import ThreadPoolExecutor
-
-    with ThreadPoolExecutor(max_workers=min(threads, len(items)), thread_name_prefix="ckptsurgeon-shard") as pool:
-        futures = [pool.submit(task, item) for item in items]
-        try:
-            return [f.result() for f in futures]
-        except BaseException:
-            for f in futures:
-                f.cancel()
-            raise
 
 
 def _write_file(path: Path, write: Callable[[BinaryIO], object]) -> int:
