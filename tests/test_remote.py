@@ -164,9 +164,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self.close_connection = True
             self.connection.shutdown(socket.SHUT_RDWR)
             return
-        self.wfile.write(body)
-        with store.lock:
+        with store.lock:  # counted before the client can have it (it may finish before this thread runs on)
             store.served += len(body)
+        self.wfile.write(body)
 
     def _status(self, code: int) -> None:
         self.send_response(code)
