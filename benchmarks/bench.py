@@ -62,7 +62,7 @@ GROUPS = (
     "stats",
     "dtype",
 )
-HF_SHARDS = 40  # the HF directories: a.pt's tensors in 40 shards
+HF_SHARDS = 40  # the HF directories: max_shard_size = size / 40 (50 shards of two 20 MB tensors at 2 GB)
 HF_OUT_SHARD = "500MB"  # `extract -o DIR/ --max-shard-size` (scaled with --size, see shard_size())
 N_TENSORS = 100  # the main file: 100 fp32 tensors (5M elements each at the default 2 GB)
 COLS = 1000  # tensors are (rows, 1000)
@@ -133,7 +133,9 @@ save_file(load(sys.argv[2]), sys.argv[1], metadata={"format": "pt"})
 """
 
 TORCH_HF = """\
+import os
 from huggingface_hub import save_torch_state_dict
+os.makedirs(sys.argv[1])
 save_torch_state_dict(load(sys.argv[2]), sys.argv[1], max_shard_size=sys.argv[3])
 """
 
@@ -244,12 +246,14 @@ if todo & {"hf-a", "hf-b"}:
             t = time.perf_counter()
             sd = torch.load(os.path.join(out, f"{name}.pt"), weights_only=True, mmap=True)
             total = sum(v.numel() * v.element_size() for v in sd.values())
+            os.makedirs(os.path.join(out, f"hf-{name}"), exist_ok=True)
             save_torch_state_dict(sd, os.path.join(out, f"hf-{name}"), max_shard_size=total // spec["hf_shards"] + 1)
             print(f"  generated hf-{name}/ in {time.perf_counter() - t:.1f} s", file=sys.stderr, flush=True)
 if "dcp2" in todo:
     import subprocess
     t = time.perf_counter()
-    subprocess.run([sys.executable, "-c", spec["dcp_script"], os.path.join(out, "a.pt"), os.path.join(out, "dcp2"),
+    script = "SCRIPT = " + repr(spec["dcp_script"]) + "\n" + spec["dcp_script"]
+    subprocess.run([sys.executable, "-c", script, os.path.join(out, "a.pt"), os.path.join(out, "dcp2"),
                     os.path.join(out, ".dcp-rendezvous")], check=True)
     print(f"  generated dcp2/ in {time.perf_counter() - t:.1f} s", file=sys.stderr, flush=True)
 if "llama7b.pt" in todo:
@@ -270,26 +274,30 @@ if "llama7b.pt" in todo:
 
 # DCP from two gloo ranks: every tensor of a.pt sharded on dim 0 (rank r writes its half)
 DCP_TWO_RANKS = r"""
-import os, sys
-import torch
-import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
-import torch.multiprocessing as mp
-from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.tensor import Shard, distribute_tensor
+import os, subprocess, sys
 
 def rank_main(rank, src, dst, rendezvous):
+    import torch
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
     dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=2)
     mesh = init_device_mesh("cpu", (2,))
     sd = torch.load(src, weights_only=True, mmap=True)
     dcp.save({k: distribute_tensor(v, mesh, [Shard(0)]) for k, v in sd.items()}, checkpoint_id=dst)
     dist.destroy_process_group()
 
-if __name__ == "__main__":
-    src, dst, rendezvous = sys.argv[1:4]
+src, dst, rendezvous = sys.argv[1:4]
+if len(sys.argv) > 4:  # one rank
+    rank_main(int(sys.argv[4]), src, dst, rendezvous)
+else:  # start both ranks (this script again, as two processes)
     if os.path.exists(rendezvous):
         os.unlink(rendezvous)
-    mp.spawn(rank_main, args=(src, dst, rendezvous), nprocs=2)
+    me = [sys.executable, "-c", "SCRIPT = " + repr(SCRIPT) + "\n" + SCRIPT, src, dst, rendezvous]
+    ranks = [subprocess.Popen([*me, str(r)]) for r in (0, 1)]
+    sys.exit(max(p.wait() for p in ranks))
 """
 
 # --------------------------------------------------------------------------------------------
