@@ -396,3 +396,25 @@ def test_a_corrupt_record_is_found_by_the_pieces(cli: Any, tmp_path: Path) -> No
     result = cli("inspect", path, "--stats", "--jobs", "2")
     assert result.exit_code == 2
     assert "CRC-32 mismatch" in result.stderr and result.stdout == ""
+
+
+def test_values_are_read_in_bounded_memory(tmp_path: Path) -> None:
+    """--stats --hash --check-finite over 96 MiB of float32 on two threads: the process stays
+    under 64 MiB (blocks and scratch arrays are reused; nothing is loaded whole)."""
+    import os
+    import subprocess
+    import sys
+
+    path = tmp_path / "big.pt"
+    torch.save({f"w{i}": torch.randn(4_000_000) for i in range(6)}, path)
+    code = (
+        "import resource, subprocess, sys; "
+        "r = subprocess.run([sys.executable, '-m', 'ckptsurgeon', 'inspect', sys.argv[1], '--stats', '--hash', "
+        "'--check-finite', '--jobs', '2', '--json'], stdout=subprocess.DEVNULL); "
+        "print(r.returncode, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)"
+    )
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    out = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, env=env, timeout=300)
+    rc, maxrss_kib = out.stdout.split()
+    assert rc == "0", out.stderr
+    assert int(maxrss_kib) < 64 * 1024, f"peak RSS {int(maxrss_kib) // 1024} MiB"
