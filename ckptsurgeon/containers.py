@@ -13,6 +13,7 @@ ckptsurgeon.engine.unpickle). Nothing in it is imported or run; writers pickle i
 from __future__ import annotations
 
 import io
+import sys
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
@@ -243,7 +244,8 @@ def describe_value(value: Any) -> str:
     `argparse.Namespace (not loaded)`)."""
     if is_opaque(value):
         return f"{value.full} (not loaded)"
-    if type(value).__name__ == "NotRead":  # engine.dcp: a DCP value inspect does not read (.metadata only)
+    dcp = sys.modules.get("ckptsurgeon.engine.dcp")  # not loaded: no DCP value can be here
+    if dcp is not None and isinstance(value, dcp.NotRead):  # inspect reads a DCP .metadata only
         return "a value in the .distcp files (not read)"
     if isinstance(value, (bool, int, float)) or value is None:
         return repr(value)

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .engine.data import compare_spans, map_chunk_pairs
-from .engine.meta import TensorMeta
+from .engine.meta import NUMPY_RAW, TensorMeta
 from .tensors import RAW_BITS_DTYPES, dtype_name, is_tensor, plain_values, shape_of
 
 SCHEMA_VERSION = 1
@@ -555,19 +555,9 @@ def _block_stats(cx: Any, cy: Any, rtol: float, atol: float) -> PieceStats:
 # computes exactly as torch does. Not complex: torch's |z| is not hypot everywhere (its vectorised
 # loop and its scalar tail round differently), so no elementwise formula reproduces it.
 NUMPY_DTYPES = {
-    "float64": "<f8",
-    "float32": "<f4",
+    **NUMPY_RAW,
     "float16": "<f2",
     "bfloat16": "<u2",  # the high half of a float32: widened through float32
-    "int64": "<i8",
-    "int32": "<i4",
-    "int16": "<i2",
-    "int8": "i1",
-    "uint64": "<u8",
-    "uint32": "<u4",
-    "uint16": "<u2",
-    "uint8": "u1",
-    "bool": "?",
 }
 
 NUMPY_PIECE = 1 << 17  # elements numpy works on at a time: its scratch arrays stay in cache

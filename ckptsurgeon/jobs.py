@@ -399,7 +399,7 @@ def extract(
             "extract", writing, result, None, model_data, model, say, refused=True, loaded=[ckpt_obj], **fields
         )
     with contextlib.ExitStack() as stack:
-        result, fields["cast"] = _cast(result, writing, [ckpt], stack, progress)
+        result, fields["cast"] = _cast(result, writing, stack, progress)
         written = _write(result, writing, [ckpt], loading, say, progress, safetensors_metadata=_st_meta(ckpt_obj))
     return _write_result("extract", writing, result, written, model_data, model, say, loaded=[ckpt_obj], **fields)
 
@@ -439,7 +439,7 @@ def rename(
     if all(old == new for old, new in plan.items()):
         say("warning: no key changed")
     with contextlib.ExitStack() as stack:
-        renamed, fields["cast"] = _cast(renamed, writing, [ckpt], stack, progress)
+        renamed, fields["cast"] = _cast(renamed, writing, stack, progress)
         target: Any = renamed
         if not writing.dry_run:
             if fmt in (OutputFormat.pt, OutputFormat.dcp):  # layouts that hold a whole container
@@ -514,7 +514,7 @@ def merge(
             )
         for w in merge_warnings(report) if report is not None else ():
             say(f"warning: {w}")
-        result, fields["cast"] = _cast(result, writing, paths, stack, progress)
+        result, fields["cast"] = _cast(result, writing, stack, progress)
         written = _write(result, writing, paths, loading, say, progress)
     if report is not None:
         fields.update(conflicts=tuple(report.conflicts), warnings=tuple(report.warnings))
@@ -754,7 +754,6 @@ def _check_dtype(writing: Writing) -> Writing:
 def _cast(
     state_dict: Mapping[str, Any],
     writing: Writing,
-    inputs: Sequence[Path | str],
     stack: contextlib.ExitStack,
     progress: Progress | None,
 ) -> tuple[Any, tuple[str, ...]]:

@@ -20,7 +20,7 @@ import threading
 from collections.abc import Callable, Iterable
 from typing import Any, NamedTuple
 
-from .engine.meta import FLOATING_DTYPES, TensorMeta
+from .engine.meta import FLOATING_DTYPES, NUMPY_RAW, TensorMeta
 
 BLOCK = 1 << 16  # elements reduced at a time: a thread's scratch arrays (~1.5 MiB) stay in its L2 cache
 PIECE_BLOCKS = 64  # blocks of an on-disk tensor that one thread takes at a time (16 MiB of float32)
@@ -369,21 +369,6 @@ class _Scratch:
         return self.f64[:k], self.f32[:k], self.u32[:k], self.mask[:k]
 
 
-_NUMPY_RAW = {  # dtypes numpy reads as they are stored (little-endian)
-    "float64": "<f8",
-    "float32": "<f4",
-    "int64": "<i8",
-    "int32": "<i4",
-    "int16": "<i2",
-    "int8": "i1",
-    "uint64": "<u8",
-    "uint32": "<u4",
-    "uint16": "<u2",
-    "uint8": "u1",
-    "bool": "?",
-}
-
-
 def _reducer(dtype: str, full: bool) -> Callable[[memoryview, _Scratch], tuple[Any, ...]]:
     """The reduction of one block of raw bytes of `dtype`: with `full`, (count, sum, mean, sum of
     squared deviations, min, max, zeros, NaNs, Infs); else (NaNs, Infs)."""
@@ -391,7 +376,7 @@ def _reducer(dtype: str, full: bool) -> Callable[[memoryview, _Scratch], tuple[A
 
     floating = dtype in FLOATING_DTYPES
     table = _float8_table(dtype) if dtype.startswith("float8") else _float16_table() if dtype == "float16" else None
-    raw_dtype = np.dtype(_NUMPY_RAW.get(dtype, "<u2" if dtype in ("float16", "bfloat16") else "u1"))
+    raw_dtype = np.dtype(NUMPY_RAW.get(dtype, "<u2" if dtype in ("float16", "bfloat16") else "u1"))
 
     def exact(raw: memoryview, s: _Scratch) -> tuple[Any, Any]:
         """The block's values in a dtype numpy computes on exactly (float32 for the narrow floats)."""

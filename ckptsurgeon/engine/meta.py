@@ -57,6 +57,22 @@ STORAGE_DTYPE: dict[str, str] = {
 }
 DTYPE_STORAGE: dict[str, str] = {v: k for k, v in STORAGE_DTYPE.items() if k != "UntypedStorage"}
 
+# dtype name -> the numpy dtype of its raw little-endian bytes, for the dtypes numpy holds as they
+# are stored (the 16-bit floats and float8 need widening: each reader says how)
+NUMPY_RAW: dict[str, str] = {
+    "float64": "<f8",
+    "float32": "<f4",
+    "int64": "<i8",
+    "int32": "<i4",
+    "int16": "<i2",
+    "int8": "i1",
+    "uint64": "<u8",
+    "uint32": "<u4",
+    "uint16": "<u2",
+    "uint8": "u1",
+    "bool": "?",
+}
+
 FLOATING_DTYPES = frozenset(
     {"float64", "float32", "float16", "bfloat16"} | {d for d in DTYPE_ITEMSIZE if d.startswith("float8")}
 )
