@@ -10,8 +10,10 @@ bytes_read/requests against the server's own counts, revisions given as `@REV`, 
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import http.server
+import io
 import itertools
 import json
 import threading
@@ -39,7 +41,7 @@ class _Hub(http.server.ThreadingHTTPServer):
         self.commits: dict[tuple[str, str], dict[str, bytes]] = {}  # (repo, commit id) -> path -> bytes
         self.refs: dict[tuple[str, str], str] = {}  # (repo, branch or tag) -> commit id
         self.lock = threading.Lock()
-        self.requests = self.file_gets = self.served = 0
+        self.requests = self.file_gets = self.served = self.commit_requests = 0
 
     @property
     def url(self) -> str:
@@ -51,6 +53,15 @@ class _Hub(http.server.ThreadingHTTPServer):
             parent = self.commits.get((repo, self.refs.get((repo, revision), "")), {})
             sha = hashlib.sha1(f"{repo}{next(_COMMIT_NUMBERS)}".encode()).hexdigest()  # never twice, as on the Hub
             self.commits[(repo, sha)] = {**parent, path: data}
+            self.refs[(repo, revision)] = sha
+        return sha
+
+    def delete(self, repo: str, path: str, revision: str = "main") -> str:
+        with self.lock:
+            files = dict(self.commits[(repo, self.refs[(repo, revision)])])
+            files.pop(path, None)
+            sha = hashlib.sha1(f"{repo}{next(_COMMIT_NUMBERS)}".encode()).hexdigest()
+            self.commits[(repo, sha)] = files
             self.refs[(repo, revision)] = sha
         return sha
 
@@ -162,8 +173,11 @@ class _HubHandler(http.server.BaseHTTPRequestHandler):
         with self.server.lock:
             self.server.requests += 1
         length = int(self.headers.get("Content-Length") or 0)
-        form = urllib.parse.parse_qs(self.rfile.read(length).decode())
+        body = self.rfile.read(length)
         parts = [urllib.parse.unquote(p) for p in urllib.parse.urlsplit(self.path).path.strip("/").split("/")]
+        if parts[:2] == ["api", "models"] and len(parts) >= 6 and parts[4] in ("preupload", "commit"):
+            return self._upload(f"{parts[2]}/{parts[3]}", parts[4], parts[5], body)
+        form = urllib.parse.parse_qs(body.decode())
         if parts[:2] == ["api", "models"] and len(parts) >= 6 and parts[4] == "paths-info":
             files = self._files("/".join(parts[2:4]), parts[5])
             if files is None:
@@ -176,6 +190,28 @@ class _HubHandler(http.server.BaseHTTPRequestHandler):
                     out.append(self._entry(path, None))
             return self._json(out)
         return self._missing("NotFound")
+
+    def _upload(self, repo: str, step: str, revision: str, body: bytes) -> None:
+        """The two steps of huggingface_hub's create_commit: which files go inline ("regular": all
+        of them here, no LFS), then the commit itself, NDJSON lines of base64 files and deletions."""
+        if self._files(repo, revision) is None:
+            return self._missing("RepoNotFound")
+        if step == "preupload":
+            files = json.loads(body)["files"]
+            return self._json(
+                {"files": [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False} for f in files]}
+            )
+        sha = ""
+        for line in body.decode().splitlines():
+            op = json.loads(line)
+            value = op["value"]
+            if op["key"] == "file":
+                sha = self.server.put(repo, value["path"], base64.b64decode(value["content"]), revision)
+            elif op["key"] == "deletedFile":
+                sha = self.server.delete(repo, value["path"], revision)
+        with self.server.lock:
+            self.server.commit_requests += 1
+        return self._json({"commitUrl": f"{self.server.url}/{repo}/commit/{sha}", "commitOid": sha})
 
 
 @pytest.fixture(scope="module")
@@ -290,3 +326,18 @@ def test_a_push_to_the_branch_while_reading_does_not_mix_commits(tmp_path, hub):
         _same(as_torch(ckpt.state_dict), old)
     with load_checkpoint("hf://org/repo/model.pt", storage_options=options) as ckpt:
         _same(as_torch(ckpt.state_dict), new)
+
+
+def test_extract_to_the_hub_commits_the_whole_file_once(cli, tmp_path, hub):
+    sd = _model_sd(2)
+    hub.put("org/repo", "train.pt", _saved(tmp_path, "train.pt", {"model": sd, "step": 9}))
+    options = _options(hub)
+    r = cli("extract", "hf://org/repo/train.pt", "-o", "hf://org/repo/weights/model.pt", "--storage-options", options)
+    assert r.exit_code == 0, r.stderr
+    assert hub.commit_requests == 1  # one commit: the file appears whole, in one step
+    files = hub.commits[("org/repo", hub.refs[("org/repo", "main")])]
+    _same(torch.load(io.BytesIO(files["weights/model.pt"]), weights_only=True), sd)
+    again = cli(
+        "extract", "hf://org/repo/train.pt", "-o", "hf://org/repo/weights/model.pt", "--storage-options", options
+    )
+    assert again.exit_code == 2 and "--force" in again.stderr and hub.commit_requests == 1
