@@ -22,6 +22,17 @@ __all__ = ["bucket", "http_store", "s3_endpoint", "store"]  # fixtures of test_r
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _s3_clients_of_this_module() -> Any:
+    """fsspec keeps one S3FileSystem per set of options, with the endpoint it was made with:
+    this module's server is another than test_remote's, so neither may reuse the other's."""
+    import s3fs
+
+    s3fs.S3FileSystem.clear_instance_cache()
+    yield
+    s3fs.S3FileSystem.clear_instance_cache()
+
+
 def _blocks(n: int, rows: int = 512) -> OrderedDict[str, torch.Tensor]:
     """n float32 tensors of rows x 512 (1 MiB each at 512 rows), saved as n adjacent records."""
     torch.manual_seed(0)

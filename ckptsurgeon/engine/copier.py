@@ -19,8 +19,8 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
-import queue
 import threading
+from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, NamedTuple, cast
 
@@ -313,8 +313,8 @@ class ReadAhead:
 
         self._requests = plan_requests(ranges)
         streams = max(1, min(streams, AHEAD_STREAMS, len(self._requests)))
-        self._window = max(1, AHEAD_BYTES // streams // _piece_size())
-        self._queues: list[queue.Queue[tuple[str, Any]]] = [queue.Queue(self._window) for _ in self._requests]
+        self._window = AHEAD_BYTES // streams
+        self._queues = [_Window(self._window) for _ in self._requests]
         self._order = [
             (r.source, offset, length, i) for i, r in enumerate(self._requests) for offset, length in r.ranges
         ]
@@ -354,40 +354,59 @@ class ReadAhead:
 
     # -- the reading threads
 
-    def _put(self, q: queue.Queue[tuple[str, Any]], item: tuple[str, Any]) -> None:
-        while not self._stop.is_set():
-            try:
-                q.put(item, timeout=0.1)
-                return
-            except queue.Full:
-                continue
-        raise _Stopped
-
     def _read(self, i: int) -> None:
         request, q = self._requests[i], self._queues[i]
         try:
             if not self._stop.is_set():
-                _stream_request(request, lambda item: self._put(q, item))
+                _stream_request(request, lambda item: q.put(item, self._stop), self._window)
         except _Stopped:
             pass
         except BaseException as exc:  # handed to the writer, raised where it takes the range
             with contextlib.suppress(_Stopped):
-                self._put(q, ("error", exc))
+                q.put(("error", exc), self._stop)
+
+
+class _Window:
+    """What one request has read and the writer has not taken yet: a queue of (kind, item) that
+    holds at most `limit` bytes of data (or one item, whatever its size)."""
+
+    def __init__(self, limit: int):
+        self._items: deque[tuple[str, Any]] = deque()
+        self._held = 0
+        self._limit = limit
+        self._changed = threading.Condition()
+
+    def put(self, item: tuple[str, Any], stop: threading.Event) -> None:
+        """Append `item`, waiting while the window is full; _Stopped once `stop` is set."""
+        size = len(item[1]) if item[0] == "data" else 0
+        with self._changed:
+            while self._held and self._held + size > self._limit:
+                if stop.is_set():
+                    raise _Stopped
+                self._changed.wait(0.1)
+            self._items.append(item)
+            self._held += size
+            self._changed.notify_all()
+
+    def get(self) -> tuple[str, Any]:
+        with self._changed:
+            while not self._items:
+                self._changed.wait()
+            item = self._items.popleft()
+            if item[0] == "data":
+                self._held -= len(item[1])
+            self._changed.notify_all()
+            return item
 
 
 class _Stopped(Exception):
     """The writer closed the ReadAhead: a reading thread ends quietly."""
 
 
-def _piece_size() -> int:
-    from .remote import PIECE
-
-    return PIECE
-
-
-def _stream_request(request: _Request, put: Any) -> None:
+def _stream_request(request: _Request, put: Any, window: int) -> None:
     """Stream `request`, putting ("data", piece) for the bytes of its ranges and ("end", None)
-    after each range, once the checks of its record have run on the bytes that went by."""
+    after each range, once the checks of its record have run on the bytes that went by. Where the
+    backend cannot stream an answer, requests are `window` bytes at most."""
     source, lo, hi, ranges = request
     checks = [c for offset, length in ranges for c in source.take_checks(offset, offset + length)]
     gaps: list[tuple[int, bytes]] = []  # bytes between the ranges, kept for the checks
@@ -409,7 +428,7 @@ def _stream_request(request: _Request, put: Any) -> None:
             done += 1
 
     pos = lo
-    for piece in source.stream(lo, hi):
+    for piece in source.stream(lo, hi, whole=window):
         view, base = memoryview(piece), pos
         pos += len(view)
         at = base

@@ -569,10 +569,10 @@ class RemoteSource(Source):
                 for block in known:
                     self._known.remove(block)
 
-    def stream(self, start: int, end: int) -> Iterator[bytes | bytearray]:
+    def stream(self, start: int, end: int, whole: int = CHUNK) -> Iterator[bytes | bytearray]:
         """Bytes [start, end) of the object, in pieces of PIECE bytes (the last may be shorter),
         from one ranged GET whose answer is read as it arrives (S3 and HTTP; other backends: a
-        request per CHUNK). A transient failure resumes from the byte reached (RETRIES times at
+        request per `whole` bytes, CHUNK at most). A transient failure resumes from the byte reached (RETRIES times at
         most); an answer shorter than asked, or from another version of the object, is a
         BadCheckpointError: no byte of it is handed on as the object's."""
         from fsspec.asyn import sync
@@ -588,7 +588,7 @@ class RemoteSource(Source):
                 body = sync(self.fs.loop, self._open_body, pos, end) if streamed else None
                 if body is None:  # no streamed GET for this backend or server: whole requests
                     while pos < end:
-                        data = self._fetch(pos, min(end, pos + CHUNK))
+                        data = self._fetch(pos, min(end, pos + max(1, min(whole, CHUNK))))
                         pos += len(data)
                         yield data
                     return
