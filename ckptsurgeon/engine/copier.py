@@ -38,8 +38,9 @@ _BUFFER = 4 << 20  # one pread (CRC-32 alongside a kernel copy, or a copy throug
 _KERNEL_COPY_CHUNK = 64 << 20  # one copy_file_range call; writeback is started between calls
 _WRITEBACK_STEP = 16 << 20  # start writing the output to disk every this many bytes
 _THREADED_CRC_MIN = 8 << 20  # below this a thread costs more than it saves
-AHEAD_BYTES = 32 << 20  # bytes a ReadAhead holds at most (its streams' windows together) ...
-AHEAD_STREAMS = 4  # ... in at most this many requests at a time
+AHEAD_WINDOW = 8 << 20  # bytes one request may have read ahead of the writer ...
+AHEAD_STREAMS = 4  # ... with this many requests at a time at most: 32 MiB (a writer per thread of a
+# sharded output reads one request at a time: eight threads stay within 64 MiB)
 MERGE_GAP = 1 << 16  # ranges this close (a zip record's header and descriptor apart) share a request ...
 REQUEST_MAX = 64 << 20  # ... of at most this many bytes (a bigger range has a request of its own)
 
@@ -302,9 +303,9 @@ def read_ahead(ranges: Sequence[tuple[Source, int, int]], streams: int) -> ReadA
 class ReadAhead:
     """The remote ranges a writer will copy, read ahead of it: `take` them in the order given.
 
-    Requests (see `plan_requests`) run `streams` at a time, each in a thread that streams its
-    answer into a window of AHEAD_BYTES / streams bytes, so that memory stays bounded whatever
-    the sizes. A range's deferred checks (its zip record's local header and data descriptor,
+    Requests (see `plan_requests`) run `streams` at a time (AHEAD_STREAMS at most), each in a
+    thread that streams its answer into a window of AHEAD_WINDOW bytes, so that memory stays
+    bounded whatever the sizes. A range's deferred checks (its zip record's local header and data descriptor,
     which come with the request) run before `take` hands on its last byte; its CRC-32 is the
     writer's to check, as for a local copy. `close()` stops what is still running."""
 
@@ -313,7 +314,7 @@ class ReadAhead:
 
         self._requests = plan_requests(ranges)
         streams = max(1, min(streams, AHEAD_STREAMS, len(self._requests)))
-        self._window = AHEAD_BYTES // streams
+        self._window = AHEAD_WINDOW
         self._queues = [_Window(self._window) for _ in self._requests]
         self._order = [
             (r.source, offset, length, i) for i, r in enumerate(self._requests) for offset, length in r.ranges
