@@ -134,8 +134,12 @@ def _close() -> None:
 
 
 def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
+    """The cause in `exc`'s first sentence, without gloo's `[source.cc:123]` prefix."""
+    import re
+
+    lines = str(exc).strip().splitlines()
+    text = re.sub(r"^\[[^\]]*\]\s*", "", lines[0]) if lines else ""
+    return text.split(". ", 1)[0].rstrip(".") or type(exc).__name__
 
 
 def broadcast(w: World, value: Any) -> Any:
