@@ -216,6 +216,33 @@ def _identity_of(info: Mapping[str, Any]) -> str | None:
     return None
 
 
+def _buffered(fs: Any) -> bool:
+    """Whether `fs.cat_file` is fsspec's generic one, which reads through a buffered file (whole
+    blocks of several MB for a few bytes) unless told not to cache."""
+    from fsspec.spec import AbstractFileSystem
+
+    return type(fs).cat_file is AbstractFileSystem.cat_file
+
+
+def _on_the_hub(fs: Any) -> bool:
+    """Whether `fs` is huggingface_hub's HfFileSystem (repos at revisions, read by commit)."""
+    return callable(getattr(fs, "resolve_path", None)) and hasattr(getattr(fs, "_api", None), "repo_info")
+
+
+def _pinned(fs: Any, path: str) -> str:
+    """`path` in a Hub repo with its revision (a branch or tag, which a push moves) replaced by
+    the commit it names now, so that every read sees the files that were validated. One request
+    (the repo's info); the file's info then describes that commit."""
+    resolved = fs.resolve_path(path)
+    revision = getattr(resolved, "revision", None)
+    if not hasattr(resolved, "repo_id") or (revision and len(revision) == 40 and revision.isalnum()):
+        return path  # a bucket, or already a commit id
+    sha = fs._api.repo_info(resolved.repo_id, revision=revision, repo_type=resolved.repo_type).sha
+    if not sha:
+        return path
+    return str(type(resolved)(resolved.repo_type, resolved.repo_id, sha, resolved.path_in_repo).unresolve())
+
+
 # -- reading ------------------------------------------------------------------------------------
 
 
@@ -351,6 +378,8 @@ class RemoteSource(Source):
 
     def _validate_by_info(self) -> tuple[int, str | None, bytes]:
         """(size, identity, no bytes) from `fs.info`, for backends whose reads show no headers."""
+        if _on_the_hub(self.fs):
+            self.path = _retrying(lambda: _pinned(self.fs, self.path), self._count, self._error("cannot open"))
         info = self._info("cannot open")
         if info.get("type") == "directory":
             raise BadCheckpointError(f"{self.url}: not an object but a directory (prefix)")
@@ -389,6 +418,8 @@ class RemoteSource(Source):
             return data
         if self._if_match and self._http:
             return bytes(self.fs.cat_file(self.path, start=start, end=end, headers={"If-Match": self._if_match}))
+        if _buffered(self.fs):  # no ranged read of its own (HfFileSystem): an unbuffered file asks for the range only
+            return bytes(self.fs.cat_file(self.path, start=start, end=end, cache_type="none"))
         return bytes(self.fs.cat_file(self.path, start=start, end=end))
 
     def _fetch(self, start: int, end: int) -> bytes:
