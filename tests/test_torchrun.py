@@ -35,6 +35,9 @@ from typer.testing import CliRunner
 from ckptsurgeon.cli import app, main
 from ckptsurgeon.ranks import World, assign_shards, world
 
+# dcp.load in this (one) process says it assumes one process
+pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled:UserWarning")
+
 # ------------------------------------------------------------------------------------ helpers
 
 

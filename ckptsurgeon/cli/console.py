@@ -167,7 +167,7 @@ PROGRESS_MIN_BYTES = 256 << 20
 @contextlib.contextmanager
 def progress(description: str, total_bytes: int) -> Iterator[Callable[[int], None] | None]:
     """A byte-counting progress callback drawn on stderr, for big jobs on a terminal only."""
-    if total_bytes < PROGRESS_MIN_BYTES or not sys.stderr.isatty():
+    if total_bytes < PROGRESS_MIN_BYTES or not sys.stderr.isatty() or _Rank.quiet:
         yield None
         return
     from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
