@@ -20,7 +20,7 @@ import os
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, Generic, NamedTuple, TypeVar
 
 from .errors import EXIT_INTERNAL, CheckpointError, OutputError, UsageError
 
@@ -183,12 +183,16 @@ def _raise_failed(outcomes: Sequence[Outcome]) -> None:
             raise RankFailed(*outcome)
 
 
-class Team:
-    """The ranks writing one directory: `directory` (the same temporary directory on every rank),
-    which of the shards are this rank's (`mine`), and `gather`, where every rank reports its
-    outcome and learns everyone's files. `writes_index`: this rank writes the index (rank 0)."""
+D = TypeVar("D")  # what the ranks write into: a directory (Path), or a target object over one
 
-    def __init__(self, w: World, directory: Path) -> None:
+
+class Team(Generic[D]):
+    """The ranks writing one directory: `directory` (the same directory, or a target writing into
+    it, on every rank), which of the shards are this rank's (`mine`), and `gather`, where every
+    rank reports its outcome and learns everyone's files. `writes_index`: this rank writes the
+    index (rank 0)."""
+
+    def __init__(self, w: World, directory: D) -> None:
         self.world = w
         self.directory = directory
         self.gathered = False
@@ -219,34 +223,50 @@ class Team:
 
 
 @contextlib.contextmanager
-def team_directory(w: World, open_directory: Callable[[], AbstractContextManager[Path]]) -> Iterator[Team]:
+def _shared_path(name: str) -> Iterator[Path]:
+    yield Path(name)
+
+
+@contextlib.contextmanager
+def team_directory(
+    w: World,
+    open_directory: Callable[[], AbstractContextManager[D]],
+    *,
+    share: Callable[[D], str] = str,
+    join: Callable[[str], AbstractContextManager[D]] = _shared_path,  # type: ignore[assignment]
+) -> Iterator[Team[D]]:
     """A Team writing into the directory `open_directory()` gives rank 0 (an atomic directory:
     filled, then swapped into place when its context ends without error). One process: just that.
 
-    Under torchrun rank 0 opens it and broadcasts its name; every rank writes its shards into it
-    and calls `Team.gather`; rank 0 then writes the index and leaves the context, which swaps the
-    directory into place, and tells the others whether that worked, so every rank ends only once
-    OUT is complete, or fails (non-zero) when any rank failed: no index then, and the temporary
-    directory removed. The failing rank raises its own error; the others RankFailed, carrying its
-    exit code. A signal (SIGTERM from torchrun's agent when a rank died) is not waited on."""
+    Under torchrun rank 0 opens it and broadcasts `share(directory)` (its path); every other rank
+    writes through `join(that)` (the same path); every rank writes its shards and calls
+    `Team.gather`; rank 0 then writes the index and leaves the context, which swaps the directory
+    into place, and tells the others whether that worked, so every rank ends only once OUT is
+    complete, or fails (non-zero) when any rank failed: no index then, and the temporary
+    directory removed (the others leave `join`'s context with the error: theirs to undo what they
+    added, where that is needed). The failing rank raises its own error; the others RankFailed,
+    carrying its exit code. A signal (SIGTERM from torchrun's agent when a rank died) is not
+    waited on."""
     if not w.distributed:
         with open_directory() as directory:
             yield Team(w, directory)
         return
     if w.leader:
-        with _leading(w, open_directory) as team:
+        with _leading(w, open_directory, share) as team:
             yield team
     else:
-        with _following(w) as team:
+        with _following(w, join) as team:
             yield team
 
 
 @contextlib.contextmanager
-def _leading(w: World, open_directory: Callable[[], AbstractContextManager[Path]]) -> Iterator[Team]:
-    team: Team | None = None
+def _leading(
+    w: World, open_directory: Callable[[], AbstractContextManager[D]], share: Callable[[D], str]
+) -> Iterator[Team[D]]:
+    team: Team[D] | None = None
     try:
         with open_directory() as directory:
-            broadcast(w, str(directory))
+            broadcast(w, share(directory))
             team = Team(w, directory)
             yield team
             if not team.gathered:
@@ -264,16 +284,17 @@ def _leading(w: World, open_directory: Callable[[], AbstractContextManager[Path]
 
 
 @contextlib.contextmanager
-def _following(w: World) -> Iterator[Team]:
+def _following(w: World, join: Callable[[str], AbstractContextManager[D]]) -> Iterator[Team[D]]:
     start = broadcast(w, None)
     if not isinstance(start, str):
         raise RankFailed(*(start or (0, EXIT_INTERNAL, "no temporary directory was made")))
-    team = Team(w, Path(start))
-    try:
-        yield team
-    except Exception as exc:
-        team._fail(exc)
-        with contextlib.suppress(RankError):
-            broadcast(w, None)  # rank 0's final word (it removed the directory)
-        raise
-    _raise_failed([broadcast(w, None)])
+    with join(start) as directory:
+        team = Team(w, directory)
+        try:
+            yield team
+        except Exception as exc:
+            team._fail(exc)
+            with contextlib.suppress(RankError):
+                broadcast(w, None)  # rank 0's final word (it removed the directory)
+            raise
+        _raise_failed([broadcast(w, None)])  # rank 0's final word: OUT is in place, or why not
