@@ -268,7 +268,11 @@ def _leading(
         with open_directory() as directory:
             broadcast(w, share(directory))
             team = Team(w, directory)
-            yield team
+            try:
+                yield team
+            except Exception as exc:
+                team._fail(exc)  # the others stop writing before the directory goes
+                raise
             if not team.gathered:
                 raise RuntimeError("team_directory: the shards were not gathered before the index")
     except Exception as exc:

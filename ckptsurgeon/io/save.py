@@ -9,6 +9,7 @@ import contextlib
 import os
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import AbstractContextManager
 from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO, NamedTuple
@@ -18,9 +19,9 @@ from ..engine.meta import TensorMeta
 from ..engine.source import Source, is_url
 from ..engine.threads import map_in_threads
 from ..errors import CheckpointError, EngineUnsupported, OutputError, UsageError
-from ..ranks import team_directory, world
+from ..ranks import Team, team_directory, world
 from ..tensors import is_tensor
-from .atomic import atomic_directory, atomic_output
+from .atomic import atomic_directory, atomic_output, joined_directory
 from .load import Checkpoint, _debug, _read_source, as_torch, iter_tensors
 
 if TYPE_CHECKING:
@@ -332,7 +333,7 @@ def _write_directory(
 
     advance = _locked(progress)
     # under torchrun each rank writes its share of the shards into one directory (see `ranks`)
-    with team_directory(world(), lambda: atomic_directory(dest, force=force)) as team:
+    with _team(dest, force) as team:
         tmp = team.directory
 
         def one(item: tuple[str, list[str]]) -> tuple[str, int]:
@@ -359,6 +360,14 @@ def _write_directory(
     return Written(fmt, notes, files, team.world.size)
 
 
+def _team(dest: Path, force: bool) -> AbstractContextManager[Team[Path]]:
+    """The ranks writing `dest` (see `ranks.team_directory`): one process, or under torchrun every
+    rank into the temporary directory of rank 0's `atomic_directory`."""
+    return team_directory(
+        world(), lambda: atomic_directory(dest, force=force), join=lambda temp: joined_directory(dest, temp)
+    )
+
+
 def _shard_bytes(sd: Mapping[str, Any], keys: Sequence[str]) -> int:
     """The bytes of a shard's storages, each counted once (what balances shards across ranks)."""
     storages = dict(_hub_storage(sd[k]) for k in keys)
@@ -383,7 +392,7 @@ def _write_dcp(
         plan = plan_dcp(obj, limit)
     except EngineUnsupported as exc:
         raise UsageError(f"cannot write this checkpoint as dcp: {exc}") from None
-    with team_directory(world(), lambda: atomic_directory(dest, force=force)) as team:
+    with _team(dest, force) as team:
         placed, sizes = write_dcp_files(plan, team.mine(plan.sizes), str(team.directory), progress=progress)
         everyone = team.gather((placed, sizes))
         files = sorted(pair for _, rank_sizes in everyone for pair in rank_sizes)
