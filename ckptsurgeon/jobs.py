@@ -650,7 +650,7 @@ def _io_fields(checkpoints: Sequence[Checkpoint], written: Written | None = None
         return {"bytes_read": bytes_read, "requests": requests}
     from .ranks import all_gather, world
 
-    each = tuple(all_gather(world(), (bytes_read, requests)))
+    each = tuple((int(b), int(n)) for b, n in all_gather(world(), [bytes_read, requests]))
     return {"bytes_read": sum(b for b, _ in each), "requests": sum(n for _, n in each), "ranks": each}
 
 

@@ -76,8 +76,8 @@ class RankError(OutputError):
     """The ranks lost touch (a rank died, or the timeout passed): nothing is written."""
 
 
-# An outcome as the ranks exchange it: None (done), or (rank, exit code, one-line message)
-Outcome = tuple[int, int, str] | None
+# An outcome as the ranks exchange it: None (done), or [rank, exit code, one-line message]
+Outcome = Sequence[Any] | None
 
 
 def assign_shards(sizes: Sequence[int], ranks: int) -> list[int]:
@@ -142,30 +142,62 @@ def _one_line(exc: BaseException) -> str:
     return text.split(". ", 1)[0].rstrip(".") or type(exc).__name__
 
 
+# The values the ranks exchange are JSON (strings, numbers, lists: tuples come back as lists), sent
+# as byte tensors: no rank unpickles what arrives from the network (torch's *_object collectives do).
+
+
 def broadcast(w: World, value: Any) -> Any:
-    """Rank 0's `value`, on every rank."""
+    """Rank 0's `value` (JSON), on every rank."""
     if not w.distributed:
         return value
     dist = _dist()
-    box = [value if w.leader else None]
+    import torch
+
     try:
-        dist.broadcast_object_list(box, src=0)
-    except Exception as exc:  # noqa: BLE001
+        data = _encoded(value if w.leader else None)
+        length = torch.tensor([len(data)], dtype=torch.int64)
+        dist.broadcast(length, src=0)
+        buffer = data if w.leader else torch.empty(int(length.item()), dtype=torch.uint8)
+        dist.broadcast(buffer, src=0)
+    except Exception as exc:  # noqa: BLE001 (gloo raises RuntimeError, DistError, ...)
         raise RankError(f"rank {w.rank}: lost touch with the other ranks: {_one_line(exc)}") from None
-    return box[0]
+    return _decoded(buffer)
 
 
 def all_gather(w: World, value: Any) -> list[Any]:
-    """Every rank's `value`, in rank order, on every rank."""
+    """Every rank's `value` (JSON), in rank order, on every rank."""
     if not w.distributed:
         return [value]
     dist = _dist()
-    out: list[Any] = [None] * w.size
+    import torch
+
     try:
-        dist.all_gather_object(out, value)
+        data = _encoded(value)
+        lengths = [torch.zeros(1, dtype=torch.int64) for _ in range(w.size)]
+        dist.all_gather(lengths, torch.tensor([len(data)], dtype=torch.int64))
+        longest = max(int(n.item()) for n in lengths)
+        padded = torch.zeros(longest, dtype=torch.uint8)
+        padded[: len(data)] = data
+        buffers = [torch.empty(longest, dtype=torch.uint8) for _ in range(w.size)]
+        dist.all_gather(buffers, padded)
     except Exception as exc:  # noqa: BLE001
         raise RankError(f"rank {w.rank}: lost touch with the other ranks: {_one_line(exc)}") from None
-    return out
+    return [_decoded(b[: int(n.item())]) for b, n in zip(buffers, lengths)]
+
+
+def _encoded(value: Any) -> Any:
+    """`value` as JSON in a uint8 tensor."""
+    import json
+
+    import torch
+
+    return torch.frombuffer(bytearray(json.dumps(value).encode("utf-8")), dtype=torch.uint8)
+
+
+def _decoded(buffer: Any) -> Any:
+    import json
+
+    return json.loads(buffer.numpy().tobytes().decode("utf-8"))
 
 
 def _outcome(w: World, exc: BaseException) -> Outcome:

@@ -127,6 +127,9 @@ def write_dcp_metadata(plan: DcpPlan, placed: Iterable[Placed], directory: str) 
     """Write `.metadata` (fsynced) for `plan`, whose every item was written where `placed` says;
     the same bytes whichever writer wrote which file. Returns its size."""
     where = {p.fqn: p for p in placed}
+    # the plan's own name objects: the pickler memoizes by identity, so a name that came from
+    # another rank (an equal but distinct string) would change the bytes
+    names = {name: name for name, _ in plan.files}
     state_dict_metadata: dict[str, Any] = {}
     storage_data: dict[Any, Any] = {}
     for fqn, (_path, value) in plan.items.items():
@@ -144,7 +147,7 @@ def write_dcp_metadata(plan: DcpPlan, placed: Iterable[Placed], directory: str) 
         p = where[fqn]
         storage_data[index] = _New(
             "torch.distributed.checkpoint.filesystem._StorageInfo",
-            {"relative_path": p.file, "offset": p.offset, "length": p.length, "transform_descriptors": None},
+            {"relative_path": names[p.file], "offset": p.offset, "length": p.length, "transform_descriptors": None},
         )
     metadata = _New(
         f"{_META}.Metadata",

@@ -347,7 +347,7 @@ def _write_directory(
             for name, keys in mine:
                 shard = OrderedDict((k, sd[k]) for k in keys)
                 read_back.check(shard, tmp / name, dest / name, by_key=True)
-        sizes = dict(pair for rank_done in team.gather(done) for pair in rank_done)
+        sizes = {name: size for rank_done in team.gather(done) for name, size in rank_done}
         files = [(name, sizes[name]) for name, _ in plan.files]
         if team.writes_index and plan.is_sharded:
             index = {"metadata": {"total_size": plan.total_size, **index_metadata}, "weight_map": plan.weight_map()}
@@ -385,7 +385,7 @@ def _write_dcp(
     bytes (one file without it), written into a temporary directory that then replaces `dest`;
     returns its files (name, bytes), `.metadata` last. Under torchrun each rank writes its share
     of the data files and rank 0 `.metadata`, once every rank is done."""
-    from ..engine.dcp_write import METADATA, plan_dcp, write_dcp_files, write_dcp_metadata
+    from ..engine.dcp_write import METADATA, Placed, plan_dcp, write_dcp_files, write_dcp_metadata
 
     limit = parse_size(max_shard_size) if max_shard_size is not None else None
     try:
@@ -395,9 +395,9 @@ def _write_dcp(
     with _team(dest, force) as team:
         placed, sizes = write_dcp_files(plan, team.mine(plan.sizes), str(team.directory), progress=progress)
         everyone = team.gather((placed, sizes))
-        files = sorted(pair for _, rank_sizes in everyone for pair in rank_sizes)
+        files = sorted((name, size) for _, rank_sizes in everyone for name, size in rank_sizes)
         if team.writes_index:
-            every_item = [p for rank_placed, _ in everyone for p in rank_placed]
+            every_item = [Placed(*p) for rank_placed, _ in everyone for p in rank_placed]
             files.append((METADATA, write_dcp_metadata(plan, every_item, str(team.directory))))
     return files
 
