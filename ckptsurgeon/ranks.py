@@ -101,7 +101,7 @@ def _timeout() -> float:
         seconds = float(text)
     except ValueError:
         seconds = 0.0
-    if not seconds > 0:
+    if not 0 < seconds < 10**9:  # also NaN and inf: a wait must end
         raise UsageError(f"{TIMEOUT_ENV}={text!r}: expected a number of seconds > 0")
     return seconds
 

@@ -160,6 +160,20 @@ def test_the_world_comes_from_torchruns_environment(monkeypatch) -> None:
         world()
 
 
+def test_the_wait_for_other_ranks_is_bounded(monkeypatch) -> None:
+    from ckptsurgeon.errors import UsageError
+    from ckptsurgeon.ranks import DEFAULT_TIMEOUT, TIMEOUT_ENV, _timeout
+
+    monkeypatch.delenv(TIMEOUT_ENV, raising=False)
+    assert _timeout() == DEFAULT_TIMEOUT == 1800
+    monkeypatch.setenv(TIMEOUT_ENV, "2.5")
+    assert _timeout() == 2.5
+    for bad in ("0", "-1", "soon", "nan", "inf"):
+        monkeypatch.setenv(TIMEOUT_ENV, bad)
+        with pytest.raises(UsageError, match=TIMEOUT_ENV):
+            _timeout()
+
+
 def test_without_torchrun_the_world_module_imports_no_torch() -> None:
     code = (
         "import sys; from ckptsurgeon.ranks import world, team_directory; w = world(); "
