@@ -3,19 +3,13 @@ index last, and the directory equals a one-process run's byte for byte; a rank t
 corrupt record in its shard) or dies (SIGKILL) leaves no index and OUT as it was.
 
 Each run is a real `python -m torch.distributed.run --nproc-per-node 2` with every rank's stdout
-and stderr in its own log file (`--log-dir`, `-r 3`).
-
-`.bin` shards and DCP items are torch.save zips, whose `.data/serialization_id` torch draws at
-random for every file it writes (two one-process runs differ there too): those records (40
-digits and their CRC-32) are masked before hf-bin and DCP outputs are compared; everything else
-is compared byte for byte."""
+and stderr in its own log file (`--log-dir`, `-r 3`)."""
 
 from __future__ import annotations
 
 import http.server
 import json
 import os
-import re
 import signal
 import socket
 import subprocess
@@ -91,25 +85,12 @@ def one_process(*args: Any) -> Any:
     return json.loads(result.stdout)
 
 
-_ID_RECORD = re.compile(rb"\d{40}PK\x07\x08....", re.DOTALL)  # the id, then its data descriptor's CRC-32
-_ID_ENTRY = re.compile(rb"(PK\x01\x02.{12}).{4}(.{26}[^/\x00]*/\.data/serialization_id)", re.DOTALL)
-
-
-def _masked(data: bytes) -> bytes:
-    """`data` with every `.data/serialization_id` record's value and CRC-32 zeroed."""
-    data = _ID_RECORD.sub(lambda m: b"0" * 40 + b"PK\x07\x08" + b"\x00" * 4, data)
-    return _ID_ENTRY.sub(lambda m: m.group(1) + b"\x00" * 4 + m.group(2), data)
-
-
-def same_directory(a: Path, b: Path, *, mask: bool) -> None:
+def same_directory(a: Path, b: Path) -> None:
+    """The same file names and, in each, the same bytes."""
     names = sorted(p.name for p in a.iterdir())
     assert names == sorted(p.name for p in b.iterdir())
     for name in names:
-        x, y = (a / name).read_bytes(), (b / name).read_bytes()
-        if mask:
-            assert len(x) == len(y) and _masked(x) == _masked(y), name
-        else:
-            assert x == y, name
+        assert (a / name).read_bytes() == (b / name).read_bytes(), name
 
 
 def nothing_temporary(directory: Path) -> None:
@@ -231,7 +212,7 @@ def test_extract_to_hf_under_torchrun_equals_one_process_byte_for_byte(tmp_path)
     inspected = one_process("inspect", tmp_path / "m.pt")
     ranks = torchrun(tmp_path, "extract", tmp_path / "m.pt", "-o", tmp_path / "two", *args, "--json")
     data = ranks.json()
-    same_directory(tmp_path / "one", tmp_path / "two", mask=False)
+    same_directory(tmp_path / "one", tmp_path / "two")
     assert len(single["files"]) == 4 and data["files"] == single["files"]  # the index last
     assert ranks.out[1] == ranks.err[1] == ""  # rank 0 speaks for the run, once
     assert ranks.err[0] == "note: safetensors has no place for the state_dict's _metadata (module versions): dropped\n"
@@ -260,7 +241,7 @@ def test_merge_to_hf_bin_under_torchrun_equals_one_process(tmp_path) -> None:
         tmp_path, "merge", tmp_path / "a.pt", tmp_path / "b.pt", "-o", tmp_path / "two", *args[2:], "--json"
     )
     assert ranks.json()["files"] == single["files"]
-    same_directory(tmp_path / "one", tmp_path / "two", mask=True)
+    same_directory(tmp_path / "one", tmp_path / "two")
     fresh = torch.nn.Sequential(torch.nn.Linear(200, 300), torch.nn.Linear(300, 100), torch.nn.Linear(100, 50))
     load_torch_model(fresh, tmp_path / "two", strict=True, safe=False)
     assert all(torch.equal(a, sd[k]) for k, a in fresh.state_dict().items())
@@ -274,7 +255,7 @@ def test_rename_to_dcp_under_torchrun_equals_one_process(tmp_path) -> None:
     ranks = torchrun(tmp_path, "rename", tmp_path / "c.pt", "-o", tmp_path / "two", *args, "--json")
     assert ranks.json()["files"] == single["files"]
     assert [f["file"] for f in single["files"]] == ["__0_0.distcp", "__0_1.distcp", ".metadata"]
-    same_directory(tmp_path / "one", tmp_path / "two", mask=True)
+    same_directory(tmp_path / "one", tmp_path / "two")
     import torch.distributed.checkpoint as dcp
 
     target = {"model": {f"m.{k}": torch.empty_like(v) for k, v in sd.items()}, "step": 0}
