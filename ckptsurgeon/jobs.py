@@ -200,6 +200,7 @@ class WriteResult(NamedTuple):
     bytes_read: int = 0  # bytes read from storage, every file of every input counted
     requests: int = 0  # requests made to remote stores
     files: tuple[tuple[str, int], ...] = ()  # a directory output: its files (name, bytes), the index last
+    ranks: tuple[tuple[int, int], ...] = ()  # under torchrun: (bytes_read, requests) of each rank
 
     @property
     def is_directory(self) -> bool:
@@ -250,6 +251,8 @@ class WriteResult(NamedTuple):
         if self.model is not None:
             data["model"] = public_model(self.model)
         data.update(bytes_read=self.bytes_read, requests=self.requests)
+        if self.ranks:
+            data["ranks"] = [{"rank": r, "bytes_read": b, "requests": n} for r, (b, n) in enumerate(self.ranks)]
         return data
 
 
@@ -639,9 +642,16 @@ def _io(checkpoints: Sequence[Checkpoint]) -> tuple[int, int]:
     return sum(s.bytes_read for s in sources.values()), sum(s.requests for s in sources.values())
 
 
-def _io_fields(checkpoints: Sequence[Checkpoint]) -> dict[str, Any]:
+def _io_fields(checkpoints: Sequence[Checkpoint], written: Written | None = None) -> dict[str, Any]:
+    """`bytes_read` and `requests`; after a write shared by torchrun ranks, the sums over the
+    ranks, and each rank's (`ranks`)."""
     bytes_read, requests = _io(checkpoints)
-    return {"bytes_read": bytes_read, "requests": requests}
+    if written is None or written.ranks == 1:
+        return {"bytes_read": bytes_read, "requests": requests}
+    from .ranks import all_gather, world
+
+    each = tuple((int(b), int(n)) for b, n in all_gather(world(), [bytes_read, requests]))
+    return {"bytes_read": sum(b for b, _ in each), "requests": sum(n for _, n in each), "ranks": each}
 
 
 def _load(path: Path | str, loading: Loading, say: Notify, *, metadata_only: bool = False) -> Checkpoint:
@@ -852,6 +862,6 @@ def _write_result(
         model_options=model,
         notices=tuple(say.lines),
         dtype=writing.dtype,
-        **_io_fields(loaded),
+        **_io_fields(loaded, written),
         **fields,
     )

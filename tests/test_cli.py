@@ -874,7 +874,7 @@ def _extract_run(fn, template, paths):
         os.chdir(cwd)
     from zoo import masked_serialization_id
 
-    # torch zips byte for byte but the random serialization id (a new one per save, as torch's)
+    # torch zips byte for byte but the serialization id (random in what torch.save writes)
     files = {
         p.name: masked_serialization_id(p) if zipfile.is_zipfile(p) else p.read_bytes()
         for p in sorted(folder.iterdir())

@@ -9,6 +9,7 @@ with the original, bit for bit.
 from __future__ import annotations
 
 import collections
+import io
 import os
 import pickle
 import struct
@@ -844,6 +845,29 @@ def test_serialization_id_is_torchs_shape(tmp_path: Path) -> None:
     ids = zipfile.ZipFile(out).read("b/.data/serialization_id").decode()
     assert len(ids) == 40 and ids.isdigit()
     assert torch.equal(torch.load(out, weights_only=True)["w"], torch.arange(4.0))
+
+
+def test_the_same_checkpoint_written_twice_is_one_file_and_another_gets_another_id(tmp_path: Path) -> None:
+    """The serialization id comes from the content: rewriting a checkpoint (again, in other
+    threads, by the ranks of a torchrun job) gives identical bytes; a different tensor value
+    gives a different id."""
+    from ckptsurgeon.engine.read import read_checkpoint
+
+    def written(values: torch.Tensor, name: str) -> bytes:
+        src = tmp_path / f"{name}.src.pt"
+        torch.save({"w": values}, src)
+        out = tmp_path / f"{name}.pt"
+        with open(out, "wb") as f:
+            write_torch_zip(read_checkpoint(src).obj, f, archive_name="m")
+        return out.read_bytes()
+
+    def serialization_id(data: bytes) -> bytes:
+        return zipfile.ZipFile(io.BytesIO(data)).read("m/.data/serialization_id")
+
+    first, again = written(torch.arange(4.0), "a"), written(torch.arange(4.0), "b")
+    other = written(torch.arange(4.0) + 1, "c")
+    assert first == again
+    assert serialization_id(other) != serialization_id(first)
 
 
 @settings(max_examples=200, deadline=None)

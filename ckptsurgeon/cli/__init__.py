@@ -46,6 +46,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _dispatch(args: list[str]) -> int:
+    import os
+
+    if os.environ.get("WORLD_SIZE", "1") != "1" and not _joins_the_ranks(args):
+        return 0  # under torchrun, rank 0 alone runs this command
     from .fast import run_fast
 
     rc = run_fast(args)
@@ -54,6 +58,64 @@ def _dispatch(args: list[str]) -> int:
     from .commands import run
 
     return run(args)
+
+
+def _joins_the_ranks(args: list[str]) -> bool:
+    """Under torchrun (`WORLD_SIZE` > 1): whether this rank runs `args`. A writer whose output is a
+    directory of shards (hf, hf-bin, dcp; not a dry run) runs on every rank, rank 0 speaking for
+    the run (the others say their errors only); everything else runs on rank 0 alone."""
+    from ..errors import CheckpointError
+    from ..ranks import world
+    from .console import quiet_rank
+
+    try:
+        w = world()
+    except CheckpointError:  # the command runs; a sharded writer says what is wrong with the world
+        return True
+    if not w.distributed:
+        return True
+    if not _writes_shards(args):
+        return w.leader
+    if not w.leader:
+        quiet_rank()
+    return True
+
+
+def _writes_shards(args: list[str]) -> bool:
+    """Whether `args` is a writer (not a dry run, no --help) whose output is a directory of shards,
+    as far as its options say (the option table's flags; OUT as typed)."""
+    from ..errors import CheckpointError
+    from .options import WRITERS, Kind, options_for
+
+    if not args or args[0] not in WRITERS:
+        return False
+    mine = [o for o in options_for(args[0]) if o.flags]
+    valued = {flag: o.dest for o in mine if o.kind is not Kind.FLAG for flag in o.flags}
+    given: dict[str, str | None] = {}
+    tokens = iter(args[1:])
+    for token in tokens:
+        if token == "--":
+            break
+        if token in ("-h", "--help", "--dry-run"):
+            return False
+        if token.startswith("--"):
+            name, eq, value = token.partition("=")
+            attached = value if eq else None
+        elif token.startswith("-"):
+            name, attached = token[:2], token[2:] or None
+        else:
+            continue
+        if name in valued:
+            given[valued[name]] = attached if attached is not None else next(tokens, None)
+    output = given.get("output")
+    if output is None:
+        return False
+    from ..io import output_format
+
+    try:
+        return output_format(output, given.get("format"), given.get("max_shard_size")).is_directory
+    except CheckpointError:
+        return False
 
 
 def entrypoint() -> None:

@@ -51,8 +51,27 @@ class _Consoles:
 consoles = _Consoles()
 
 
+class _Rank:
+    """Under torchrun, a rank other than 0 that runs a command with rank 0 (a sharded writer) says
+    nothing but its errors: rank 0 speaks for the run."""
+
+    quiet = False
+
+
+def quiet_rank() -> None:
+    """From now on, this process writes its errors only (no notices, nothing on stdout)."""
+    _Rank.quiet = True
+    sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (for the rest of the process)
+
+
 def notice(message: str, style: str = "") -> None:
     """One line on stderr (styled on a terminal)."""
+    if _Rank.quiet:
+        return
+    _line(message, style)
+
+
+def _line(message: str, style: str = "") -> None:
     if sys.stderr.isatty():
         consoles.err.print(text.safe(message), markup=False, style=style or None)
     else:  # plain lines for logs and pipes (and no rich import for a quiet --json run)
@@ -109,7 +128,7 @@ def error(message: str, *, kind: str, exit_code: int, prefix: str = "error: ") -
     `--json` and printed no document yet, `{"schema_version", "error": {"exit_code", "kind",
     "message"}}` on stdout, so a step that pipes into `jq` never parses an empty stdout.
     Returns `exit_code`."""
-    notice(f"{prefix}{message}", style="red")
+    _line(f"{prefix}{message}", style="red")
     return _error_document(message, kind=kind, exit_code=exit_code)
 
 
@@ -148,7 +167,7 @@ PROGRESS_MIN_BYTES = 256 << 20
 @contextlib.contextmanager
 def progress(description: str, total_bytes: int) -> Iterator[Callable[[int], None] | None]:
     """A byte-counting progress callback drawn on stderr, for big jobs on a terminal only."""
-    if total_bytes < PROGRESS_MIN_BYTES or not sys.stderr.isatty():
+    if total_bytes < PROGRESS_MIN_BYTES or not sys.stderr.isatty() or _Rank.quiet:
         yield None
         return
     from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn

@@ -160,8 +160,8 @@ OPTIONS: tuple[Opt, ...] = (
         "kept as they are, tied tensors stay tied.",
         WRITERS, Group.WRITING, fast=True, choices="ckptsurgeon.cast:CastDtype"),
     Opt("max_shard_size", ("--max-shard-size",), Kind.TEXT, "SIZE",
-        "Largest shard of an hf or hf-bin output (default 5GB): 500MB, 5GB (decimal, as the Hub), 2GiB, or "
-        "bytes; a tensor bigger than SIZE gets a shard of its own.",
+        "Largest shard of an hf or hf-bin output (default 5GB), or data file of a dcp output (default: one file): "
+        "500MB, 5GB (decimal, as the Hub), 2GiB, or bytes; a tensor bigger than SIZE gets a shard of its own.",
         WRITERS, Group.WRITING, fast=True),
     Opt("verify", ("--verify",), Kind.FLAG, "",
         "Read the data back and check it: inspect checks every record's CRC-32; a writer compares the written "

@@ -1,7 +1,8 @@
 """Writing a torch.distributed.checkpoint (DCP) directory without torch.
 
 The layout is what `torch.distributed.checkpoint.save` writes from one process: `__0_0.distcp`
-holding one item per value — each tensor and each non-tensor value a complete `torch.save` zip
+(or, with a largest file size, `__0_0.distcp`, `__0_1.distcp`, ...: see `plan_dcp`) holding one
+item per value — each tensor and each non-tensor value a complete `torch.save` zip
 (written by the copy engine, :func:`~.zipwrite.write_torch_zip`), one after the other — and
 `.metadata`, written last: a pickle of DCP's metadata classes (`Metadata`,
 `TensorStorageMetadata`, ...) emitted opcode by opcode as plain `pickle.load` reads them, no
@@ -14,7 +15,7 @@ from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, NamedTuple
 
 from ..errors import EngineUnsupported, OutputError
@@ -22,9 +23,9 @@ from .meta import TensorMeta, TorchDtype, TorchSize
 from .pickle_write import _Pickler, iter_tensors
 from .zipwrite import write_torch_zip
 
-__all__ = ["write_dcp"]
+__all__ = ["DcpPlan", "Placed", "plan_dcp", "write_dcp", "write_dcp_files", "write_dcp_metadata"]
 
-DATA_FILE = "__0_0.distcp"
+DATA_FILE_PATTERN = "__0_{index}.distcp"  # as one process of DCP's FileSystemWriter names its files
 METADATA = ".metadata"
 DCP_VERSION = "1.0.0"  # torch 2.13's `torch.distributed.checkpoint.metadata` writes this
 
@@ -32,65 +33,147 @@ _META = "torch.distributed.checkpoint.metadata"
 _COPY_CHUNK = 64 << 20
 
 
-def write_dcp(obj: Any, directory: str, *, progress: Callable[[int], None] | None = None) -> None:
-    """Fill the empty directory `directory` with a DCP checkpoint of `obj`, a dict (a state_dict
-    or a container such as `{"model": ..., "optim": ..., "step": 7}`) with TensorMeta leaves.
+class DcpPlan(NamedTuple):
+    """What a DCP directory of a value holds: its items (fqn -> (key path, value), as `flatten`
+    makes them) and its data files (name -> the fqns in it, in order), each written on its own."""
 
-    Every file is fsynced; `.metadata` is written last (the caller renames the directory into
-    place). Raises EngineUnsupported for values the layout cannot hold (a tuple holding tensors,
-    which DCP would pickle as one opaque value), OutputError if writing fails.
-    """
+    items: dict[str, tuple[tuple[str | int, ...], Any]]
+    files: list[tuple[str, list[str]]]
+
+    @property
+    def sizes(self) -> list[int]:
+        """The tensor bytes of each data file (what balances them across writers)."""
+        return [sum(_item_bytes(self.items[fqn][1]) for fqn in fqns) for _, fqns in self.files]
+
+
+class Placed(NamedTuple):
+    """Where one item was written: its data file, offset and length."""
+
+    fqn: str
+    file: str
+    offset: int
+    length: int
+
+
+def plan_dcp(obj: Any, max_file_size: int | None = None) -> DcpPlan:
+    """The items of `obj` (a dict with TensorMeta leaves) and their data files: one file
+    (`__0_0.distcp`), or with `max_file_size` files `__0_0.distcp`, `__0_1.distcp`, ... filled in
+    item order up to that many tensor bytes each (an item bigger than that alone in its file).
+    Raises EngineUnsupported for values the layout cannot hold (a tuple holding tensors, which DCP
+    would pickle as one opaque value)."""
     if not isinstance(obj, Mapping):
         raise EngineUnsupported(f"a DCP checkpoint holds a dict, not a {type(obj).__name__}")
+    items = flatten(obj)
+    groups: list[list[str]] = [[]]
+    filled = 0
+    for fqn, (_path, value) in items.items():
+        size = _item_bytes(value)
+        if max_file_size is not None and groups[-1] and filled + size > max_file_size:
+            groups.append([])
+            filled = 0
+        groups[-1].append(fqn)
+        filled += size
+    return DcpPlan(items, [(DATA_FILE_PATTERN.format(index=i), fqns) for i, fqns in enumerate(groups)])
+
+
+def write_dcp(
+    obj: Any, directory: str, *, max_file_size: int | None = None, progress: Callable[[int], None] | None = None
+) -> None:
+    """Fill the empty directory `directory` with a DCP checkpoint of `obj`, a dict (a state_dict
+    or a container such as `{"model": ..., "optim": ..., "step": 7}`) with TensorMeta leaves, its
+    data in one file or, with `max_file_size`, in several (see `plan_dcp`).
+
+    Every file is fsynced; `.metadata` is written last (the caller renames the directory into
+    place). Raises EngineUnsupported for values the layout cannot hold, OutputError if writing
+    fails.
+    """
+    plan = plan_dcp(obj, max_file_size)
     if os.listdir(directory):
         raise ValueError(f"write_dcp needs an empty directory: {directory}")
-    items = flatten(obj)
-    data_path = os.path.join(directory, DATA_FILE)
+    placed, _ = write_dcp_files(plan, range(len(plan.files)), directory, progress=progress)
+    write_dcp_metadata(plan, placed, directory)
+
+
+def write_dcp_files(
+    plan: DcpPlan, which: Iterable[int], directory: str, *, progress: Callable[[int], None] | None = None
+) -> tuple[list[Placed], list[tuple[str, int]]]:
+    """Write the data files of `plan` at positions `which` into `directory` (each item a complete
+    `torch.save` zip, one after the other; fsynced); returns where each item went and each file's
+    (name, bytes). A file does not depend on the others: writers may share them out."""
+    placed: list[Placed] = []
+    sizes: list[tuple[str, int]] = []
+    for i in which:
+        name, fqns = plan.files[i]
+        data_path = os.path.join(directory, name)
+        try:
+            with open(data_path, "xb") as out, tempfile.TemporaryFile(dir=directory) as scratch:
+                pos = 0
+                for fqn in fqns:
+                    value = plan.items[fqn][1]
+                    length = _append_item(value, out, scratch, pos, data_path)
+                    placed.append(Placed(fqn, name, pos, length))
+                    pos += length
+                    if progress is not None and type(value) is TensorMeta:
+                        progress(value.nbytes)
+                out.flush()
+                os.fsync(out.fileno())
+        except OSError as e:
+            raise OutputError(f"{directory}: cannot write: {e.strerror or e}") from e
+        sizes.append((name, pos))
+    return placed, sizes
+
+
+def write_dcp_metadata(plan: DcpPlan, placed: Iterable[Placed], directory: str) -> int:
+    """Write `.metadata` (fsynced) for `plan`, whose every item was written where `placed` says;
+    the same bytes whichever writer wrote which file. Returns its size."""
+    where = {p.fqn: p for p in placed}
+    # the plan's own name objects: the pickler memoizes by identity, so a name that came from
+    # another rank (an equal but distinct string) would change the bytes
+    names = {name: name for name, _ in plan.files}
     state_dict_metadata: dict[str, Any] = {}
     storage_data: dict[Any, Any] = {}
-    try:
-        with open(data_path, "wb") as out, tempfile.TemporaryFile(dir=directory) as scratch:
-            pos = 0
-            for fqn, (_path, value) in items.items():
-                length = _append_item(value, out, scratch, pos, data_path)
-                if type(value) is TensorMeta:
-                    shape = TorchSize(value.shape)
-                    chunk = _New(f"{_META}.ChunkStorageMetadata", {"offsets": _zeros(shape), "sizes": shape})
-                    state_dict_metadata[fqn] = _New(
-                        f"{_META}.TensorStorageMetadata",
-                        {"properties": _properties(value), "size": shape, "chunks": [chunk]},
-                    )
-                    index = _New(f"{_META}.MetadataIndex", {"fqn": fqn, "offset": _zeros(shape), "index": 0})
-                    if progress is not None:
-                        progress(value.nbytes)
-                else:
-                    state_dict_metadata[fqn] = _New(f"{_META}.BytesStorageMetadata", None)
-                    index = _New(f"{_META}.MetadataIndex", {"fqn": fqn, "offset": None, "index": None})
-                storage_data[index] = _New(
-                    "torch.distributed.checkpoint.filesystem._StorageInfo",
-                    {"relative_path": DATA_FILE, "offset": pos, "length": length, "transform_descriptors": None},
-                )
-                pos += length
-            out.flush()
-            os.fsync(out.fileno())
-        metadata = _New(
-            f"{_META}.Metadata",
-            {
-                "state_dict_metadata": state_dict_metadata,
-                "planner_data": {fqn: path for fqn, (path, _) in items.items()},
-                "storage_data": storage_data,
-                "storage_meta": None,
-                "version": DCP_VERSION,
-            },
+    for fqn, (_path, value) in plan.items.items():
+        if type(value) is TensorMeta:
+            shape = TorchSize(value.shape)
+            chunk = _New(f"{_META}.ChunkStorageMetadata", {"offsets": _zeros(shape), "sizes": shape})
+            state_dict_metadata[fqn] = _New(
+                f"{_META}.TensorStorageMetadata",
+                {"properties": _properties(value), "size": shape, "chunks": [chunk]},
+            )
+            index = _New(f"{_META}.MetadataIndex", {"fqn": fqn, "offset": _zeros(shape), "index": 0})
+        else:
+            state_dict_metadata[fqn] = _New(f"{_META}.BytesStorageMetadata", None)
+            index = _New(f"{_META}.MetadataIndex", {"fqn": fqn, "offset": None, "index": None})
+        p = where[fqn]
+        storage_data[index] = _New(
+            "torch.distributed.checkpoint.filesystem._StorageInfo",
+            {"relative_path": names[p.file], "offset": p.offset, "length": p.length, "transform_descriptors": None},
         )
-        pickler = _MetadataPickler({})
-        pickler.dump(metadata)
-        with open(os.path.join(directory, METADATA), "wb") as f:
-            f.write(b"".join(pickler.parts))
+    metadata = _New(
+        f"{_META}.Metadata",
+        {
+            "state_dict_metadata": state_dict_metadata,
+            "planner_data": {fqn: path for fqn, (path, _) in plan.items.items()},
+            "storage_data": storage_data,
+            "storage_meta": None,
+            "version": DCP_VERSION,
+        },
+    )
+    pickler = _MetadataPickler({})
+    pickler.dump(metadata)
+    data = b"".join(pickler.parts)
+    try:
+        with open(os.path.join(directory, METADATA), "xb") as f:
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
     except OSError as e:
         raise OutputError(f"{directory}: cannot write: {e.strerror or e}") from e
+    return len(data)
+
+
+def _item_bytes(value: Any) -> int:
+    return int(value.nbytes) if type(value) is TensorMeta else 0
 
 
 def flatten(obj: Mapping[Any, Any]) -> dict[str, tuple[tuple[str | int, ...], Any]]:

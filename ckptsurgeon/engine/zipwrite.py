@@ -3,7 +3,8 @@
 The layout is the one torch 2.13's `PyTorchStreamWriter` (miniz) produces: stored records with
 local headers flagged 0x0808 and a data descriptor, an `FB` extra field padding each record's data
 to a multiple of 64, zip64 extras past 4 GiB and a zip64 end record always. For the same object
-graph the file equals `torch.save`'s byte for byte, except `.data/serialization_id` (random).
+graph the file equals `torch.save`'s byte for byte, except `.data/serialization_id` (random in
+torch's files; drawn from the content here, so that writing a checkpoint twice gives one file).
 
 Storage bytes are copied by the machinery of :mod:`~ckptsurgeon.engine.copier` (the kernel's
 `copy_file_range`, a CRC-32 computed alongside and checked against the source record, holes kept,
@@ -106,11 +107,23 @@ def _write_archive(
         if progress is not None:
             progress(planned.nbytes)
     w.add_bytes(f"{prefix}/version", b"3\n")
-    # torch's form: two random 64-bit numbers, 20 digits each (os.urandom: `secrets` imports hashlib)
-    serialization_id = "".join(f"{int.from_bytes(os.urandom(8), 'little'):020d}" for _ in range(2))
-    w.add_bytes(f"{prefix}/.data/serialization_id", serialization_id.encode())
+    w.add_bytes(f"{prefix}/.data/serialization_id", _serialization_id(data_pkl, w.entries))
     w.finish()
     return w.pos
+
+
+def _serialization_id(data_pkl: bytes, entries: list[tuple[bytes, int, int, int]]) -> bytes:
+    """torch's form (two 64-bit numbers, 20 digits each), drawn from the content instead of at
+    random: the same checkpoint written twice, by one process or by the ranks of a torchrun
+    job, is the same file byte for byte, and different contents get different ids (torch only
+    logs the id, to tell files apart)."""
+    import hashlib
+
+    digest = hashlib.blake2b(data_pkl, digest_size=16)
+    for name, size, _offset, crc in entries:
+        digest.update(b"%s\0%d\0%d\0" % (name, size, crc))
+    raw = digest.digest()
+    return b"".join(b"%020d" % int.from_bytes(raw[i : i + 8], "little") for i in (0, 8))
 
 
 class _ZipWriter(Copier):

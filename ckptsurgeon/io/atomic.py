@@ -422,6 +422,17 @@ def atomic_directory(dest: Path, *, force: bool, check: Callable[[Path], None] |
                 _remove_layout(path)
 
 
+@contextlib.contextmanager
+def joined_directory(dest: Path, temp: str) -> Iterator[Path]:
+    """The temporary directory `temp` of another process's `atomic_directory` for `dest` (rank 0's,
+    under torchrun), for this process to add files to: a failure to write is an OutputError, as
+    there; the other process removes it or swaps it into place."""
+    try:
+        yield Path(temp)
+    except OSError as exc:
+        raise _write_error(dest, exc) from None
+
+
 def _umask() -> int:
     umask = os.umask(0)
     os.umask(umask)

@@ -9,6 +9,7 @@ import contextlib
 import os
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import AbstractContextManager
 from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO, NamedTuple
@@ -18,8 +19,9 @@ from ..engine.meta import TensorMeta
 from ..engine.source import Source, is_url
 from ..engine.threads import map_in_threads
 from ..errors import CheckpointError, EngineUnsupported, OutputError, UsageError
+from ..ranks import Team, team_directory, world
 from ..tensors import is_tensor
-from .atomic import atomic_directory, atomic_output
+from .atomic import atomic_directory, atomic_output, joined_directory
 from .load import Checkpoint, _debug, _read_source, as_torch, iter_tensors
 
 if TYPE_CHECKING:
@@ -97,7 +99,7 @@ def output_format(
     """`format` when given, else from OUT as the user typed it: a path ending in `/`, an existing
     directory or a `--max-shard-size` -> hf (a sharded directory); `*.safetensors` -> safetensors;
     anything else -> pt. `--max-shard-size` with a single-file format, or a single-file format for
-    a path ending in `/`, is a UsageError."""
+    a path ending in `/`, is a UsageError (with dcp it bounds each data file)."""
     text = os.fspath(output)
     if format is not None:
         try:
@@ -116,10 +118,10 @@ def output_format(
             chosen = OutputFormat.pt
     if not chosen.is_directory and text.endswith(("/", os.sep)):
         raise UsageError(f"{text}: a path ending in / is a directory, but --format {chosen.value} writes one file")
-    if max_shard_size is not None and chosen not in (OutputFormat.hf, OutputFormat.hf_bin):
+    if max_shard_size is not None and not chosen.is_directory:
         why = "the --format given" if format is not None else "OUT's name"
         raise UsageError(
-            f"--max-shard-size applies to sharded outputs (--format hf or hf-bin, or OUT ending in /); "
+            f"--max-shard-size applies to sharded outputs (--format hf, hf-bin or dcp, or OUT ending in /); "
             f"{why} makes OUT {chosen.value}"
         )
     return chosen
@@ -127,11 +129,13 @@ def output_format(
 
 class Written(NamedTuple):
     """What a writer wrote: the layout, notes for the user, and for a directory the files in it
-    (name, bytes), in the order they were written (the index last)."""
+    (name, bytes), in the order they were written (the index last), and the number of torchrun
+    ranks that wrote them (1: this process alone)."""
 
     format: OutputFormat
     notes: list[str]
     files: list[tuple[str, int]]
+    ranks: int = 1
 
 
 def save_checkpoint(obj: Any, output: str | os.PathLike[str], **options: Any) -> list[str]:
@@ -301,10 +305,7 @@ def _write_directory(
 ) -> Written:
     """A directory layout, written into a temporary directory that then replaces `dest`."""
     if fmt is OutputFormat.dcp:
-        with atomic_directory(dest, force=force) as tmp:
-            _write_dcp(obj, tmp)
-            files = sorted(_listing(tmp), key=lambda f: f[0] == ".metadata")  # the index last, as written
-        return Written(fmt, [], files)
+        return Written(fmt, [], _write_dcp(obj, dest, force, max_shard_size, _locked(progress)), world().size)
     _check_tensors_only(obj, dest, fmt)
     limit = parse_size(max_shard_size if max_shard_size is not None else DEFAULT_MAX_SHARD_SIZE)
     sd: OrderedDict[str, Any] = OrderedDict(obj)
@@ -332,15 +333,24 @@ def _write_directory(
             _write_pt(OrderedDict((k, sd[k]) for k in keys), f, Path(name), advance)
 
     advance = _locked(progress)
-    with atomic_directory(dest, force=force) as tmp:
+    # under torchrun each rank writes its share of the shards into one directory (see `ranks`)
+    with _team(dest, force) as team:
+        tmp = team.directory
 
         def one(item: tuple[str, list[str]]) -> tuple[str, int]:
             name, keys = item
             size = _write_file(tmp / name, lambda f: write_shard(keys, f, str(dest / name)))
             return name, size
 
-        files = map_in_threads(one, plan.files, threads, "ckptsurgeon-shard")
-        if plan.is_sharded:
+        mine = [plan.files[i] for i in team.mine([_shard_bytes(sd, keys) for _, keys in plan.files])]
+        done = map_in_threads(one, mine, threads, "ckptsurgeon-shard")
+        if read_back.verify:
+            for name, keys in mine:
+                shard = OrderedDict((k, sd[k]) for k in keys)
+                read_back.check(shard, tmp / name, dest / name, by_key=True)
+        sizes = {name: size for rank_done in team.gather(done) for name, size in rank_done}
+        files = [(name, sizes[name]) for name, _ in plan.files]
+        if team.writes_index and plan.is_sharded:
             index = {"metadata": {"total_size": plan.total_size, **index_metadata}, "weight_map": plan.weight_map()}
             index_name = plan.files[0][0].split("-", 1)[0] + (".safetensors" if fmt is OutputFormat.hf else ".bin")
             index_name += ".index.json"
@@ -348,25 +358,49 @@ def _write_directory(
 
             text = json.dumps(index, indent=2).encode("utf-8")
             files.append((index_name, _write_file(tmp / index_name, lambda f: f.write(text))))
-        if read_back.verify:
-            for name, keys in plan.files:
-                shard = OrderedDict((k, sd[k]) for k in keys)
-                read_back.check(shard, tmp / name, dest / name, by_key=True)
-    return Written(fmt, notes, files)
+    return Written(fmt, notes, files, team.world.size)
 
 
-def _write_dcp(obj: Any, directory: Path) -> None:
-    """torch.distributed.checkpoint's layout, written into the empty `directory`."""
-    from ..engine.dcp_write import write_dcp
+def _team(dest: Path, force: bool) -> AbstractContextManager[Team[Path]]:
+    """The ranks writing `dest` (see `ranks.team_directory`): one process, or under torchrun every
+    rank into the temporary directory of rank 0's `atomic_directory`."""
+    return team_directory(
+        world(), lambda: atomic_directory(dest, force=force), join=lambda temp: joined_directory(dest, temp)
+    )
 
+
+def _shard_bytes(sd: Mapping[str, Any], keys: Sequence[str]) -> int:
+    """The bytes of a shard's storages, each counted once (what balances shards across ranks)."""
+    storages = dict(_hub_storage(sd[k]) for k in keys)
+    return sum(storages.values())
+
+
+def _write_dcp(
+    obj: Any,
+    dest: Path,
+    force: bool,
+    max_shard_size: str | int | None,
+    progress: Callable[[int], None] | None,
+) -> list[tuple[str, int]]:
+    """torch.distributed.checkpoint's layout, its data in files of at most `max_shard_size` tensor
+    bytes (one file without it), written into a temporary directory that then replaces `dest`;
+    returns its files (name, bytes), `.metadata` last. Under torchrun each rank writes its share
+    of the data files and rank 0 `.metadata`, once every rank is done."""
+    from ..engine.dcp_write import METADATA, Placed, plan_dcp, write_dcp_files, write_dcp_metadata
+
+    limit = parse_size(max_shard_size) if max_shard_size is not None else None
     try:
-        write_dcp(obj, str(directory))
+        plan = plan_dcp(obj, limit)
     except EngineUnsupported as exc:
         raise UsageError(f"cannot write this checkpoint as dcp: {exc}") from None
-
-
-def _listing(directory: Path) -> list[tuple[str, int]]:
-    return sorted((p.name, p.stat().st_size) for p in directory.iterdir())
+    with _team(dest, force) as team:
+        placed, sizes = write_dcp_files(plan, team.mine(plan.sizes), str(team.directory), progress=progress)
+        everyone = team.gather((placed, sizes))
+        files = sorted((name, size) for _, rank_sizes in everyone for name, size in rank_sizes)
+        if team.writes_index:
+            every_item = [Placed(*p) for rank_placed, _ in everyone for p in rank_placed]
+            files.append((METADATA, write_dcp_metadata(plan, every_item, str(team.directory))))
+    return files
 
 
 def _locked(progress: Callable[[int], None] | None) -> Callable[[int], None] | None:
