@@ -1475,7 +1475,7 @@ class Bench:
         res2, res1 = rep.get("cli"), rep.get("ref")
         same = False
         detail = "not compared: a run failed"
-        if res2 and res1 and res2.ok and res1.ok:
+        if res2 and res1 and res2.ok and res1.ok and self.once(one).returncode == 0:  # `measure` removed its output
             names2 = sorted(p.name for p in o2.iterdir())
             names1 = sorted(p.name for p in o1.iterdir())
             differ = [n for n in names1 if n not in names2 or not _same_file(o1 / n, o2 / n)]
