@@ -305,9 +305,9 @@ class ReadAhead:
 
     Requests (see `plan_requests`) run `streams` at a time (AHEAD_STREAMS at most), each in a
     thread that streams its answer into a window of AHEAD_WINDOW bytes, so that memory stays
-    bounded whatever the sizes. A range's deferred checks (its zip record's local header and data descriptor,
-    which come with the request) run before `take` hands on its last byte; its CRC-32 is the
-    writer's to check, as for a local copy. `close()` stops what is still running."""
+    bounded whatever the sizes. A range's deferred checks (its zip record's local header and
+    data descriptor, which come with the request) run before `take` hands on the range's end;
+    its CRC-32 is the writer's to check, as for a local copy. `close()` stops what still runs."""
 
     def __init__(self, ranges: Sequence[tuple[Source, int, int]], streams: int = 1):
         from concurrent.futures import ThreadPoolExecutor
