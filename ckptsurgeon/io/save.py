@@ -1,7 +1,8 @@
 """Saving a checkpoint: torch.save's zip format or safetensors (storage records copied byte for
 byte when the engine read them), one file through :func:`~.atomic.atomic_output`, or a directory
-layout (the Hub's safetensors or `.bin` shards with their index; DCP) through
-:func:`~.atomic.atomic_directory`; optionally read back and compared (`verify`)."""
+layout (the Hub's safetensors or `.bin` shards with their index; DCP) through a
+:class:`~.targets.DirectoryTarget` (local: `atomic_directory`; a URL: file by file, the index
+last); optionally read back and compared (`verify`)."""
 
 from __future__ import annotations
 
@@ -19,11 +20,12 @@ from ..engine.source import Source, is_url
 from ..engine.threads import map_in_threads
 from ..errors import CheckpointError, EngineUnsupported, OutputError, UsageError
 from ..tensors import is_tensor
-from .atomic import atomic_directory, atomic_output
+from .atomic import atomic_output
 from .load import Checkpoint, _debug, _read_source, as_torch, iter_tensors
 
 if TYPE_CHECKING:
     from ..engine.safetensors_write import Entry
+    from .targets import DirectoryTarget
 
 
 def with_state_dict(ckpt: Checkpoint, state_dict: Mapping[str, Any]) -> Any:
@@ -166,14 +168,24 @@ def write_checkpoint(
     `verify`, every written file is read back and compared with `obj` before it replaces the
     destination. `progress` is called with byte counts as tensors are written. `unsafe` and
     `allow_globals` are what reading the output back may use (as for the input). `output` may be a
-    URL (`s3://...`, a single file): written locally, then uploaded whole (`storage_options`).
+    URL (`s3://...`): a single file is written locally, then uploaded whole; a directory layout
+    is uploaded file by file, the index last (`storage_options` go to fsspec).
     """
     fmt = output_format(output, format, max_shard_size)
     dest: Any = output if isinstance(output, str) and is_url(output) else Path(output)
     read_back = _ReadBack(verify, unsafe, frozenset(allow_globals))
     if fmt.is_directory:
         return _write_directory(
-            obj, dest, fmt, safetensors_metadata, read_back, progress, max_shard_size, max(1, threads), force
+            obj,
+            dest,
+            fmt,
+            safetensors_metadata,
+            read_back,
+            progress,
+            max_shard_size,
+            max(1, threads),
+            force,
+            storage_options,
         )
     notes: list[str] = []
     safetensors = fmt is OutputFormat.safetensors
@@ -198,7 +210,7 @@ class _ReadBack(NamedTuple):
     unsafe: bool
     allow_globals: frozenset[str]
 
-    def check(self, intended: Any, written: Path, output: Path, *, by_key: bool) -> None:
+    def check(self, intended: Any, written: Path, output: Path | str, *, by_key: bool) -> None:
         if self.verify:
             _verify_written(
                 intended, written, output, by_key=by_key, unsafe=self.unsafe, allow_globals=self.allow_globals
@@ -297,13 +309,15 @@ def _write_directory(
     max_shard_size: str | int | None,
     threads: int,
     force: bool,
+    storage_options: Mapping[str, Any] | None = None,
 ) -> Written:
-    """A directory layout, written into a temporary directory that then replaces `dest`."""
+    """A directory layout, written through a directory target (see `targets.directory_target`):
+    the shards (by `threads` threads), then the index."""
+    from .targets import directory_target
+
     if fmt is OutputFormat.dcp:
-        with atomic_directory(dest, force=force) as tmp:
-            _write_dcp(obj, tmp)
-            files = sorted(_listing(tmp), key=lambda f: f[0] == ".metadata")  # the index last, as written
-        return Written(fmt, [], files)
+        with directory_target(dest, force=force, storage_options=storage_options) as target:
+            return Written(fmt, [], _write_dcp(obj, target))
     _check_tensors_only(obj, dest, fmt)
     limit = parse_size(max_shard_size if max_shard_size is not None else DEFAULT_MAX_SHARD_SIZE)
     sd: OrderedDict[str, Any] = OrderedDict(obj)
@@ -331,41 +345,47 @@ def _write_directory(
             _write_pt(OrderedDict((k, sd[k]) for k in keys), f, Path(name), advance)
 
     advance = _locked(progress)
-    with atomic_directory(dest, force=force) as tmp:
+    with directory_target(dest, force=force, storage_options=storage_options) as target:
 
         def one(item: tuple[str, list[str]]) -> tuple[str, int]:
             name, keys = item
-            size = _write_file(tmp / name, lambda f: write_shard(keys, f, str(dest / name)))
+            where = target.location(name)
+
+            def check(path: Path) -> None:  # --verify: the shard reads back as meant, before it is added
+                read_back.check(OrderedDict((k, sd[k]) for k in keys), path, where, by_key=True)
+
+            size = target.write_file(
+                name, lambda f: write_shard(keys, f, where), check=check if read_back.verify else None
+            )
             return name, size
 
         files = map_in_threads(one, plan.files, threads, "ckptsurgeon-shard")
-        if plan.is_sharded:
-            index = {"metadata": {"total_size": plan.total_size, **index_metadata}, "weight_map": plan.weight_map()}
-            index_name = plan.files[0][0].split("-", 1)[0] + (".safetensors" if fmt is OutputFormat.hf else ".bin")
-            index_name += ".index.json"
-            import json
+        if not plan.is_sharded:
+            target.commit()
+            return Written(fmt, notes, files)
+        index = {"metadata": {"total_size": plan.total_size, **index_metadata}, "weight_map": plan.weight_map()}
+        index_name = plan.files[0][0].split("-", 1)[0] + (".safetensors" if fmt is OutputFormat.hf else ".bin")
+        index_name += ".index.json"
+        import json
 
-            text = json.dumps(index, indent=2).encode("utf-8")
-            files.append((index_name, _write_file(tmp / index_name, lambda f: f.write(text))))
-        if read_back.verify:
-            for name, keys in plan.files:
-                shard = OrderedDict((k, sd[k]) for k in keys)
-                read_back.check(shard, tmp / name, dest / name, by_key=True)
+        text = json.dumps(index, indent=2).encode("utf-8")
+        files.append((index_name, target.commit(index_name, lambda f: f.write(text))))
     return Written(fmt, notes, files)
 
 
-def _write_dcp(obj: Any, directory: Path) -> None:
-    """torch.distributed.checkpoint's layout, written into the empty `directory`."""
-    from ..engine.dcp_write import write_dcp
+def _write_dcp(obj: Any, target: DirectoryTarget) -> list[tuple[str, int]]:
+    """torch.distributed.checkpoint's layout, made in the target's (empty) staging directory, then
+    added file by file, `.metadata` last; the files (name, bytes) in that order."""
+    from ..engine.dcp_write import METADATA, write_dcp
 
     try:
-        write_dcp(obj, str(directory))
+        write_dcp(obj, str(target.staging))
     except EngineUnsupported as exc:
         raise UsageError(f"cannot write this checkpoint as dcp: {exc}") from None
-
-
-def _listing(directory: Path) -> list[tuple[str, int]]:
-    return sorted((p.name, p.stat().st_size) for p in directory.iterdir())
+    files = sorted((p.name, p.stat().st_size) for p in target.staging.iterdir() if p.name != METADATA)
+    for name, _ in files:
+        target.add_file(name, target.staging / name)
+    return [*files, (METADATA, target.commit(METADATA))]
 
 
 def _locked(progress: Callable[[int], None] | None) -> Callable[[int], None] | None:
@@ -381,19 +401,6 @@ def _locked(progress: Callable[[int], None] | None) -> Callable[[int], None] | N
             progress(n)
 
     return advance
-
-
-def _write_file(path: Path, write: Callable[[BinaryIO], object]) -> int:
-    """Create `path` (new), write it with `write`, fsync it; returns its size."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o666)
-    try:
-        with os.fdopen(fd, "wb", closefd=False) as f:
-            write(f)
-            f.flush()
-        os.fsync(fd)
-        return os.fstat(fd).st_size
-    finally:
-        os.close(fd)
 
 
 def _check_tensors_only(obj: Any, output: Path, fmt: OutputFormat) -> None:
