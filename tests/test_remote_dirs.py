@@ -68,10 +68,12 @@ def hub_directory(tmp_path: Path, sd: Any, name: str = "hub") -> Path:
 
 
 def upload_dir(bucket: Any, local: Path, prefix: str) -> str:
-    """Every file of `local` put under `prefix/` in the bucket; the URL of the prefix."""
+    """Every file of `local` (and of its subdirectories) put under `prefix/` in the bucket; the
+    URL of the prefix."""
     name, fs = bucket
-    for path in sorted(local.iterdir()):
-        fs.put_file(str(path), f"{name}/{prefix}/{path.name}")
+    for path in sorted(local.rglob("*")):
+        if path.is_file():
+            fs.put_file(str(path), f"{name}/{prefix}/{path.relative_to(local).as_posix()}")
     return f"s3://{name}/{prefix}"
 
 
@@ -232,6 +234,22 @@ def test_every_command_on_dcp_directories_on_s3_equals_torch(cli, tmp_path, buck
         torch.save(want["model"], tmp_path / "model.pt")
         assert cli("diff", url, tmp_path / "model.pt").exit_code == 0  # its state_dict is found at "model"
         (tmp_path / "r.pt").unlink()
+
+
+def test_deepspeed_on_s3_through_latest_and_zero3_refused(cli, tmp_path, bucket):
+    import test_sharded_read
+
+    run, sd = test_sharded_read._deepspeed_run(tmp_path / "zero2")
+    url = upload_dir(bucket, run, "ds/zero2")
+    for where in (url, f"{url}/global_step10/"):
+        data = parse_json(cli("inspect", where, "--json"))
+        assert data["format"] == "deepspeed" and data["state_dict_key"] == "module"
+    out = tmp_path / "out.pt"
+    assert cli("extract", url, "-o", out).exit_code == 0
+    flat_equal(out, sd)
+    run3, _ = test_sharded_read._deepspeed_run(tmp_path / "zero3", zero3=True)
+    r = cli("inspect", upload_dir(bucket, run3, "ds/zero3"))
+    assert r.exit_code == 2 and "ZeRO-3" in one_line_error(r)
 
 
 # ---------------------------------------------------------------------------------- https
@@ -405,7 +423,17 @@ def test_an_hf_bin_output_on_s3(cli, tmp_path, bucket):
     sd = tied_bf16()
     torch.save(sd, tmp_path / "in.pt")
     name, _ = bucket
-    r = cli("extract", tmp_path / "in.pt", "-o", f"s3://{name}/bin", "--format", "hf-bin", "--max-shard-size", "1KB")
+    r = cli(
+        "extract",
+        tmp_path / "in.pt",
+        "-o",
+        f"s3://{name}/bin",
+        "--format",
+        "hf-bin",
+        "--max-shard-size",
+        "1KB",
+        "--verify",
+    )
     assert r.exit_code == 0, r.stderr
     back = download_dir(bucket, "bin", tmp_path / "back")
     index = json.loads((back / "pytorch_model.bin.index.json").read_text())
@@ -562,10 +590,10 @@ def test_https_directory_outputs_are_read_only(cli, tmp_path, store):
     assert store.gets == 0 and not store.objects
 
 
-@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
-def test_a_writer_killed_mid_layout_leaves_no_index(tmp_path, bucket, s3_endpoint, sig):
+@pytest.mark.parametrize(("sig", "jobs"), [(signal.SIGKILL, 1), (signal.SIGTERM, 1), (signal.SIGTERM, 4)])
+def test_a_writer_killed_mid_layout_leaves_no_index(tmp_path, bucket, s3_endpoint, sig, jobs):
     """Killed while its third shard uploads: SIGKILL leaves the two shards done and no index;
-    SIGTERM deletes them too."""
+    SIGTERM deletes them too (also an upload stalled in a worker thread, which the signal stops)."""
     name, _ = bucket
     sd = tied_bf16()
     torch.save(sd, tmp_path / "in.pt")
@@ -573,7 +601,7 @@ def test_a_writer_killed_mid_layout_leaves_no_index(tmp_path, bucket, s3_endpoin
     proxy = _LoggingProxy((host, int(port)), stall_at=3)
     env = {**os.environ, "AWS_ENDPOINT_URL": proxy.url, "PYTHONPATH": os.pathsep.join(sys.path)}
     out = f"s3://{name}/killed/"
-    command = ["extract", str(tmp_path / "in.pt"), "-o", out, "--max-shard-size", "1KB", "--jobs", "1"]
+    command = ["extract", str(tmp_path / "in.pt"), "-o", out, "--max-shard-size", "1KB", "--jobs", str(jobs)]
     proc = subprocess.Popen(
         [sys.executable, "-m", "ckptsurgeon", *command], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE
     )

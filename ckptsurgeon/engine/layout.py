@@ -19,7 +19,8 @@ A URL is decided by the same rules (one code path: a directory is read through a
 interface, :class:`_LocalDirectory` or :class:`_RemoteDirectory`): one `fs.info` says whether it
 names a directory (a prefix), one listing what it holds. A URL naming an index file, or a DCP
 `.metadata` file (locally too: its directory is the checkpoint), is decided by its name alone,
-without a request: that is how a store that cannot be listed (`https://`) is read.
+without a request: that is how a store that cannot be listed (`https://`) is read; so is a URL
+whose name ends in a checkpoint suffix (`.pt`, `.safetensors`, ...): an object.
 """
 
 from __future__ import annotations
@@ -162,6 +163,8 @@ def _remote_layout(url: str, storage_options: Mapping[str, Any] | None) -> Layou
     parent, _, base = url.rstrip("/").rpartition("/")
     if not url.endswith("/") and (base == DCP_METADATA or base.endswith(INDEX_SUFFIX)):
         return _file_layout(url, base, parent)
+    if not url.endswith("/") and base.lower().endswith(CHECKPOINT_SUFFIXES):
+        return Layout("file", url)  # an object by its name: no look-up
     store = RemoteDirectory(url, storage_options)
     if not store.is_directory():
         return Layout("file", url, requests=store.requests)

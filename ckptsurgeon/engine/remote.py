@@ -585,10 +585,18 @@ def check_remote_output(
         raise OutputError(f"{url}: output {what}; pass --force to replace it")
 
 
-def upload(local: str, url: str, storage_options: Mapping[str, Any] | None = None) -> None:
+def upload(
+    local: str,
+    url: str,
+    storage_options: Mapping[str, Any] | None = None,
+    *,
+    stop: Callable[[], BaseException | None] | None = None,
+) -> None:
     """Upload the complete file `local` to `url`: the object appears whole or not at all (a
     single PUT, or a multipart upload completed at the end). On any failure, or an interruption
-    (SIGINT/SIGTERM), the upload is cancelled and a multipart upload aborted."""
+    (SIGINT/SIGTERM), the upload is cancelled and a multipart upload aborted. `stop()`, asked
+    between short waits, gives an exception to end the upload with (an upload in a worker thread,
+    which no signal reaches, is stopped so)."""
     fs, path = filesystem(url, storage_options)
     started = time.time()
     if not getattr(fs, "async_impl", False):
@@ -607,7 +615,9 @@ def upload(local: str, url: str, storage_options: Mapping[str, Any] | None = Non
                 future.result(timeout=0.2)
                 return
             except concurrent.futures.TimeoutError:
-                continue
+                stopped = stop() if stop is not None else None
+                if stopped is not None:
+                    raise stopped from None
     except BaseException as exc:
         future.cancel()
         concurrent.futures.wait([future], timeout=30)

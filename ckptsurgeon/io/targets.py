@@ -46,6 +46,12 @@ def write_new_file(path: Path, write: Callable[[BinaryIO], object]) -> int:
         os.close(fd)
 
 
+def _interruption() -> BaseException | None:
+    """The signal received, as the exception that ends the command (None: none was)."""
+    signum = interrupts.pending()
+    return interrupts.Interrupted(signum) if signum is not None else None
+
+
 def _is_index(name: str) -> bool:
     return name == ".metadata" or name.endswith(".index.json")
 
@@ -126,7 +132,7 @@ class RemoteTarget(DirectoryTarget):
             interrupts.raise_if_interrupted()
             with self._lock:
                 self.uploaded.append(name)  # deleted again on failure, also if this upload half-happened
-            upload(str(path), self.location(name), self.storage_options)
+            upload(str(path), self.location(name), self.storage_options, stop=_interruption)
         finally:
             with contextlib.suppress(OSError):
                 os.unlink(path)
