@@ -46,6 +46,14 @@ one_line_error = test_remote.one_line_error
 MODEL = "sample_models.models:TiedLM"
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _clients_of_this_server(s3_endpoint: str) -> None:
+    """S3 clients made for an earlier module's server (fsspec caches them) are not reused."""
+    import s3fs
+
+    s3fs.S3FileSystem.clear_instance_cache()
+
+
 # ------------------------------------------------------------------------------------ inputs
 
 
