@@ -629,3 +629,30 @@ def test_a_writer_killed_mid_layout_leaves_no_index(tmp_path, bucket, s3_endpoin
         assert len(left) == 2 and all(n.startswith("model-") for n in left)
     else:
         assert left == [] and b"Traceback" not in err
+
+
+def test_a_write_that_fails_midway_deletes_the_shards_it_uploaded(cli, tmp_path, bucket, proxy, store, monkeypatch):
+    """The input (on the HTTP store) is replaced after a few shards were uploaded: exit 2, and
+    every shard uploaded is deleted again; no index was ever uploaded."""
+    name, _ = bucket
+    sd = OrderedDict((f"w{i}", torch.full((64 << 10,), float(i))) for i in range(8))  # 256 KiB each
+    torch.save(sd, tmp_path / "in.pt")
+    store.objects["/in.pt"] = (tmp_path / "in.pt").read_bytes()
+    changed = OrderedDict((k, v + 1) for k, v in sd.items())
+    torch.save(changed, tmp_path / "changed.pt")
+    store.replace_after = (5, "/in.pt", (tmp_path / "changed.pt").read_bytes())
+    out = f"s3://{name}/failed/"
+    import s3fs
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)  # S3 through the proxy; the input from the HTTP store
+    s3fs.S3FileSystem.clear_instance_cache()
+    try:
+        r = cli("extract", f"{store.url}/in.pt", "-o", out, "--max-shard-size", "300KB", "--jobs", "1")
+    finally:
+        s3fs.S3FileSystem.clear_instance_cache()
+    assert r.exit_code == 2 and "changed while it was being read" in one_line_error(r)
+    changes = proxy.changes(f"{name}/failed")
+    puts = [c.removeprefix("PUT ") for c in changes if c.startswith("PUT ")]
+    assert puts and not any(p.endswith(".index.json") for p in puts)
+    assert sorted(c.removeprefix("DELETE ") for c in changes if c.startswith("DELETE ")) == sorted(puts)
+    assert listing(bucket, "failed") == []
