@@ -11,6 +11,11 @@ checks and every other reader of StorageMeta work on it unchanged. A tensor spli
 (ranks of an FSDP / DTensor run) gets a StorageMeta on an :class:`AssembledSource`: an unlinked
 scratch file that its chunks are copied into, on the first read only (the CRC-32 of each chunk
 record checked), so memory stays at a 16 MiB buffer plus the pages of the tensor being assembled.
+
+The directory may be a URL (`s3://bucket/ckpt`): every file is then opened by
+:func:`~.source.open_source`, its name joined onto the directory with `/`. A remote `.distcp` file
+is opened only when one of its items is first read, so that reading `.metadata` alone (inspect)
+costs the requests of `.metadata` only.
 """
 
 from __future__ import annotations
@@ -19,7 +24,8 @@ import contextlib
 import itertools
 import os
 import struct
-from collections.abc import Callable, Iterator
+import threading
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 from ..errors import BadCheckpointError, EngineUnsupported, UnsafeCheckpointError
@@ -28,7 +34,7 @@ from .data import crc_mismatch, verify_crc
 from .dcp_metadata import MAX_METADATA_BYTES, BytesEntry, Chunk, DcpMetadata, TensorEntry, build_tree, parse_metadata
 from .meta import DTYPE_ITEMSIZE, RawCheckpoint, StorageMeta, TensorMeta
 from .safetensors_format import MAX_HEADER_BYTES, parse_header
-from .source import Source
+from .source import Source, is_url, open_source
 from .zipread import read_torch_zip
 
 __all__ = ["AssembledSource", "NotRead", "is_dcp_directory", "read_dcp", "read_dcp_metadata"]
@@ -54,14 +60,19 @@ class NotRead:
         return f"NotRead({self.fqn!r})"
 
 
-def read_dcp_metadata(directory: str, *, allow_globals: frozenset[str] = frozenset()) -> RawCheckpoint:
+def read_dcp_metadata(
+    directory: str, *, allow_globals: frozenset[str] = frozenset(), storage_options: Mapping[str, Any] | None = None
+) -> RawCheckpoint:
     """The DCP checkpoint in `directory` from its `.metadata` alone (for inspect): tensors with
     their shape and dtype, whose bytes are read (and chunks assembled) only if someone reads
-    them; non-tensor values are :class:`NotRead`. No byte of a `.distcp` file is read here."""
-    return _read(directory, allow_globals, eager=False)
+    them; non-tensor values are :class:`NotRead`. No byte of a `.distcp` file is read here (nor,
+    for a URL, is any `.distcp` object opened)."""
+    return _read(directory, allow_globals, storage_options, eager=False)
 
 
-def read_dcp(directory: str, *, allow_globals: frozenset[str] = frozenset()) -> RawCheckpoint:
+def read_dcp(
+    directory: str, *, allow_globals: frozenset[str] = frozenset(), storage_options: Mapping[str, Any] | None = None
+) -> RawCheckpoint:
     """Read the DCP checkpoint in `directory`: the nested state_dict DCP saved (rebuilt from
     planner_data), tensors as TensorMeta leaves, non-tensor values unpickled.
 
@@ -70,20 +81,23 @@ def read_dcp(directory: str, *, allow_globals: frozenset[str] = frozenset()) -> 
     (the caller owns them and closes them all); `RawCheckpoint.source` is the `.metadata` one;
     `extras["files"]` maps each fqn (dotted as DCP flattens the state_dict) to the `.distcp`
     files its items lie in, `extras["version"]` is the DCP version. Raises BadCheckpointError
-    (UnsafeCheckpointError for refused globals) on anything hostile.
+    (UnsafeCheckpointError for refused globals) on anything hostile. `directory` may be a URL
+    (`storage_options` go to its fsspec filesystem).
     """
-    return _read(directory, allow_globals, eager=True)
+    return _read(directory, allow_globals, storage_options, eager=True)
 
 
-def _read(directory: str, allow_globals: frozenset[str], eager: bool) -> RawCheckpoint:
-    reader = _Reader(directory, allow_globals)
+def _read(
+    directory: str, allow_globals: frozenset[str], storage_options: Mapping[str, Any] | None, eager: bool
+) -> RawCheckpoint:
+    reader = _Reader(directory, allow_globals, storage_options)
     try:
         obj = reader.read(eager)
     except BaseException:
         reader.close()
         raise
     return RawCheckpoint(
-        path=os.path.abspath(directory),
+        path=reader.directory if reader.remote else os.path.abspath(directory),
         format="dcp",
         obj=obj,
         extras={
@@ -96,11 +110,16 @@ def _read(directory: str, allow_globals: frozenset[str], eager: bool) -> RawChec
 
 
 class _Reader:
-    def __init__(self, directory: str, allow_globals: frozenset[str]) -> None:
-        self.directory = directory
+    def __init__(
+        self, directory: str, allow_globals: frozenset[str], storage_options: Mapping[str, Any] | None = None
+    ) -> None:
+        self.remote = is_url(directory)
+        self.directory = directory.rstrip("/") if self.remote else directory
         self.allow_globals = allow_globals
+        self.storage_options = storage_options
         self.sources: list[Source] = []
         self.files: dict[str, Source] = {}
+        self.lazy = False  # remote files opened on first read (see `read`)
         self.meta: DcpMetadata | None = None
         self.headers: dict[tuple[str, int], dict[str, TensorMeta]] = {}  # safetensors items
 
@@ -109,12 +128,34 @@ class _Reader:
             src.close()
 
     def open(self, rel: str) -> Source:
-        src = Source(os.path.join(self.directory, rel))
+        if self.remote:
+            from .remote import join_url
+
+            src = open_source(join_url(self.directory, rel), self.storage_options)
+        else:
+            src = Source(os.path.join(self.directory, rel))
         self.sources.append(src)
         return src
 
+    def file(self, rel: str) -> Source:
+        """The Source of the `.distcp` file `rel` (made once, by `read`)."""
+        src = self.files.get(rel)
+        if src is None:
+            if self.lazy:
+                src = _OpenedOnFirstRead(f"{self.directory}/{rel}", lambda: self.open_file(rel))
+                self.sources.append(src)
+            else:
+                src = self.open(rel)
+            self.files[rel] = src
+        return src
+
+    def open_file(self, rel: str) -> Source:
+        from .remote import join_url
+
+        return open_source(join_url(self.directory, rel), self.storage_options)
+
     def read(self, eager: bool) -> Any:
-        if not os.path.isdir(self.directory):
+        if not self.remote and not os.path.isdir(self.directory):
             raise BadCheckpointError(f"{self.directory}: not a directory")
         src = self.open(METADATA)
         if src.size > MAX_METADATA_BYTES:
@@ -122,10 +163,10 @@ class _Reader:
                 f"{src.name}: {src.size} bytes, more than the {MAX_METADATA_BYTES >> 20} MiB a DCP .metadata may have"
             )
         meta = self.meta = parse_metadata(src.pread(src.size, 0), src.name)
+        self.lazy = self.remote and not eager  # opening a remote file is a request: made when it is read
         for entry in meta.entries.values():
             for file in [c.file for c in entry.chunks] if isinstance(entry, TensorEntry) else [entry.file]:
-                if file not in self.files:
-                    self.files[file] = self.open(file)
+                self.file(file)
         values: dict[str, Any] = {}
         refused: set[str] = set()  # by all non-tensor items, reported together
         for fqn, entry in meta.entries.items():
@@ -145,7 +186,7 @@ class _Reader:
     # -- items --------------------------------------------------------------------------------
 
     def window(self, fqn: str, file: str, offset: int, length: int) -> Source:
-        src = self.files[file]
+        src = self.file(file)
         if offset + length > src.size:
             raise BadCheckpointError(
                 f"{src.name}: the item of {fqn!r} at bytes [{offset}, {offset + length}) lies "
@@ -248,6 +289,88 @@ class _Reader:
         self.sources.append(src)
         storage = StorageMeta(src, fqn, entry.dtype, numel * itemsize, 0)
         return TensorMeta(storage, entry.dtype, shape, strides)
+
+
+class _OpenedOnFirstRead(Source):
+    """A remote `.distcp` file, opened (a request) only when something first reads it; until then
+    it has read nothing and made no request."""
+
+    __slots__ = ("_opener", "_inner", "_lock")
+
+    remote = True
+
+    def __init__(self, name: str, opener: Callable[[], Source]) -> None:
+        self.name, self.identity, self._fd = name, None, None
+        self.file_id = (-2, hash(name))
+        self._opener: Callable[[], Source] | None = opener
+        self._inner: Source | None = None
+        self._lock = threading.Lock()  # chunks may be read in several threads
+
+    def _source(self) -> Source:
+        with self._lock:
+            if self._inner is None:
+                if self._opener is None:
+                    raise BadCheckpointError(f"{self.name}: the checkpoint was closed before this read")
+                self._inner = self._opener()
+            return self._inner
+
+    @property
+    def bytes_read(self) -> int:
+        return self._inner.bytes_read if self._inner is not None else 0
+
+    @bytes_read.setter
+    def bytes_read(self, value: int) -> None:
+        pass
+
+    @property
+    def requests(self) -> int:
+        return self._inner.requests if self._inner is not None else 0
+
+    @requests.setter
+    def requests(self, value: int) -> None:
+        pass
+
+    @property
+    def size(self) -> int:
+        return self._source().size
+
+    @property
+    def fd(self) -> int:
+        return self._source().fd
+
+    @property
+    def proc_path(self) -> str:
+        return self._source().proc_path
+
+    @property
+    def closed(self) -> bool:
+        return self._opener is None and (self._inner is None or self._inner.closed)
+
+    def check_unchanged(self) -> None:
+        self._source().check_unchanged()
+
+    def readinto(self, buf: bytearray | memoryview, offset: int) -> None:
+        self._source().readinto(buf, offset)
+
+    def pread(self, size: int, offset: int) -> bytes:
+        return self._source().pread(size, offset)
+
+    def read_upto(self, size: int, offset: int) -> bytes:
+        return self._source().read_upto(size, offset)
+
+    def count(self, nbytes: int) -> None:
+        self._source().count(nbytes)
+
+    def defer(self, start: int, end: int, check: Callable[[], None], span: tuple[int, int] | None = None) -> None:
+        self._source().defer(start, end, check, span)
+
+    def close(self) -> None:
+        self._opener = None
+        if self._inner is not None:
+            self._inner.close()
+
+    def __repr__(self) -> str:
+        return f"_OpenedOnFirstRead({self.name!r}, open={self._inner is not None})"
 
 
 def _files(meta: DcpMetadata) -> dict[str, tuple[str, ...]]:

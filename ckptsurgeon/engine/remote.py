@@ -29,9 +29,13 @@ from ..errors import BadCheckpointError, EngineUnsupported, OutputError, UsageEr
 from .source import Source
 
 __all__ = [
+    "RemoteDirectory",
     "RemoteSource",
     "check_remote_output",
+    "delete_object",
     "filesystem",
+    "join_url",
+    "list_output",
     "local_path",
     "parse_storage_options",
     "upload",
@@ -748,10 +752,18 @@ def check_remote_output(
         raise OutputError(f"{url}: output {what}; pass --force to replace it")
 
 
-def upload(local: str, url: str, storage_options: Mapping[str, Any] | None = None) -> None:
+def upload(
+    local: str,
+    url: str,
+    storage_options: Mapping[str, Any] | None = None,
+    *,
+    stop: Callable[[], BaseException | None] | None = None,
+) -> None:
     """Upload the complete file `local` to `url`: the object appears whole or not at all (a
     single PUT, or a multipart upload completed at the end). On any failure, or an interruption
-    (SIGINT/SIGTERM), the upload is cancelled and a multipart upload aborted."""
+    (SIGINT/SIGTERM), the upload is cancelled and a multipart upload aborted. `stop()`, asked
+    between short waits, gives an exception to end the upload with (an upload in a worker thread,
+    which no signal reaches, is stopped so)."""
     fs, path = filesystem(url, storage_options)
     started = time.time()
     if not getattr(fs, "async_impl", False):
@@ -770,7 +782,9 @@ def upload(local: str, url: str, storage_options: Mapping[str, Any] | None = Non
                 future.result(timeout=0.2)
                 return
             except concurrent.futures.TimeoutError:
-                continue
+                stopped = stop() if stop is not None else None
+                if stopped is not None:
+                    raise stopped from None
     except BaseException as exc:
         future.cancel()
         concurrent.futures.wait([future], timeout=30)
@@ -800,3 +814,118 @@ def _abort_uploads(fs: Any, path: str, since: float) -> None:
         sync(fs.loop, abort, timeout=30)
     except Exception:  # noqa: BLE001 -- best effort: an incomplete upload never shows as an object
         pass
+
+
+# -- directories --------------------------------------------------------------------------------
+
+
+def join_url(directory: str, name: str) -> str:
+    """The URL of `name` (a relative, `/`-separated path) inside the directory URL `directory`."""
+    return directory.rstrip("/") + "/" + name
+
+
+class RemoteDirectory:
+    """A directory (a prefix) of a remote store as `engine.layout` decides layouts: is the URL a
+    directory (one `fs.info`), what does it hold (one `fs.ls`), each request retried like a read.
+    `requests` counts them. A store that cannot be listed (http, https) is not `listable`."""
+
+    def __init__(self, url: str, storage_options: Mapping[str, Any] | None = None) -> None:
+        self.url = url.rstrip("/")
+        self.storage_options = storage_options
+        self.requests = 0
+        self.listable = _protocol(url) not in _READ_ONLY
+        self.fs: Any = None
+        self.path = ""
+        if self.listable:
+            self.fs, self.path = filesystem(url, storage_options)
+
+    def _count(self) -> None:
+        self.requests += 1
+
+    def _fail(self, what: str) -> Callable[[str, int, Exception], Exception]:
+        def make(kind: str, attempts: int, exc: Exception) -> Exception:
+            cause = _one_line(next((e for e in _chain(exc) if _status(e) is not None), exc))
+            if kind == "missing":
+                return BadCheckpointError(f"{self.url}: {what}: no such directory")
+            if kind == "denied":
+                return BadCheckpointError(f"{self.url}: {what}: access denied: {cause}")
+            tries = f" after {attempts} attempts" if attempts > 1 else ""
+            return BadCheckpointError(f"{self.url}: {what}{tries}: {cause}")
+
+        return make
+
+    def is_directory(self) -> bool:
+        """Whether the URL names a directory (prefix); False for an object or nothing at all (the
+        object's reader then says what is wrong)."""
+        if self.fs is None:
+            return False
+        self.fs.invalidate_cache(self.path)  # what the store holds now, not what this process saw
+        missing = object()
+
+        def info() -> Any:
+            try:
+                return self.fs.info(self.path)
+            except FileNotFoundError:
+                return missing
+
+        found = _retrying(info, self._count, self._fail("cannot look it up"))
+        return found is not missing and isinstance(found, Mapping) and found.get("type") == "directory"
+
+    def entries(self) -> dict[str, bool]:
+        """Entry name -> whether it is a directory, from one listing."""
+        if self.fs is None:
+            raise BadCheckpointError(f"{self.url}: a {_protocol(self.url)}:// URL cannot be listed")
+        listed = _retrying(
+            lambda: self.fs.ls(self.path, detail=True, refresh=True), self._count, self._fail("cannot list")
+        )
+        out: dict[str, bool] = {}
+        for entry in listed:
+            name = str(entry.get("name", "")).rstrip("/").rsplit("/", 1)[-1]
+            if name:
+                out[name] = entry.get("type") == "directory"
+        return out
+
+    def child(self, name: str) -> RemoteDirectory:
+        return RemoteDirectory(join_url(self.url, name), self.storage_options)
+
+
+def _output_failure(url: str, what: str) -> Callable[[str, int, Exception], Exception]:
+    def make(kind: str, attempts: int, exc: Exception) -> Exception:
+        tries = f" after {attempts} attempts" if attempts > 1 else ""
+        return OutputError(f"{url}: {what}{tries}: {_one_line(exc)}")
+
+    return make
+
+
+def list_output(url: str, storage_options: Mapping[str, Any] | None = None) -> dict[str, bool]:
+    """What the directory (prefix) output `url` holds now: entry name -> whether it is a
+    directory; {} when it holds nothing. One listing, retried; OutputError when it fails."""
+    fs, path = filesystem(url, storage_options)
+    missing: dict[str, Any] = {}
+
+    def ls() -> Any:
+        try:
+            return fs.ls(path, detail=True, refresh=True)
+        except FileNotFoundError:
+            return missing
+
+    listed = _retrying(ls, lambda: None, _output_failure(url, "cannot list the output"))
+    out: dict[str, bool] = {}
+    for entry in listed or ():
+        name = str(entry.get("name", "")).rstrip("/").rsplit("/", 1)[-1]
+        if name:
+            out[name] = entry.get("type") == "directory"
+    return out
+
+
+def delete_object(url: str, storage_options: Mapping[str, Any] | None = None) -> None:
+    """Delete the object `url` (retried; one that is already gone is fine); OutputError when it fails."""
+    fs, path = filesystem(url, storage_options)
+
+    def rm() -> None:
+        try:
+            fs.rm_file(path)
+        except FileNotFoundError:
+            pass
+
+    _retrying(rm, lambda: None, _output_failure(url, "cannot delete"))

@@ -15,6 +15,12 @@ shard that does not hold it, or one a shard holds that it gives to another shard
 naming both. A tensor no entry lists, held by one shard only, is read (as huggingface_hub loads
 it) and said in a note.
 
+A URL index (`s3://.../model.safetensors.index.json`, `https://...`) is read the same way: its
+shards are the URLs of their names joined onto the index's directory with `/`, opened by
+:func:`~.source.open_source`. Opening a remote shard is one ranged GET of its first 100 kB, which
+holds its header: the shards are opened and read in up to :data:`REMOTE_THREADS` threads at once
+(however few `--jobs`), since those requests wait on the store's latency, not on this machine.
+
 Key order: the shards in the order the `weight_map` first names them; in each shard, its tensors
 in `weight_map` order, then any it holds that the index does not list, in the shard's order. For
 an index huggingface_hub wrote, whose `weight_map` follows the state_dict, that is the state_dict's
@@ -35,12 +41,13 @@ from ..errors import BadCheckpointError
 from .limits import brief, quote_name
 from .meta import RawCheckpoint
 from .safetensors_format import MAX_HEADER_BYTES, DuplicateKey, parse_header, unique_pairs
-from .source import Source
+from .source import Source, is_url, open_source
 from .threads import map_in_threads
 
 __all__ = ["MAX_INDEX_BYTES", "HfIndex", "Shard", "read_hf_sharded", "read_index", "read_shard"]
 
 MAX_INDEX_BYTES = 10 * 1024 * 1024  # huggingface_hub's MAX_INDEX_FILE_SIZE
+REMOTE_THREADS = 16  # remote shards opened (and their headers read) at once, whatever --jobs says
 
 # index name ending -> (shard extension, the formats its shards may have)
 INDEX_KINDS: dict[str, tuple[str, tuple[str, ...]]] = {
@@ -165,7 +172,7 @@ def read_shard(
             if header.lstrip(b" \t\r\n")[:1] == b"{":
                 tensors, metadata = parse_header(header, size - 8 - header_len, src.name, src, 8 + header_len)
                 return RawCheckpoint(
-                    path=os.path.abspath(src.name), format="safetensors", obj=tensors, metadata=metadata, source=src
+                    path=_full_name(src.name), format="safetensors", obj=tensors, metadata=metadata, source=src
                 )
     fmt = detect_format(src)  # a non-checkpoint is refused here, with a hint of what it is
     if fmt not in formats:
@@ -187,28 +194,36 @@ def _engine_reader(src: Source, formats: Sequence[str]) -> tuple[str, Any]:
     return raw.format, raw.obj
 
 
+def _full_name(name: str) -> str:
+    """A path made absolute; a URL as it is."""
+    return name if is_url(name) else os.path.abspath(name)
+
+
 def read_hf_sharded(
     index_path: str | os.PathLike[str],
     *,
     read: ReadShard = _engine_reader,
     threads: int = 1,
+    storage_options: Mapping[str, Any] | None = None,
 ) -> RawCheckpoint:
     """Read the sharded checkpoint whose index is `index_path` (see the module's docstring).
 
     `read` reads one shard (the engine's `read_shard` by default; the caller may add a fallback);
-    shards are read in `threads` threads. Returns a RawCheckpoint of format "hf-sharded" whose
+    shards are read in `threads` threads (remote ones: see REMOTE_THREADS). `index_path` may be a
+    URL (`storage_options` go to its fsspec filesystem). Returns a RawCheckpoint of format "hf-sharded" whose
     `obj` maps every tensor name to its tensor, `metadata` holds the ties the index records
     (dropped -> kept; the caller restores them) and `extras` holds "shards" (a `Shard` each),
     "tensor_files" (name -> shard), "sources" (every Source opened: the index's, closed, and one
     open Source per shard, which the caller owns from then on) and "notes" (lines for the user).
     """
     index_name = os.fspath(index_path)
-    with Source(index_name) as index_src:
+    with open_source(index_name, storage_options) as index_src:
         index = read_index(index_src)
-    directory = os.path.dirname(index_name)
+    if index_src.remote:
+        threads = max(threads, min(REMOTE_THREADS, len(index.shards)))
     sources: list[Source] = [index_src]
     try:
-        shard_sources = _open_shards(index, directory, sources)
+        shard_sources = _open_shards(index, _ShardNames(index_name, storage_options), sources, threads)
         results = _read_all(shard_sources, lambda src: read(src, index.formats), threads)
         for src, (fmt, _) in zip(shard_sources, results):
             if fmt not in index.formats:  # a fallback reader's word
@@ -224,7 +239,7 @@ def read_hf_sharded(
     ]
     extras = {"shards": shards, "tensor_files": tensor_files, "sources": sources, "notes": notes}
     return RawCheckpoint(
-        path=os.path.abspath(index_name),
+        path=_full_name(index_name),
         format="hf-sharded",
         obj=obj,
         metadata=dict(index.ties),
@@ -233,20 +248,44 @@ def read_hf_sharded(
     )
 
 
-def _open_shards(index: HfIndex, directory: str, sources: list[Source]) -> list[Source]:
-    """One Source per shard, in order (appended to `sources` as they open); two names of one file
-    are refused."""
+class _ShardNames:
+    """Where an index's shards are: its directory's path, or URL (names joined with `/`)."""
+
+    def __init__(self, index_name: str, storage_options: Mapping[str, Any] | None) -> None:
+        self.url = is_url(index_name)
+        self.directory = index_name.rpartition("/")[0] if self.url else os.path.dirname(index_name)
+        self.storage_options = storage_options
+
+    def open(self, name: str) -> Source:
+        if self.url:
+            from .remote import join_url
+
+            return open_source(join_url(self.directory, name), self.storage_options)
+        return Source(os.path.join(self.directory, name))
+
+
+def _open_shards(index: HfIndex, names: _ShardNames, sources: list[Source], threads: int) -> list[Source]:
+    """One Source per shard, in order (each appended to `sources` once it is open, for the
+    caller to close), in `threads` threads for a remote index; two names of one file are refused."""
+    import threading
+
+    lock = threading.Lock()
+
+    def open_one(name: str) -> Source:
+        src = names.open(name)
+        with lock:
+            sources.append(src)
+        return src
+
     opened: dict[tuple[int, int], str] = {}
-    out = []
-    for name in index.shards:
-        src = Source(os.path.join(directory, name))
-        sources.append(src)
+    out = map_in_threads(open_one, index.shards, threads if names.url else 1, "ckptsurgeon-open")
+    sources[len(sources) - len(out) :] = out  # in the index's order, whatever order they opened in
+    for name, src in zip(index.shards, out):
         if src.file_id in opened:
             raise BadCheckpointError(
                 f"{index.path}: the shard names {quote_name(opened[src.file_id])} and {quote_name(name)} are one file"
             )
         opened[src.file_id] = name
-        out.append(src)
     return out
 
 

@@ -71,8 +71,10 @@ def check_output(
         from ..engine.remote import check_remote_output
 
         if directory:
-            raise OutputError(f"{url}: a directory layout (hf, hf-bin, dcp) cannot be written to a URL yet")
+            from .targets import check_remote_directory
 
+            check_remote_directory(url, storage_options, force=force, inputs=[str(p) for p in inputs])
+            return
         check_remote_output(url, storage_options, force=force, inputs=[str(p) for p in inputs])
         return
     output = _local(output)

@@ -230,7 +230,7 @@ def load_checkpoint(
     """Load a checkpoint safely and locate its state_dict (see containers.find_state_dict).
 
     `path` is a checkpoint file, a Hugging Face index file, or a directory laid out as one
-    checkpoint (see `engine.layout.resolve_layout`), or the URL of a file (`s3://...`,
+    checkpoint (see `engine.layout.resolve_layout`), or the URL of any of them (`s3://...`,
     `https://...`), read by range requests (`storage_options` go to its fsspec filesystem).
     Tensors are engine TensorMeta leaves when the torch-free engine can read the file (no tensor
     data is read), torch tensors (mmap-backed where possible) otherwise. The shards of a directory
@@ -238,7 +238,7 @@ def load_checkpoint(
     `Checkpoint.close`).
     """
     path = path if isinstance(path, str) and is_url(path) else Path(path)
-    layout = Layout("file", path) if isinstance(path, str) else resolve_layout(path)
+    layout = resolve_layout(path, storage_options)
     read = _read_layout(
         layout,
         unsafe=unsafe,
@@ -247,6 +247,8 @@ def load_checkpoint(
         metadata_only=metadata_only,
         storage_options=storage_options,
     )
+    if read.sources:  # the requests that found the layout count with its first file
+        read.sources[0].requests += layout.requests
     try:
         container = read.container
         if read.format == "hf-sharded":
@@ -312,12 +314,14 @@ def _read_layout(
         from ..engine.dcp import read_dcp, read_dcp_metadata
 
         read_dir = read_dcp_metadata if metadata_only else read_dcp
-        return _several_files(read_dir(layout.path, allow_globals=allow_globals))
+        return _several_files(read_dir(layout.path, allow_globals=allow_globals, storage_options=storage_options))
     if layout.kind == "hf-sharded":
         from ..engine.sharded import read_hf_sharded
 
         reader = functools.partial(_read_shard, unsafe=unsafe, allow_globals=allow_globals)
-        return _several_files(read_hf_sharded(layout.path, read=reader, threads=threads))
+        return _several_files(
+            read_hf_sharded(layout.path, read=reader, threads=threads, storage_options=storage_options)
+        )
     src = open_source(layout.path, storage_options)
     try:
         fmt, obj, engine, metadata = _read_source(src, unsafe=unsafe, allow_globals=allow_globals)

@@ -1,7 +1,8 @@
 """Saving a checkpoint: torch.save's zip format or safetensors (storage records copied byte for
 byte when the engine read them), one file through :func:`~.atomic.atomic_output`, or a directory
-layout (the Hub's safetensors or `.bin` shards with their index; DCP) through
-:func:`~.atomic.atomic_directory`; optionally read back and compared (`verify`)."""
+layout (the Hub's safetensors or `.bin` shards with their index; DCP) through a
+:class:`~.targets.DirectoryTarget` (local: `atomic_directory`; a URL: file by file, the index
+last); optionally read back and compared (`verify`)."""
 
 from __future__ import annotations
 
@@ -21,11 +22,12 @@ from ..engine.threads import map_in_threads
 from ..errors import CheckpointError, EngineUnsupported, OutputError, UsageError
 from ..ranks import Team, team_directory, world
 from ..tensors import is_tensor
-from .atomic import atomic_directory, atomic_output, joined_directory
+from .atomic import atomic_output
 from .load import Checkpoint, _debug, _read_source, as_torch, iter_tensors
 
 if TYPE_CHECKING:
     from ..engine.safetensors_write import Entry
+    from .targets import DirectoryTarget
 
 
 def with_state_dict(ckpt: Checkpoint, state_dict: Mapping[str, Any]) -> Any:
@@ -170,14 +172,24 @@ def write_checkpoint(
     `verify`, every written file is read back and compared with `obj` before it replaces the
     destination. `progress` is called with byte counts as tensors are written. `unsafe` and
     `allow_globals` are what reading the output back may use (as for the input). `output` may be a
-    URL (`s3://...`, a single file): written locally, then uploaded whole (`storage_options`).
+    URL (`s3://...`): a single file is written locally, then uploaded whole; a directory layout
+    is uploaded file by file, the index last (`storage_options` go to fsspec).
     """
     fmt = output_format(output, format, max_shard_size)
     dest: Any = output if isinstance(output, str) and is_url(output) else Path(output)
     read_back = _ReadBack(verify, unsafe, frozenset(allow_globals))
     if fmt.is_directory:
         return _write_directory(
-            obj, dest, fmt, safetensors_metadata, read_back, progress, max_shard_size, max(1, threads), force
+            obj,
+            dest,
+            fmt,
+            safetensors_metadata,
+            read_back,
+            progress,
+            max_shard_size,
+            max(1, threads),
+            force,
+            storage_options,
         )
     notes: list[str] = []
     safetensors = fmt is OutputFormat.safetensors
@@ -202,7 +214,7 @@ class _ReadBack(NamedTuple):
     unsafe: bool
     allow_globals: frozenset[str]
 
-    def check(self, intended: Any, written: Path, output: Path, *, by_key: bool) -> None:
+    def check(self, intended: Any, written: Path, output: Path | str, *, by_key: bool) -> None:
         if self.verify:
             _verify_written(
                 intended, written, output, by_key=by_key, unsafe=self.unsafe, allow_globals=self.allow_globals
@@ -302,10 +314,14 @@ def _write_directory(
     max_shard_size: str | int | None,
     threads: int,
     force: bool,
+    storage_options: Mapping[str, Any] | None = None,
 ) -> Written:
-    """A directory layout, written into a temporary directory that then replaces `dest`."""
+    """A directory layout, written through a directory target (see `targets.directory_target`):
+    the shards (by `threads` threads; under torchrun, this rank's share of them), then the index."""
     if fmt is OutputFormat.dcp:
-        return Written(fmt, [], _write_dcp(obj, dest, force, max_shard_size, _locked(progress)), world().size)
+        return Written(
+            fmt, [], _write_dcp(obj, dest, force, max_shard_size, _locked(progress), storage_options), world().size
+        )
     _check_tensors_only(obj, dest, fmt)
     limit = parse_size(max_shard_size if max_shard_size is not None else DEFAULT_MAX_SHARD_SIZE)
     sd: OrderedDict[str, Any] = OrderedDict(obj)
@@ -333,39 +349,57 @@ def _write_directory(
             _write_pt(OrderedDict((k, sd[k]) for k in keys), f, Path(name), advance)
 
     advance = _locked(progress)
-    # under torchrun each rank writes its share of the shards into one directory (see `ranks`)
-    with _team(dest, force) as team:
-        tmp = team.directory
+    # under torchrun each rank writes its share of the shards (see `ranks`), rank 0 the index
+    with _team(dest, force, storage_options) as team:
+        target = team.directory
 
         def one(item: tuple[str, list[str]]) -> tuple[str, int]:
             name, keys = item
-            size = _write_file(tmp / name, lambda f: write_shard(keys, f, str(dest / name)))
+            where = target.location(name)
+
+            def check(path: Path) -> None:  # --verify: the shard reads back as meant, before it is added
+                read_back.check(OrderedDict((k, sd[k]) for k in keys), path, where, by_key=True)
+
+            size = target.write_file(
+                name, lambda f: write_shard(keys, f, where), check=check if read_back.verify else None
+            )
             return name, size
 
         mine = [plan.files[i] for i in team.mine([_shard_bytes(sd, keys) for _, keys in plan.files])]
         done = map_in_threads(one, mine, threads, "ckptsurgeon-shard")
-        if read_back.verify:
-            for name, keys in mine:
-                shard = OrderedDict((k, sd[k]) for k in keys)
-                read_back.check(shard, tmp / name, dest / name, by_key=True)
         sizes = {name: size for rank_done in team.gather(done) for name, size in rank_done}
         files = [(name, sizes[name]) for name, _ in plan.files]
-        if team.writes_index and plan.is_sharded:
-            index = {"metadata": {"total_size": plan.total_size, **index_metadata}, "weight_map": plan.weight_map()}
-            index_name = plan.files[0][0].split("-", 1)[0] + (".safetensors" if fmt is OutputFormat.hf else ".bin")
-            index_name += ".index.json"
-            import json
+        if team.writes_index:
+            layout = [name for name, _ in files]
+            if not plan.is_sharded:
+                target.commit(layout=layout)
+            else:
+                index = {
+                    "metadata": {"total_size": plan.total_size, **index_metadata},
+                    "weight_map": plan.weight_map(),
+                }
+                index_name = plan.files[0][0].split("-", 1)[0]
+                index_name += (".safetensors" if fmt is OutputFormat.hf else ".bin") + ".index.json"
+                import json
 
-            text = json.dumps(index, indent=2).encode("utf-8")
-            files.append((index_name, _write_file(tmp / index_name, lambda f: f.write(text))))
+                text = json.dumps(index, indent=2).encode("utf-8")
+                files.append((index_name, target.commit(index_name, lambda f: f.write(text), layout=layout)))
     return Written(fmt, notes, files, team.world.size)
 
 
-def _team(dest: Path, force: bool) -> AbstractContextManager[Team[Path]]:
-    """The ranks writing `dest` (see `ranks.team_directory`): one process, or under torchrun every
-    rank into the temporary directory of rank 0's `atomic_directory`."""
+def _team(
+    dest: Path | str, force: bool, storage_options: Mapping[str, Any] | None
+) -> AbstractContextManager[Team[DirectoryTarget]]:
+    """The ranks writing `dest` (see `ranks.team_directory`) through one directory target: one
+    process, or under torchrun every rank into rank 0's (its temporary directory, or its prefix
+    of a remote store), rank 0 alone committing the index."""
+    from .targets import directory_target, member_target
+
     return team_directory(
-        world(), lambda: atomic_directory(dest, force=force), join=lambda temp: joined_directory(dest, temp)
+        world(),
+        lambda: directory_target(dest, force=force, storage_options=storage_options),
+        share=lambda target: target.shared,
+        join=lambda shared: member_target(dest, shared, storage_options),
     )
 
 
@@ -377,15 +411,17 @@ def _shard_bytes(sd: Mapping[str, Any], keys: Sequence[str]) -> int:
 
 def _write_dcp(
     obj: Any,
-    dest: Path,
+    dest: Path | str,
     force: bool,
     max_shard_size: str | int | None,
     progress: Callable[[int], None] | None,
+    storage_options: Mapping[str, Any] | None,
 ) -> list[tuple[str, int]]:
     """torch.distributed.checkpoint's layout, its data in files of at most `max_shard_size` tensor
-    bytes (one file without it), written into a temporary directory that then replaces `dest`;
-    returns its files (name, bytes), `.metadata` last. Under torchrun each rank writes its share
-    of the data files and rank 0 `.metadata`, once every rank is done."""
+    bytes (one file without it), written through a directory target (made in its staging
+    directory, then added), `.metadata` last; returns its files (name, bytes) in that order. Under
+    torchrun each rank writes its share of the data files and rank 0 `.metadata`, once every rank
+    is done."""
     from ..engine.dcp_write import METADATA, Placed, plan_dcp, write_dcp_files, write_dcp_metadata
 
     limit = parse_size(max_shard_size) if max_shard_size is not None else None
@@ -393,13 +429,17 @@ def _write_dcp(
         plan = plan_dcp(obj, limit)
     except EngineUnsupported as exc:
         raise UsageError(f"cannot write this checkpoint as dcp: {exc}") from None
-    with _team(dest, force) as team:
-        placed, sizes = write_dcp_files(plan, team.mine(plan.sizes), str(team.directory), progress=progress)
+    with _team(dest, force, storage_options) as team:
+        target = team.directory
+        placed, sizes = write_dcp_files(plan, team.mine(plan.sizes), str(target.staging), progress=progress)
+        for name, _ in sizes:
+            target.add_file(name, target.staging / name)
         everyone = team.gather((placed, sizes))
         files = sorted((name, size) for _, rank_sizes in everyone for name, size in rank_sizes)
         if team.writes_index:
             every_item = [Placed(*p) for rank_placed, _ in everyone for p in rank_placed]
-            files.append((METADATA, write_dcp_metadata(plan, every_item, str(team.directory))))
+            write_dcp_metadata(plan, every_item, str(target.staging))
+            files.append((METADATA, target.commit(METADATA, layout=[name for name, _ in files])))
     return files
 
 
@@ -416,19 +456,6 @@ def _locked(progress: Callable[[int], None] | None) -> Callable[[int], None] | N
             progress(n)
 
     return advance
-
-
-def _write_file(path: Path, write: Callable[[BinaryIO], object]) -> int:
-    """Create `path` (new), write it with `write`, fsync it; returns its size."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o666)
-    try:
-        with os.fdopen(fd, "wb", closefd=False) as f:
-            write(f)
-            f.flush()
-        os.fsync(fd)
-        return os.fstat(fd).st_size
-    finally:
-        os.close(fd)
 
 
 def _check_tensors_only(obj: Any, output: Path, fmt: OutputFormat) -> None:
