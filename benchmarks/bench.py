@@ -61,6 +61,11 @@ GROUPS = (
     "hfdiff",
     "stats",
     "dtype",
+    # remote checkpoints on a loopback S3 server, and multi-node writes (issue 12)
+    "remoteinspect",
+    "remoteextract",
+    "remotehf",
+    "torchrun",
 )
 HF_SHARDS = 40  # the HF directories: max_shard_size = size / 40 (50 shards of two 20 MB tensors at 2 GB)
 HF_OUT_SHARD = "500MB"  # `extract -o DIR/ --max-shard-size` (scaled with --size, see shard_size())
@@ -202,6 +207,93 @@ for k in a:
         print(f"{k}: {x.dtype} {tuple(x.shape)} vs {y.dtype} {tuple(y.shape)}, values differ")
         sys.exit(1)
 print(f"{len(a)} tensors {'equal' if mode == 'equal' else 'allclose'}")
+"""
+
+# the remote ways (issue 12): fsspec and the ecosystem's loaders, against the loopback S3 server
+
+REMOTE_GET_LOAD = """\
+import os, sys, fsspec, torch
+fs, path = fsspec.core.url_to_fs(sys.argv[1])
+local = sys.argv[2]
+fs.get(path, local)
+try:
+    for k, v in torch.load(local, weights_only=True, mmap=True).items():
+        print(k, tuple(v.shape), v.dtype)
+finally:
+    os.unlink(local)
+"""
+
+REMOTE_GET_HF = """\
+import json, os, shutil, sys, fsspec
+from safetensors import safe_open
+fs, path = fsspec.core.url_to_fs(sys.argv[1])
+local = sys.argv[2]
+fs.get(path.rstrip("/") + "/", local, recursive=True)
+try:
+    index = json.load(open(os.path.join(local, "model.safetensors.index.json")))
+    for name in sorted(set(index["weight_map"].values())):
+        with safe_open(os.path.join(local, name), "pt") as f:
+            for k in f.keys():
+                s = f.get_slice(k)
+                print(k, tuple(s.get_shape()), s.get_dtype())
+finally:
+    shutil.rmtree(local, ignore_errors=True)
+"""
+
+REMOTE_GET = """\
+import sys, fsspec
+fs, path = fsspec.core.url_to_fs(sys.argv[1])
+fs.get(path, sys.argv[2])
+"""
+
+REMOTE_RANGES = """\
+import json, sys, fsspec
+fs, path = fsspec.core.url_to_fs(sys.argv[1])
+ranges = json.loads(sys.argv[3])
+parts = fs.cat_ranges([path] * len(ranges), [a for a, _ in ranges], [b for _, b in ranges])
+with open(sys.argv[2], "wb") as f:
+    for part in parts:
+        f.write(part)
+"""
+
+REMOTE_FLOOR = """\
+import sys, fsspec
+fs, path = fsspec.core.url_to_fs(sys.argv[1])
+print(fs.info(path)["size"])
+"""
+
+VERIFY_SUBSET = """\
+import fnmatch, sys, torch
+mine = torch.load(sys.argv[1], weights_only=True, mmap=True)
+whole = torch.load(sys.argv[2], weights_only=True, mmap=True)
+want = [k for k in whole if fnmatch.fnmatchcase(k, sys.argv[3])]
+if list(mine) != want:
+    print(f"keys differ: {list(mine)[:3]} vs {want[:3]}"); sys.exit(1)
+for k in want:
+    if mine[k].dtype != whole[k].dtype or not torch.equal(mine[k], whole[k]):
+        print(f"{k} differs"); sys.exit(1)
+print(f"{len(want)} tensors equal to a.pt's")
+"""
+
+S3_SERVER = """\
+import sys
+from moto.server import ThreadedMotoServer
+server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=True)
+server.start()
+print(server.get_host_and_port()[1], flush=True)
+sys.stdin.read()  # until the benchmark closes this pipe
+server.stop()
+"""
+
+S3_UPLOAD = """\
+import os, sys, s3fs
+fs = s3fs.S3FileSystem()
+if not fs.exists(sys.argv[2].split("/")[0]):
+    fs.mkdir(sys.argv[2].split("/")[0])
+if os.path.isdir(sys.argv[1]):
+    fs.put(sys.argv[1].rstrip("/") + "/", sys.argv[2].rstrip("/") + "/", recursive=True)
+else:
+    fs.put_file(sys.argv[1], sys.argv[2])
 """
 
 GENERATE = r"""
@@ -427,6 +519,73 @@ def _rchar(pid: int) -> int | None:
 
 
 # --------------------------------------------------------------------------------------------
+# the loopback S3 server of the remote groups
+
+
+class LoopbackS3:
+    """moto's S3 server in a child process on 127.0.0.1, which logs every request it serves (the
+    `requests` figures count the lines of that log). Objects are uploaded once, by s3fs in a child."""
+
+    BUCKET = "bench"
+
+    def __init__(self, workdir: Path, env: dict[str, str]) -> None:
+        self.log_path = workdir / "s3-requests.log"
+        self.log = open(self.log_path, "w")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", S3_SERVER],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self.log,
+            text=True,
+            env=env,
+            start_new_session=True,
+        )
+        assert self.proc.stdout is not None
+        port = ""
+        for _ in range(5):  # moto says "Starting a new Thread ..." first
+            port = self.proc.stdout.readline().strip()
+            if port.isdigit() or not port:
+                break
+        if not port.isdigit():
+            self.close()
+            raise RuntimeError(f"the S3 server did not start: {self.log_path.read_text()[-500:]}")
+        self.endpoint = f"http://127.0.0.1:{port}"
+        self.env = {
+            "AWS_ACCESS_KEY_ID": "bench",
+            "AWS_SECRET_ACCESS_KEY": "bench",
+            "AWS_DEFAULT_REGION": "us-east-1",
+            "AWS_ENDPOINT_URL": self.endpoint,
+        }
+        self.uploaded: dict[str, str] = {}
+
+    def url(self, local: Path, env: dict[str, str]) -> str:
+        """`s3://bench/NAME` holding `local` (a file, or a directory's files), uploaded on first use."""
+        if local.name not in self.uploaded:
+            key = f"{self.BUCKET}/{local.name}" + ("/" if local.is_dir() else "")
+            t = time.perf_counter()
+            subprocess.run([sys.executable, "-c", S3_UPLOAD, str(local), key], env=env, check=True)
+            log(f"uploaded {local.name} to the loopback S3 server in {time.perf_counter() - t:.1f} s")
+            self.uploaded[local.name] = f"s3://{key}"
+        return self.uploaded[local.name]
+
+    def requests(self) -> int:
+        """Requests served so far (one log line each)."""
+        self.log.flush()
+        return sum(1 for line in self.log_path.read_text().splitlines() if re.search(r'"(GET|HEAD|PUT|POST) ', line))
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            if self.proc.stdin:
+                self.proc.stdin.close()
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            _kill_group(self.proc.pid)
+            self.proc.wait()
+        self.log.close()
+
+
+# --------------------------------------------------------------------------------------------
 # page cache: warm files, evict them, count their resident pages (mincore)
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
@@ -594,6 +753,19 @@ class Bench:
         self.env = dict(os.environ, COLUMNS="250", PYTHONDONTWRITEBYTECODE="1", NO_COLOR="1")
         self.env.pop("PYTHONSTARTUP", None)
         self.outputs: set[Path] = set()
+        self._s3: LoopbackS3 | None = None
+
+    def s3(self) -> LoopbackS3:
+        """The loopback S3 server (started on first use; its AWS_* go to every child from then on)."""
+        if self._s3 is None:
+            self._s3 = LoopbackS3(self.workdir, self.env)
+            self.env.update(self._s3.env)
+        return self._s3
+
+    def close(self) -> None:
+        if self._s3 is not None:
+            self._s3.close()
+            self._s3.log_path.unlink(missing_ok=True)
 
     def p(self, name: str) -> Path:
         return self.workdir / name
@@ -1107,11 +1279,231 @@ class Bench:
         rep.targets.append(speedup(rc, rf, 1.0, "extract --dtype at least as fast as torch.load + .to() + torch.save"))
         return rep
 
+    # ---- remote checkpoints and multi-node writes (issue 12)
+
+    def served(self, rep: GroupReport, case: Case) -> tuple[int | None, Any]:
+        """(requests the S3 server saw, --json or None) for one more run of `case`."""
+        s3 = self.s3()
+        before = s3.requests()
+        run = self.once(case)
+        if run.returncode != case.expect_rc:
+            rep.notes.append(f"{case.label}: the counting run failed (exit {run.returncode})")
+            return None, None
+        doc = None
+        with contextlib.suppress(ValueError):
+            doc = json.loads(run.stdout)
+        return s3.requests() - before, doc
+
+    def group_remoteinspect(self) -> GroupReport:
+        a = self.p("a.pt")
+        url = self.s3().url(a, self.env)
+        size = a.stat().st_size
+        rep = GroupReport("remoteinspect", f"inspect of a remote {fmt_size(size)} .pt on a loopback S3 server")
+        keys = ("encoder.layers.0.weight", f"encoder.layers.{N_TENSORS - 1}.weight")
+        cli = Case(f"ckptsurgeon inspect {url}", self.ck("inspect", url), "cli", expect_stdout=keys)
+        local = self.workdir / "download-a.pt"
+        get = Case(
+            "fs.get + torch.load(mmap=True) + keys",
+            [self.py, "-c", REMOTE_GET_LOAD, url, str(local)],
+            "mmap",
+            expect_stdout=keys,
+        )
+        self.measure(rep, [cli, get])
+        requests, doc = self.served(rep, Case(cli.label, [*cli.argv, "--json"], "info"))
+        get_requests, _ = self.served(rep, get)
+        got = doc.get("bytes_read") if isinstance(doc, dict) else None
+        rep.notes.append(
+            f"ckptsurgeon: {fmt_size(got)} read in {doc.get('requests') if doc else '?'} requests (--json), "
+            f"{requests} requests served; fs.get way: {fmt_size(size)} read, {get_requests} requests served"
+        )
+        rep.targets.append(
+            Target("inspect reads < 1 MB", got is not None and got < 1e6, f"{fmt_size(got)} of {fmt_size(size)}")
+        )
+        rep.targets.append(
+            Target("inspect takes ≤ 4 requests", requests is not None and requests <= 4, f"{requests} (server count)")
+        )
+        rep.targets.append(speedup(rep.get("cli"), rep.get("mmap"), 1.0, "inspect faster than download + torch.load"))
+        return rep
+
+    def selected_ranges(self, path: Path, first: int, last: int) -> list[tuple[int, int]]:
+        """Byte ranges of the records of tensors first..last of a.pt: torch.save numbers a
+        dict's storages in the order it pickles them, so record `data/i` holds layer i."""
+        import zipfile
+
+        ranges = []
+        with open(path, "rb") as f, zipfile.ZipFile(f) as z:
+            prefix = z.namelist()[0].split("/")[0]
+            for i in range(first, last + 1):
+                info = z.getinfo(f"{prefix}/data/{i}")
+                f.seek(info.header_offset)
+                head = f.read(30)
+                start = (
+                    info.header_offset
+                    + 30
+                    + int.from_bytes(head[26:28], "little")
+                    + int.from_bytes(head[28:30], "little")
+                )
+                ranges.append((start, start + info.file_size))
+        return ranges
+
+    def group_remoteextract(self) -> GroupReport:
+        a = self.p("a.pt")
+        url = self.s3().url(a, self.env)
+        size = a.stat().st_size
+        ranges = self.selected_ranges(a, 10, 19)
+        selected = sum(b - s for s, b in ranges)
+        rep = GroupReport(
+            "remoteextract",
+            f"extract 10% (-i '{EXTRACT_PATTERN}': {fmt_size(selected)}) of a remote {fmt_size(size)} .pt"
+            " to a local file",
+        )
+        o = self.out("remoteextract-cli")
+        cli = Case(
+            f"ckptsurgeon extract {url} -i PATTERN", self.ck("extract", url, "-o", o, "-i", EXTRACT_PATTERN), "cli", o
+        )
+        oref = self.out("remoteextract-ranges", ".bin")
+        ref = Case(
+            "fs.cat_ranges of the selected bytes (reference)",
+            [self.py, "-c", REMOTE_RANGES, url, str(oref), json.dumps(ranges)],
+            "ref",
+            oref,
+        )
+        owhole = self.out("remoteextract-get")
+        whole = Case("fs.get of the whole object", [self.py, "-c", REMOTE_GET, url, str(owhole)], "info", owhole)
+        floor = Case("fs.info of the object (the S3 client's own RSS)", [self.py, "-c", REMOTE_FLOOR, url], "floor")
+        self.measure(rep, [cli, ref, whole, floor])
+        check = self.meter.run(
+            [self.py, "-c", VERIFY_SUBSET, str(o), str(a), EXTRACT_PATTERN], env=self.env, cwd=self.workdir
+        )
+        rep.targets.append(
+            Target(
+                "output equals a.pt's selected tensors (bit for bit)",
+                check.returncode == 0,
+                check.stdout.strip() or (check.stderr.strip().splitlines() or ["?"])[-1],
+            )
+        )
+        requests, doc = self.served(rep, Case(cli.label, [*cli.argv, "--json", "--force"], "info", o))
+        ref_requests, _ = self.served(rep, ref)
+        got = doc.get("bytes_read") if isinstance(doc, dict) else None
+        rep.notes.append(
+            f"ckptsurgeon: {fmt_size(got)} read, {requests} requests served; cat_ranges: {fmt_size(selected)} read, "
+            f"{ref_requests} requests served"
+        )
+        rc, rw, rf = rep.get("cli"), rep.get("info"), rep.get("floor")
+        if rc and rw and rc.ok and rw.ok and rc.median and rw.median:
+            rep.notes.append(f"against fs.get of the whole object: {rw.median / rc.median:.1f}× faster")
+        rep.targets.append(
+            ratio_below(rc, rep.get("ref"), 1.3, "extract 10% ≤ 1.3× the time of fs.cat_ranges of the selected bytes")
+        )
+        rep.targets.append(rss_below(rc, 64 * MiB, "extract peak RSS ≤ 64 MiB"))
+        if rf is not None and rf.maxrss is not None:
+            target = rss_below(rc, rf.maxrss + 64 * MiB, "extract peak RSS ≤ 64 MiB above the S3 client's own")
+            target.measured += f" (the client alone: {fmt_rss(rf.maxrss)})"
+            rep.targets.append(target)
+        return rep
+
+    def group_remotehf(self) -> GroupReport:
+        hf = self.p("hf-a")
+        url = self.s3().url(hf, self.env)
+        shards = len(list(hf.glob("*.safetensors")))
+        rep = GroupReport(
+            "remotehf", f"inspect of a remote HF directory ({shards} shards, {fmt_size(tree_size(hf))}) on loopback S3"
+        )
+        key = ("encoder.layers.0.weight",)
+        cli = Case(f"ckptsurgeon inspect {url}", self.ck("inspect", url), "cli", expect_stdout=key)
+        get = Case(
+            "fs.get -r + safetensors keys",
+            [self.py, "-c", REMOTE_GET_HF, url, str(self.workdir / "download-hf")],
+            "mmap",
+            expect_stdout=key,
+        )
+        self.measure(rep, [cli, get])
+        requests, doc = self.served(rep, Case(cli.label, [*cli.argv, "--json"], "info"))
+        get_requests, _ = self.served(rep, get)
+        got = doc.get("bytes_read") if isinstance(doc, dict) else None
+        index = hf / "model.safetensors.index.json"
+        limit = index.stat().st_size + sum(8 + int.from_bytes(_head(f), "little") for f in hf.glob("*.safetensors"))
+        rep.notes.append(
+            f"ckptsurgeon: {fmt_size(got)} read, {requests} requests served; fs.get way: "
+            f"{fmt_size(tree_size(hf))} read, {get_requests} requests served"
+        )
+        rep.targets.append(
+            Target(
+                "bytes_read ≤ the index plus the shard headers (+ 100 kB first reads)",
+                got is not None and got <= limit + (shards + 1) * 100_000,
+                f"{fmt_size(got)} read; index + headers = {fmt_size(limit)}",
+            )
+        )
+        rep.targets.append(
+            Target(
+                f"≤ {shards + 4} requests (the listing, the index, one per shard header)",
+                requests is not None and requests <= shards + 4,
+                f"{requests} (server count)",
+            )
+        )
+        rep.targets.append(speedup(rep.get("cli"), rep.get("mmap"), 1.0, "inspect faster than download + keys"))
+        return rep
+
+    def group_torchrun(self) -> GroupReport:
+        a = self.p("a.pt")
+        shard = shard_size(self.args.size)
+        rep = GroupReport(
+            "torchrun", f"extract a.pt -o DIR/ --format hf --max-shard-size {shard}: 2 torchrun ranks against 1 process"
+        )
+        o2, o1 = self.out("torchrun-2", ""), self.out("torchrun-1", "")
+        args = ["extract", str(a), "--format", "hf", "--max-shard-size", shard]
+        two = Case(
+            "torchrun --standalone --nproc-per-node 2 -m ckptsurgeon extract",
+            [
+                self.py,
+                "-m",
+                "torch.distributed.run",
+                "--standalone",
+                "--nproc-per-node",
+                "2",
+                "-m",
+                "ckptsurgeon",
+                *args,
+                "-o",
+                f"{o2}/",
+            ],
+            "cli",
+            o2,
+        )
+        one = Case("ckptsurgeon extract (1 process)", self.ck(*args, "-o", f"{o1}/"), "ref", o1)
+        self.measure(rep, [two, one])
+        res2, res1 = rep.get("cli"), rep.get("ref")
+        same = False
+        detail = "not compared: a run failed"
+        if res2 and res1 and res2.ok and res1.ok and self.once(one).returncode == 0:  # `measure` removed its output
+            names2 = sorted(p.name for p in o2.iterdir())
+            names1 = sorted(p.name for p in o1.iterdir())
+            differ = [n for n in names1 if n not in names2 or not _same_file(o1 / n, o2 / n)]
+            same = names1 == names2 and not differ
+            detail = f"{len(names1)} files identical" if same else f"files differ: {(differ or names2)[:3]}"
+        rep.targets.append(Target("2-rank output byte-identical to the 1-process output", same, detail))
+        rep.targets.append(ratio_below(res2, res1, 1.0, "2 ranks no slower than 1 process"))
+        remove(o1)
+        return rep
+
 
 def _head(path: Path) -> bytes:
     """The 8-byte header length of a safetensors file."""
     with open(path, "rb") as f:
         return f.read(8)
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    """Byte equality of two files, read 1 MiB at a time."""
+    if a.stat().st_size != b.stat().st_size:
+        return False
+    with open(a, "rb") as fa, open(b, "rb") as fb:
+        while True:
+            x, y = fa.read(MiB), fb.read(MiB)
+            if x != y:
+                return False
+            if not x:
+                return True
 
 
 def shard_size(total: int) -> str:
@@ -1377,6 +1769,10 @@ def needed_files(groups: Sequence[str]) -> list[str]:
         "hfdiff": ["a.pt", "b.pt", "hf-a", "hf-b"],
         "stats": ["a.pt"],
         "dtype": ["a.pt"],
+        "remoteinspect": ["a.pt"],
+        "remoteextract": ["a.pt"],
+        "remotehf": ["a.pt", "hf-a"],
+        "torchrun": ["a.pt"],
     }
     for g in groups:
         for name in want.get(g, []):
@@ -1620,6 +2016,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 log(f"wrote {args.markdown}")
     finally:
         meter.close()
+        bench.close()
         for path in bench.outputs:
             remove(path)
         if not args.keep:

@@ -7,6 +7,11 @@ thread reading the same bytes while the kernel copies them. Holes of a sparse so
 the output. The kernel is asked to start writing the output to disk as the copy progresses, so
 that the final fsync waits only for the rest. Every byte read is counted on its Source. Memory use
 does not grow with the tensors. POSIX only (pread/pwrite).
+
+A remote source has no descriptor to copy from: the writer says beforehand which ranges it will
+copy (:class:`ReadAhead`), and they are read ahead of it, a few ranged GETs at a time (`--jobs`),
+records next to each other in one request, each answer streamed through a bounded window. The
+writer copies from a remote and a local source by the same `Copier.copy`, in the same order.
 """
 
 from __future__ import annotations
@@ -15,13 +20,17 @@ import contextlib
 import errno
 import os
 import threading
-from collections.abc import Iterable, Iterator
-from typing import Any
+from collections import deque
+from collections.abc import Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, NamedTuple, cast
 
 from ckptsurgeon.engine.crc import crc32, crc32_zeros
 from ckptsurgeon.engine.meta import StorageMeta
 from ckptsurgeon.engine.source import Source
 from ckptsurgeon.errors import BadCheckpointError, EngineUnsupported, OutputError
+
+if TYPE_CHECKING:
+    from ckptsurgeon.engine.remote import RemoteSource
 
 CHUNK = 16 << 20  # the buffer of small writes is issued at this size
 _BUFFER = 4 << 20  # one pread (CRC-32 alongside a kernel copy, or a copy through memory): a writer per
@@ -29,6 +38,11 @@ _BUFFER = 4 << 20  # one pread (CRC-32 alongside a kernel copy, or a copy throug
 _KERNEL_COPY_CHUNK = 64 << 20  # one copy_file_range call; writeback is started between calls
 _WRITEBACK_STEP = 16 << 20  # start writing the output to disk every this many bytes
 _THREADED_CRC_MIN = 8 << 20  # below this a thread costs more than it saves
+AHEAD_WINDOW = 8 << 20  # bytes one request may have read ahead of the writer ...
+AHEAD_STREAMS = 4  # ... with this many requests at a time at most: 32 MiB (a writer per thread of a
+# sharded output reads one request at a time: eight threads stay within 64 MiB)
+MERGE_GAP = 1 << 16  # ranges this close (a zip record's header and descriptor apart) share a request ...
+REQUEST_MAX = 64 << 20  # ... of at most this many bytes (a bigger range has a request of its own)
 
 
 def check_posix() -> None:
@@ -98,8 +112,9 @@ def check_sources(needs: Iterable[tuple[StorageMeta, int]], out_fd: int, out_nam
 class Copier:
     """Appends bytes to a file descriptor: small writes buffered, source ranges copied."""
 
-    def __init__(self, fd: int):
+    def __init__(self, fd: int, ahead: ReadAhead | None = None):
         self.fd = fd
+        self.ahead = ahead  # the remote ranges `copy` is given, read in advance
         self.pos = 0  # logical end of the output, including `pending`
         self.pending = bytearray()  # small writes not yet issued
         self.buffer: memoryview | None = None
@@ -150,6 +165,14 @@ class Copier:
         """
         self.flush()
         crc = 0
+        if src.fd is None and self.ahead is not None and length:
+            for piece in self.ahead.take(src.source, offset, length):
+                if want_crc:
+                    crc = crc32(piece, crc)
+                pwrite_all(self.fd, piece, self.pos)
+                self.pos += len(piece)
+                self.start_writeback(self.pos)
+            return crc
         for seg_offset, seg_length, is_hole in src.segments(offset, length):
             if is_hole:
                 if want_crc:
@@ -228,6 +251,205 @@ class Copier:
             self.start_writeback(out_pos + done)
         if done < length:
             self._copy_with_crc(src, offset + done, length - done, out_pos + done, 0)  # CRC unused
+
+
+# -- reading remote ranges ahead of the writer ----------------------------------------------------
+
+
+class _Request(NamedTuple):
+    """One ranged GET: bytes [lo, hi) of `source`, which hold `ranges` ((offset, length), in
+    order) and whatever lies between them (records' headers and data descriptors)."""
+
+    source: Any  # a RemoteSource (engine.remote is imported only when a URL is read)
+    lo: int
+    hi: int
+    ranges: list[tuple[int, int]]
+
+
+def plan_requests(ranges: Sequence[tuple[Source, int, int]]) -> list[_Request]:
+    """The requests that read `ranges` of remote sources, in the order given: a range that starts
+    at most MERGE_GAP after the previous one ends, in the same source, shares its request (up to
+    REQUEST_MAX bytes); a request also covers the bytes that the deferred checks of its ranges
+    read (local headers, data descriptors) when they lie within NEAR of it."""
+    from .remote import NEAR
+
+    groups: list[tuple[Source, list[tuple[int, int]]]] = []
+    for source, offset, length in ranges:
+        if not source.remote or length <= 0:
+            continue
+        if groups:
+            last_source, last = groups[-1]
+            first, end = last[0][0], last[-1][0] + last[-1][1]
+            if last_source is source and end <= offset <= end + MERGE_GAP and offset + length - first <= REQUEST_MAX:
+                last.append((offset, length))
+                continue
+        groups.append((source, [(offset, length)]))
+    requests = []
+    for source, group in groups:
+        start, end = group[0][0], group[-1][0] + group[-1][1]
+        spans = cast("RemoteSource", source).check_spans(start, end)
+        lo = min([start] + [s for s, _ in spans if start - NEAR <= s < start])
+        hi = min(source.size, max([end] + [e for _, e in spans if end < e <= end + NEAR]))
+        requests.append(_Request(source, lo, hi, group))
+    return requests
+
+
+def read_ahead(ranges: Sequence[tuple[Source, int, int]], streams: int) -> ReadAhead | None:
+    """A ReadAhead of `ranges` ((source, offset, length), in the order they will be copied), or
+    None when no source is remote (a local file is copied in the kernel as it comes)."""
+    return ReadAhead(ranges, streams) if any(source.remote for source, _, _ in ranges) else None
+
+
+class ReadAhead:
+    """The remote ranges a writer will copy, read ahead of it: `take` them in the order given.
+
+    Requests (see `plan_requests`) run `streams` at a time (AHEAD_STREAMS at most), each in a
+    thread that streams its answer into a window of AHEAD_WINDOW bytes, so that memory stays
+    bounded whatever the sizes. A range's deferred checks (its zip record's local header and
+    data descriptor, which come with the request) run before `take` hands on the range's end;
+    its CRC-32 is the writer's to check, as for a local copy. `close()` stops what still runs."""
+
+    def __init__(self, ranges: Sequence[tuple[Source, int, int]], streams: int = 1):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self._requests = plan_requests(ranges)
+        streams = max(1, min(streams, AHEAD_STREAMS, len(self._requests)))
+        self._window = AHEAD_WINDOW
+        self._queues = [_Window(self._window) for _ in self._requests]
+        self._order = [
+            (r.source, offset, length, i) for i, r in enumerate(self._requests) for offset, length in r.ranges
+        ]
+        self._next = 0
+        self._stop = threading.Event()
+        self._pool = ThreadPoolExecutor(streams, thread_name_prefix="ckptsurgeon-get") if self._requests else None
+        for i in range(len(self._requests)):  # run in this order, `streams` at a time
+            assert self._pool is not None
+            self._pool.submit(self._read, i)
+
+    def take(self, source: Source, offset: int, length: int) -> Iterator[memoryview]:
+        """The bytes [offset, offset + length) of `source`, in pieces: the next range planned."""
+        if self._next >= len(self._order) or self._order[self._next][:3] != (source, offset, length):
+            raise AssertionError(f"ReadAhead: {source}[{offset}:+{length}] asked out of the planned order")
+        i = self._order[self._next][3]
+        self._next += 1
+        q = self._queues[i]
+        while True:
+            kind, item = q.get()
+            if kind == "data":
+                yield item
+            elif kind == "end":
+                return
+            else:
+                raise item
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+
+    def __enter__(self) -> ReadAhead:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- the reading threads
+
+    def _read(self, i: int) -> None:
+        request, q = self._requests[i], self._queues[i]
+        try:
+            if not self._stop.is_set():
+                _stream_request(request, lambda item: q.put(item, self._stop), self._window)
+        except _Stopped:
+            pass
+        except BaseException as exc:  # handed to the writer, raised where it takes the range
+            with contextlib.suppress(_Stopped):
+                q.put(("error", exc), self._stop)
+
+
+class _Window:
+    """What one request has read and the writer has not taken yet: a queue of (kind, item) that
+    holds at most `limit` bytes of data (or one item, whatever its size)."""
+
+    def __init__(self, limit: int):
+        self._items: deque[tuple[str, Any]] = deque()
+        self._held = 0
+        self._limit = limit
+        self._changed = threading.Condition()
+
+    def put(self, item: tuple[str, Any], stop: threading.Event) -> None:
+        """Append `item`, waiting while the window is full; _Stopped once `stop` is set."""
+        size = len(item[1]) if item[0] == "data" else 0
+        with self._changed:
+            while self._held and self._held + size > self._limit:
+                if stop.is_set():
+                    raise _Stopped
+                self._changed.wait(0.1)
+            self._items.append(item)
+            self._held += size
+            self._changed.notify_all()
+
+    def get(self) -> tuple[str, Any]:
+        with self._changed:
+            while not self._items:
+                self._changed.wait()
+            item = self._items.popleft()
+            if item[0] == "data":
+                self._held -= len(item[1])
+            self._changed.notify_all()
+            return item
+
+
+class _Stopped(Exception):
+    """The writer closed the ReadAhead: a reading thread ends quietly."""
+
+
+def _stream_request(request: _Request, put: Any, window: int) -> None:
+    """Stream `request`, putting ("data", piece) for the bytes of its ranges and ("end", None)
+    after each range, once the checks of its record have run on the bytes that went by. Where the
+    backend cannot stream an answer, requests are `window` bytes at most."""
+    source, lo, hi, ranges = request
+    checks = [c for offset, length in ranges for c in source.take_checks(offset, offset + length)]
+    gaps: list[tuple[int, bytes]] = []  # bytes between the ranges, kept for the checks
+    ends = [offset + length for offset, length in ranges]
+    r = done = 0  # the range being read; the ranges whose end was put
+
+    def close_ranges(upto: int, reached: int) -> None:
+        """Run the checks whose bytes went by (all those of ranges before `upto`), then put the
+        end of every range before `upto`."""
+        nonlocal done
+        due = [c for c in checks if c[0][1] <= reached or (upto and c[0][0] < ends[upto - 1])]
+        for c in due:
+            checks.remove(c)
+            source.run_check(c[1], list(gaps))
+        keep = min((span[0] for span, _ in checks), default=reached)
+        gaps[:] = [g for g in gaps if g[0] + len(g[1]) > keep]
+        while done < upto:
+            put(("end", None))
+            done += 1
+
+    pos = lo
+    for piece in source.stream(lo, hi, whole=window):
+        view, base = memoryview(piece), pos
+        pos += len(view)
+        at = base
+        while at < pos:
+            if r < len(ranges) and ranges[r][0] <= at:
+                if done < r:
+                    close_ranges(r, at)
+                stop = min(pos, ends[r])
+                put(("data", view[at - base : stop - base]))
+                if stop == ends[r]:
+                    r += 1
+            else:
+                stop = min(pos, ranges[r][0] if r < len(ranges) else hi)
+                chunk = bytes(view[at - base : stop - base])
+                if gaps and gaps[-1][0] + len(gaps[-1][1]) == at:
+                    gaps[-1] = (gaps[-1][0], gaps[-1][1] + chunk)
+                else:
+                    gaps.append((at, chunk))
+            at = stop
+    close_ranges(len(ranges), pos)  # checks whose bytes lie beyond the request read them themselves
 
 
 def crc32_range(src: CopySource, offset: int, length: int, crc: int, buf: memoryview) -> int:

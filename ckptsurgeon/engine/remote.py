@@ -22,7 +22,7 @@ import os
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from typing import Any, TypeVar
 
 from ..errors import BadCheckpointError, EngineUnsupported, OutputError, UsageError
@@ -46,6 +46,8 @@ CACHE_BLOCK = 1 << 20  # responses up to this size are kept for the reads that f
 CACHE_BLOCKS = 8
 CHUNK = 16 << 20  # the largest single request: bigger reads are split ...
 PARALLEL = 4  # ... into requests made this many at a time
+NEAR = 1 << 16  # a check's bytes this close to a read come with it (a record's header, its descriptor)
+PIECE = 1 << 20  # a streamed answer (`stream`) is handed on in pieces of this size
 RETRIES = 4  # a transient failure is retried this many times ...
 BACKOFF = 0.1  # ... after 0.1, 0.2, 0.4, 0.8 seconds
 
@@ -247,6 +249,21 @@ def _pinned(fs: Any, path: str) -> str:
     return str(type(resolved)(resolved.repo_type, resolved.repo_id, sha, resolved.path_in_repo).unresolve())
 
 
+async def _read_piece(read: Callable[[int], Awaitable[bytes]], size: int) -> bytes | bytearray:
+    """`size` bytes from a streamed body (fewer only where it ends), from reads that each give
+    what has arrived."""
+    first = await read(size)
+    if len(first) == size or not first:
+        return first
+    buf = bytearray(first)
+    while len(buf) < size:
+        more = await read(size - len(buf))
+        if not more:
+            break
+        buf += more
+    return buf
+
+
 # -- reading ------------------------------------------------------------------------------------
 
 
@@ -268,6 +285,7 @@ class RemoteSource(Source):
         "_check_lock",
         "_starts",
         "_checks",
+        "_known",
         "_s3",
         "_http",
         "_if_match",
@@ -288,6 +306,7 @@ class RemoteSource(Source):
         self._check_lock = threading.RLock()
         self._starts: list[int] = []
         self._checks: list[tuple[int, int, Callable[[], None], tuple[int, int]]] = []
+        self._known: list[tuple[int, bytes]] = []  # bytes a running check reads (see `run_check`)
         self._copy: str | None = None
         self._open = self._info_has_etag = False
         self.fs, self.path = filesystem(url, storage_options)
@@ -464,7 +483,7 @@ class RemoteSource(Source):
                 return memoryview(block)[offset - lo : end - lo]
         head = b""
         with self._lock:
-            for start, block in self._blocks.items():
+            for start, block in [*self._known, *self._blocks.items()]:
                 if start <= offset < start + len(block):
                     if end <= start + len(block):
                         return memoryview(block)[offset - start : end - start]
@@ -488,18 +507,10 @@ class RemoteSource(Source):
         that lie near [start, end) (a record's local header, its data descriptor) come with the
         read itself, in one request: returned as (offset, bytes) when it was made."""
         with self._check_lock:
-            i = max(0, bisect.bisect_right(self._starts, start) - 1)
-            due: list[int] = []
-            while i < len(self._starts) and self._starts[i] < end:
-                if self._checks[i][1] > start:
-                    due.append(i)
-                i += 1
-            if not due:
+            entries = self._take_due(start, end)
+            if not entries:
                 return None
-            entries = [self._checks[i] for i in due]
-            for i in reversed(due):
-                del self._starts[i], self._checks[i]
-            near = 1 << 16
+            near = NEAR
             lo = min([start] + [span[0] for *_, span in entries if start - near <= span[0] < start])
             hi = max([end] + [span[1] for *_, span in entries if end < span[1] <= end + near])
             fetched = None
@@ -515,6 +526,131 @@ class RemoteSource(Source):
                     with self._lock:
                         self._blocks.pop(lo, None)
             return fetched
+
+    def _take_due(self, start: int, end: int) -> list[tuple[int, int, Callable[[], None], tuple[int, int]]]:
+        """Remove and return the deferred checks of the ranges that [start, end) touches."""
+        with self._check_lock:
+            i = max(0, bisect.bisect_right(self._starts, start) - 1)
+            due: list[int] = []
+            while i < len(self._starts) and self._starts[i] < end:
+                if self._checks[i][1] > start:
+                    due.append(i)
+                i += 1
+            entries = [self._checks[i] for i in due]
+            for i in reversed(due):
+                del self._starts[i], self._checks[i]
+            return entries
+
+    # ------------------------------------------------------------------- streamed reads
+
+    def check_spans(self, start: int, end: int) -> list[tuple[int, int]]:
+        """The bytes that the deferred checks of [start, end) read (a record's local header ..
+        data descriptor): a streamed read that covers them runs the checks without requests."""
+        with self._check_lock:
+            i = max(0, bisect.bisect_right(self._starts, start) - 1)
+            spans: list[tuple[int, int]] = []
+            while i < len(self._starts) and self._starts[i] < end:
+                if self._checks[i][1] > start:
+                    spans.append(self._checks[i][3])
+                i += 1
+            return spans
+
+    def take_checks(self, start: int, end: int) -> list[tuple[tuple[int, int], Callable[[], None]]]:
+        """Remove and return the deferred checks of [start, end), as (span, check): the caller
+        (a streamed read) runs each with `run_check` once the bytes of its span went by, and
+        before it hands on the last byte of its range."""
+        return [(span, check) for _, _, check, span in self._take_due(start, end)]
+
+    def run_check(self, check: Callable[[], None], known: Sequence[tuple[int, bytes]]) -> None:
+        """Run a check taken by `take_checks`, its reads served from `known` ((offset, bytes)
+        the caller has already: a streamed read's headers and descriptors) where they fall."""
+        with self._lock:
+            self._known.extend(known)
+        try:
+            check()
+        finally:
+            with self._lock:
+                for block in known:
+                    self._known.remove(block)
+
+    def stream(self, start: int, end: int, whole: int = CHUNK) -> Iterator[bytes | bytearray]:
+        """Bytes [start, end) of the object, in pieces of PIECE bytes (the last may be shorter),
+        from one ranged GET whose answer is read as it arrives (S3 and HTTP; other backends: a
+        request per `whole` bytes, CHUNK at most). A transient failure resumes from the byte reached (RETRIES times at
+        most); an answer shorter than asked, or from another version of the object, is a
+        BadCheckpointError: no byte of it is handed on as the object's."""
+        from fsspec.asyn import sync
+
+        pos, attempt = start, 0
+        streamed = self._s3 or self._http
+        while pos < end:
+            if not self._open:
+                raise BadCheckpointError(f"{self.name}: the checkpoint was closed before this read")
+            if streamed:
+                self._count()
+            try:
+                body = sync(self.fs.loop, self._open_body, pos, end) if streamed else None
+                if body is None:  # no streamed GET for this backend or server: whole requests
+                    while pos < end:
+                        data = self._fetch(pos, min(end, pos + max(1, min(whole, CHUNK))))
+                        pos += len(data)
+                        yield data
+                    return
+                read, close = body
+                try:
+                    while pos < end:
+                        data = sync(self.fs.loop, _read_piece, read, min(PIECE, end - pos))
+                        if not data:
+                            raise BadCheckpointError(
+                                f"{self.name}: the store's answer ended at byte {pos} of {start}-{end}: the object "
+                                "is not the one validated (changed or truncated); nothing was written from it"
+                            )
+                        with self._lock:
+                            self.bytes_read += len(data)
+                        pos += len(data)
+                        yield data
+                finally:
+                    close()
+            except BadCheckpointError:
+                raise
+            except Exception as exc:  # noqa: BLE001 -- every backend failure becomes a CheckpointError
+                kind = failure_kind(exc)
+                if kind == "transient" and attempt < RETRIES:
+                    time.sleep(BACKOFF * 2**attempt)
+                    attempt += 1
+                    continue
+                raise self._error(f"reading bytes {pos}-{end}")(kind, attempt + 1, exc) from None
+
+    async def _open_body(
+        self, start: int, end: int
+    ) -> tuple[Callable[[int], Awaitable[bytes]], Callable[[], None]] | None:
+        """A ranged GET of [start, end) pinned to the validated ETag, its body not read yet:
+        (read(n), close), or None where the answer cannot be streamed (then `_fetch` is used)."""
+        if self._s3:
+            bucket, key, version = self.fs.split_path(self.path)
+            kwargs: dict[str, Any] = {"Range": f"bytes={start}-{end - 1}"}
+            if self._if_match:
+                kwargs["IfMatch"] = self._if_match
+            if version:
+                kwargs["VersionId"] = version
+            resp = await self.fs._call_s3("get_object", Bucket=bucket, Key=key, **kwargs)
+            body = resp["Body"]
+            return body.read, body.close
+        if self._http:
+            session = await self.fs.set_session()
+            kwargs = dict(self.fs.kwargs)
+            headers = {**(kwargs.pop("headers", None) or {}), "Range": f"bytes={start}-{end - 1}"}
+            if self._if_match:
+                headers["If-Match"] = self._if_match
+            r = await session.get(self.fs.encode_url(self.path), headers=headers, **kwargs)
+            if r.status == 206:
+                return r.content.read, r.close
+            r.release()
+            if r.status == 404:
+                raise FileNotFoundError(self.url)
+            r.raise_for_status()  # 412: changed; 5xx: retried
+            return None  # 200: a server that ignores Range
+        return None
 
     # ----------------------------------------------------------------- the Source interface
 

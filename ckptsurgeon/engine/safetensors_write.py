@@ -22,7 +22,7 @@ from collections.abc import Callable, Mapping, Sequence
 from math import prod
 from typing import Any, BinaryIO, NamedTuple
 
-from ckptsurgeon.engine.copier import CHUNK, Copier, CopySource, check_posix, check_sources
+from ckptsurgeon.engine.copier import CHUNK, Copier, CopySource, check_posix, check_sources, read_ahead
 from ckptsurgeon.engine.data import check_read_crc, read_bytes, verify_crc
 from ckptsurgeon.engine.meta import DTYPE_ITEMSIZE, StorageId, TensorMeta
 from ckptsurgeon.engine.pickle_write import plan_storages
@@ -85,6 +85,7 @@ def write_safetensors(
     metadata: Mapping[str, str] | None = None,
     progress: Callable[[int], None] | None = None,
     name: str | None = None,
+    threads: int = 1,
 ) -> int:
     """Write `entries` as a safetensors file to `out` (a new file positioned at 0, truncated
     first; the caller closes and fsyncs it). Returns the file's size.
@@ -92,7 +93,8 @@ def write_safetensors(
     Raises EngineUnsupported (before writing anything) for an engine tensor it cannot copy,
     BadCheckpointError for a source that is missing, changed, too short or fails its CRC-32, and
     OutputError when writing fails or the output is one of the sources. `progress` is called with
-    each tensor's byte count once it is written.
+    each tensor's byte count once it is written. Tensors of a remote source are read ahead of the
+    writer, up to `threads` requests at a time.
     """
     check_posix()
     out_name = name if name is not None else getattr(out, "name", None)
@@ -109,9 +111,10 @@ def write_safetensors(
         raise ValueError("write_safetensors needs an output positioned at offset 0")
     fd = out.fileno()
     sources = check_sources(((p.source, p.source.data_offset + p.source.nbytes) for p in plan.values()), fd, out_name)
+    ahead = read_ahead([r for e, _ in placed if (r := _copied_range(e)) is not None], threads)
     try:
         os.ftruncate(fd, 0)
-        copier = Copier(fd)
+        copier = Copier(fd, ahead)
         copier.write(head)
         checked: set[StorageId] = set()
         for e, _ in placed:
@@ -130,8 +133,19 @@ def write_safetensors(
         copier.finish()
     except OSError as e:
         raise OutputError(f"{out_name}: cannot write: {e.strerror or e}") from e
+    finally:
+        if ahead is not None:
+            ahead.close()
     out.seek(copier.pos)
     return copier.pos
+
+
+def _copied_range(e: Entry) -> tuple[Source, int, int] | None:
+    """(source, offset, length) that `_copy_tensor` copies for `e`, if it copies one range."""
+    t = e.data
+    if not isinstance(t, TensorMeta) or t.numel == 0 or not t.is_contiguous:
+        return None
+    return t.storage.source, t.storage.data_offset + t.storage_offset * t.itemsize, t.nbytes
 
 
 def _copy_tensor(copier: Copier, t: TensorMeta, sources: dict[Source, CopySource], checked: set[StorageId]) -> None:

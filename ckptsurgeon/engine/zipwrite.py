@@ -19,7 +19,7 @@ import struct
 from collections.abc import Callable
 from typing import Any, BinaryIO
 
-from ckptsurgeon.engine.copier import Copier, CopySource, check_posix, check_sources
+from ckptsurgeon.engine.copier import Copier, CopySource, ReadAhead, check_posix, check_sources, read_ahead
 from ckptsurgeon.engine.crc import crc32
 from ckptsurgeon.engine.data import check_read_crc
 from ckptsurgeon.engine.pickle_write import PlannedStorage, pickle_graph
@@ -45,6 +45,7 @@ def write_torch_zip(
     archive_name: str,
     progress: Callable[[int], None] | None = None,
     name: str | None = None,
+    threads: int = 1,
 ) -> None:
     """Write `obj` (an object graph with TensorMeta leaves) to `out` as `torch.save` would.
 
@@ -56,7 +57,8 @@ def write_torch_zip(
     graph it cannot represent, BadCheckpointError if a source file is missing or too short, and
     OutputError if writing fails or the output is one of the sources. `progress` is called with
     the number of bytes of each storage once it is written. `name` is what error messages call
-    the output (default: `out.name`, when that is a path and not a file descriptor).
+    the output (default: `out.name`, when that is a path and not a file descriptor). Records of a
+    remote source are read ahead of the writer, up to `threads` requests at a time.
     """
     check_posix()
     if not archive_name or "/" in archive_name or "\0" in archive_name:
@@ -74,11 +76,15 @@ def write_torch_zip(
     if not isinstance(out_name, str):  # os.fdopen's file objects are named by their fd number
         out_name = "<output>"
     sources = check_sources(((p.source, p.data_offset + p.nbytes) for p in graph.storages), fd, out_name)
+    ahead = read_ahead([(p.source.source, p.data_offset, p.nbytes) for p in graph.storages], threads)
     try:
         os.ftruncate(fd, 0)
-        end = _write_archive(fd, graph.data, graph.storages, sources, archive_name, progress)
+        end = _write_archive(fd, graph.data, graph.storages, sources, archive_name, progress, ahead)
     except OSError as e:
         raise OutputError(f"{out_name}: cannot write: {e.strerror or e}") from e
+    finally:
+        if ahead is not None:
+            ahead.close()
     out.seek(end)
 
 
@@ -89,8 +95,9 @@ def _write_archive(
     sources: dict[Source, CopySource],
     prefix: str,
     progress: Callable[[int], None] | None = None,
+    ahead: ReadAhead | None = None,
 ) -> int:
-    w = _ZipWriter(fd)
+    w = _ZipWriter(fd, ahead)
     w.add_bytes(f"{prefix}/data.pkl", data_pkl)
     w.add_bytes(f"{prefix}/.format_version", b"1")
     w.add_bytes(f"{prefix}/.storage_alignment", str(_ALIGNMENT).encode())
@@ -122,8 +129,8 @@ def _serialization_id(data_pkl: bytes, entries: list[tuple[bytes, int, int, int]
 class _ZipWriter(Copier):
     """Appends stored records to a file descriptor and remembers them for the central directory."""
 
-    def __init__(self, fd: int):
-        super().__init__(fd)
+    def __init__(self, fd: int, ahead: ReadAhead | None = None):
+        super().__init__(fd, ahead)
         self.entries: list[tuple[bytes, int, int, int]] = []  # name, size, header offset, crc
 
     # -- records ------------------------------------------------------------------------------

@@ -201,9 +201,9 @@ def write_checkpoint(
 
     with atomic_output(dest, check=check if verify else None, storage_options=storage_options) as f:
         if safetensors:
-            notes += _write_safetensors(obj, f, safetensors_metadata, progress, str(dest))
+            notes += _write_safetensors(obj, f, safetensors_metadata, progress, str(dest), threads)
         else:
-            _write_pt(obj, f, dest, progress)
+            _write_pt(obj, f, dest, progress, threads)
     return Written(fmt, notes, [])
 
 
@@ -221,9 +221,10 @@ class _ReadBack(NamedTuple):
             )
 
 
-def _write_pt(obj: Any, f: BinaryIO, output: Path, progress: Callable[[int], None] | None) -> None:
-    """torch.save's zip format: records copied by the engine, or torch.save for torch tensors."""
-    if not _try_raw_write(obj, f, output, progress):
+def _write_pt(obj: Any, f: BinaryIO, output: Path, progress: Callable[[int], None] | None, threads: int = 1) -> None:
+    """torch.save's zip format: records copied by the engine (remote ones read `threads` requests
+    at a time), or torch.save for torch tensors."""
+    if not _try_raw_write(obj, f, output, progress, threads):
         _write_torch(obj, f)
 
 
@@ -511,7 +512,9 @@ def _verify_written(
                 )
 
 
-def _try_raw_write(obj: Any, f: BinaryIO, output: Path | str, progress: Callable[[int], None] | None = None) -> bool:
+def _try_raw_write(
+    obj: Any, f: BinaryIO, output: Path | str, progress: Callable[[int], None] | None = None, threads: int = 1
+) -> bool:
     """Copy storage records byte for byte when every tensor is a TensorMeta; False to use torch."""
     tensors = list(iter_tensors(obj))
     if not tensors or not all(isinstance(t, TensorMeta) for t in tensors):
@@ -520,7 +523,8 @@ def _try_raw_write(obj: Any, f: BinaryIO, output: Path | str, progress: Callable
 
     start = f.tell()
     try:
-        write_torch_zip(obj, f, archive_name=Path(output).stem or "archive", progress=progress, name=str(output))
+        archive = Path(output).stem or "archive"
+        write_torch_zip(obj, f, archive_name=archive, progress=progress, name=str(output), threads=threads)
         return True
     except EngineUnsupported as exc:
         _debug("raw write fallback: %s", exc)
@@ -577,6 +581,7 @@ def _write_safetensors(
     metadata: Mapping[str, str] | None,
     progress: Callable[[int], None] | None = None,
     name: str | None = None,
+    threads: int = 1,
 ) -> list[str]:
     """Write `sd` as one safetensors file (see `_safetensors_plan` and
     :mod:`~ckptsurgeon.engine.safetensors_write`: header in the state_dict's order, data by
@@ -585,7 +590,7 @@ def _write_safetensors(
 
     tensors, file_metadata, notes, _ = _safetensors_plan(sd, metadata)
     entries = [_entry(k, v) for k, v in tensors.items()]
-    write_safetensors(entries, f, metadata=file_metadata, progress=progress, name=name)
+    write_safetensors(entries, f, metadata=file_metadata, progress=progress, name=name, threads=threads)
     return notes
 
 
