@@ -416,21 +416,24 @@ class RemoteSource(Source):
         info: dict[str, Any] = _retrying(lambda: self.fs.info(self.path), self._count, self._error(what))
         return info
 
+    def _s3_range(self, start: int, end: int) -> dict[str, Any]:
+        """The arguments of S3's GetObject for bytes [start, end), pinned to the validated ETag."""
+        bucket, key, version = self.fs.split_path(self.path)
+        args: dict[str, Any] = {"Bucket": bucket, "Key": key, "Range": f"bytes={start}-{end - 1}"}
+        if self._if_match:
+            args["IfMatch"] = self._if_match
+        if version:
+            args["VersionId"] = version
+        return args
+
     def _get(self, start: int, end: int) -> bytes:
         """Bytes [start, end) of the object: one ranged GET, pinned to the validated ETag where the
         backend lets us say so."""
         if self._s3:
             from fsspec.asyn import sync
 
-            bucket, key, version = self.fs.split_path(self.path)
-            kwargs: dict[str, Any] = {"Range": f"bytes={start}-{end - 1}"}
-            if self._if_match:
-                kwargs["IfMatch"] = self._if_match
-            if version:
-                kwargs["VersionId"] = version
-
             async def get() -> bytes:
-                resp = await self.fs._call_s3("get_object", Bucket=bucket, Key=key, **kwargs)
+                resp = await self.fs._call_s3("get_object", **self._s3_range(start, end))
                 try:
                     data: bytes = await resp["Body"].read()
                     return data
@@ -627,13 +630,7 @@ class RemoteSource(Source):
         """A ranged GET of [start, end) pinned to the validated ETag, its body not read yet:
         (read(n), close), or None where the answer cannot be streamed (then `_fetch` is used)."""
         if self._s3:
-            bucket, key, version = self.fs.split_path(self.path)
-            kwargs: dict[str, Any] = {"Range": f"bytes={start}-{end - 1}"}
-            if self._if_match:
-                kwargs["IfMatch"] = self._if_match
-            if version:
-                kwargs["VersionId"] = version
-            resp = await self.fs._call_s3("get_object", Bucket=bucket, Key=key, **kwargs)
+            resp = await self.fs._call_s3("get_object", **self._s3_range(start, end))
             body = resp["Body"]
             return body.read, body.close
         if self._http:

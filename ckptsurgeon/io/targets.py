@@ -106,7 +106,16 @@ class DirectoryTarget:
         every data file; then the layout is complete. `layout`: the data files of the whole new
         layout, when other writers (torchrun ranks) added some of them. Returns the index's size
         (0 without one)."""
-        raise NotImplementedError
+        size = 0
+        if index is not None:
+            path = self.staging / index
+            size = write_new_file(path, write) if write is not None else path.stat().st_size
+            self.add_file(index, path)
+        self._complete(layout)
+        return size
+
+    def _complete(self, layout: Sequence[str] | None) -> None:
+        """What follows the index: nothing here (see `commit`)."""
 
 
 class LocalTarget(DirectoryTarget):
@@ -124,18 +133,6 @@ class LocalTarget(DirectoryTarget):
     def add_file(self, name: str, path: Path) -> None:
         if path != self.staging / name:
             os.replace(path, self.staging / name)
-
-    def commit(
-        self,
-        index: str | None = None,
-        write: Callable[[BinaryIO], object] | None = None,
-        *,
-        layout: Sequence[str] | None = None,
-    ) -> int:
-        if index is None:
-            return 0
-        path = self.staging / index
-        return write_new_file(path, write) if write is not None else path.stat().st_size
 
 
 class RemoteTarget(DirectoryTarget):
@@ -171,18 +168,8 @@ class RemoteTarget(DirectoryTarget):
             with contextlib.suppress(OSError):
                 os.unlink(path)
 
-    def commit(
-        self,
-        index: str | None = None,
-        write: Callable[[BinaryIO], object] | None = None,
-        *,
-        layout: Sequence[str] | None = None,
-    ) -> int:
-        size = 0
-        if index is not None:
-            path = self.staging / index
-            size = write_new_file(path, write) if write is not None else path.stat().st_size
-            self.add_file(index, path)
+    def _complete(self, layout: Sequence[str] | None) -> None:
+        """The layout is complete (its index uploaded): delete what only the old one had."""
         self.committed = True
         interrupts.commit()
         from ..engine.remote import delete_object
@@ -192,7 +179,6 @@ class RemoteTarget(DirectoryTarget):
             if name not in kept:
                 with contextlib.suppress(OutputError):
                     delete_object(self.location(name), self.storage_options)
-        return size
 
     def abandon(self) -> None:
         """Delete what was uploaded (best effort): after a failure, no part of the layout stays."""
