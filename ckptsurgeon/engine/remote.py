@@ -26,6 +26,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
 from ..errors import BadCheckpointError, EngineUnsupported, OutputError, UsageError
+from .limits import quote_name
 from .source import Source
 
 __all__ = [
@@ -683,8 +684,20 @@ def _abort_uploads(fs: Any, path: str, since: float) -> None:
 # -- directories --------------------------------------------------------------------------------
 
 
+# what a URL, or fsspec, reads in a name as more than a name: a %-escape (`%2e%2e` is `..` to an
+# HTTP client), a query, a fragment, fsspec's chaining of URLs
+_NOT_IN_NAMES = ("%", "?", "#", "::")
+
+
 def join_url(directory: str, name: str) -> str:
-    """The URL of `name` (a relative, `/`-separated path) inside the directory URL `directory`."""
+    """The URL of `name` (a relative, `/`-separated path) inside the directory URL `directory`;
+    a name the URL would read as something else (see `_NOT_IN_NAMES`) is refused."""
+    found = [s for s in _NOT_IN_NAMES if s in name]
+    if found:
+        raise BadCheckpointError(
+            f"{directory}: the name {quote_name(name)} holds {found[0]!r}, which a URL does not read as "
+            "part of a name: not a file of this directory"
+        )
     return directory.rstrip("/") + "/" + name
 
 
