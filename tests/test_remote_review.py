@@ -65,3 +65,49 @@ def test_an_s3_index_naming_a_chained_url_is_refused(cli, bucket):
     r = cli("inspect", f"s3://{name}/m/model.safetensors.index.json")
     assert r.exit_code == 2
     assert repr(shard) in one_line_error(r)
+
+
+# ------------------------------------------------------------------------------ torchrun gating
+
+GATING = """
+import json, sys
+from ckptsurgeon.cli import main
+codes = [main(argv) for argv in json.loads(sys.argv[1])]
+open(sys.argv[2], "w").write(json.dumps(codes))
+"""
+
+
+def test_a_misconfigured_torchrun_world_is_exit_2_on_a_follower_whatever_the_argv_form(tmp_path):
+    """WORLD_SIZE=2, RANK=1 and no rendezvous: every spelling of a sharded write joins the ranks
+    and fails cleanly (exit 2, nothing written), where `-fo OUT` once returned 0 at once, leaving
+    rank 0 waiting for it; a command that writes no shards is rank 0's alone (0, nothing said)."""
+    import os
+    import subprocess
+    import sys
+
+    src = tmp_path / "in.pt"
+    torch.save({"a": torch.zeros(3), "b": torch.ones(2)}, src)
+    out = str(tmp_path / "out") + "/"
+    writes = [
+        ["extract", str(src), "-o", out, "--format", "hf"],
+        ["extract", str(src), f"--output={out}", "--format=dcp"],
+        ["extract", str(src), f"-o{out}", "--format", "hf"],
+        ["extract", str(src), "-fo", out, "--format", "hf"],
+        ["extract", str(src), f"-fo{out}", "--format=hf"],
+    ]
+    rank_0_only = [["inspect", str(src)], ["extract", str(src), "-o", out, "--format", "hf", "--dry-run"]]
+    env = {**os.environ, "WORLD_SIZE": "2", "RANK": "1", "CKPTSURGEON_DIST_TIMEOUT": "5"}
+    env.pop("MASTER_ADDR", None)
+    report = tmp_path / "codes.json"
+    r = subprocess.run(
+        [sys.executable, "-c", GATING, json.dumps(writes + rank_0_only), str(report)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert r.returncode == 0, r.stderr
+    assert json.loads(report.read_text()) == [2] * len(writes) + [0] * len(rank_0_only)
+    assert "Traceback" not in r.stderr
+    assert r.stderr.count("cannot join the other ranks") == len(writes)
+    assert not (tmp_path / "out").exists()
