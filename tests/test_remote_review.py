@@ -111,3 +111,69 @@ def test_a_misconfigured_torchrun_world_is_exit_2_on_a_follower_whatever_the_arg
     assert "Traceback" not in r.stderr
     assert r.stderr.count("cannot join the other ranks") == len(writes)
     assert not (tmp_path / "out").exists()
+
+
+# ------------------------------------------------------------------------------ remote outputs
+
+
+def _layout(fs: Any, prefix: str) -> dict[str, str]:
+    fs.invalidate_cache()
+    try:
+        return {k: fs.info(k)["ETag"] for k in fs.find(prefix)}
+    except FileNotFoundError:
+        return {}
+
+
+def test_dry_runs_and_neighbour_prefixes_on_s3(cli, tmp_path, bucket):
+    """`--dry-run` to a remote prefix, also over an existing layout with --force, writes and deletes
+    nothing; an output `m` beside the input `m2/` is not taken for it, with or without a `/`."""
+    name, fs = bucket
+    src = tmp_path / "in.pt"
+    sd = {"a": torch.arange(300.0), "b": torch.ones(200)}
+    torch.save(sd, src)
+    assert cli("extract", src, "-o", f"s3://{name}/m2/", "--format", "hf", "--max-shard-size", "1KB").exit_code == 0
+    m2 = _layout(fs, f"{name}/m2")
+    assert len(m2) == 3  # two shards and the index
+
+    for args in (
+        ("-o", f"s3://{name}/m/", "--format", "hf"),
+        ("-o", f"s3://{name}/m2/", "--format", "dcp", "--force"),
+        ("-o", f"s3://{name}/m2", "--format", "hf", "--force", "--include", "a"),
+    ):
+        r = cli("extract", src, *args, "--dry-run", "--json")
+        assert r.exit_code == 0, r.stderr
+        assert json.loads(r.stdout)["dry_run"] is True
+    assert _layout(fs, f"{name}/m") == {} and _layout(fs, f"{name}/m2") == m2
+
+    for out in (f"s3://{name}/m", f"s3://{name}/m/"):
+        r = cli("rename", f"s3://{name}/m2/", "--add-prefix", "x.", "-o", out, "--format", "hf", "--force")
+        assert r.exit_code == 0, r.stderr
+        assert _layout(fs, f"{name}/m2") == m2
+    from safetensors.torch import load_file
+
+    fs.get(f"{name}/m/", str(tmp_path / "back"), recursive=True)
+    back = {k: v for f in sorted((tmp_path / "back").glob("*.safetensors")) for k, v in load_file(f).items()}
+    assert set(back) == {"x.a", "x.b"} and torch.equal(back["x.a"], sd["a"]) and torch.equal(back["x.b"], sd["b"])
+
+
+def test_folder_markers_and_names_both_object_and_prefix_on_s3(cli, tmp_path, bucket):
+    """S3 lets `d/x.safetensors` and `d/x.safetensors/y` both exist, and the console's "Create folder"
+    makes an empty object `out/`: the object is read (it was hidden behind the prefix: "no
+    checkpoint"), and an output prefix holding only its marker is empty (it was "output exists",
+    then with --force "it also holds 'out'")."""
+    import boto3
+
+    name, fs = bucket
+    client = boto3.client("s3")
+    client.put_object(Bucket=name, Key="d/model.safetensors", Body=SHARD)
+    client.put_object(Bucket=name, Key="d/model.safetensors/notes.txt", Body=b"mine")
+    data = json.loads(cli("inspect", f"s3://{name}/d/", "--json").stdout)
+    assert data["format"] == "safetensors" and data["num_tensors"] == 1
+
+    client.put_object(Bucket=name, Key="out/", Body=b"")
+    src = tmp_path / "in.pt"
+    torch.save({"a": torch.arange(4.0)}, src)
+    r = cli("extract", src, "-o", f"s3://{name}/out/", "--format", "hf")
+    assert r.exit_code == 0, r.stderr
+    data = json.loads(cli("inspect", f"s3://{name}/out/", "--json").stdout)
+    assert data["format"] == "safetensors" and data["num_tensors"] == 1

@@ -755,12 +755,7 @@ class RemoteDirectory:
         listed = _retrying(
             lambda: self.fs.ls(self.path, detail=True, refresh=True), self._count, self._fail("cannot list")
         )
-        out: dict[str, bool] = {}
-        for entry in listed:
-            name = str(entry.get("name", "")).rstrip("/").rsplit("/", 1)[-1]
-            if name:
-                out[name] = entry.get("type") == "directory"
-        return out
+        return _entries(listed, self.path)
 
     def child(self, name: str) -> RemoteDirectory:
         return RemoteDirectory(join_url(self.url, name), self.storage_options)
@@ -787,11 +782,20 @@ def list_output(url: str, storage_options: Mapping[str, Any] | None = None) -> d
             return missing
 
     listed = _retrying(ls, lambda: None, _output_failure(url, "cannot list the output"))
+    return _entries(listed or (), path)
+
+
+def _entries(listed: Sequence[Mapping[str, Any]], path: str) -> dict[str, bool]:
+    """Entry name -> whether it is a directory, from `fs.ls(path, detail=True)`. S3 has two kinds
+    of entry that are no files of the directory: an object named like the prefix itself (`out/`,
+    a "folder" made in a console) is left out; a name that is an object and a prefix at once
+    (`x.safetensors` and `x.safetensors/y`) is the object."""
     out: dict[str, bool] = {}
-    for entry in listed or ():
-        name = str(entry.get("name", "")).rstrip("/").rsplit("/", 1)[-1]
-        if name:
-            out[name] = entry.get("type") == "directory"
+    for entry in listed:
+        full = str(entry.get("name", "")).rstrip("/")
+        name = full.rsplit("/", 1)[-1]
+        if name and full != path.rstrip("/"):
+            out[name] = out.get(name, True) and entry.get("type") == "directory"
     return out
 
 
