@@ -177,3 +177,21 @@ def test_folder_markers_and_names_both_object_and_prefix_on_s3(cli, tmp_path, bu
     assert r.exit_code == 0, r.stderr
     data = json.loads(cli("inspect", f"s3://{name}/out/", "--json").stdout)
     assert data["format"] == "safetensors" and data["num_tensors"] == 1
+
+
+def test_a_single_file_output_named_like_a_remote_directory_is_refused(cli, tmp_path, bucket):
+    """`-o s3://b/o1 --force` where `o1/` holds a layout once wrote an object `o1` beside the prefix
+    (locally a directory is never replaced by a file): refused, the layout untouched; with `/`
+    the layout is replaced."""
+    name, fs = bucket
+    src = tmp_path / "in.pt"
+    torch.save({"a": torch.arange(300.0), "b": torch.ones(200)}, src)
+    assert cli("extract", src, "-o", f"s3://{name}/o1", "--format", "hf", "--max-shard-size", "1KB").exit_code == 0
+    before = _layout(fs, f"{name}/o1")
+    for args in ((), ("--force",), ("--format", "safetensors", "--force")):
+        r = cli("extract", src, "-o", f"s3://{name}/o1", "--include", "a", *args)
+        assert r.exit_code == 2
+        assert "a directory" in one_line_error(r)
+        assert _layout(fs, f"{name}/o1") == before and not fs.isfile(f"{name}/o1")
+    assert cli("extract", src, "-o", f"s3://{name}/o1/", "--include", "a", "--force").exit_code == 0
+    assert [k.rsplit("/", 1)[-1] for k in _layout(fs, f"{name}/o1")] == ["model.safetensors"]

@@ -39,6 +39,7 @@ __all__ = [
     "list_output",
     "local_path",
     "parse_storage_options",
+    "refuse_read_only",
     "upload",
 ]
 
@@ -603,18 +604,33 @@ class RemoteSource(Source):
 def check_remote_output(
     url: str, storage_options: Mapping[str, Any] | None, *, force: bool, inputs: Sequence[str]
 ) -> None:
-    """Refuse a read-only store (http, https) and an existing object without `force` (one request)."""
-    protocol = _protocol(url)
-    if protocol in _READ_ONLY:
-        raise OutputError(f"{url}: {protocol}:// is read-only; write to a local path or to s3://, gs://, hf://, ...")
+    """Refuse a read-only store (http, https), a directory (a prefix: never replaced by an object,
+    as locally), and an existing object without `force` (one request)."""
+    refuse_read_only(url)
     fs, path = filesystem(url, storage_options)
 
     def fail(kind: str, attempts: int, exc: Exception) -> Exception:
         return OutputError(f"{url}: cannot check the output: {_one_line(exc)}")
 
-    if not force and _retrying(lambda: bool(fs.exists(path)), lambda: None, fail):
+    def kind() -> str | None:
+        try:
+            return str(fs.info(path).get("type"))
+        except FileNotFoundError:
+            return None
+
+    found = _retrying(kind, lambda: None, fail)
+    if found == "directory":
+        raise OutputError(f"{url}: output is a directory; end OUT with / to write a directory layout into it")
+    if found is not None and not force:
         what = "is the same object as an input" if url in inputs else "exists"
         raise OutputError(f"{url}: output {what}; pass --force to replace it")
+
+
+def refuse_read_only(url: str) -> None:
+    """An output on a store that cannot be written (http, https) is an OutputError."""
+    protocol = _protocol(url)
+    if protocol in _READ_ONLY:
+        raise OutputError(f"{url}: {protocol}:// is read-only; write to a local path or to s3://, gs://, hf://, ...")
 
 
 def upload(
