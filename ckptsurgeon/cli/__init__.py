@@ -101,8 +101,12 @@ def _writes_shards(args: list[str]) -> bool:
         if token.startswith("--"):
             name, eq, value = token.partition("=")
             attached = value if eq else None
-        elif token.startswith("-"):
-            name, attached = token[:2], token[2:] or None
+        elif token.startswith("-"):  # short options, clustered as Click allows: `-fo OUT`, `-foOUT`
+            letters = token[1:]
+            at = next((i for i, c in enumerate(letters) if f"-{c}" in valued), None)
+            if at is None:
+                continue
+            name, attached = f"-{letters[at]}", letters[at + 1 :] or None
         else:
             continue
         if name in valued:

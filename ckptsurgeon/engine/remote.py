@@ -26,6 +26,7 @@ from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from typing import Any, TypeVar
 
 from ..errors import BadCheckpointError, EngineUnsupported, OutputError, UsageError
+from .limits import quote_name
 from .source import Source
 
 __all__ = [
@@ -38,6 +39,7 @@ __all__ = [
     "list_output",
     "local_path",
     "parse_storage_options",
+    "refuse_read_only",
     "upload",
 ]
 
@@ -735,18 +737,33 @@ class RemoteSource(Source):
 def check_remote_output(
     url: str, storage_options: Mapping[str, Any] | None, *, force: bool, inputs: Sequence[str]
 ) -> None:
-    """Refuse a read-only store (http, https) and an existing object without `force` (one request)."""
-    protocol = _protocol(url)
-    if protocol in _READ_ONLY:
-        raise OutputError(f"{url}: {protocol}:// is read-only; write to a local path or to s3://, gs://, hf://, ...")
+    """Refuse a read-only store (http, https), a directory (a prefix: never replaced by an object,
+    as locally), and an existing object without `force` (one request)."""
+    refuse_read_only(url)
     fs, path = filesystem(url, storage_options)
 
     def fail(kind: str, attempts: int, exc: Exception) -> Exception:
         return OutputError(f"{url}: cannot check the output: {_one_line(exc)}")
 
-    if not force and _retrying(lambda: bool(fs.exists(path)), lambda: None, fail):
+    def kind() -> str | None:
+        try:
+            return str(fs.info(path).get("type"))
+        except FileNotFoundError:
+            return None
+
+    found = _retrying(kind, lambda: None, fail)
+    if found == "directory":
+        raise OutputError(f"{url}: output is a directory; end OUT with / to write a directory layout into it")
+    if found is not None and not force:
         what = "is the same object as an input" if url in inputs else "exists"
         raise OutputError(f"{url}: output {what}; pass --force to replace it")
+
+
+def refuse_read_only(url: str) -> None:
+    """An output on a store that cannot be written (http, https) is an OutputError."""
+    protocol = _protocol(url)
+    if protocol in _READ_ONLY:
+        raise OutputError(f"{url}: {protocol}:// is read-only; write to a local path or to s3://, gs://, hf://, ...")
 
 
 def upload(
@@ -816,8 +833,20 @@ def _abort_uploads(fs: Any, path: str, since: float) -> None:
 # -- directories --------------------------------------------------------------------------------
 
 
+# what a URL, or fsspec, reads in a name as more than a name: a %-escape (`%2e%2e` is `..` to an
+# HTTP client), a query, a fragment, fsspec's chaining of URLs
+_NOT_IN_NAMES = ("%", "?", "#", "::")
+
+
 def join_url(directory: str, name: str) -> str:
-    """The URL of `name` (a relative, `/`-separated path) inside the directory URL `directory`."""
+    """The URL of `name` (a relative, `/`-separated path) inside the directory URL `directory`;
+    a name the URL would read as something else (see `_NOT_IN_NAMES`) is refused."""
+    found = [s for s in _NOT_IN_NAMES if s in name]
+    if found:
+        raise BadCheckpointError(
+            f"{directory}: the name {quote_name(name)} holds {found[0]!r}, which a URL does not read as "
+            "part of a name: not a file of this directory"
+        )
     return directory.rstrip("/") + "/" + name
 
 
@@ -875,12 +904,7 @@ class RemoteDirectory:
         listed = _retrying(
             lambda: self.fs.ls(self.path, detail=True, refresh=True), self._count, self._fail("cannot list")
         )
-        out: dict[str, bool] = {}
-        for entry in listed:
-            name = str(entry.get("name", "")).rstrip("/").rsplit("/", 1)[-1]
-            if name:
-                out[name] = entry.get("type") == "directory"
-        return out
+        return _entries(listed, self.path)
 
     def child(self, name: str) -> RemoteDirectory:
         return RemoteDirectory(join_url(self.url, name), self.storage_options)
@@ -907,11 +931,20 @@ def list_output(url: str, storage_options: Mapping[str, Any] | None = None) -> d
             return missing
 
     listed = _retrying(ls, lambda: None, _output_failure(url, "cannot list the output"))
+    return _entries(listed or (), path)
+
+
+def _entries(listed: Sequence[Mapping[str, Any]], path: str) -> dict[str, bool]:
+    """Entry name -> whether it is a directory, from `fs.ls(path, detail=True)`. S3 has two kinds
+    of entry that are no files of the directory: an object named like the prefix itself (`out/`,
+    a "folder" made in a console) is left out; a name that is an object and a prefix at once
+    (`x.safetensors` and `x.safetensors/y`) is the object."""
     out: dict[str, bool] = {}
-    for entry in listed or ():
-        name = str(entry.get("name", "")).rstrip("/").rsplit("/", 1)[-1]
-        if name:
-            out[name] = entry.get("type") == "directory"
+    for entry in listed:
+        full = str(entry.get("name", "")).rstrip("/")
+        name = full.rsplit("/", 1)[-1]
+        if name and full != path.rstrip("/"):
+            out[name] = out.get(name, True) and entry.get("type") == "directory"
     return out
 
 

@@ -212,9 +212,9 @@ def check_remote_directory(
 ) -> list[str]:
     """Refuse a read-only store, a prefix that is (or holds) an input, an existing output without
     `force`, and one holding anything but layout files; returns the layout files it holds."""
-    from ..engine.remote import check_remote_output, list_output
+    from ..engine.remote import list_output, refuse_read_only
 
-    check_remote_output(url, storage_options, force=True, inputs=inputs)  # a read-only store
+    refuse_read_only(url)
     base = url.rstrip("/")
     for given in inputs:
         if given.rstrip("/") == base or given.startswith(base + "/"):
