@@ -511,13 +511,20 @@ def test_https_is_read_only(cli, tmp_path, store):
     assert store.gets == 0 and "/out.pt" not in store.objects
 
 
-class _StallingProxy:
-    """A TCP proxy in front of the S3 server that stops forwarding an upload once `after` bytes
-    of a PUT went through (and says so): the writer is then killed mid-upload."""
+class S3Proxy:
+    """A TCP proxy in front of the S3 server that logs each request line (`PUT /b/out/x`,
+    `DELETE ...`) in the order the server received them, and can stop forwarding an upload: the
+    `stall_at`-th PUT (never forwarded), or any upload once `stall_after` of its bytes went
+    through. `stalled` says that it did, so that the writer can be killed mid-upload."""
 
-    def __init__(self, target: tuple[str, int], after: int) -> None:
-        self.target, self.after = target, after
+    METHODS = (b"PUT", b"POST", b"DELETE", b"GET", b"HEAD")
+
+    def __init__(self, target: tuple[str, int], *, stall_at: int | None = None, stall_after: int | None = None):
+        self.target, self.stall_at, self.stall_after = target, stall_at, stall_after
         self.listener = socket.create_server(("127.0.0.1", 0))
+        self.log: list[str] = []
+        self.puts = 0
+        self.lock = threading.Lock()
         self.stalled = threading.Event()
         threading.Thread(target=self._accept, daemon=True).start()
 
@@ -535,20 +542,36 @@ class _StallingProxy:
             threading.Thread(target=self._pipe, args=(client, upstream, True), daemon=True).start()
             threading.Thread(target=self._pipe, args=(upstream, client, False), daemon=True).start()
 
-    def _pipe(self, src: socket.socket, dst: socket.socket, watch: bool) -> None:
+    def _pipe(self, src: socket.socket, dst: socket.socket, requests: bool) -> None:
         uploading, sent = False, 0
         try:
             while chunk := src.recv(1 << 16):
-                if watch and chunk.startswith((b"PUT ", b"POST ")):
-                    uploading, sent = True, 0
-                if uploading:
+                if requests and chunk[:8].split(b" ")[0] in self.METHODS:
+                    method, path = chunk.split(b"\r\n", 1)[0].decode("latin-1").split(" ")[:2]
+                    uploading, sent = method in ("PUT", "POST"), 0
+                    with self.lock:
+                        self.log.append(f"{method} {path.split('?')[0]}")
+                        self.puts += method == "PUT"
+                        if method == "PUT" and self.puts == self.stall_at:
+                            self.stalled.set()
+                            return  # never forwarded
+                if uploading and self.stall_after is not None:
                     sent += len(chunk)
-                    if sent > self.after:
+                    if sent > self.stall_after:
                         self.stalled.set()
                         return  # never forward the rest
                 dst.sendall(chunk)
         except OSError:
             pass
+
+    def changes(self, prefix: str) -> list[str]:
+        """The PUTs and DELETEs of objects under `prefix`, as `PUT name` / `DELETE name`."""
+        out = []
+        for entry in self.log:
+            method, path = entry.split(" ", 1)
+            if method in ("PUT", "DELETE") and f"/{prefix}/" in path:
+                out.append(f"{method} {path.rsplit('/', 1)[-1]}")
+        return out
 
     def close(self) -> None:
         self.listener.close()
@@ -560,7 +583,7 @@ def test_a_writer_killed_mid_upload_leaves_no_object(tmp_path, bucket, s3_endpoi
     big = OrderedDict((f"w{i}", torch.randn(256, 1024)) for i in range(8))  # 8 MiB
     src = _save(tmp_path, "big.pt", big)
     host, port = s3_endpoint.removeprefix("http://").split(":")
-    proxy = _StallingProxy((host, int(port)), after=1 << 20)
+    proxy = S3Proxy((host, int(port)), stall_after=1 << 20)
     env = {**os.environ, "AWS_ENDPOINT_URL": proxy.url, "PYTHONPATH": os.pathsep.join(sys.path)}
     out = f"s3://{name}/killed.pt"
     proc = subprocess.Popen(

@@ -13,10 +13,8 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
-import threading
 import time
 from collections import OrderedDict
 from pathlib import Path
@@ -454,68 +452,10 @@ def test_an_hf_bin_output_on_s3(cli, tmp_path, bucket):
 # ------------------------------------------------------------- the order of uploads, --force
 
 
-class _LoggingProxy:
-    """A TCP proxy in front of the S3 server that logs each request line (`PUT /b/out/x`,
-    `DELETE ...`), in the order the server received them; with `stall_at`, it stops forwarding
-    the `stall_at`-th PUT (and says so), so that the writer can be killed mid-layout."""
-
-    def __init__(self, target: tuple[str, int], stall_at: int | None = None) -> None:
-        self.target, self.stall_at = target, stall_at
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.log: list[str] = []
-        self.puts = 0
-        self.lock = threading.Lock()
-        self.stalled = threading.Event()
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.listener.getsockname()[1]}"
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                client, _ = self.listener.accept()
-            except OSError:
-                return
-            upstream = socket.create_connection(self.target)
-            threading.Thread(target=self._pipe, args=(client, upstream, True), daemon=True).start()
-            threading.Thread(target=self._pipe, args=(upstream, client, False), daemon=True).start()
-
-    def _pipe(self, src: socket.socket, dst: socket.socket, requests: bool) -> None:
-        try:
-            while chunk := src.recv(1 << 16):
-                if requests and chunk[:8].split(b" ")[0] in (b"PUT", b"POST", b"DELETE", b"GET", b"HEAD"):
-                    line = chunk.split(b"\r\n", 1)[0].decode("latin-1")
-                    method, path = line.split(" ")[:2]
-                    with self.lock:
-                        self.log.append(f"{method} {path.split('?')[0]}")
-                        if method == "PUT":
-                            self.puts += 1
-                            if self.puts == self.stall_at:
-                                self.stalled.set()
-                                return  # never forwarded
-                dst.sendall(chunk)
-        except OSError:
-            pass
-
-    def changes(self, prefix: str) -> list[str]:
-        """The PUTs and DELETEs of objects under `prefix`, as `PUT name` / `DELETE name`."""
-        out = []
-        for entry in self.log:
-            method, path = entry.split(" ", 1)
-            if method in ("PUT", "DELETE") and f"/{prefix}/" in path:
-                out.append(f"{method} {path.rsplit('/', 1)[-1]}")
-        return out
-
-    def close(self) -> None:
-        self.listener.close()
-
-
 @pytest.fixture
 def proxy(s3_endpoint: str, monkeypatch: Any) -> Any:
     host, port = s3_endpoint.removeprefix("http://").split(":")
-    p = _LoggingProxy((host, int(port)))
+    p = test_remote.S3Proxy((host, int(port)))
     yield p
     p.close()
 
@@ -606,7 +546,7 @@ def test_a_writer_killed_mid_layout_leaves_no_index(tmp_path, bucket, s3_endpoin
     sd = tied_bf16()
     torch.save(sd, tmp_path / "in.pt")
     host, port = s3_endpoint.removeprefix("http://").split(":")
-    proxy = _LoggingProxy((host, int(port)), stall_at=3)
+    proxy = test_remote.S3Proxy((host, int(port)), stall_at=3)
     env = {**os.environ, "AWS_ENDPOINT_URL": proxy.url, "PYTHONPATH": os.pathsep.join(sys.path)}
     out = f"s3://{name}/killed/"
     command = ["extract", str(tmp_path / "in.pt"), "-o", out, "--max-shard-size", "1KB", "--jobs", str(jobs)]
