@@ -4,7 +4,8 @@ sharded writer uses to split its shards across them.
 `torchrun` (torch.distributed.run) starts one process per rank with `RANK` and `WORLD_SIZE` (and
 `MASTER_ADDR`/`MASTER_PORT`, or its agent's store) in the environment. A writer whose output is a
 directory of shards runs on every rank: each rank writes the shards `assign_shards` gives it into
-one temporary directory beside OUT, which rank 0 made and named (`team_directory`); every rank then
+the directory rank 0 opened and named (`team_directory`: a temporary directory beside OUT, or
+OUT's prefix in an object store); every rank then
 reports its outcome, and rank 0 writes the index last and swaps the directory into place only when
 every rank succeeded. Every other command runs on rank 0 alone (the CLI decides).
 
@@ -19,7 +20,6 @@ import contextlib
 import os
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager
-from pathlib import Path
 from typing import Any, Generic, NamedTuple, TypeVar
 
 from .errors import EXIT_INTERNAL, CheckpointError, OutputError, UsageError
@@ -255,23 +255,18 @@ class Team(Generic[D]):
 
 
 @contextlib.contextmanager
-def _shared_path(name: str) -> Iterator[Path]:
-    yield Path(name)
-
-
-@contextlib.contextmanager
 def team_directory(
     w: World,
     open_directory: Callable[[], AbstractContextManager[D]],
     *,
-    share: Callable[[D], str] = str,
-    join: Callable[[str], AbstractContextManager[D]] = _shared_path,  # type: ignore[assignment]
+    share: Callable[[D], str],
+    join: Callable[[str], AbstractContextManager[D]],
 ) -> Iterator[Team[D]]:
     """A Team writing into the directory `open_directory()` gives rank 0 (an atomic directory:
     filled, then swapped into place when its context ends without error). One process: just that.
 
-    Under torchrun rank 0 opens it and broadcasts `share(directory)` (its path); every other rank
-    writes through `join(that)` (the same path); every rank writes its shards and calls
+    Under torchrun rank 0 opens it and broadcasts `share(directory)` (its path, or its URL); every
+    other rank writes through `join(that)` (the same directory); every rank writes its shards and calls
     `Team.gather`; rank 0 then writes the index and leaves the context, which swaps the directory
     into place, and tells the others whether that worked, so every rank ends only once OUT is
     complete, or fails (non-zero) when any rank failed: no index then, and the temporary

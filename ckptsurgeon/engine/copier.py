@@ -216,15 +216,11 @@ class Copier:
         return int(result["crc"])
 
     def _copy_with_crc(self, src: CopySource, offset: int, length: int, out_pos: int, crc: int) -> int:
-        buf = self._chunk_buffer()
         done = 0
-        while done < length:
-            n = pread(src, buf[: min(len(buf), length - done)], offset + done)
-            if n == 0:
-                raise BadCheckpointError(f"{src.path}: file is truncated at byte {offset + done}")
-            crc = crc32(buf[:n], crc)
-            pwrite_all(self.fd, buf[:n], out_pos + done)
-            done += n
+        for piece in read_pieces(src, offset, length, self._chunk_buffer()):
+            crc = crc32(piece, crc)
+            pwrite_all(self.fd, piece, out_pos + done)
+            done += len(piece)
             self.start_writeback(out_pos + done)
         return crc
 
@@ -452,15 +448,22 @@ def _stream_request(request: _Request, put: Any, window: int) -> None:
     close_ranges(len(ranges), pos)  # checks whose bytes lie beyond the request read them themselves
 
 
-def crc32_range(src: CopySource, offset: int, length: int, crc: int, buf: memoryview) -> int:
-    """The CRC-32 of `length` bytes of `src` from `offset`, continuing `crc`, read through `buf`."""
+def read_pieces(src: CopySource, offset: int, length: int, buf: memoryview) -> Iterator[memoryview]:
+    """`length` bytes of `src` from `offset`, read through `buf` piece by piece (each piece a view
+    of `buf`, valid until the next); a file that ends first is a BadCheckpointError."""
     done = 0
     while done < length:
         n = pread(src, buf[: min(len(buf), length - done)], offset + done)
         if n == 0:
             raise BadCheckpointError(f"{src.path}: file is truncated at byte {offset + done}")
-        crc = crc32(buf[:n], crc)
+        yield buf[:n]
         done += n
+
+
+def crc32_range(src: CopySource, offset: int, length: int, crc: int, buf: memoryview) -> int:
+    """The CRC-32 of `length` bytes of `src` from `offset`, continuing `crc`, read through `buf`."""
+    for piece in read_pieces(src, offset, length, buf):
+        crc = crc32(piece, crc)
     return crc
 
 
